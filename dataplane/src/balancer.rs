@@ -1,0 +1,337 @@
+//! Live backend state shared by all workers, and target choice within a tier.
+//! Owns: in-flight counts and concurrency caps, passive outlier detection (consecutive
+//! failures eject a backend for an exponentially growing period, then one half-open probe),
+//! and power-of-two-choices selection weighted by backend weight.
+//! Must not: allocate or lock; every field is an atomic touched at most twice per attempt.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+use switchyard_shared::routing::{HealthSettings, RoutingTable};
+
+#[derive(Debug, Default)]
+pub struct BackendState {
+    inflight: AtomicU32,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since `BackendStates::epoch`; 0 = not ejected.
+    ejected_until_ms: AtomicU64,
+    ejections: AtomicU32,
+    /// A half-open probe request is in flight; others wait for its verdict.
+    probing: AtomicBool,
+    /// Last active check or proxied request succeeded (drives `/readyz`).
+    healthy: AtomicBool,
+}
+
+/// Backend states indexed like `RoutingTable::backends`.
+pub struct BackendStates {
+    epoch: Instant,
+    states: Vec<BackendState>,
+    /// Tests move the clock forward instead of sleeping.
+    #[cfg(test)]
+    skew_ms: AtomicU64,
+}
+
+/// What an attempt reports back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Success,
+    /// Connect error, timeout, 429 or 5xx: counts toward ejection.
+    Failure,
+    /// Ended for reasons that say nothing about the backend (client left, bad request).
+    Neutral,
+}
+
+/// An admitted attempt; releases its in-flight slot when dropped.
+pub struct Slot<'a> {
+    state: &'a BackendState,
+    probe: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.state.inflight.fetch_sub(1, Relaxed);
+        if self.probe {
+            self.state.probing.store(false, Relaxed);
+        }
+    }
+}
+
+static SEED: AtomicU64 = AtomicU64::new(0x2545_F491_4F6C_DD1D);
+
+thread_local! {
+    // Each thread starts from a different odd seed; xorshift never leaves a non-zero state.
+    static RNG: Cell<u64> = Cell::new(SEED.fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed) | 1);
+}
+
+/// xorshift64*: per-thread, no locking, good enough to spread load.
+fn random(below: usize) -> usize {
+    RNG.with(|r| {
+        let mut x = r.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        r.set(x);
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % below
+    })
+}
+
+impl BackendStates {
+    pub fn new(backends: usize, checks_enabled: bool) -> Self {
+        let states = (0..backends)
+            .map(|_| BackendState { healthy: AtomicBool::new(!checks_enabled), ..Default::default() })
+            .collect();
+        BackendStates {
+            epoch: Instant::now(),
+            states,
+            #[cfg(test)]
+            skew_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        #[cfg(test)]
+        let now = now + self.skew_ms.load(Relaxed);
+        now
+    }
+
+    #[cfg(test)]
+    fn advance(&self, d: Duration) {
+        self.skew_ms.fetch_add(d.as_millis() as u64, Relaxed);
+    }
+
+    pub fn get(&self, backend: usize) -> &BackendState {
+        &self.states[backend]
+    }
+
+    /// Ready when at least one backend is healthy and not ejected.
+    pub fn any_ready(&self) -> bool {
+        let now = self.now_ms();
+        self.states.iter().any(|s| s.healthy.load(Relaxed) && s.ejected_until_ms.load(Relaxed) <= now)
+    }
+
+    /// Tries to take an in-flight slot on `backend`. Fails when it is at its cap, ejected, or
+    /// half-open with its probe already out.
+    pub fn admit(&self, backend: usize, cap: u32) -> Option<Slot<'_>> {
+        let s = &self.states[backend];
+        let until = s.ejected_until_ms.load(Relaxed);
+        let mut probe = false;
+        if until != 0 {
+            if self.now_ms() < until || s.probing.swap(true, Relaxed) {
+                return None;
+            }
+            probe = true;
+        }
+        if s.inflight.fetch_add(1, Relaxed) >= cap {
+            s.inflight.fetch_sub(1, Relaxed);
+            if probe {
+                s.probing.store(false, Relaxed);
+            }
+            return None;
+        }
+        Some(Slot { state: s, probe })
+    }
+
+    pub fn record(&self, backend: usize, verdict: Verdict, h: &HealthSettings) {
+        let s = &self.states[backend];
+        match verdict {
+            Verdict::Neutral => {}
+            Verdict::Success => {
+                s.healthy.store(true, Relaxed);
+                if s.consecutive_failures.load(Relaxed) != 0 {
+                    s.consecutive_failures.store(0, Relaxed);
+                }
+                let until = s.ejected_until_ms.load(Relaxed);
+                if until != 0 {
+                    // The half-open probe passed: full traffic again. The ejection count decays
+                    // only after a quiet period, so a flapping backend keeps doubling.
+                    s.ejected_until_ms.store(0, Relaxed);
+                    if self.now_ms() > until + h.max_ejection.as_millis() as u64 {
+                        s.ejections.store(0, Relaxed);
+                    }
+                }
+            }
+            Verdict::Failure => {
+                s.healthy.store(false, Relaxed);
+                let failures = s.consecutive_failures.fetch_add(1, Relaxed) + 1;
+                let half_open = s.ejected_until_ms.load(Relaxed) != 0;
+                if failures >= h.eject_after_failures || half_open {
+                    self.eject(s, h);
+                }
+            }
+        }
+    }
+
+    fn eject(&self, s: &BackendState, h: &HealthSettings) {
+        let n = s.ejections.fetch_add(1, Relaxed).min(20);
+        let period = h.base_ejection.saturating_mul(1 << n).min(h.max_ejection);
+        s.ejected_until_ms.store(self.now_ms() + period.as_millis() as u64, Relaxed);
+        s.consecutive_failures.store(0, Relaxed);
+    }
+
+    /// An active check succeeded for an ejected backend: let the next request be its probe.
+    pub fn allow_probe_now(&self, backend: usize) {
+        let s = &self.states[backend];
+        if s.ejected_until_ms.load(Relaxed) > self.now_ms() {
+            s.ejected_until_ms.store(self.now_ms(), Relaxed);
+        }
+    }
+
+    pub fn is_ejected(&self, backend: usize) -> bool {
+        self.states[backend].ejected_until_ms.load(Relaxed) > self.now_ms()
+    }
+
+    /// Remaining ejection of the backend that comes back soonest, for `Retry-After`.
+    pub fn soonest_return(&self, backends: impl Iterator<Item = usize>) -> Duration {
+        let now = self.now_ms();
+        backends
+            .map(|b| self.states[b].ejected_until_ms.load(Relaxed).saturating_sub(now))
+            .filter(|&ms| ms > 0)
+            .min()
+            .map_or(Duration::from_secs(1), Duration::from_millis)
+    }
+}
+
+/// Picks a target from `group` by power of two choices on in-flight load per unit of weight,
+/// skipping `tried` and unavailable backends, and admits it.
+pub fn choose<'s>(
+    table: &RoutingTable,
+    states: &'s BackendStates,
+    group: &[usize],
+    tried: &[usize],
+) -> Option<(usize, Slot<'s>)> {
+    let mut candidates = [0usize; 64];
+    let mut n = 0;
+    for &t in group {
+        let b = table.targets[t].backend;
+        if !tried.contains(&t) && !states.is_ejected(b) && n < candidates.len() {
+            candidates[n] = t;
+            n += 1;
+        }
+    }
+    // Also consider ejected-but-due-for-probe backends: `admit` decides.
+    if n == 0 {
+        for &t in group {
+            if !tried.contains(&t) && n < candidates.len() {
+                candidates[n] = t;
+                n += 1;
+            }
+        }
+    }
+    while n > 0 {
+        let pick = if n == 1 {
+            0
+        } else {
+            let a = random(n);
+            let b = (a + 1 + random(n - 1)) % n;
+            let load = |i: usize| {
+                let backend = &table.backends[table.targets[candidates[i]].backend];
+                let inflight = states.get(table.targets[candidates[i]].backend).inflight.load(Relaxed) as u64;
+                // Compare (inflight+1)/weight without division.
+                (inflight + 1, backend.weight as u64)
+            };
+            let ((la, wa), (lb, wb)) = (load(a), load(b));
+            if la * wb <= lb * wa {
+                a
+            } else {
+                b
+            }
+        };
+        let target = candidates[pick];
+        let backend = table.targets[target].backend;
+        if let Some(slot) = states.admit(backend, table.backends[backend].max_concurrency) {
+            return Some((target, slot));
+        }
+        candidates[pick] = candidates[n - 1];
+        n -= 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RoutingTable {
+        let text = r#"
+[health]
+eject_after_failures = 2
+base_ejection_ms = 50
+max_ejection_ms = 400
+[[backends]]
+name = "a"
+url = "http://127.0.0.1:1"
+max_concurrency = 2
+models = [{ name = "m" }]
+[[backends]]
+name = "b"
+url = "http://127.0.0.1:2"
+weight = 3
+models = [{ name = "m" }]
+[[tiers]]
+name = "t"
+targets = ["a/m", "b/m"]
+"#;
+        switchyard_shared::config::load_str(text, "t", &|_| None).unwrap()
+    }
+
+    #[test]
+    fn caps_are_respected_and_slots_release() {
+        let t = table();
+        let s = BackendStates::new(2, false);
+        let a1 = s.admit(0, 2).unwrap();
+        let _a2 = s.admit(0, 2).unwrap();
+        assert!(s.admit(0, 2).is_none());
+        drop(a1);
+        assert!(s.admit(0, 2).is_some());
+        // With `a` full, every choice lands on `b`.
+        let _hold = (s.admit(0, 2), s.admit(0, 2));
+        for _ in 0..20 {
+            assert_eq!(choose(&t, &s, &t.tiers[0].targets, &[]).unwrap().0, 1);
+        }
+    }
+
+    #[test]
+    fn weights_skew_the_choice() {
+        let t = table();
+        let s = BackendStates::new(2, false);
+        let mut hold = Vec::new();
+        let mut counts = [0; 2];
+        for _ in 0..40 {
+            let (target, slot) = choose(&t, &s, &t.tiers[0].targets, &[]).unwrap();
+            counts[target] += 1;
+            hold.push(slot);
+        }
+        // `a` caps at 2; `b` takes the rest.
+        assert_eq!(counts[0], 2);
+        drop(hold);
+    }
+
+    #[test]
+    fn failures_eject_then_half_open_probe_restores() {
+        let t = table();
+        let s = BackendStates::new(2, true);
+        assert!(!s.any_ready());
+        s.record(0, Verdict::Failure, &t.health);
+        assert!(!s.is_ejected(0));
+        s.record(0, Verdict::Failure, &t.health);
+        assert!(s.is_ejected(0));
+        assert!(s.admit(0, 10).is_none());
+        // Tried-everything fallback still only yields the healthy backend.
+        assert_eq!(choose(&t, &s, &t.tiers[0].targets, &[]).unwrap().0, 1);
+        s.advance(Duration::from_millis(60));
+        let probe = s.admit(0, 10).expect("half-open probe");
+        assert!(s.admit(0, 10).is_none(), "one probe at a time");
+        s.record(0, Verdict::Failure, &t.health);
+        drop(probe);
+        assert!(s.is_ejected(0), "a failed probe ejects again, for longer");
+        s.advance(Duration::from_millis(60));
+        assert!(s.admit(0, 10).is_none(), "second ejection is 100 ms");
+        s.advance(Duration::from_millis(50));
+        let probe = s.admit(0, 10).unwrap();
+        s.record(0, Verdict::Success, &t.health);
+        drop(probe);
+        assert!(!s.is_ejected(0) && s.any_ready());
+        assert!(s.admit(0, 10).is_some() && s.admit(0, 10).is_some());
+    }
+}

@@ -1,0 +1,496 @@
+//! HTTP/1.x codec. Owns: bytes -> request/response heads, body framing (Content-Length,
+//! chunked, close-delimited), chunked decoding, and the limits on heads and bodies.
+//! Must not: do I/O or know about any runtime; it is driven by `conn`/`upstream` and unit-tested
+//! on byte slices split at every offset.
+
+use switchyard_shared::error::ErrorKind;
+
+/// Headers beyond this many are a 431 (httparse needs a fixed array; 100 is nginx's order).
+pub const MAX_HEADERS: usize = 100;
+/// Largest upstream response head we accept.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Largest chunk-size line or trailer block in a chunked body.
+const MAX_CHUNK_META: usize = 8 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// No body (a GET without length, or a response that cannot have one).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Response body runs until the upstream closes (HTTP/1.0 style).
+    UntilClose,
+}
+
+/// A parsed head: the head bytes, copied once, with headers as ranges into them.
+#[derive(Debug, Clone)]
+pub struct Head {
+    bytes: Vec<u8>,
+    headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    /// Request target (requests only).
+    target: std::ops::Range<usize>,
+    pub method: Method,
+    /// Response status (responses only).
+    pub status: u16,
+    pub minor_version: u8,
+    pub framing: BodyFraming,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+}
+
+impl Head {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| self.bytes[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| &self.bytes[v.clone()])
+    }
+
+    /// The header as trimmed UTF-8, `None` when absent or not UTF-8.
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        self.header(name).and_then(|v| std::str::from_utf8(v).ok()).map(str::trim)
+    }
+
+    pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers.iter().map(|(n, v)| (&self.bytes[n.clone()], &self.bytes[v.clone()]))
+    }
+
+    pub fn target(&self) -> &str {
+        // Validated as UTF-8-free ASCII token by httparse.
+        std::str::from_utf8(&self.bytes[self.target.clone()]).unwrap_or("")
+    }
+
+    /// The target without its query string.
+    pub fn path(&self) -> &str {
+        let t = self.target();
+        t.split_once('?').map_or(t, |(p, _)| p)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodecError {
+    pub kind: ErrorKind,
+    pub message: &'static str,
+}
+
+const fn err(kind: ErrorKind, message: &'static str) -> CodecError {
+    CodecError { kind, message }
+}
+
+/// Headers that describe one hop and never travel through the proxy (RFC 9110 §7.6.1).
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 9] = [
+        b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
+        b"trailer", b"upgrade", b"proxy-authorization", b"proxy-authenticate",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+fn has_token(value: &[u8], token: &str) -> bool {
+    value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+struct Framing {
+    length: Option<u64>,
+    chunked: bool,
+    connection_close: bool,
+    connection_keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// Reads the framing headers; rejects what could desynchronise us from a peer (RFC 9112 §6.3).
+fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, CodecError> {
+    let mut f = Framing { length: None, chunked: false, connection_close: false, connection_keep_alive: false, expect_continue: false };
+    let mut saw_te = false;
+    for h in headers {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let v = std::str::from_utf8(h.value).ok().map(str::trim).filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
+            let n = v.and_then(|v| v.parse::<u64>().ok()).ok_or(err(ErrorKind::AmbiguousLength, "invalid Content-Length"))?;
+            if f.length.is_some_and(|old| old != n) {
+                return Err(err(ErrorKind::AmbiguousLength, "conflicting Content-Length headers"));
+            }
+            f.length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            saw_te = true;
+            // Only `chunked` as the final coding frames a message we can read.
+            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"").trim_ascii();
+            f.chunked = last.eq_ignore_ascii_case(b"chunked");
+            if !f.chunked {
+                return Err(err(ErrorKind::MalformedHttp, "unsupported Transfer-Encoding"));
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            f.connection_close |= has_token(h.value, "close");
+            f.connection_keep_alive |= has_token(h.value, "keep-alive");
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            f.expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    if saw_te && f.length.is_some() {
+        return Err(err(ErrorKind::AmbiguousLength, "both Content-Length and Transfer-Encoding"));
+    }
+    Ok(f)
+}
+
+fn collect(buf: &[u8], len: usize, headers: &[httparse::Header<'_>]) -> (Vec<u8>, Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>) {
+    let base = buf.as_ptr() as usize;
+    let range = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    let ranges = headers.iter().map(|h| (range(h.name.as_bytes()), range(h.value))).collect();
+    (buf[..len].to_vec(), ranges)
+}
+
+/// Parses a request head from the start of `buf`. `Ok(None)`: need more bytes.
+/// On success returns the head and its length in `buf`.
+pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)>, CodecError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= max_head => n,
+        Ok(httparse::Status::Complete(_)) => return Err(err(ErrorKind::HeaderTooLarge, "request head too large")),
+        Ok(httparse::Status::Partial) if buf.len() > max_head => {
+            return Err(err(ErrorKind::HeaderTooLarge, "request head too large"))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(err(ErrorKind::HeaderTooLarge, "too many headers")),
+        Err(_) => return Err(err(ErrorKind::MalformedHttp, "malformed request head")),
+    };
+    let f = framing(req.headers)?;
+    let minor_version = req.version.unwrap_or(1);
+    let method = match req.method.unwrap_or("") {
+        "GET" => Method::Get,
+        "HEAD" => Method::Head,
+        "POST" => Method::Post,
+        _ => Method::Other,
+    };
+    let path = req.path.unwrap_or("/");
+    let target_start = path.as_ptr() as usize - buf.as_ptr() as usize;
+    let (bytes, headers) = collect(buf, len, req.headers);
+    let framing = match (f.chunked, f.length) {
+        (true, _) => BodyFraming::Chunked,
+        (false, Some(n)) => BodyFraming::Length(n),
+        (false, None) => BodyFraming::Empty,
+    };
+    Ok(Some((
+        Head {
+            bytes,
+            headers,
+            target: target_start..target_start + path.len(),
+            method,
+            status: 0,
+            minor_version,
+            framing,
+            keep_alive: if minor_version == 0 { f.connection_keep_alive } else { !f.connection_close },
+            expect_continue: f.expect_continue && minor_version == 1,
+        },
+        len,
+    )))
+}
+
+/// Parses an upstream response head. `request_was_head` suppresses the body (RFC 9112 §6.3).
+pub fn parse_response(buf: &[u8], request_was_head: bool) -> Result<Option<(Head, usize)>, CodecError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
+            return Err(err(ErrorKind::UpstreamProtocol, "upstream response head too large"))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(err(ErrorKind::UpstreamProtocol, "malformed upstream response head")),
+    };
+    let status = resp.code.unwrap_or(0);
+    let f = framing(resp.headers).map_err(|e| CodecError { kind: ErrorKind::UpstreamProtocol, ..e })?;
+    let minor_version = resp.version.unwrap_or(1);
+    let framing = if request_was_head || status == 204 || status == 304 || (100..200).contains(&status) {
+        BodyFraming::Empty
+    } else if f.chunked {
+        BodyFraming::Chunked
+    } else if let Some(n) = f.length {
+        BodyFraming::Length(n)
+    } else {
+        BodyFraming::UntilClose
+    };
+    let keep_alive = framing != BodyFraming::UntilClose && if minor_version == 0 { f.connection_keep_alive } else { !f.connection_close };
+    let (bytes, headers) = collect(buf, len, resp.headers);
+    Ok(Some((Head { bytes, headers, target: 0..0, method: Method::Other, status, minor_version, framing, keep_alive, expect_continue: false }, len)))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+/// Incremental chunked-body decoder: feed it whatever arrived, it appends payload bytes to
+/// `out` and says how much input it consumed; leftover input is a partial line to keep.
+#[derive(Debug)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    decoded: u64,
+}
+
+impl Default for ChunkedDecoder {
+    fn default() -> Self {
+        ChunkedDecoder { state: ChunkState::Size, decoded: 0 }
+    }
+}
+
+impl ChunkedDecoder {
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Decodes from `input` into `out`, stopping once more than `limit` payload bytes would
+    /// be decoded (then `Err(BodyTooLarge)`). Returns the bytes of `input` consumed.
+    pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>, limit: u64) -> Result<usize, CodecError> {
+        let bad = err(ErrorKind::MalformedHttp, "malformed chunked body");
+        let mut at = 0;
+        loop {
+            let rest = &input[at..];
+            match self.state {
+                ChunkState::Done => return Ok(at),
+                ChunkState::Size => match httparse::parse_chunk_size(rest) {
+                    Ok(httparse::Status::Complete((n, size))) => {
+                        at += n;
+                        self.state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
+                        if self.decoded.saturating_add(size) > limit {
+                            return Err(err(ErrorKind::BodyTooLarge, "chunked body exceeds the limit"));
+                        }
+                    }
+                    Ok(httparse::Status::Partial) if rest.len() > MAX_CHUNK_META => return Err(bad),
+                    Ok(httparse::Status::Partial) => return Ok(at),
+                    Err(_) => return Err(bad),
+                },
+                ChunkState::Data(left) => {
+                    if rest.is_empty() {
+                        return Ok(at);
+                    }
+                    let take = (left as usize).min(rest.len());
+                    out.extend_from_slice(&rest[..take]);
+                    at += take;
+                    self.decoded += take as u64;
+                    self.state = if take as u64 == left { ChunkState::DataEnd } else { ChunkState::Data(left - take as u64) };
+                }
+                ChunkState::DataEnd => {
+                    if rest.len() < 2 {
+                        return Ok(at);
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err(bad);
+                    }
+                    at += 2;
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => match memchr::memmem::find(rest, b"\r\n") {
+                    // An empty line ends the trailer section; trailer fields are dropped.
+                    Some(0) => {
+                        at += 2;
+                        self.state = ChunkState::Done;
+                    }
+                    Some(i) => at += i + 2,
+                    None if rest.len() > MAX_CHUNK_META => return Err(bad),
+                    None => return Ok(at),
+                },
+            }
+        }
+    }
+}
+
+/// Appends one chunk in chunked framing (nothing for empty data: that would end the body).
+pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    use std::io::Write;
+    let _ = write!(out, "{:x}\r\n", data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 8192;
+
+    /// Feeds `input` split at every offset and checks the parse only completes once whole.
+    fn parse_split(input: &[u8]) -> (Head, usize) {
+        for cut in 0..input.len() {
+            if let Ok(Some((_, n))) = parse_request(&input[..cut], LIMIT) {
+                assert!(n <= cut);
+                continue;
+            }
+        }
+        parse_request(input, LIMIT).unwrap().unwrap()
+    }
+
+    #[test]
+    fn request_head_parses_at_every_split() {
+        let raw = b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nX-Switchyard-Service: etl\r\n\r\n{\"a\":\"b\"}xyz";
+        let (head, n) = parse_split(raw);
+        assert_eq!(n, raw.len() - 12);
+        assert_eq!(head.method, Method::Post);
+        assert_eq!(head.path(), "/v1/chat/completions");
+        assert_eq!(head.target(), "/v1/chat/completions?x=1");
+        assert_eq!(head.framing, BodyFraming::Length(12));
+        assert_eq!(head.header_str("x-switchyard-service"), Some("etl"));
+        assert!(head.keep_alive);
+        for cut in 0..n {
+            assert!(parse_request(&raw[..cut], LIMIT).unwrap().is_none(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn pipelined_requests_parse_one_after_another() {
+        let raw = b"GET /healthz HTTP/1.1\r\n\r\nGET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n";
+        let (a, n) = parse_request(raw, LIMIT).unwrap().unwrap();
+        let (b, m) = parse_request(&raw[n..], LIMIT).unwrap().unwrap();
+        assert_eq!((a.path(), b.path()), ("/healthz", "/v1/models"));
+        assert_eq!(n + m, raw.len());
+        assert!(a.keep_alive && !b.keep_alive);
+    }
+
+    #[test]
+    fn keep_alive_follows_version_and_connection() {
+        let h = |raw: &[u8]| parse_request(raw, LIMIT).unwrap().unwrap().0;
+        assert!(!h(b"GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(h(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        assert!(!h(b"GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n").keep_alive);
+        assert!(h(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
+    }
+
+    #[test]
+    fn bad_heads_get_the_right_error() {
+        let e = |raw: &[u8]| parse_request(raw, LIMIT).unwrap_err().kind;
+        assert_eq!(e(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"), ErrorKind::AmbiguousLength);
+        assert_eq!(e(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"), ErrorKind::AmbiguousLength);
+        assert_eq!(e(b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), ErrorKind::AmbiguousLength);
+        assert_eq!(e(b"GET / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n"), ErrorKind::AmbiguousLength);
+        assert_eq!(e(b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"), ErrorKind::MalformedHttp);
+        assert_eq!(e(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"), ErrorKind::MalformedHttp);
+        assert_eq!(e(b"\x00\x01garbage\r\n\r\n"), ErrorKind::MalformedHttp);
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("h{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(e(&many), ErrorKind::HeaderTooLarge);
+        let big = [b"GET / HTTP/1.1\r\nx: ".as_slice(), &vec![b'a'; LIMIT]].concat();
+        assert_eq!(e(&big), ErrorKind::HeaderTooLarge, "a partial head over the limit fails early");
+        // Exactly at the limit still parses.
+        let mut exact = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        exact.resize(LIMIT - 4, b'a');
+        exact.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(parse_request(&exact, LIMIT).unwrap().unwrap().1, LIMIT);
+        exact.insert(20, b'a');
+        assert_eq!(e(&exact), ErrorKind::HeaderTooLarge);
+    }
+
+    fn decode_split(body: &[u8], limit: u64) -> Result<Vec<u8>, CodecError> {
+        // Feed in pieces of every size from 1 up, keeping unconsumed bytes like a connection does.
+        let mut results = Vec::new();
+        for step in 1..=body.len().max(1) {
+            let mut dec = ChunkedDecoder::default();
+            let (mut out, mut pending) = (Vec::new(), Vec::new());
+            let mut result = Ok(());
+            for piece in body.chunks(step) {
+                pending.extend_from_slice(piece);
+                match dec.decode(&pending, &mut out, limit) {
+                    Ok(n) => {
+                        pending.drain(..n);
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            results.push(result.map(|_| {
+                assert!(dec.is_done(), "step {step}");
+                out
+            }));
+        }
+        let first = results[0].clone();
+        assert!(results.iter().all(|r| *r == first));
+        first
+    }
+
+    #[test]
+    fn chunked_bodies_decode_at_every_split() {
+        let body = b"4\r\nWiki\r\n6;ext=1\r\npedia \r\nE\r\nin \r\n\r\nchunks.\r\n0\r\nX-Trailer: t\r\n\r\n";
+        assert_eq!(decode_split(body, 1 << 20).unwrap(), b"Wikipedia in \r\n\r\nchunks.");
+        assert_eq!(decode_split(b"0\r\n\r\n", 10).unwrap(), b"");
+    }
+
+    #[test]
+    fn chunked_errors_and_limits() {
+        assert_eq!(decode_split(b"4\r\nWikiXX0\r\n\r\n", 100).unwrap_err().kind, ErrorKind::MalformedHttp);
+        assert_eq!(decode_split(b"zz\r\n", 100).unwrap_err().kind, ErrorKind::MalformedHttp);
+        assert_eq!(decode_split(b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", 9).unwrap_err().kind, ErrorKind::BodyTooLarge);
+        assert_eq!(decode_split(b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", 10).unwrap(), b"helloworld");
+    }
+
+    #[test]
+    fn response_framing() {
+        let r = |raw: &[u8], head: bool| parse_response(raw, head).unwrap().unwrap().0;
+        assert_eq!(r(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false).framing, BodyFraming::Length(5));
+        assert_eq!(r(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false).framing, BodyFraming::Chunked);
+        let close = r(b"HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!((close.framing, close.keep_alive), (BodyFraming::UntilClose, false));
+        assert_eq!(r(b"HTTP/1.1 204 No Content\r\n\r\n", false).framing, BodyFraming::Empty);
+        assert_eq!(r(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).framing, BodyFraming::Empty);
+        assert_eq!(r(b"HTTP/1.1 500 x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", false).status, 500);
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n", false).unwrap().is_none());
+        assert_eq!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n", false).unwrap_err().kind, ErrorKind::UpstreamProtocol);
+    }
+
+    #[test]
+    fn chunk_encoding_round_trips() {
+        let mut out = Vec::new();
+        encode_chunk(&mut out, b"hello world, this is 31 bytes!!");
+        encode_chunk(&mut out, b"");
+        out.extend_from_slice(LAST_CHUNK);
+        let mut dec = ChunkedDecoder::default();
+        let mut body = Vec::new();
+        assert_eq!(dec.decode(&out, &mut body, 100).unwrap(), out.len());
+        assert_eq!(body, b"hello world, this is 31 bytes!!");
+        assert!(is_hop_by_hop(b"Transfer-Encoding") && !is_hop_by_hop(b"content-type"));
+    }
+}

@@ -1,0 +1,209 @@
+//! One client connection. Owns: reading request heads and bodies within the listener's limits
+//! and timeouts, keep-alive and pipelining (requests are answered in order), the local
+//! endpoints (`/healthz`, `/readyz`, `/v1/models`), and error responses.
+//! Must not: parse bytes itself (codec does) or talk to upstreams (proxy does).
+
+use crate::codec::{self, BodyFraming, ChunkedDecoder, CodecError, Head, Method};
+use crate::proxy;
+use crate::server::Worker;
+use crate::snapshot::Snapshot;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use std::io;
+use std::rc::Rc;
+use std::time::Instant;
+use switchyard_shared::error::ErrorKind;
+use switchyard_shared::openai::Endpoint;
+use switchyard_shared::routing::Listener;
+
+pub struct Client {
+    pub stream: TcpStream,
+    /// Bytes read and not yet consumed (a partial or pipelined request).
+    pub buf: Vec<u8>,
+}
+
+impl Client {
+    /// Appends what the socket has; 0 means the client closed.
+    async fn read_more(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 2048 {
+            self.buf.reserve(8192);
+        }
+        let len = self.buf.len();
+        let (res, slice) = self.stream.read(std::mem::take(&mut self.buf).slice_mut(len..)).await;
+        self.buf = slice.into_inner();
+        res
+    }
+
+    pub async fn write(&mut self, bytes: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let (res, bytes) = self.stream.write_all(bytes).await;
+        (res.map(|_| ()), bytes)
+    }
+}
+
+pub enum HeadError {
+    /// Closed, or idle past the keep-alive timeout: close quietly.
+    Closed,
+    Bad(CodecError),
+}
+
+pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut client = Client { stream, buf: Vec::with_capacity(8192) };
+    loop {
+        let snap = worker.snapshot();
+        let head = match read_head(&mut client, &snap.table.listener).await {
+            Ok(h) => h,
+            Err(HeadError::Closed) => return,
+            Err(HeadError::Bad(e)) => {
+                send_error(&mut client, e.kind, e.message, None, false, None).await;
+                return;
+            }
+        };
+        worker.begin_request();
+        let keep_alive = handle(&worker, &snap, &mut client, head).await;
+        worker.end_request();
+        if !keep_alive || worker.shared.is_draining() {
+            return;
+        }
+    }
+}
+
+pub async fn read_head(client: &mut Client, l: &Listener) -> Result<Head, HeadError> {
+    let mut deadline = None;
+    loop {
+        if !client.buf.is_empty() {
+            match codec::parse_request(&client.buf, l.max_header_bytes) {
+                Ok(Some((head, n))) => {
+                    client.buf.drain(..n);
+                    return Ok(head);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(HeadError::Bad(e)),
+            }
+        }
+        // Idle between requests: the keep-alive timeout; once a head started: the header timeout.
+        let wait = if client.buf.is_empty() {
+            l.keepalive_timeout
+        } else {
+            let d = *deadline.get_or_insert_with(|| Instant::now() + l.header_timeout);
+            d.saturating_duration_since(Instant::now())
+        };
+        match monoio::time::timeout(wait, client.read_more()).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(HeadError::Closed),
+            Ok(Ok(_)) => {}
+            Err(_) if client.buf.is_empty() => return Err(HeadError::Closed),
+            Err(_) => return Err(HeadError::Bad(CodecError { kind: ErrorKind::ClientTimeout, message: "request head not received in time" })),
+        }
+    }
+}
+
+pub async fn read_body(client: &mut Client, head: &Head, l: &Listener) -> Result<Vec<u8>, CodecError> {
+    let too_large = CodecError { kind: ErrorKind::BodyTooLarge, message: "request body exceeds the configured limit" };
+    let timed_out = CodecError { kind: ErrorKind::ClientTimeout, message: "request body not received in time" };
+    let closed = CodecError { kind: ErrorKind::MalformedHttp, message: "connection closed inside the request body" };
+    if let BodyFraming::Length(n) = head.framing {
+        if n > l.max_body_bytes as u64 {
+            return Err(too_large);
+        }
+    }
+    let wants_body = !matches!(head.framing, BodyFraming::Empty | BodyFraming::Length(0));
+    if head.expect_continue && wants_body && client.buf.is_empty() {
+        let (res, _) = client.write(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
+        res.map_err(|_| closed)?;
+    }
+    let deadline = Instant::now() + l.body_timeout;
+    let mut decoder = ChunkedDecoder::default();
+    let mut body = Vec::new();
+    loop {
+        match head.framing {
+            BodyFraming::Empty | BodyFraming::UntilClose => return Ok(body),
+            BodyFraming::Length(n) => {
+                let n = n as usize;
+                if client.buf.len() >= n {
+                    // The common case (body arrived with the head, nothing pipelined) moves the buffer.
+                    if client.buf.len() == n {
+                        return Ok(std::mem::replace(&mut client.buf, Vec::with_capacity(8192)));
+                    }
+                    return Ok(client.buf.drain(..n).collect());
+                }
+            }
+            BodyFraming::Chunked => {
+                let used = decoder.decode(&client.buf, &mut body, l.max_body_bytes as u64)?;
+                client.buf.drain(..used);
+                if decoder.is_done() {
+                    return Ok(body);
+                }
+            }
+        }
+        match monoio::time::timeout(deadline.saturating_duration_since(Instant::now()), client.read_more()).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(closed),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err(timed_out),
+        }
+    }
+}
+
+/// Answers one request; returns whether the connection stays open.
+async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Head) -> bool {
+    let started = Instant::now();
+    let path = head.path();
+    let endpoint = Endpoint::from_path(path);
+    let is_get = matches!(head.method, Method::Get | Method::Head);
+    let local: Option<(u16, &[u8])> = match (path, is_get) {
+        ("/healthz", true) => Some((200, b"{\"status\":\"ok\"}")),
+        ("/readyz", true) if snap.states.any_ready() => Some((200, b"{\"status\":\"ready\"}")),
+        ("/readyz", true) => Some((503, b"{\"status\":\"no healthy backend\"}")),
+        ("/v1/models", true) => Some((200, &snap.models_body)),
+        _ => None,
+    };
+    let known = local.is_some() || endpoint.is_some() || matches!(path, "/healthz" | "/readyz" | "/v1/models");
+    // Bodies of requests we answer locally are still read, so the next pipelined request parses.
+    let body = match read_body(client, &head, &snap.table.listener).await {
+        Ok(b) => b,
+        Err(e) => {
+            send_error(client, e.kind, e.message, None, false, None).await;
+            return false;
+        }
+    };
+    let keep_alive = head.keep_alive && !worker.shared.is_draining();
+    if let Some((status, content)) = local {
+        let content = if head.method == Method::Head { &[][..] } else { content };
+        let mut out = response_head(status, "application/json", content.len(), keep_alive);
+        out.extend_from_slice(content);
+        return client.write(out).await.0.is_ok() && keep_alive;
+    }
+    match (endpoint, head.method) {
+        (Some(endpoint), Method::Post) => proxy::handle(worker, snap, client, &head, body, endpoint, started, keep_alive).await,
+        _ if known => send_error(client, ErrorKind::MethodNotAllowed, "method not allowed on this path", None, keep_alive, None).await,
+        _ => {
+            let msg = format!("unknown path `{path}`; Switchyard serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models");
+            send_error(client, ErrorKind::UnknownPath, &msg, None, keep_alive, None).await
+        }
+    }
+}
+
+/// A response head for a locally generated body.
+pub fn response_head(status: u16, content_type: &str, len: usize, keep_alive: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + len);
+    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {len}\r\n", codec::reason(status)).as_bytes());
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Sends an OpenAI-shaped error; `extra` is a ready header block (ending in CRLF) or None.
+/// Returns whether the connection stays open (framing errors always close it).
+pub async fn send_error(client: &mut Client, kind: ErrorKind, message: &str, param: Option<&str>, keep_alive: bool, extra: Option<&[u8]>) -> bool {
+    let keep_alive = keep_alive && !matches!(kind, ErrorKind::MalformedHttp | ErrorKind::AmbiguousLength | ErrorKind::HeaderTooLarge | ErrorKind::BodyTooLarge | ErrorKind::ClientTimeout);
+    let body = kind.body(message, param);
+    let mut out = response_head(kind.status(), "application/json", body.len(), keep_alive);
+    if let Some(extra) = extra {
+        let at = out.len() - 2;
+        out.splice(at..at, extra.iter().copied());
+    }
+    out.extend_from_slice(body.as_bytes());
+    client.write(out).await.0.is_ok() && keep_alive
+}

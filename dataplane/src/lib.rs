@@ -1,0 +1,18 @@
+//! The data plane: thread-per-core monoio workers that parse HTTP, classify, route and relay
+//! requests to model backends. Reads routing only from an arc-swap snapshot; reports every
+//! finished request on a bounded usage channel.
+//!
+//! Layout: `codec` (bytes <-> HTTP, no I/O), `sse` (event filter, no I/O), `conn` (a client
+//! connection), `proxy` (request phases), `balancer` (backend state and choice), `upstream`
+//! (connections and pool), `health` (active checks), `server` (workers), `snapshot`, `usage`.
+
+pub mod balancer;
+pub mod codec;
+pub mod conn;
+pub mod health;
+pub mod proxy;
+pub mod server;
+pub mod snapshot;
+pub mod sse;
+pub mod upstream;
+pub mod usage;

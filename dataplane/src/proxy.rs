@@ -1,0 +1,490 @@
+//! The inference request path, as named phases run in order for every request:
+//! `request_filter` (validate body and headers) -> `classify` -> `route` -> `upstream`
+//! (attempts with failover) -> `relay` (response head and body to the client) -> `log`
+//! (exactly one usage event). Must not: parse HTTP framing (codec) or hold connections
+//! (upstream's pool does).
+
+use crate::balancer::{self, Slot, Verdict};
+use crate::codec::{self, BodyFraming, Head};
+use crate::conn::{send_error, Client};
+use crate::server::Worker;
+use crate::snapshot::Snapshot;
+use crate::sse::SseFilter;
+use crate::upstream::{self, AttemptError, Response};
+use std::io::Write as _;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+use switchyard_shared::category::Category;
+use switchyard_shared::error::{ErrorKind, Retry};
+use switchyard_shared::openai::{estimate_tokens, parse_usage, Endpoint, RequestView, TokenUsage};
+use switchyard_shared::routing::{Backend, Decision, Priority, RequestFacts, RouteError, RoutingTable};
+use switchyard_shared::usage::UsageEvent;
+
+/// Non-streamed bodies up to this size are kept to read `usage` from; larger ones are estimated.
+const USAGE_SCAN_LIMIT: usize = 4 * 1024 * 1024;
+/// Status recorded when the client went away before the answer was complete (nginx's 499).
+const CLIENT_CLOSED: u16 = 499;
+
+/// Per-request facts gathered by the phases, read by `log`.
+struct Ctx<'r> {
+    request_id: String,
+    service: &'r str,
+    endpoint: Endpoint,
+    started: Instant,
+    category: Category,
+    /// `x-switchyard-rule`: the routing rule, plus the classifier rule when it decided.
+    rule: String,
+    attempts: u32,
+    streamed: bool,
+    prompt_chars: usize,
+    keep_alive: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: &Head, body: Vec<u8>, endpoint: Endpoint, started: Instant, keep_alive: bool) -> bool {
+    let table = &snap.table;
+    let mut ctx = Ctx {
+        request_id: format!("{:016x}", worker.next_request_id()),
+        service: head.header_str("x-switchyard-service").filter(|s| !s.is_empty()).unwrap_or("default"),
+        endpoint,
+        started,
+        category: Category::Other,
+        rule: String::new(),
+        attempts: 0,
+        streamed: false,
+        prompt_chars: 0,
+        keep_alive,
+    };
+    // request_filter
+    let view = match RequestView::parse(endpoint, &body) {
+        Ok(v) => v,
+        Err(e) => return reject(worker, snap, client, &ctx, e.kind, &e.message, e.param).await,
+    };
+    ctx.streamed = view.stream;
+    ctx.prompt_chars = view.total_chars;
+    let priority = match head.header_str("x-switchyard-priority") {
+        None => Priority::Normal,
+        Some(p) => match Priority::parse(p) {
+            Some(p) => p,
+            None => {
+                let msg = format!("x-switchyard-priority `{p}` is not one of interactive, normal, background, bulk");
+                return reject(worker, snap, client, &ctx, ErrorKind::InvalidRequest, &msg, None).await;
+            }
+        },
+    };
+    // classify
+    let (alternative, long_context, classifier_rule) = match head.header_str("x-switchyard-category") {
+        Some(name) => match Category::parse(name) {
+            Some(c) => {
+                ctx.category = c;
+                (None, false, "header")
+            }
+            None => {
+                let msg = format!("x-switchyard-category `{name}` is not a known category");
+                return reject(worker, snap, client, &ctx, ErrorKind::InvalidRequest, &msg, None).await;
+            }
+        },
+        None if endpoint == Endpoint::Embeddings => (None, false, "embeddings"),
+        None => {
+            let c = table.classifier.classify(&view.prompt());
+            ctx.category = c.category;
+            (c.alternative, c.long_context, c.rule)
+        }
+    };
+    // route
+    let model = view.model.as_deref().unwrap_or("auto");
+    let facts = RequestFacts {
+        service: ctx.service,
+        priority,
+        model,
+        path: endpoint.path(),
+        pinned_tier: head.header_str("x-switchyard-tier"),
+        category: ctx.category,
+        alternative,
+        long_context,
+        classified: endpoint != Endpoint::Embeddings,
+    };
+    let decision = match table.decide(&facts) {
+        Ok(d) => d,
+        Err(RouteError::UnknownTier(t)) => {
+            let msg = format!("x-switchyard-tier `{t}` is not a configured tier");
+            return reject(worker, snap, client, &ctx, ErrorKind::InvalidRequest, &msg, None).await;
+        }
+        Err(RouteError::UnknownModel(m)) => {
+            let msg = format!("The model `{m}` does not exist or is not served by this router");
+            return reject(worker, snap, client, &ctx, ErrorKind::ModelNotFound, &msg, Some("model")).await;
+        }
+    };
+    ctx.rule = if decision.rule.starts_with("category") {
+        format!("{}; classifier={classifier_rule}", decision.rule)
+    } else {
+        decision.rule.to_string()
+    };
+    // upstream
+    let inject_usage = view.needs_injected_usage(endpoint);
+    let mut tried: Vec<usize> = Vec::with_capacity(4);
+    let mut last_error: Option<AttemptError> = None;
+    'groups: for group in table.groups(decision.plan) {
+        while ctx.attempts < table.max_attempts {
+            let Some((target, slot)) = balancer::choose(table, &snap.states, group, &tried) else { continue 'groups };
+            tried.push(target);
+            ctx.attempts += 1;
+            let t = &table.targets[target];
+            let backend = &table.backends[t.backend];
+            let request = upstream_request(head, backend, &ctx.request_id, &view.rewrite(&body, &t.model, inject_usage));
+            let exchange = upstream::exchange(&worker.pool, table.version, t.backend, backend, request, false);
+            let result = monoio::select! {
+                r = exchange => Some(r),
+                _ = client_gone(&client.stream) => None,
+            };
+            match result {
+                None => {
+                    log(worker, snap, &ctx, Some(target), CLIENT_CLOSED, None, 0, None, true);
+                    return false;
+                }
+                Some(Ok(resp)) if resp.head.status == 429 || resp.head.status >= 500 => {
+                    snap.states.record(t.backend, Verdict::Failure, &table.health);
+                    if ctx.attempts < table.max_attempts && has_untried(table, snap, decision, &tried) {
+                        last_error = Some(AttemptError { kind: ErrorKind::UpstreamStatus, message: format!("backend `{}` answered {}", backend.name, resp.head.status) });
+                        continue;
+                    }
+                    // Nothing left to try: the caller sees the backend's own error.
+                    return relay(worker, snap, client, &mut ctx, decision, resp, target, slot, inject_usage, head.minor_version).await;
+                }
+                Some(Ok(resp)) => return relay(worker, snap, client, &mut ctx, decision, resp, target, slot, inject_usage, head.minor_version).await,
+                Some(Err(e)) => {
+                    let verdict = if e.kind.retry() == Retry::Yes { Verdict::Failure } else { Verdict::Neutral };
+                    snap.states.record(t.backend, verdict, &table.health);
+                    last_error = Some(e);
+                }
+            }
+        }
+        break;
+    }
+    match last_error {
+        Some(e) => reject(worker, snap, client, &ctx, e.kind, &e.message, None).await,
+        None => {
+            let wait = snap.states.soonest_return(tried_backends(table, decision)).as_secs().max(1);
+            let extra = format!("retry-after: {wait}\r\n");
+            let msg = "no healthy backend can take this request now; retry later";
+            send_reject(worker, snap, client, &ctx, ErrorKind::NoHealthyTarget, msg, None, Some(extra.as_bytes())).await
+        }
+    }
+}
+
+fn tried_backends<'t>(table: &'t RoutingTable, decision: Decision<'t>) -> impl Iterator<Item = usize> + 't {
+    table.groups(decision.plan).flatten().map(|&t| table.targets[t].backend)
+}
+
+fn has_untried(table: &RoutingTable, snap: &Snapshot, decision: Decision<'_>, tried: &[usize]) -> bool {
+    table.groups(decision.plan).flatten().any(|t| !tried.contains(t) && !snap.states.is_ejected(table.targets[*t].backend))
+}
+
+/// Resolves once the client has closed its end while we wait on the upstream. A client that
+/// sends more (a pipelined request) is alive, so the watch stops without consuming anything.
+async fn client_gone(stream: &monoio::net::TcpStream) {
+    loop {
+        if stream.readable(false).await.is_err() {
+            return;
+        }
+        let mut byte = 0u8;
+        // SAFETY: `byte` is a valid one-byte buffer for the duration of the call; MSG_PEEK leaves
+        // the data in the socket for the connection loop to read later.
+        let n = unsafe { libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        match n {
+            0 => return,
+            n if n > 0 => std::future::pending::<()>().await,
+            _ => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::WouldBlock && err.kind() != std::io::ErrorKind::Interrupted {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The upstream request: our request line and Host, the caller's end-to-end headers, the
+/// backend's credentials, and the rewritten body.
+fn upstream_request(head: &Head, backend: &Backend, request_id: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 512);
+    out.extend_from_slice(b"POST ");
+    out.extend_from_slice(backend.base_path.as_bytes());
+    out.extend_from_slice(head.target().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(backend.authority.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in head.headers() {
+        // Dropped: hop-by-hop, framing we recompute, the caller's credentials (they are for the
+        // router, not the backend), compression (we read usage from the body), our own headers.
+        let skip = codec::is_hop_by_hop(name)
+            || [&b"host"[..], b"content-length", b"authorization", b"expect", b"accept-encoding", b"x-api-key"].iter().any(|h| h.eq_ignore_ascii_case(name))
+            || name.len() > 13 && name[..13].eq_ignore_ascii_case(b"x-switchyard-");
+        if !skip {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    if let Some(key) = &backend.api_key {
+        out.extend_from_slice(b"authorization: Bearer ");
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let _ = write!(out, "x-switchyard-request-id: {request_id}\r\ncontent-length: {}\r\n\r\n", body.len());
+    out.extend_from_slice(body);
+    out
+}
+
+/// How the response body is framed towards the client.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientFraming {
+    Empty,
+    Length,
+    Chunked,
+    /// HTTP/1.0 clients without a length: the body ends when we close.
+    Close,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    worker: &Worker,
+    snap: &Snapshot,
+    client: &mut Client,
+    ctx: &mut Ctx<'_>,
+    decision: Decision<'_>,
+    mut resp: Response,
+    target: usize,
+    slot: Slot<'_>,
+    inject_usage: bool,
+    client_minor_version: u8,
+) -> bool {
+    let table = &snap.table;
+    let t = &table.targets[target];
+    let backend = &table.backends[t.backend];
+    let status = resp.head.status;
+    let sse = resp.head.header("content-type").is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"));
+    let framing = match resp.body.framing() {
+        BodyFraming::Empty => ClientFraming::Empty,
+        BodyFraming::Length(_) if !sse => ClientFraming::Length,
+        _ if client_minor_version == 0 => ClientFraming::Close,
+        _ => ClientFraming::Chunked,
+    };
+    if framing == ClientFraming::Close {
+        ctx.keep_alive = false;
+    }
+    let tier = table.tier_of_plan(decision.plan, target).map_or("", |t| t.name.as_str());
+    let mut wire = response_head(ctx, &resp.head, framing, tier, backend, &t.model);
+    let (res, mut wire_buf) = client.write(std::mem::take(&mut wire)).await;
+    let first_byte = Instant::now();
+    if res.is_err() {
+        drop(slot);
+        snap.states.record(t.backend, Verdict::Neutral, &table.health);
+        log(worker, snap, ctx, Some(target), CLIENT_CLOSED, None, 0, Some(first_byte), true);
+        return false;
+    }
+    let mut filter = sse.then(|| SseFilter::new(inject_usage));
+    let mut kept = Vec::new();
+    let mut data = Vec::with_capacity(16 * 1024);
+    let mut events = Vec::new();
+    let mut sse_events = 0u64;
+    let mut failure: Option<AttemptError> = None;
+    let mut client_left = false;
+    loop {
+        data.clear();
+        let next = if sse {
+            monoio::select! {
+                r = resp.body.next(&mut resp.conn, backend.idle_timeout, &mut data) => Some(r),
+                _ = client_gone(&client.stream) => None,
+            }
+        } else {
+            Some(resp.body.next(&mut resp.conn, backend.idle_timeout, &mut data).await)
+        };
+        let payload: &[u8] = match next {
+            None => {
+                client_left = true;
+                break;
+            }
+            Some(Err(e)) => {
+                failure = Some(e);
+                break;
+            }
+            Some(Ok(false)) => break,
+            Some(Ok(true)) => match filter.as_mut() {
+                Some(f) => {
+                    events.clear();
+                    f.feed(&data, &mut events);
+                    sse_events += memchr::memmem::find_iter(&events, b"data:").count() as u64;
+                    &events
+                }
+                None => {
+                    if kept.len() + data.len() <= USAGE_SCAN_LIMIT {
+                        kept.extend_from_slice(&data);
+                    }
+                    &data
+                }
+            },
+        };
+        if payload.is_empty() {
+            continue;
+        }
+        wire_buf.clear();
+        frame(&mut wire_buf, framing, payload);
+        let (res, b) = client.write(wire_buf).await;
+        wire_buf = b;
+        if res.is_err() {
+            client_left = true;
+            break;
+        }
+    }
+    // Close the body towards the client: the tail of the stream, or an error event.
+    wire_buf.clear();
+    if let Some(f) = filter.as_mut() {
+        if failure.is_none() && !client_left {
+            events.clear();
+            f.finish(&mut events);
+            frame(&mut wire_buf, framing, &events);
+        }
+    }
+    if let (Some(e), Some(_)) = (&failure, &filter) {
+        // The head (200) is gone already: the error travels as a final SSE event.
+        let event = format!("data: {{\"error\":{}}}\n\n", e.kind.error_object(&format!("upstream stream failed: {}", e.message), None));
+        frame(&mut wire_buf, framing, event.as_bytes());
+    }
+    let clean_end = !client_left && (failure.is_none() || sse);
+    if framing == ClientFraming::Chunked && clean_end {
+        wire_buf.extend_from_slice(codec::LAST_CHUNK);
+    }
+    if !wire_buf.is_empty() && !client_left {
+        client_left = client.write(wire_buf).await.0.is_err();
+    }
+    let complete = failure.is_none() && !client_left;
+    let verdict = match (&failure, status) {
+        (Some(_), _) => Verdict::Failure,
+        _ if client_left => Verdict::Neutral,
+        (None, 429) | (None, 500..) => Verdict::Failure,
+        (None, _) => Verdict::Success,
+    };
+    if verdict != Verdict::Failure || status < 500 && status != 429 {
+        snap.states.record(t.backend, verdict, &table.health);
+    }
+    drop(slot);
+    if complete && resp.body.reusable() && resp.head.keep_alive {
+        worker.pool.put(table.version, t.backend, resp.conn);
+    }
+    let usage = filter.as_ref().and_then(|f| f.usage).or_else(|| parse_usage(&kept));
+    let completion_estimate = if sse { sse_events.saturating_sub(1) } else { estimate_tokens(kept.len()) / 4 };
+    let logged_status = if client_left { CLIENT_CLOSED } else { status };
+    log(worker, snap, ctx, Some(target), logged_status, usage, completion_estimate, Some(first_byte), !complete);
+    // A body cut short without chunked framing leaves the client unable to find the next response.
+    ctx.keep_alive && (complete || framing == ClientFraming::Chunked && clean_end)
+}
+
+fn frame(out: &mut Vec<u8>, framing: ClientFraming, payload: &[u8]) {
+    match framing {
+        ClientFraming::Chunked => codec::encode_chunk(out, payload),
+        _ => out.extend_from_slice(payload),
+    }
+}
+
+fn response_head(ctx: &Ctx<'_>, upstream: &Head, framing: ClientFraming, tier: &str, backend: &Backend, model: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    let _ = write!(out, "HTTP/1.1 {} {}\r\n", upstream.status, codec::reason(upstream.status));
+    for (name, value) in upstream.headers() {
+        let skip = codec::is_hop_by_hop(name) || name.eq_ignore_ascii_case(b"content-length") || name.len() > 13 && name[..13].eq_ignore_ascii_case(b"x-switchyard-");
+        if !skip {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    match (framing, upstream.framing) {
+        (ClientFraming::Length, BodyFraming::Length(n)) => _ = write!(out, "content-length: {n}\r\n"),
+        (ClientFraming::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    explain(&mut out, ctx, tier, &backend.name, model);
+    if !ctx.keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// The `x-switchyard-*` headers that explain the decision.
+fn explain(out: &mut Vec<u8>, ctx: &Ctx<'_>, tier: &str, backend: &str, model: &str) {
+    let _ = write!(out, "x-switchyard-request-id: {}\r\nx-switchyard-category: {}\r\n", ctx.request_id, ctx.category);
+    if !ctx.rule.is_empty() {
+        let _ = write!(out, "x-switchyard-rule: {}\r\n", ctx.rule);
+    }
+    if !tier.is_empty() {
+        let _ = write!(out, "x-switchyard-tier: {tier}\r\n");
+    }
+    if !backend.is_empty() {
+        // Model names come from config and may hold any UTF-8; header values must stay clean.
+        let model: String = model.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect();
+        let _ = write!(out, "x-switchyard-backend: {backend}\r\nx-switchyard-model: {model}\r\n");
+    }
+    let _ = write!(out, "x-switchyard-attempts: {}\r\n", ctx.attempts);
+}
+
+async fn reject(worker: &Worker, snap: &Snapshot, client: &mut Client, ctx: &Ctx<'_>, kind: ErrorKind, message: &str, param: Option<&str>) -> bool {
+    send_reject(worker, snap, client, ctx, kind, message, param, None).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_reject(worker: &Worker, snap: &Snapshot, client: &mut Client, ctx: &Ctx<'_>, kind: ErrorKind, message: &str, param: Option<&str>, extra: Option<&[u8]>) -> bool {
+    let mut headers = Vec::with_capacity(256);
+    explain(&mut headers, ctx, "", "", "");
+    if let Some(extra) = extra {
+        headers.extend_from_slice(extra);
+    }
+    log(worker, snap, ctx, None, kind.status(), None, 0, None, false);
+    send_error(client, kind, message, param, ctx.keep_alive, Some(&headers)).await
+}
+
+/// The `log` phase: one usage event per request, whatever happened.
+#[allow(clippy::too_many_arguments)]
+fn log(worker: &Worker, snap: &Snapshot, ctx: &Ctx<'_>, target: Option<usize>, status: u16, usage: Option<TokenUsage>, completion_estimate: u64, first_byte: Option<Instant>, incomplete: bool) {
+    let table = &snap.table;
+    let (tier, backend, model, price) = match target {
+        Some(id) => {
+            let t = &table.targets[id];
+            let tier = table.tiers.iter().find(|tier| tier.targets.contains(&id)).map_or("", |t| t.name.as_str());
+            (tier, table.backends[t.backend].name.as_str(), t.model.as_str(), Some(t.price))
+        }
+        None => ("", "", "", None),
+    };
+    // Requests that never reached a backend cost nothing; answered ones are priced even when
+    // the backend sent no usage (then from estimates, flagged as such).
+    let reached = target.is_some() && first_byte.is_some();
+    let tokens = match (reached, usage) {
+        (false, _) => TokenUsage::default(),
+        (true, Some(u)) => u,
+        (true, None) => TokenUsage { prompt: estimate_tokens(ctx.prompt_chars), cached: 0, completion: completion_estimate },
+    };
+    let micros = |d: Duration| d.as_micros().min(u64::MAX as u128) as u64;
+    worker.shared.usage.send(UsageEvent {
+        request_id: ctx.request_id.clone(),
+        service: ctx.service.to_string(),
+        endpoint: ctx.endpoint.path(),
+        category: ctx.category,
+        tier: tier.to_string(),
+        backend: backend.to_string(),
+        model: model.to_string(),
+        prompt_tokens: tokens.prompt,
+        cached_tokens: tokens.cached,
+        completion_tokens: tokens.completion,
+        tokens_estimated: reached && usage.is_none(),
+        cost_micros: price.map_or(0, |p| p.cost_micros(tokens.prompt, tokens.cached, tokens.completion)),
+        first_byte_us: first_byte.map_or(0, |f| micros(f - ctx.started)),
+        total_us: micros(ctx.started.elapsed()),
+        status,
+        attempts: ctx.attempts,
+        streamed: ctx.streamed,
+        incomplete,
+        config_version: table.version,
+    });
+}

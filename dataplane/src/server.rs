@@ -1,0 +1,176 @@
+//! Thread-per-core workers. Owns: the listener (probe-bound once so a busy port fails loudly,
+//! then one SO_REUSEPORT socket per worker), the monoio runtime per thread with the chosen I/O
+//! driver, the accept loop, and drain on shutdown.
+//! Must not: parse HTTP (conn/codec do) or route (proxy does).
+
+use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::upstream::Pool;
+use crate::usage::UsageSink;
+use monoio::net::{ListenerOpts, TcpListener};
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_shared::config::IoDriver;
+
+/// A per-worker counter on its own cache line, so workers never share one.
+#[repr(align(128))]
+#[derive(Default)]
+struct PaddedCounter(AtomicUsize);
+
+/// State every worker and the control plane can see.
+pub struct Shared {
+    pub snapshot: SharedSnapshot,
+    pub usage: UsageSink,
+    draining: AtomicBool,
+    /// Requests in flight per worker (summed only by the drain loop).
+    inflight: Box<[PaddedCounter]>,
+}
+
+impl Shared {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.iter().map(|c| c.0.load(Relaxed)).sum()
+    }
+}
+
+/// One worker thread's state; lives in an `Rc` on its runtime.
+pub struct Worker {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub pool: Pool,
+    seq: Cell<u64>,
+    cache: RefCell<arc_swap::Cache<SharedSnapshot, Arc<Snapshot>>>,
+}
+
+impl Worker {
+    /// The current snapshot; a thread-local cache makes this a pointer compare plus a refcount.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.cache.borrow_mut().load().clone()
+    }
+
+    /// Unique per process: worker id in the top byte, a per-worker sequence below.
+    pub fn next_request_id(&self) -> u64 {
+        let n = self.seq.get() + 1;
+        self.seq.set(n);
+        ((self.id as u64) << 56) | (n & 0x00ff_ffff_ffff_ffff)
+    }
+
+    pub fn begin_request(&self) {
+        self.shared.inflight[self.id].0.fetch_add(1, Relaxed);
+    }
+
+    pub fn end_request(&self) {
+        self.shared.inflight[self.id].0.fetch_sub(1, Relaxed);
+    }
+}
+
+pub struct DataPlane {
+    pub shared: Arc<Shared>,
+    pub address: SocketAddr,
+    pub driver: &'static str,
+}
+
+impl DataPlane {
+    /// Stops accepting; connections finish their current request and close.
+    pub fn begin_drain(&self) {
+        self.shared.draining.store(true, Relaxed);
+    }
+}
+
+fn uring_available() -> bool {
+    monoio::utils::detect_uring()
+}
+
+/// Starts the workers and returns once every one is listening.
+pub fn start(snapshot: SharedSnapshot, usage: UsageSink) -> io::Result<DataPlane> {
+    let (mut address, workers, driver_setting) = {
+        let s = snapshot.load();
+        (s.table.listener.address, s.table.listener.workers, s.table.listener.io_driver)
+    };
+    // Without this probe, SO_REUSEPORT would silently share a port another process holds.
+    let probe = std::net::TcpListener::bind(address)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {address}: {e}")))?;
+    address = probe.local_addr()?;
+    drop(probe);
+    let use_uring = match driver_setting {
+        IoDriver::IoUring if !uring_available() => {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "io_driver = \"io_uring\" but this kernel or sandbox refuses io_uring"))
+        }
+        IoDriver::IoUring => true,
+        IoDriver::Epoll => false,
+        IoDriver::Auto => uring_available(),
+    };
+    let driver = if use_uring { "io_uring" } else { "epoll" };
+    let shared = Arc::new(Shared {
+        snapshot,
+        usage,
+        draining: AtomicBool::new(false),
+        inflight: (0..workers).map(|_| PaddedCounter::default()).collect(),
+    });
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+    for id in 0..workers {
+        let shared = shared.clone();
+        let ready = ready_tx.clone();
+        std::thread::Builder::new().name(format!("switchyard-worker-{id}")).spawn(move || {
+            let worker = Rc::new(Worker {
+                id,
+                cache: RefCell::new(arc_swap::Cache::new(shared.snapshot.clone())),
+                shared,
+                pool: Pool::default(),
+                seq: Cell::new(0),
+            });
+            let result = if use_uring {
+                monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build().map(|mut rt| rt.block_on(run_worker(worker, address, ready.clone())))
+            } else {
+                monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().map(|mut rt| rt.block_on(run_worker(worker, address, ready.clone())))
+            };
+            if let Err(e) = result {
+                let _ = ready.send(Err(io::Error::new(e.kind(), format!("worker {id}: cannot start the {driver} runtime: {e}"))));
+            }
+        })?;
+    }
+    drop(ready_tx);
+    for _ in 0..workers {
+        ready_rx.recv().map_err(|_| io::Error::other("a worker thread died while starting"))??;
+    }
+    Ok(DataPlane { shared, address, driver })
+}
+
+async fn run_worker(worker: Rc<Worker>, address: SocketAddr, ready: std::sync::mpsc::Sender<io::Result<()>>) {
+    let opts = ListenerOpts::new().reuse_port(true).reuse_addr(true).backlog(4096);
+    let listener = match TcpListener::bind_with_config(address, &opts) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::new(e.kind(), format!("worker {}: cannot listen on {address}: {e}", worker.id))));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    if worker.id == 0 {
+        crate::health::spawn_checks(worker.clone());
+    }
+    while !worker.shared.is_draining() {
+        // The timeout only lets an idle worker notice a drain; a busy one never waits on it.
+        match monoio::time::timeout(Duration::from_millis(100), listener.accept()).await {
+            Ok(Ok((stream, _))) => {
+                monoio::spawn(crate::conn::serve(worker.clone(), stream));
+            }
+            Ok(Err(e)) => {
+                // EMFILE and friends: back off instead of spinning.
+                eprintln!("switchyard: worker {} accept failed: {e}", worker.id);
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(_) => {}
+        }
+    }
+    drop(listener);
+    // Connections in flight keep running on this runtime until the process exits.
+    std::future::pending::<()>().await;
+}

@@ -1,0 +1,38 @@
+//! What a worker reads per request: the routing table plus live backend state and
+//! precomputed bodies, published as one immutable snapshot through arc-swap.
+//! Must not: be mutated after publication; a new config is a new snapshot.
+
+use crate::balancer::BackendStates;
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+use switchyard_shared::routing::RoutingTable;
+
+pub struct Snapshot {
+    pub table: RoutingTable,
+    /// Shared by successive snapshots of the same backends, so health survives a reload.
+    pub states: Arc<BackendStates>,
+    /// `GET /v1/models` body: every alias and served model, OpenAI list format.
+    pub models_body: Vec<u8>,
+}
+
+impl Snapshot {
+    pub fn new(table: RoutingTable) -> Snapshot {
+        let states = Arc::new(BackendStates::new(table.backends.len(), table.health.interval.is_some()));
+        let models_body = models_body(&table);
+        Snapshot { table, states, models_body }
+    }
+}
+
+fn models_body(table: &RoutingTable) -> Vec<u8> {
+    let mut names: Vec<(&str, &str)> = table.aliases.keys().map(|a| (a.as_str(), "switchyard")).collect();
+    names.extend(table.models.keys().map(|m| (m.as_str(), "switchyard-backend")));
+    names.sort();
+    let data: Vec<serde_json::Value> = names
+        .into_iter()
+        .map(|(id, owner)| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).expect("JSON values serialise")
+}
+
+/// The published snapshot. Workers read it; the control plane swaps it.
+pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;

@@ -1,0 +1,131 @@
+//! Server-sent-event relay filter. Owns: splitting a decoded `text/event-stream` body into
+//! whole events as bytes arrive, reading `usage` from the events that carry it, and hiding the
+//! usage-only chunk the router asked for on the caller's behalf.
+//! Must not: delay an event once its terminating blank line has arrived, or alter an event.
+
+use switchyard_shared::openai::{parse_usage, TokenUsage};
+
+#[derive(Debug, Default)]
+pub struct SseFilter {
+    pending: Vec<u8>,
+    /// Offset in `pending` where the next unscanned line starts.
+    line_start: usize,
+    /// Drop the final `choices: []` usage chunk (the caller did not ask for it).
+    hide_usage_chunk: bool,
+    pub usage: Option<TokenUsage>,
+    pub saw_done: bool,
+    /// The upstream sent an `error` event itself.
+    pub saw_error: bool,
+}
+
+impl SseFilter {
+    pub fn new(hide_usage_chunk: bool) -> Self {
+        SseFilter { hide_usage_chunk, ..Default::default() }
+    }
+
+    /// Takes decoded body bytes; appends every event they complete to `out`, verbatim.
+    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        self.pending.extend_from_slice(data);
+        let mut event_start = 0;
+        let mut scan = self.line_start;
+        while let Some(i) = memchr::memchr(b'\n', &self.pending[scan..]) {
+            let line_end = scan + i;
+            let line = &self.pending[self.line_start..line_end];
+            self.line_start = line_end + 1;
+            scan = self.line_start;
+            // A blank line (LF or CRLF) ends the event.
+            if line.is_empty() || line == b"\r" {
+                let event = event_start..self.line_start;
+                if self.keep_event(event.clone()) {
+                    out.extend_from_slice(&self.pending[event]);
+                }
+                event_start = self.line_start;
+            }
+        }
+        self.pending.drain(..event_start);
+        self.line_start -= event_start;
+    }
+
+    /// Bytes of an unterminated last event, passed on as-is when the body ends.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.pending);
+        self.line_start = 0;
+    }
+
+    fn keep_event(&mut self, event: std::ops::Range<usize>) -> bool {
+        let bytes = &self.pending[event];
+        let mut keep = true;
+        for line in bytes.split(|&b| b == b'\n') {
+            let Some(data) = line.strip_prefix(b"data:") else { continue };
+            let data = data.strip_prefix(b" ").unwrap_or(data).trim_ascii_end();
+            if data == b"[DONE]" {
+                self.saw_done = true;
+            } else if data.starts_with(b"{\"error\"") {
+                self.saw_error = true;
+            } else if memchr::memmem::find(data, b"\"usage\"").is_some() {
+                if let Some(u) = parse_usage(data) {
+                    self.usage = Some(u);
+                    let usage_only = memchr::memmem::find(data, b"\"choices\":[]").is_some();
+                    keep = !(self.hide_usage_chunk && usage_only);
+                }
+            }
+        }
+        keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
+data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\r\n\r\n\
+: keep-alive comment\n\n\
+data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n\
+data: [DONE]\n\n";
+
+    fn run(hide: bool, step: usize) -> (Vec<u8>, SseFilter) {
+        let mut f = SseFilter::new(hide);
+        let mut out = Vec::new();
+        for piece in STREAM.chunks(step) {
+            f.feed(piece, &mut out);
+        }
+        f.finish(&mut out);
+        (out, f)
+    }
+
+    #[test]
+    fn events_pass_verbatim_and_usage_is_read_at_any_split() {
+        for step in 1..STREAM.len() {
+            let (out, f) = run(false, step);
+            assert_eq!(out, STREAM, "step {step}");
+            assert_eq!(f.usage, Some(TokenUsage { prompt: 7, cached: 0, completion: 2 }));
+            assert!(f.saw_done && !f.saw_error);
+        }
+    }
+
+    #[test]
+    fn injected_usage_chunk_is_hidden() {
+        for step in [1, 7, STREAM.len()] {
+            let (out, f) = run(true, step);
+            let text = String::from_utf8(out).unwrap();
+            assert!(!text.contains("prompt_tokens"), "{text}");
+            assert!(text.contains("\"Hi\"") && text.ends_with("data: [DONE]\n\n"));
+            assert_eq!(f.usage.unwrap().prompt, 7);
+        }
+    }
+
+    #[test]
+    fn events_are_released_as_soon_as_complete() {
+        let mut f = SseFilter::new(false);
+        let mut out = Vec::new();
+        f.feed(b"data: {\"a\":1}\n", &mut out);
+        assert!(out.is_empty());
+        f.feed(b"\ndata: {\"b\"", &mut out);
+        assert_eq!(out, b"data: {\"a\":1}\n\n");
+        f.feed(b":2}\n\n", &mut out);
+        assert_eq!(out, b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\n");
+        f.feed(b"data: {\"error\":{\"message\":\"x\"}}\n\n", &mut out);
+        assert!(f.saw_error);
+    }
+}

@@ -1,0 +1,338 @@
+//! Upstream connections. Owns: connecting (TCP_NODELAY, timeouts, rustls with webpki roots and
+//! SNI for https), the per-core keep-alive pool, sending one request and reading its response
+//! head, and reading the response body by its framing.
+//! Must not: decide where to send (balancer/proxy do), or pool a connection whose I/O was
+//! cancelled or whose response was not read to its end.
+
+use crate::codec::{self, BodyFraming, ChunkedDecoder, Head};
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use std::cell::RefCell;
+use std::io;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use switchyard_shared::error::ErrorKind;
+use switchyard_shared::routing::{Backend, Scheme};
+
+/// Read buffer growth step; SSE events and JSON answers are a few KiB at most.
+const READ_CHUNK: usize = 16 * 1024;
+/// Idle pooled connections kept per backend per core.
+const POOL_MAX_IDLE: usize = 256;
+/// Pooled connections idle longer than this are closed instead of reused: servers drop idle
+/// keep-alive connections (uvicorn after 5 s by default), and a stale one costs a retry.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
+}
+
+impl Conn {
+    /// Reads more bytes after `buf`'s current contents; returns the count (0 = closed).
+    pub async fn read_more(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        let len = buf.len();
+        let (res, slice) = match self {
+            Conn::Plain(s) => s.read(buf.slice_mut(len..)).await,
+            Conn::Tls(s) => s.read(buf.slice_mut(len..)).await,
+        };
+        (res, slice.into_inner())
+    }
+
+    pub async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        match self {
+            Conn::Plain(s) => {
+                let (res, buf) = s.write_all(buf).await;
+                (res.map(|_| ()), buf)
+            }
+            Conn::Tls(s) => {
+                let (res, buf) = s.write_all(buf).await;
+                let res = match res {
+                    Ok(_) => s.flush().await,
+                    Err(e) => Err(e),
+                };
+                (res, buf)
+            }
+        }
+    }
+}
+
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Arc::new(config)
+        })
+        .clone()
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl AttemptError {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        AttemptError { kind, message: message.into() }
+    }
+}
+
+async fn connect(b: &Backend) -> Result<Conn, AttemptError> {
+    let fail = |e: io::Error| AttemptError::new(ErrorKind::UpstreamConnect, format!("connect to backend `{}` failed: {e}", b.name));
+    let work = async {
+        let addr = (b.host.as_str(), b.port);
+        let stream = match b.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => TcpStream::connect_addr((ip, b.port).into()).await,
+            // Name resolution blocks; it only happens for hostnames, once per new connection.
+            Err(_) => TcpStream::connect(addr).await,
+        }
+        .map_err(fail)?;
+        stream.set_nodelay(true).map_err(fail)?;
+        match b.scheme {
+            Scheme::Http => Ok(Conn::Plain(stream)),
+            Scheme::Https => {
+                let name = rustls::pki_types::ServerName::try_from(b.host.clone())
+                    .map_err(|e| AttemptError::new(ErrorKind::UpstreamConnect, format!("backend `{}`: bad TLS server name: {e}", b.name)))?;
+                let tls = monoio_rustls::TlsConnector::from(tls_config())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| AttemptError::new(ErrorKind::UpstreamConnect, format!("TLS handshake with backend `{}` failed: {e}", b.name)))?;
+                Ok(Conn::Tls(Box::new(tls)))
+            }
+        }
+    };
+    match monoio::time::timeout(b.connect_timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(AttemptError::new(ErrorKind::UpstreamTimeout, format!("connect to backend `{}` timed out", b.name))),
+    }
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// Keep-alive connections of one worker, per backend index of the current table.
+#[derive(Default)]
+pub struct Pool {
+    idle: RefCell<Vec<Vec<Idle>>>,
+    /// Config version the slots belong to; a new table starts from empty slots.
+    version: std::cell::Cell<u64>,
+}
+
+impl Pool {
+    fn take(&self, version: u64, backend: usize) -> Option<Conn> {
+        let mut idle = self.idle.borrow_mut();
+        if self.version.get() != version {
+            idle.clear();
+            self.version.set(version);
+        }
+        let slot = idle.get_mut(backend)?;
+        while let Some(c) = slot.pop() {
+            if c.since.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(c.conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response was read completely.
+    pub fn put(&self, version: u64, backend: usize, conn: Conn) {
+        let mut idle = self.idle.borrow_mut();
+        if self.version.get() != version {
+            return;
+        }
+        if idle.len() <= backend {
+            idle.resize_with(backend + 1, Vec::new);
+        }
+        let slot = &mut idle[backend];
+        if slot.len() < POOL_MAX_IDLE {
+            slot.push(Idle { conn, since: Instant::now() });
+        }
+    }
+}
+
+/// A response whose head has arrived; the body is read through `body`.
+pub struct Response {
+    pub conn: Conn,
+    pub head: Head,
+    pub body: BodyReader,
+}
+
+/// Sends `request` (head and body, already encoded) and waits for the response head.
+/// A pooled connection that fails before any response byte was probably closed by the server
+/// while idle: the request is resent once on a fresh connection, invisibly to the caller.
+pub async fn exchange(
+    pool: &Pool,
+    version: u64,
+    backend_idx: usize,
+    backend: &Backend,
+    request: Vec<u8>,
+    is_head: bool,
+) -> Result<Response, AttemptError> {
+    let mut request = request;
+    if let Some(conn) = pool.take(version, backend_idx) {
+        match send_on(conn, backend, request, is_head).await {
+            Ok(r) => return Ok(r),
+            Err((e, req, stale)) => {
+                if !stale {
+                    return Err(e);
+                }
+                request = req;
+            }
+        }
+    }
+    let conn = connect(backend).await?;
+    send_on(conn, backend, request, is_head).await.map_err(|(e, _, _)| e)
+}
+
+/// `Err((error, request, nothing_received))`: the request comes back for a resend.
+async fn send_on(
+    mut conn: Conn,
+    backend: &Backend,
+    request: Vec<u8>,
+    is_head: bool,
+) -> Result<Response, (AttemptError, Vec<u8>, bool)> {
+    let (res, request) = conn.write_all(request).await;
+    if let Err(e) = res {
+        let msg = format!("sending to backend `{}` failed: {e}", backend.name);
+        return Err((AttemptError::new(ErrorKind::UpstreamConnect, msg), request, true));
+    }
+    let deadline = Instant::now() + backend.first_byte_timeout;
+    let mut buf = Vec::with_capacity(READ_CHUNK);
+    loop {
+        let read = monoio::time::timeout_at(monoio::time::Instant::from_std(deadline), conn.read_more(buf)).await;
+        let (res, b) = match read {
+            Ok(r) => r,
+            Err(_) => {
+                let msg = format!("backend `{}` sent no response head within {:?}", backend.name, backend.first_byte_timeout);
+                return Err((AttemptError::new(ErrorKind::UpstreamTimeout, msg), request, false));
+            }
+        };
+        buf = b;
+        match res {
+            Ok(0) | Err(_) if buf.is_empty() => {
+                let msg = format!("backend `{}` closed the connection before responding", backend.name);
+                return Err((AttemptError::new(ErrorKind::UpstreamConnect, msg), request, true));
+            }
+            Ok(0) | Err(_) => {
+                let msg = format!("backend `{}` closed the connection inside the response head", backend.name);
+                return Err((AttemptError::new(ErrorKind::UpstreamProtocol, msg), request, false));
+            }
+            Ok(_) => {}
+        }
+        match codec::parse_response(&buf, is_head) {
+            Ok(None) => continue,
+            Ok(Some((head, n))) if (100..200).contains(&head.status) => {
+                // Interim responses (100 Continue) precede the real one.
+                buf.drain(..n);
+                if let Ok(Some(_)) = codec::parse_response(&buf, is_head) {
+                    continue;
+                }
+            }
+            Ok(Some((head, n))) => {
+                buf.drain(..n);
+                let body = BodyReader::new(head.framing, buf);
+                return Ok(Response { conn, head, body });
+            }
+            Err(e) => return Err((AttemptError::new(e.kind, format!("backend `{}`: {}", backend.name, e.message)), request, false)),
+        }
+    }
+}
+
+/// Reads a response body by its framing, decoding chunked transfer coding.
+pub struct BodyReader {
+    framing: BodyFraming,
+    /// Raw bytes received and not yet decoded.
+    raw: Vec<u8>,
+    remaining: u64,
+    chunked: ChunkedDecoder,
+    done: bool,
+}
+
+/// Decoded bodies are never limited: the proxy streams them through.
+const NO_LIMIT: u64 = u64::MAX;
+
+impl BodyReader {
+    fn new(framing: BodyFraming, raw: Vec<u8>) -> Self {
+        let remaining = match framing {
+            BodyFraming::Length(n) => n,
+            _ => 0,
+        };
+        BodyReader { framing, raw, remaining, chunked: ChunkedDecoder::default(), done: framing == BodyFraming::Empty || remaining == 0 && matches!(framing, BodyFraming::Length(_)) }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    pub fn framing(&self) -> BodyFraming {
+        self.framing
+    }
+
+    /// Whether the connection may be pooled: body read to its end and nothing extra sent.
+    pub fn reusable(&self) -> bool {
+        self.done && self.raw.is_empty() && self.framing != BodyFraming::UntilClose
+    }
+
+    /// Moves whatever decoded body bytes are available into `out`.
+    fn decode(&mut self, out: &mut Vec<u8>) -> Result<(), AttemptError> {
+        match self.framing {
+            BodyFraming::Empty => self.done = true,
+            BodyFraming::Length(_) => {
+                let take = (self.remaining as usize).min(self.raw.len());
+                out.extend_from_slice(&self.raw[..take]);
+                self.raw.drain(..take);
+                self.remaining -= take as u64;
+                self.done = self.remaining == 0;
+            }
+            BodyFraming::Chunked => {
+                let n = self.chunked.decode(&self.raw, out, NO_LIMIT).map_err(|e| AttemptError::new(ErrorKind::UpstreamProtocol, e.message))?;
+                self.raw.drain(..n);
+                self.done = self.chunked.is_done();
+            }
+            BodyFraming::UntilClose => out.append(&mut self.raw),
+        }
+        Ok(())
+    }
+
+    /// Appends the next decoded bytes to `out`, reading from `conn` when none are buffered.
+    /// Returns `Ok(false)` once the body has ended.
+    pub async fn next(&mut self, conn: &mut Conn, idle: Duration, out: &mut Vec<u8>) -> Result<bool, AttemptError> {
+        loop {
+            let before = out.len();
+            self.decode(out)?;
+            if out.len() > before {
+                return Ok(true);
+            }
+            if self.done {
+                return Ok(false);
+            }
+            let raw = std::mem::take(&mut self.raw);
+            let (res, raw) = match monoio::time::timeout(idle, conn.read_more(raw)).await {
+                Ok(r) => r,
+                Err(_) => return Err(AttemptError::new(ErrorKind::UpstreamTimeout, format!("backend sent nothing for {idle:?} mid-response"))),
+            };
+            self.raw = raw;
+            match res {
+                Ok(0) if self.framing == BodyFraming::UntilClose => {
+                    self.done = true;
+                    return Ok(false);
+                }
+                Ok(0) => return Err(AttemptError::new(ErrorKind::UpstreamBroken, "backend closed the connection mid-response")),
+                Err(e) => return Err(AttemptError::new(ErrorKind::UpstreamBroken, format!("reading from backend failed mid-response: {e}"))),
+                Ok(_) => {}
+            }
+        }
+    }
+}

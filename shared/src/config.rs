@@ -1,0 +1,821 @@
+//! `switchyard.toml`: the file schema, its validation, and its conversion into the runtime
+//! [`RoutingTable`]. Owns: defaults, error messages that name the file, key and fault.
+//! Must not: read anything but the file and the environment variables it names.
+
+use crate::category::Category;
+use crate::classifier::{Classifier, ClassifierConfig};
+use crate::routing::{
+    AliasRoute, Backend, HealthSettings, Listener, MatchSet, Price, Priority, Rule, RuleAction,
+    RoutingTable, Scheme, Target, Tier, UnknownModel, UsageSettings,
+};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub listener: ListenerFile,
+    #[serde(default)]
+    pub routing: RoutingFile,
+    #[serde(default)]
+    pub health: HealthFile,
+    #[serde(default)]
+    pub usage: UsageFile,
+    #[serde(default)]
+    pub backends: Vec<BackendFile>,
+    #[serde(default)]
+    pub tiers: Vec<TierFile>,
+    /// category name -> tier name; categories left out get the cost-principle default.
+    #[serde(default)]
+    pub categories: BTreeMap<String, String>,
+    /// requested model name -> tier name, or "classify".
+    #[serde(default)]
+    pub aliases: BTreeMap<String, String>,
+    #[serde(default)]
+    pub rules: Vec<RuleFile>,
+    #[serde(default)]
+    pub classifier: ClassifierConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IoDriver {
+    /// io_uring where the kernel allows it, else epoll.
+    #[default]
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+impl IoDriver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoDriver::Auto => "auto",
+            IoDriver::IoUring => "io_uring",
+            IoDriver::Epoll => "epoll",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerFile {
+    /// Address the data plane listens on.
+    pub address: String,
+    /// Worker threads, one monoio runtime each; 0 = one per core.
+    pub workers: usize,
+    pub io_driver: IoDriver,
+    /// Largest request head (request line + headers) in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Largest request body in bytes; larger gets 413 before the body is read.
+    pub max_body_bytes: usize,
+    /// Time allowed to receive a whole request head, from its first byte.
+    pub header_timeout_ms: u64,
+    /// Time allowed to receive a whole request body.
+    pub body_timeout_ms: u64,
+    /// How long an idle keep-alive client connection is kept open.
+    pub keepalive_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, how long requests in flight may run before the process exits.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ListenerFile {
+    fn default() -> Self {
+        ListenerFile {
+            address: "127.0.0.1:8080".into(),
+            workers: 0,
+            io_driver: IoDriver::Auto,
+            max_header_bytes: 32 * 1024,
+            max_body_bytes: 32 * 1024 * 1024,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 60_000,
+            keepalive_timeout_ms: 75_000,
+            drain_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingFile {
+    /// Upstream attempts per request, failovers included.
+    pub max_attempts: u32,
+    /// What a requested model that is neither a configured model nor an alias does:
+    /// "classify" routes it like `auto`, "reject" answers 404.
+    pub unknown_model: UnknownModel,
+    /// Tier for prompts the classifier flags as long-context; default: the most capable tier.
+    pub long_context_tier: Option<String>,
+}
+
+impl Default for RoutingFile {
+    fn default() -> Self {
+        RoutingFile { max_attempts: 3, unknown_model: UnknownModel::Classify, long_context_tier: None }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthFile {
+    /// Active check period per backend; 0 disables active checks (passive detection stays on).
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive failures (connect errors, timeouts, 5xx, 429) that eject a backend.
+    pub eject_after_failures: u32,
+    /// First ejection length; each further ejection doubles it up to `max_ejection_ms`.
+    pub base_ejection_ms: u64,
+    pub max_ejection_ms: u64,
+}
+
+impl Default for HealthFile {
+    fn default() -> Self {
+        HealthFile {
+            interval_ms: 5_000,
+            timeout_ms: 2_000,
+            eject_after_failures: 3,
+            base_ejection_ms: 5_000,
+            max_ejection_ms: 300_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageFile {
+    /// Capacity of the bounded channel from the workers to the control plane; events that do
+    /// not fit are dropped and counted, never waited for.
+    pub channel_capacity: usize,
+    /// Write every usage event as a JSON line to stderr.
+    pub log_events: bool,
+}
+
+impl Default for UsageFile {
+    fn default() -> Self {
+        UsageFile { channel_capacity: 65_536, log_events: false }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendFile {
+    pub name: String,
+    /// `http://host[:port][/base]` or `https://...`; request paths are appended to the base.
+    pub url: String,
+    #[serde(default)]
+    pub kind: BackendKindFile,
+    /// Name of the environment variable that holds the API key (never the key itself).
+    pub api_key_env: Option<String>,
+    pub models: Vec<ModelFile>,
+    /// Requests in flight to this backend across all workers.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: u32,
+    /// Relative share of traffic among equally loaded targets of a tier.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time from sending the request to the response head. Non-streamed completions send
+    /// their head only when generation ends, so this bounds the whole generation for them.
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence between two reads of a response body (a stalled stream).
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Path probed by active health checks (GET, 2xx = healthy).
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+}
+
+fn default_max_concurrency() -> u32 {
+    1024
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_first_byte_timeout_ms() -> u64 {
+    120_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_health_path() -> String {
+    "/v1/models".into()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKindFile {
+    /// Any OpenAI-compatible server: vLLM, Ollama's /v1, llama.cpp, cloud APIs.
+    #[default]
+    Openai,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFile {
+    pub name: String,
+    /// USD per 1M prompt tokens.
+    #[serde(default)]
+    pub input_per_mtok: f64,
+    /// USD per 1M cached prompt tokens; default: the input price.
+    pub cached_input_per_mtok: Option<f64>,
+    /// USD per 1M completion tokens.
+    #[serde(default)]
+    pub output_per_mtok: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierFile {
+    pub name: String,
+    /// `backend/model`; the backend name ends at the first `/`, so model names may hold `/`.
+    pub targets: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub when: MatchFile,
+    /// Route to this tier (failing over to higher tiers)...
+    pub tier: Option<String>,
+    /// ...or to exactly these `backend/model` targets.
+    pub targets: Option<Vec<String>>,
+}
+
+/// Each list is OR; the lists are ANDed; an empty list matches anything.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatchFile {
+    pub service: Vec<String>,
+    pub category: Vec<String>,
+    pub priority: Vec<String>,
+    pub model: Vec<String>,
+    pub path: Vec<String>,
+}
+
+/// Parses and validates a config file's text. `path` only labels the messages.
+pub fn load_str(
+    text: &str,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RoutingTable, Vec<String>> {
+    let file: ConfigFile = toml::from_str(text).map_err(|e| vec![format!("{path}: {e}")])?;
+    build(file, env).map_err(|errs| errs.into_iter().map(|e| format!("{path}: {e}")).collect())
+}
+
+pub fn load_file(path: &str) -> Result<RoutingTable, Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{path}: cannot read: {e}")])?;
+    load_str(&text, path, &|name| std::env::var(name).ok())
+}
+
+/// Collects every error instead of stopping at the first, so one run shows them all.
+struct Errors(Vec<String>);
+
+impl Errors {
+    fn push(&mut self, key: impl std::fmt::Display, what: impl std::fmt::Display) {
+        self.0.push(format!("{key}: {what}"));
+    }
+}
+
+fn price_micros(errs: &mut Errors, key: &str, usd_per_mtok: f64) -> u64 {
+    if !usd_per_mtok.is_finite() || !(0.0..=1_000_000.0).contains(&usd_per_mtok) {
+        errs.push(key, format!("price {usd_per_mtok} must be between 0 and 1000000 USD per 1M tokens"));
+        return 0;
+    }
+    (usd_per_mtok * 1_000_000.0).round() as u64
+}
+
+fn parse_backend_url(url: &str) -> Result<(Scheme, String, u16, String), String> {
+    let (scheme, rest) = if let Some(r) = url.strip_prefix("http://") {
+        (Scheme::Http, r)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (Scheme::Https, r)
+    } else {
+        return Err(format!("`{url}` must start with http:// or https://"));
+    };
+    let (authority, base) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("`{url}` needs a host (and no user info)"));
+    }
+    let default_port = if scheme == Scheme::Https { 443 } else { 80 };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let end = v6.find(']').ok_or_else(|| format!("`{url}`: unclosed IPv6 bracket"))?;
+        let port = match &v6[end + 1..] {
+            "" => default_port,
+            p => p.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(|| format!("`{url}`: bad port"))?,
+        };
+        (v6[..end].to_string(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse().map_err(|_| format!("`{url}`: bad port `{p}`"))?),
+            None => (authority.to_string(), default_port),
+        }
+    };
+    if host.is_empty() || port == 0 {
+        return Err(format!("`{url}` needs a host and a non-zero port"));
+    }
+    Ok((scheme, host, port, base.to_string()))
+}
+
+fn build(file: ConfigFile, env: &dyn Fn(&str) -> Option<String>) -> Result<RoutingTable, Vec<String>> {
+    let mut errs = Errors(Vec::new());
+    let l = &file.listener;
+    if l.address.parse::<std::net::SocketAddr>().is_err() {
+        errs.push("listener.address", format!("`{}` is not an ip:port socket address", l.address));
+    }
+    if l.max_header_bytes < 1024 {
+        errs.push("listener.max_header_bytes", "must be at least 1024");
+    }
+    if l.max_body_bytes == 0 {
+        errs.push("listener.max_body_bytes", "must be greater than 0");
+    }
+    for (key, v) in [
+        ("listener.header_timeout_ms", l.header_timeout_ms),
+        ("listener.body_timeout_ms", l.body_timeout_ms),
+        ("listener.keepalive_timeout_ms", l.keepalive_timeout_ms),
+    ] {
+        if v == 0 {
+            errs.push(key, "must be greater than 0");
+        }
+    }
+    let workers = if l.workers == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        l.workers
+    };
+    if workers > 1024 {
+        errs.push("listener.workers", "must be at most 1024");
+    }
+
+    let mut backends = Vec::new();
+    let mut targets: Vec<Target> = Vec::new();
+    for (i, b) in file.backends.iter().enumerate() {
+        let key = format!("backends[{i}] ({})", b.name);
+        if b.name.is_empty() || b.name.contains('/') || b.name.contains(char::is_whitespace) {
+            errs.push(&key, "name must be non-empty, without `/` or spaces");
+        }
+        if file.backends[..i].iter().any(|o| o.name == b.name) {
+            errs.push(&key, "duplicate backend name");
+        }
+        let (scheme, host, port, base_path) = match parse_backend_url(&b.url) {
+            Ok(u) => u,
+            Err(e) => {
+                errs.push(format!("{key}.url"), e);
+                (Scheme::Http, String::new(), 0, String::new())
+            }
+        };
+        let api_key = match &b.api_key_env {
+            None => None,
+            Some(var) => match env(var) {
+                Some(v) if !v.is_empty() => Some(v),
+                _ => {
+                    errs.push(format!("{key}.api_key_env"), format!("environment variable `{var}` is not set"));
+                    None
+                }
+            },
+        };
+        if b.models.is_empty() {
+            errs.push(format!("{key}.models"), "list at least one model");
+        }
+        if b.max_concurrency == 0 {
+            errs.push(format!("{key}.max_concurrency"), "must be greater than 0");
+        }
+        if !(1..=10_000).contains(&b.weight) {
+            errs.push(format!("{key}.weight"), "must be between 1 and 10000");
+        }
+        for (field, v) in [
+            ("connect_timeout_ms", b.connect_timeout_ms),
+            ("first_byte_timeout_ms", b.first_byte_timeout_ms),
+            ("idle_timeout_ms", b.idle_timeout_ms),
+        ] {
+            if v == 0 {
+                errs.push(format!("{key}.{field}"), "must be greater than 0");
+            }
+        }
+        if !b.health_path.starts_with('/') {
+            errs.push(format!("{key}.health_path"), "must start with `/`");
+        }
+        for (j, m) in b.models.iter().enumerate() {
+            let mkey = format!("{key}.models[{j}] ({})", m.name);
+            if m.name.is_empty() {
+                errs.push(&mkey, "name must be non-empty");
+            }
+            if b.models[..j].iter().any(|o| o.name == m.name) {
+                errs.push(&mkey, "duplicate model name in this backend");
+            }
+            let input = price_micros(&mut errs, &format!("{mkey}.input_per_mtok"), m.input_per_mtok);
+            let price = Price {
+                input_micros_per_mtok: input,
+                cached_input_micros_per_mtok: match m.cached_input_per_mtok {
+                    Some(c) => price_micros(&mut errs, &format!("{mkey}.cached_input_per_mtok"), c),
+                    None => input,
+                },
+                output_micros_per_mtok: price_micros(&mut errs, &format!("{mkey}.output_per_mtok"), m.output_per_mtok),
+            };
+            targets.push(Target { backend: i, model: m.name.clone(), price });
+        }
+        let authority = match (scheme, port) {
+            (Scheme::Http, 80) | (Scheme::Https, 443) => bracket_v6(&host),
+            _ => format!("{}:{port}", bracket_v6(&host)),
+        };
+        backends.push(Backend {
+            name: b.name.clone(),
+            scheme,
+            host,
+            port,
+            authority,
+            base_path,
+            api_key,
+            max_concurrency: b.max_concurrency,
+            weight: b.weight,
+            connect_timeout: Duration::from_millis(b.connect_timeout_ms),
+            first_byte_timeout: Duration::from_millis(b.first_byte_timeout_ms),
+            idle_timeout: Duration::from_millis(b.idle_timeout_ms),
+            health_path: b.health_path.clone(),
+        });
+    }
+    let find_target = |spec: &str| -> Result<usize, String> {
+        let (backend, model) = spec.split_once('/').ok_or_else(|| format!("`{spec}` must be `backend/model`"))?;
+        let b = file.backends.iter().position(|b| b.name == backend).ok_or_else(|| format!("unknown backend `{backend}` in `{spec}`"))?;
+        targets
+            .iter()
+            .position(|t| t.backend == b && t.model == model)
+            .ok_or_else(|| format!("backend `{backend}` does not list model `{model}`"))
+    };
+
+    if file.tiers.is_empty() {
+        errs.push("tiers", "declare at least one tier, cheapest first");
+    }
+    let mut tiers = Vec::new();
+    for (rank, t) in file.tiers.iter().enumerate() {
+        let key = format!("tiers[{rank}] ({})", t.name);
+        if t.name.is_empty() || file.tiers[..rank].iter().any(|o| o.name == t.name) {
+            errs.push(&key, "name must be non-empty and unique");
+        }
+        if t.targets.is_empty() {
+            errs.push(format!("{key}.targets"), "list at least one `backend/model` target");
+        }
+        let mut ids = Vec::new();
+        for spec in &t.targets {
+            match find_target(spec) {
+                Ok(id) if ids.contains(&id) => errs.push(format!("{key}.targets"), format!("`{spec}` listed twice")),
+                Ok(id) => ids.push(id),
+                Err(e) => errs.push(format!("{key}.targets"), e),
+            }
+        }
+        tiers.push(Tier { name: t.name.clone(), rank, targets: ids });
+    }
+    let tier_rank = |name: &str| file.tiers.iter().position(|t| t.name == name);
+    let top = file.tiers.len().saturating_sub(1);
+
+    let mut category_tier = Category::ALL.map(|c| default_category_rank(c, file.tiers.len()));
+    for (name, tier) in &file.categories {
+        let key = format!("categories.{name}");
+        match (Category::parse(name), tier_rank(tier)) {
+            (None, _) => errs.push(key, format!("unknown category; expected one of {}", category_names())),
+            (_, None) => errs.push(key, format!("unknown tier `{tier}`")),
+            (Some(c), Some(r)) => category_tier[c.index()] = r,
+        }
+    }
+    let long_context_tier = match &file.routing.long_context_tier {
+        None => top,
+        Some(t) => tier_rank(t).unwrap_or_else(|| {
+            errs.push("routing.long_context_tier", format!("unknown tier `{t}`"));
+            top
+        }),
+    };
+    if file.routing.max_attempts == 0 || file.routing.max_attempts > 16 {
+        errs.push("routing.max_attempts", "must be between 1 and 16");
+    }
+
+    // Built-in aliases first so the operator's entries override them.
+    let mut aliases = ahash::AHashMap::new();
+    aliases.insert("auto".to_string(), AliasRoute::Classify);
+    if !tiers.is_empty() {
+        aliases.insert("fast".to_string(), AliasRoute::Tier(0));
+        aliases.insert("smart".to_string(), AliasRoute::Tier(top));
+    }
+    for t in &tiers {
+        aliases.insert(t.name.clone(), AliasRoute::Tier(t.rank));
+    }
+    for (name, to) in &file.aliases {
+        let route = if to == "classify" {
+            Some(AliasRoute::Classify)
+        } else {
+            tier_rank(to).map(AliasRoute::Tier)
+        };
+        match route {
+            Some(r) => {
+                aliases.insert(name.clone(), r);
+            }
+            None => errs.push(format!("aliases.{name}"), format!("`{to}` is neither a tier nor \"classify\"")),
+        }
+    }
+
+    let mut models: ahash::AHashMap<String, Vec<usize>> = ahash::AHashMap::new();
+    // Concrete models list their targets cheapest tier first, so failover moves up in cost.
+    let mut by_rank: Vec<usize> = (0..targets.len()).collect();
+    let rank_of = |id: usize| tiers.iter().position(|t| t.targets.contains(&id)).unwrap_or(usize::MAX);
+    by_rank.sort_by_key(|&id| rank_of(id));
+    for id in by_rank {
+        models.entry(targets[id].model.clone()).or_default().push(id);
+    }
+    for name in models.keys() {
+        if aliases.contains_key(name) {
+            errs.push(format!("aliases.{name}"), "also the name of a served model; rename the alias or the tier");
+        }
+    }
+
+    let mut rules = Vec::new();
+    for (i, r) in file.rules.iter().enumerate() {
+        let key = format!("rules[{i}] ({})", r.name);
+        let action = match (&r.tier, &r.targets) {
+            (Some(t), None) => match tier_rank(t) {
+                Some(rank) => RuleAction::Tier(rank),
+                None => {
+                    errs.push(format!("{key}.tier"), format!("unknown tier `{t}`"));
+                    RuleAction::Tier(0)
+                }
+            },
+            (None, Some(list)) if !list.is_empty() => {
+                let mut ids = Vec::new();
+                for spec in list {
+                    match find_target(spec) {
+                        Ok(id) => ids.push(id),
+                        Err(e) => errs.push(format!("{key}.targets"), e),
+                    }
+                }
+                RuleAction::Targets(ids)
+            }
+            _ => {
+                errs.push(&key, "set exactly one of `tier` or a non-empty `targets`");
+                RuleAction::Tier(0)
+            }
+        };
+        let mut categories = Vec::new();
+        for c in &r.when.category {
+            match Category::parse(c) {
+                Some(c) => categories.push(c),
+                None => errs.push(format!("{key}.match.category"), format!("unknown category `{c}`")),
+            }
+        }
+        let mut priorities = Vec::new();
+        for p in &r.when.priority {
+            match Priority::parse(p) {
+                Some(p) => priorities.push(p),
+                None => errs.push(format!("{key}.match.priority"), format!("unknown priority `{p}`; expected interactive, normal, background or bulk")),
+            }
+        }
+        for p in &r.when.path {
+            if !p.starts_with('/') {
+                errs.push(format!("{key}.match.path"), format!("`{p}` must start with `/`"));
+            }
+        }
+        rules.push(Rule {
+            name: r.name.clone(),
+            when: MatchSet {
+                services: r.when.service.clone(),
+                categories,
+                priorities,
+                models: r.when.model.clone(),
+                paths: r.when.path.clone(),
+            },
+            action,
+        });
+    }
+
+    let classifier = Classifier::new(&file.classifier).unwrap_or_else(|e| {
+        errs.push("classifier", e);
+        Classifier::new(&ClassifierConfig::default()).expect("default classifier config is valid")
+    });
+    let h = &file.health;
+    if h.eject_after_failures == 0 {
+        errs.push("health.eject_after_failures", "must be at least 1");
+    }
+    if h.base_ejection_ms == 0 || h.max_ejection_ms < h.base_ejection_ms {
+        errs.push("health.max_ejection_ms", "must be at least base_ejection_ms, which must be > 0");
+    }
+    if file.usage.channel_capacity == 0 {
+        errs.push("usage.channel_capacity", "must be greater than 0");
+    }
+    if !errs.0.is_empty() {
+        return Err(errs.0);
+    }
+    Ok(RoutingTable {
+        version: 1,
+        listener: Listener {
+            address: l.address.parse().expect("validated above"),
+            workers,
+            io_driver: l.io_driver,
+            max_header_bytes: l.max_header_bytes,
+            max_body_bytes: l.max_body_bytes,
+            header_timeout: Duration::from_millis(l.header_timeout_ms),
+            body_timeout: Duration::from_millis(l.body_timeout_ms),
+            keepalive_timeout: Duration::from_millis(l.keepalive_timeout_ms),
+            drain_timeout: Duration::from_millis(l.drain_timeout_ms),
+        },
+        backends,
+        targets,
+        tiers,
+        category_tier,
+        long_context_tier,
+        aliases,
+        models,
+        rules,
+        max_attempts: file.routing.max_attempts,
+        unknown_model: file.routing.unknown_model,
+        health: HealthSettings {
+            interval: (h.interval_ms > 0).then(|| Duration::from_millis(h.interval_ms)),
+            timeout: Duration::from_millis(h.timeout_ms.max(1)),
+            eject_after_failures: h.eject_after_failures,
+            base_ejection: Duration::from_millis(h.base_ejection_ms),
+            max_ejection: Duration::from_millis(h.max_ejection_ms),
+        },
+        usage: UsageSettings { channel_capacity: file.usage.channel_capacity, log_events: file.usage.log_events },
+        classifier,
+    })
+}
+
+fn bracket_v6(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+fn category_names() -> String {
+    Category::ALL.map(|c| c.as_str()).join(", ")
+}
+
+/// The cost principle: routine transformation work goes to the cheapest tier, open questions to
+/// the next one up, generation that needs capability to the larger tiers, and what the
+/// classifier cannot place (`other`) to a middle tier rather than the cheapest.
+pub fn default_category_rank(category: Category, tiers: usize) -> usize {
+    let top = tiers.saturating_sub(1);
+    let rank = match category {
+        Category::Extraction | Category::Classification | Category::Summarisation | Category::Translation | Category::Chat => 0,
+        Category::Qa | Category::Other => 1,
+        Category::Creative | Category::Code => tiers.saturating_sub(2).max(1),
+        Category::Reasoning => top,
+    };
+    rank.min(top)
+}
+
+impl RoutingTable {
+    /// Human-readable resolved table for `switchyard check-config`.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let l = &self.listener;
+        let _ = writeln!(out, "listener {} workers={} io_driver={} max_header_bytes={} max_body_bytes={}", l.address, l.workers, l.io_driver.as_str(), l.max_header_bytes, l.max_body_bytes);
+        let _ = writeln!(out, "backends:");
+        for b in &self.backends {
+            let key = if b.api_key.is_some() { "api key set" } else { "no api key" };
+            let _ = writeln!(out, "  {} {}://{}{} ({key}, max_concurrency={}, weight={})", b.name, b.scheme.as_str(), b.authority, b.base_path, b.max_concurrency, b.weight);
+        }
+        let _ = writeln!(out, "tiers (cheapest first):");
+        for t in &self.tiers {
+            let names: Vec<String> = t.targets.iter().map(|&id| self.target_name(id)).collect();
+            let _ = writeln!(out, "  {} {}: {}", t.rank, t.name, names.join(", "));
+        }
+        let _ = writeln!(out, "categories:");
+        for c in Category::ALL {
+            let _ = writeln!(out, "  {c} -> {}", self.tiers[self.category_tier[c.index()]].name);
+        }
+        let _ = writeln!(out, "  long-context -> {}", self.tiers[self.long_context_tier].name);
+        let mut aliases: Vec<_> = self.aliases.iter().collect();
+        aliases.sort_by(|a, b| a.0.cmp(b.0));
+        let _ = writeln!(out, "aliases:");
+        for (name, route) in aliases {
+            match route {
+                AliasRoute::Classify => _ = writeln!(out, "  {name} -> classifier"),
+                AliasRoute::Tier(r) => _ = writeln!(out, "  {name} -> tier {}", self.tiers[*r].name),
+            }
+        }
+        let _ = writeln!(out, "rules (first match wins):");
+        for r in &self.rules {
+            let to = match &r.action {
+                RuleAction::Tier(t) => format!("tier {}", self.tiers[*t].name),
+                RuleAction::Targets(ids) => ids.iter().map(|&id| self.target_name(id)).collect::<Vec<_>>().join(", "),
+            };
+            let _ = writeln!(out, "  {} -> {to}", r.name);
+        }
+        let _ = writeln!(out, "unknown models: {:?}; max attempts: {}", self.unknown_model, self.max_attempts);
+        out
+    }
+
+    pub fn target_name(&self, id: usize) -> String {
+        let t = &self.targets[id];
+        format!("{}/{}", self.backends[t.backend].name, t.model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[backends]]
+name = "local"
+url = "http://127.0.0.1:8000"
+models = [{ name = "small-model", input_per_mtok = 0.1, output_per_mtok = 0.2 },
+          { name = "org/big:latest", input_per_mtok = 3, output_per_mtok = 15 }]
+
+[[tiers]]
+name = "small"
+targets = ["local/small-model"]
+
+[[tiers]]
+name = "large"
+targets = ["local/org/big:latest"]
+"#;
+
+    fn load(text: &str) -> Result<RoutingTable, Vec<String>> {
+        load_str(text, "test.toml", &|name| (name == "SET_KEY").then(|| "sk-secret".to_string()))
+    }
+
+    #[test]
+    fn minimal_config_resolves_with_defaults() {
+        let t = load(MINIMAL).unwrap();
+        assert_eq!(t.listener.address.to_string(), "127.0.0.1:8080");
+        assert_eq!(t.tiers.len(), 2);
+        assert_eq!(t.target_name(t.tiers[1].targets[0]), "local/org/big:latest");
+        assert_eq!(t.category_tier[Category::Extraction.index()], 0);
+        assert_eq!(t.category_tier[Category::Reasoning.index()], 1);
+        assert_eq!(t.aliases["auto"], AliasRoute::Classify);
+        assert_eq!(t.aliases["smart"], AliasRoute::Tier(1));
+        assert_eq!(t.targets[1].price.output_micros_per_mtok, 15_000_000);
+        assert_eq!(t.targets[0].price.cached_input_micros_per_mtok, 100_000);
+        assert!(t.describe().contains("small-model"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_file_and_key() {
+        let err = load(&format!("{MINIMAL}\n[listener]\nadress = \"x\"\n")).unwrap_err();
+        assert!(err[0].starts_with("test.toml:"), "{err:?}");
+        assert!(err[0].contains("adress"), "{err:?}");
+    }
+
+    #[test]
+    fn every_semantic_error_is_reported_at_once() {
+        let text = MINIMAL.replace("local/small-model", "nope/small-model").replace("name = \"large\"", "name = \"small\"")
+            + "\n[categories]\ncode = \"huge\"\n[routing]\nmax_attempts = 0\n";
+        let err = load(&text).unwrap_err();
+        let all = err.join("\n");
+        assert!(all.contains("unknown backend `nope`"), "{all}");
+        assert!(all.contains("name must be non-empty and unique"), "{all}");
+        assert!(all.contains("categories.code: unknown tier `huge`"), "{all}");
+        assert!(all.contains("routing.max_attempts"), "{all}");
+        assert!(err.iter().all(|e| e.starts_with("test.toml: ")));
+    }
+
+    #[test]
+    fn api_key_comes_from_the_environment_only() {
+        let with_key = MINIMAL.replace("url = \"http://127.0.0.1:8000\"", "url = \"https://api.example.com/v1\"\napi_key_env = \"SET_KEY\"");
+        let t = load(&with_key).unwrap();
+        let b = &t.backends[0];
+        assert_eq!(b.api_key.as_deref(), Some("sk-secret"));
+        assert_eq!((b.port, b.authority.as_str(), b.base_path.as_str()), (443, "api.example.com", "/v1"));
+        assert!(!format!("{b:?}").contains("sk-secret"), "Debug must redact the key");
+        let missing = with_key.replace("SET_KEY", "UNSET_KEY");
+        let err = load(&missing).unwrap_err().join("\n");
+        assert!(err.contains("api_key_env: environment variable `UNSET_KEY` is not set"), "{err}");
+    }
+
+    #[test]
+    fn backend_urls_parse_or_fail_clearly() {
+        assert_eq!(parse_backend_url("http://[::1]:9000/x/").unwrap(), (Scheme::Http, "::1".into(), 9000, "/x".into()));
+        assert_eq!(parse_backend_url("https://h").unwrap(), (Scheme::Https, "h".into(), 443, String::new()));
+        assert!(parse_backend_url("ftp://h").is_err());
+        assert!(parse_backend_url("http://h:99999").is_err());
+        assert!(parse_backend_url("http://:80").is_err());
+        assert!(parse_backend_url("http://u:p@h").is_err());
+    }
+
+    #[test]
+    fn default_category_ranks_follow_the_cost_principle() {
+        use Category::*;
+        let ranks = |n| [Extraction, Qa, Code, Reasoning].map(|c| default_category_rank(c, n));
+        assert_eq!(ranks(1), [0, 0, 0, 0]);
+        assert_eq!(ranks(2), [0, 1, 1, 1]);
+        assert_eq!(ranks(4), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn rules_validate_their_references() {
+        let text = format!("{MINIMAL}\n[[rules]]\nname = \"r\"\ntier = \"small\"\ntargets = [\"local/small-model\"]\n[[rules]]\nname = \"p\"\ntier = \"large\"\nmatch = {{ priority = [\"urgent\"], category = [\"code\"] }}\n");
+        let err = load(&text).unwrap_err().join("\n");
+        assert!(err.contains("rules[0] (r): set exactly one"), "{err}");
+        assert!(err.contains("rules[1] (p).match.priority: unknown priority `urgent`"), "{err}");
+    }
+}

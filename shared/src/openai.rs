@@ -1,0 +1,478 @@
+//! Views of OpenAI-compatible request and response bodies. Owns: validating a request body
+//! against its endpoint, pulling out what routing and classification need, rewriting `model`
+//! (and `stream_options` when the router needs usage) by splicing bytes, and reading `usage`.
+//! Must not: re-serialise a body; every byte except the spliced values passes untouched.
+
+use crate::classifier::Prompt;
+use crate::error::{push_json_string, ErrorKind};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::ops::Range;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn from_path(path: &str) -> Option<Endpoint> {
+        match path {
+            "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
+            "/v1/completions" => Some(Endpoint::Completions),
+            "/v1/embeddings" => Some(Endpoint::Embeddings),
+            _ => None,
+        }
+    }
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+        }
+    }
+
+    fn required_field(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "messages",
+            Endpoint::Completions => "prompt",
+            Endpoint::Embeddings => "input",
+        }
+    }
+}
+
+/// A request error with the offending parameter, ready for the OpenAI error body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub param: Option<&'static str>,
+}
+
+impl RequestError {
+    fn invalid(message: impl Into<String>, param: &'static str) -> Self {
+        RequestError { kind: ErrorKind::InvalidRequest, message: message.into(), param: Some(param) }
+    }
+
+    fn from_serde(e: serde_json::Error) -> Self {
+        let kind = match e.classify() {
+            serde_json::error::Category::Data => ErrorKind::InvalidRequest,
+            _ => ErrorKind::InvalidJson,
+        };
+        let message = match kind {
+            ErrorKind::InvalidJson => format!("request body is not valid JSON: {e}"),
+            _ => format!("invalid request body: {e}"),
+        };
+        RequestError { kind, message, param: None }
+    }
+}
+
+#[derive(Deserialize)]
+struct Top<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    stream: Option<bool>,
+    #[serde(borrow)]
+    stream_options: Option<&'a RawValue>,
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow)]
+    functions: Option<&'a RawValue>,
+    #[serde(borrow)]
+    response_format: Option<&'a RawValue>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow)]
+    role: Cow<'a, str>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Part<'a> {
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct ResponseFormat<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Cow<'a, str>,
+}
+
+/// What the router needs from a request body; spans index into that body.
+#[derive(Debug, Default)]
+pub struct RequestView<'a> {
+    /// The requested model; `None` when the body has no `model` (routed like `auto`).
+    pub model: Option<Cow<'a, str>>,
+    /// Byte range of the `model` value (quotes included).
+    model_span: Option<Range<usize>>,
+    pub stream: bool,
+    /// The caller asked for the final usage chunk itself (`stream_options.include_usage`).
+    pub caller_wants_usage: bool,
+    stream_options_span: Option<Range<usize>>,
+    pub system: String,
+    pub last_user: String,
+    pub earlier_turns: usize,
+    pub has_tools: bool,
+    pub json_output: bool,
+    pub max_tokens: Option<u64>,
+    pub total_chars: usize,
+}
+
+fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    start..start + raw.get().len()
+}
+
+/// Appends the text of a message `content` (a string, an array of parts, or null).
+fn push_content(out: &mut String, content: Option<&RawValue>) -> Result<usize, RequestError> {
+    let Some(raw) = content else { return Ok(0) };
+    let before = out.len();
+    match raw.get().as_bytes().first() {
+        Some(b'"') => {
+            let text: Cow<str> = serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
+            out.push_str(&text);
+        }
+        Some(b'[') => {
+            let parts: Vec<Part> = serde_json::from_str(raw.get())
+                .map_err(|e| RequestError::invalid(format!("message content parts must be objects: {e}"), "messages"))?;
+            for text in parts.iter().filter_map(|p| p.text.as_deref()) {
+                if out.len() > before {
+                    out.push('\n');
+                }
+                out.push_str(text);
+            }
+        }
+        Some(b'n') => {}
+        _ => return Err(RequestError::invalid("message content must be a string, an array of parts or null", "messages")),
+    }
+    Ok(out.len() - before)
+}
+
+impl<'a> RequestView<'a> {
+    /// Validates `body` for `endpoint` and extracts the routing view. One JSON pass for the
+    /// body, one more over `messages` only.
+    pub fn parse(endpoint: Endpoint, body: &'a [u8]) -> Result<RequestView<'a>, RequestError> {
+        let top: Top<'a> = serde_json::from_slice(body).map_err(RequestError::from_serde)?;
+        let mut view = RequestView::default();
+        if let Some(raw) = top.model {
+            let model: Cow<'a, str> = serde_json::from_str(raw.get())
+                .map_err(|_| RequestError::invalid("`model` must be a string", "model"))?;
+            view.model_span = Some(span_of(body, raw));
+            view.model = Some(model);
+        }
+        view.stream = top.stream.unwrap_or(false);
+        if let Some(raw) = top.stream_options {
+            if raw.get() != "null" {
+                let opts: StreamOptions = serde_json::from_str(raw.get())
+                    .map_err(|_| RequestError::invalid("`stream_options` must be an object", "stream_options"))?;
+                view.caller_wants_usage = opts.include_usage == Some(true);
+                view.stream_options_span = Some(span_of(body, raw));
+            }
+        }
+        view.has_tools = [top.tools, top.functions].into_iter().flatten().any(|raw| raw.get() != "null" && raw.get() != "[]");
+        if let Some(raw) = top.response_format {
+            if let Ok(rf) = serde_json::from_str::<ResponseFormat>(raw.get()) {
+                view.json_output = rf.kind.starts_with("json");
+            }
+        }
+        view.max_tokens = top.max_completion_tokens.or(top.max_tokens);
+        let required = match endpoint {
+            Endpoint::ChatCompletions => top.messages,
+            Endpoint::Completions => top.prompt,
+            Endpoint::Embeddings => top.input,
+        };
+        let field = endpoint.required_field();
+        let Some(raw) = required.filter(|r| r.get() != "null") else {
+            return Err(RequestError::invalid(format!("missing required parameter `{field}`"), field));
+        };
+        match endpoint {
+            Endpoint::ChatCompletions => view.read_messages(raw)?,
+            Endpoint::Completions => view.read_prompt(raw, "prompt")?,
+            Endpoint::Embeddings => view.read_prompt(raw, "input")?,
+        }
+        Ok(view)
+    }
+
+    fn read_messages(&mut self, raw: &RawValue) -> Result<(), RequestError> {
+        let messages: Vec<Message> = serde_json::from_str(raw.get()).map_err(|e| {
+            RequestError::invalid(format!("`messages` must be an array of objects with a string `role`: {e}"), "messages")
+        })?;
+        if messages.is_empty() {
+            return Err(RequestError::invalid("`messages` must not be empty", "messages"));
+        }
+        let last_user = messages.iter().rposition(|m| m.role == "user");
+        for (i, m) in messages.iter().enumerate() {
+            let chars = match m.role.as_ref() {
+                "system" | "developer" => {
+                    if !self.system.is_empty() {
+                        self.system.push('\n');
+                    }
+                    push_content(&mut self.system, m.content)?
+                }
+                _ if Some(i) == last_user => push_content(&mut self.last_user, m.content)?,
+                _ => {
+                    if last_user.is_some_and(|u| i < u) {
+                        self.earlier_turns += 1;
+                    }
+                    push_content(&mut String::new(), m.content)?
+                }
+            };
+            self.total_chars += chars;
+        }
+        Ok(())
+    }
+
+    fn read_prompt(&mut self, raw: &RawValue, field: &'static str) -> Result<(), RequestError> {
+        match raw.get().as_bytes().first() {
+            Some(b'"') => {
+                let text: Cow<str> = serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
+                self.last_user.push_str(&text);
+            }
+            // Arrays of strings are joined; token-id arrays carry no text to classify.
+            Some(b'[') => {
+                let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
+                for item in items {
+                    if let Ok(text) = serde_json::from_str::<Cow<str>>(item.get()) {
+                        if !self.last_user.is_empty() {
+                            self.last_user.push('\n');
+                        }
+                        self.last_user.push_str(&text);
+                    } else if !item.get().starts_with(|c: char| c == '[' || c == '-' || c.is_ascii_digit()) {
+                        return Err(RequestError::invalid(format!("`{field}` must be a string, an array of strings or token ids"), field));
+                    }
+                }
+            }
+            _ => return Err(RequestError::invalid(format!("`{field}` must be a string or an array"), field)),
+        }
+        self.total_chars = self.last_user.len();
+        Ok(())
+    }
+
+    pub fn prompt(&self) -> Prompt<'_> {
+        Prompt {
+            system: &self.system,
+            last_user: &self.last_user,
+            earlier_turns: self.earlier_turns,
+            has_tools: self.has_tools,
+            json_output: self.json_output,
+            max_tokens: self.max_tokens,
+            total_chars: self.total_chars,
+        }
+    }
+
+    /// Whether the router must ask the upstream for the final usage chunk and hide it again.
+    pub fn needs_injected_usage(&self, endpoint: Endpoint) -> bool {
+        self.stream && !self.caller_wants_usage && endpoint != Endpoint::Embeddings
+    }
+
+    /// The body to send upstream: `model` set to `target_model`, and `stream_options.include_usage`
+    /// set when `inject_usage`. All other bytes are copied unchanged.
+    pub fn rewrite(&self, body: &[u8], target_model: &str, inject_usage: bool) -> Vec<u8> {
+        let mut model_json = String::with_capacity(target_model.len() + 2);
+        push_json_string(&mut model_json, target_model);
+        let stream_options = if inject_usage {
+            Some(match &self.stream_options_span {
+                Some(span) => {
+                    let mut obj: serde_json::Map<String, serde_json::Value> =
+                        serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
+                    obj.insert("include_usage".into(), serde_json::Value::Bool(true));
+                    serde_json::Value::Object(obj).to_string()
+                }
+                None => "{\"include_usage\":true}".to_string(),
+            })
+        } else {
+            None
+        };
+        // Splices in body order; insertions of absent keys go right after the opening brace.
+        let mut edits: Vec<(Range<usize>, String)> = Vec::with_capacity(2);
+        let open = body.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
+        let empty_object = body[open..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+        let sep = if empty_object { "" } else { "," };
+        match &self.model_span {
+            Some(span) => edits.push((span.clone(), model_json)),
+            None => edits.push((open..open, format!("\"model\":{model_json}{sep}"))),
+        }
+        if let Some(value) = stream_options {
+            match &self.stream_options_span {
+                Some(span) => edits.push((span.clone(), value)),
+                None => edits.push((open..open, format!("\"stream_options\":{value},"))),
+            }
+        }
+        edits.sort_by_key(|(r, _)| r.start);
+        let mut out = Vec::with_capacity(body.len() + 64);
+        let mut at = 0;
+        for (range, text) in edits {
+            out.extend_from_slice(&body[at..range.start]);
+            out.extend_from_slice(text.as_bytes());
+            at = range.end;
+        }
+        out.extend_from_slice(&body[at..]);
+        out
+    }
+}
+
+/// Token counts from a response's `usage` object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub prompt: u64,
+    pub cached: u64,
+    pub completion: u64,
+}
+
+#[derive(Deserialize)]
+struct UsageFields {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    usage: Option<UsageFields>,
+}
+
+/// Reads `usage` from a whole JSON response or SSE `data:` payload. `None` when absent or
+/// null (then the caller estimates).
+pub fn parse_usage(json: &[u8]) -> Option<TokenUsage> {
+    let w: WithUsage = serde_json::from_slice(json).ok()?;
+    let u = w.usage?;
+    Some(TokenUsage {
+        prompt: u.prompt_tokens,
+        completion: u.completion_tokens,
+        cached: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+    })
+}
+
+/// Rough token count for text when a backend reports none: about 4 characters a token.
+pub fn estimate_tokens(chars: usize) -> u64 {
+    (chars as u64).div_ceil(4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(endpoint: Endpoint, body: &str) -> Result<RequestView<'_>, RequestError> {
+        RequestView::parse(endpoint, body.as_bytes())
+    }
+
+    #[test]
+    fn chat_view_extracts_routing_signals() {
+        let body = r#"{"model":"auto","messages":[{"role":"system","content":"You are terse."},
+            {"role":"user","content":"hi"},{"role":"assistant","content":"hello"},
+            {"role":"user","content":[{"type":"text","text":"Translate"},{"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"to French"}]}],
+            "tools":[{"type":"function"}],"response_format":{"type":"json_object"},"max_tokens":50,"stream":true}"#;
+        let v = parse(Endpoint::ChatCompletions, body).unwrap();
+        assert_eq!(v.model.as_deref(), Some("auto"));
+        assert_eq!(v.system, "You are terse.");
+        assert_eq!(v.last_user, "Translate\nto French");
+        assert_eq!(v.earlier_turns, 2);
+        assert!(v.has_tools && v.json_output && v.stream && !v.caller_wants_usage);
+        assert_eq!(v.max_tokens, Some(50));
+        assert!(v.needs_injected_usage(Endpoint::ChatCompletions));
+    }
+
+    #[test]
+    fn bad_bodies_are_classified() {
+        let cases = [
+            (Endpoint::ChatCompletions, "{not json", ErrorKind::InvalidJson, None),
+            (Endpoint::ChatCompletions, "", ErrorKind::InvalidJson, None),
+            (Endpoint::ChatCompletions, "[1,2]", ErrorKind::InvalidRequest, None),
+            (Endpoint::ChatCompletions, r#"{"model":"x"}"#, ErrorKind::InvalidRequest, Some("messages")),
+            (Endpoint::ChatCompletions, r#"{"messages":"hi"}"#, ErrorKind::InvalidRequest, Some("messages")),
+            (Endpoint::ChatCompletions, r#"{"messages":[]}"#, ErrorKind::InvalidRequest, Some("messages")),
+            (Endpoint::ChatCompletions, r#"{"messages":[{"content":"x"}]}"#, ErrorKind::InvalidRequest, Some("messages")),
+            (Endpoint::ChatCompletions, r#"{"messages":[{"role":"user","content":5}]}"#, ErrorKind::InvalidRequest, Some("messages")),
+            (Endpoint::ChatCompletions, r#"{"model":5,"messages":[{"role":"user","content":"x"}]}"#, ErrorKind::InvalidRequest, Some("model")),
+            (Endpoint::ChatCompletions, r#"{"stream":"yes","messages":[{"role":"user","content":"x"}]}"#, ErrorKind::InvalidRequest, None),
+            (Endpoint::ChatCompletions, r#"{"max_tokens":-1,"messages":[{"role":"user","content":"x"}]}"#, ErrorKind::InvalidRequest, None),
+            (Endpoint::ChatCompletions, r#"{"model":"a","model":"b","messages":[{"role":"user","content":"x"}]}"#, ErrorKind::InvalidRequest, None),
+            (Endpoint::Completions, r#"{"model":"x"}"#, ErrorKind::InvalidRequest, Some("prompt")),
+            (Endpoint::Completions, r#"{"prompt":{"a":1}}"#, ErrorKind::InvalidRequest, Some("prompt")),
+            (Endpoint::Embeddings, r#"{"input":null}"#, ErrorKind::InvalidRequest, Some("input")),
+        ];
+        for (endpoint, body, kind, param) in cases {
+            let err = parse(endpoint, body).expect_err(body);
+            assert_eq!((err.kind, err.param), (kind, param), "{body}: {}", err.message);
+        }
+        // A trailing garbage byte is invalid JSON even after a valid object.
+        assert_eq!(parse(Endpoint::Embeddings, r#"{"input":"x"} x"#).unwrap_err().kind, ErrorKind::InvalidJson);
+    }
+
+    #[test]
+    fn rewrite_changes_only_model() {
+        let body = r#"{ "temperature":0.2, "model" : "auto", "tools":[{"type":"function","function":{"name":"f","parameters":{}}}], "seed":7, "x-vendor":{"k":[1,2]}, "messages":[{"role":"user","content":"q\u00e9"}] }"#;
+        let v = parse(Endpoint::ChatCompletions, body).unwrap();
+        let out = String::from_utf8(v.rewrite(body.as_bytes(), "org/m\"1", false)).unwrap();
+        assert_eq!(out, body.replace("\"auto\"", "\"org/m\\\"1\""));
+    }
+
+    #[test]
+    fn rewrite_inserts_missing_model_and_usage_option() {
+        let body = r#"{"messages":[{"role":"user","content":"x"}],"stream":true}"#;
+        let v = parse(Endpoint::ChatCompletions, body).unwrap();
+        assert!(v.model.is_none());
+        let out: serde_json::Value = serde_json::from_slice(&v.rewrite(body.as_bytes(), "m", true)).unwrap();
+        assert_eq!(out["model"], "m");
+        assert_eq!(out["stream_options"]["include_usage"], true);
+        assert_eq!(out["messages"][0]["content"], "x");
+    }
+
+    #[test]
+    fn rewrite_merges_existing_stream_options() {
+        let body = r#"{"model":"a","stream":true,"stream_options":{"continuous_usage_stats":true},"prompt":"p"}"#;
+        let v = parse(Endpoint::Completions, body).unwrap();
+        assert!(v.needs_injected_usage(Endpoint::Completions));
+        let out: serde_json::Value = serde_json::from_slice(&v.rewrite(body.as_bytes(), "b", true)).unwrap();
+        assert_eq!(out["stream_options"], serde_json::json!({"continuous_usage_stats": true, "include_usage": true}));
+        assert_eq!(out["model"], "b");
+        let asked = r#"{"model":"a","stream":true,"stream_options":{"include_usage":true},"prompt":"p"}"#;
+        assert!(!parse(Endpoint::Completions, asked).unwrap().needs_injected_usage(Endpoint::Completions));
+    }
+
+    #[test]
+    fn prompts_and_inputs_accept_openai_shapes() {
+        assert_eq!(parse(Endpoint::Completions, r#"{"prompt":["a","b"]}"#).unwrap().last_user, "a\nb");
+        assert_eq!(parse(Endpoint::Completions, r#"{"prompt":[1,2,3]}"#).unwrap().last_user, "");
+        assert_eq!(parse(Endpoint::Embeddings, r#"{"input":[[1,2],[3]]}"#).unwrap().last_user, "");
+        assert!(parse(Endpoint::Embeddings, r#"{"input":[true]}"#).is_err());
+    }
+
+    #[test]
+    fn usage_is_read_with_cached_tokens() {
+        let u = parse_usage(br#"{"id":"x","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":3,"total_tokens":13,"prompt_tokens_details":{"cached_tokens":4}}}"#);
+        assert_eq!(u, Some(TokenUsage { prompt: 10, cached: 4, completion: 3 }));
+        assert_eq!(parse_usage(br#"{"usage":null}"#), None);
+        assert_eq!(parse_usage(b"not json"), None);
+        assert_eq!(estimate_tokens(9), 3);
+    }
+}

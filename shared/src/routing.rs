@@ -1,0 +1,409 @@
+//! The runtime routing table (an immutable snapshot the workers read through arc-swap) and
+//! the routing decision: request facts in, an ordered plan of target groups out.
+//! Must not: look at live health or load (the data plane's balancer does that per attempt).
+
+use crate::category::Category;
+use crate::classifier::Classifier;
+use crate::config::IoDriver;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub struct RoutingTable {
+    /// Increases with every applied config; shown in `check-config` and usage.
+    pub version: u64,
+    pub listener: Listener,
+    pub backends: Vec<Backend>,
+    /// Every (backend, model) pair any backend serves; tiers and rules hold indexes into it.
+    pub targets: Vec<Target>,
+    /// Cheapest first; `rank` is the index.
+    pub tiers: Vec<Tier>,
+    /// Tier rank per `Category::index()`.
+    pub category_tier: [usize; 10],
+    pub long_context_tier: usize,
+    pub aliases: ahash::AHashMap<String, AliasRoute>,
+    /// Concrete model name -> targets serving it, cheapest tier first.
+    pub models: ahash::AHashMap<String, Vec<usize>>,
+    pub rules: Vec<Rule>,
+    pub max_attempts: u32,
+    pub unknown_model: UnknownModel,
+    pub health: HealthSettings,
+    pub usage: UsageSettings,
+    pub classifier: Classifier,
+}
+
+impl fmt::Debug for RoutingTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RoutingTable v{}\n{}", self.version, self.describe())
+    }
+}
+
+pub struct Listener {
+    pub address: SocketAddr,
+    pub workers: usize,
+    pub io_driver: IoDriver,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+pub struct Backend {
+    pub name: String,
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+    /// Value of the `Host` header: host, with `:port` unless it is the scheme's default.
+    pub authority: String,
+    /// Prefix of every upstream path, without a trailing `/` (e.g. `/v1` is NOT implied).
+    pub base_path: String,
+    pub api_key: Option<String>,
+    pub max_concurrency: u32,
+    pub weight: u32,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub health_path: String,
+}
+
+impl fmt::Debug for Backend {
+    // Hand-written so the API key can never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name)
+            .field("url", &format_args!("{}://{}{}", self.scheme.as_str(), self.authority, self.base_path))
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub backend: usize,
+    pub model: String,
+    pub price: Price,
+}
+
+/// Integer micro-dollars per 1M tokens, so costs add up exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Price {
+    pub input_micros_per_mtok: u64,
+    pub cached_input_micros_per_mtok: u64,
+    pub output_micros_per_mtok: u64,
+}
+
+impl Price {
+    /// Cost in micro-dollars, rounded up so many tiny requests never add up to less than spent.
+    /// `cached` is the part of `prompt` that the backend served from its prefix cache.
+    pub fn cost_micros(&self, prompt: u64, cached: u64, completion: u64) -> u64 {
+        let cached = cached.min(prompt);
+        let per_mtok = (prompt - cached) as u128 * self.input_micros_per_mtok as u128
+            + cached as u128 * self.cached_input_micros_per_mtok as u128
+            + completion as u128 * self.output_micros_per_mtok as u128;
+        per_mtok.div_ceil(1_000_000).min(u64::MAX as u128) as u64
+    }
+}
+
+#[derive(Debug)]
+pub struct Tier {
+    pub name: String,
+    pub rank: usize,
+    pub targets: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AliasRoute {
+    Classify,
+    Tier(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownModel {
+    Classify,
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    Interactive,
+    #[default]
+    Normal,
+    Background,
+    Bulk,
+}
+
+impl Priority {
+    pub fn parse(s: &str) -> Option<Priority> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "interactive" => Some(Priority::Interactive),
+            "normal" => Some(Priority::Normal),
+            "background" => Some(Priority::Background),
+            "bulk" => Some(Priority::Bulk),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Interactive => "interactive",
+            Priority::Normal => "normal",
+            Priority::Background => "background",
+            Priority::Bulk => "bulk",
+        }
+    }
+}
+
+pub struct Rule {
+    pub name: String,
+    pub when: MatchSet,
+    pub action: RuleAction,
+}
+
+pub struct MatchSet {
+    pub services: Vec<String>,
+    pub categories: Vec<Category>,
+    pub priorities: Vec<Priority>,
+    pub models: Vec<String>,
+    pub paths: Vec<String>,
+}
+
+pub enum RuleAction {
+    Tier(usize),
+    Targets(Vec<usize>),
+}
+
+pub struct HealthSettings {
+    pub interval: Option<Duration>,
+    pub timeout: Duration,
+    pub eject_after_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+}
+
+pub struct UsageSettings {
+    pub channel_capacity: usize,
+    pub log_events: bool,
+}
+
+/// What the router knows about a request when it routes it.
+pub struct RequestFacts<'a> {
+    pub service: &'a str,
+    pub priority: Priority,
+    pub model: &'a str,
+    pub path: &'a str,
+    /// The tier named by `x-switchyard-tier`, if any.
+    pub pinned_tier: Option<&'a str>,
+    pub category: Category,
+    /// Set when the classifier was unsure: route to the higher tier of the two.
+    pub alternative: Option<Category>,
+    pub long_context: bool,
+    /// Whether a classifier (or the caller's category header) decided `category`.
+    pub classified: bool,
+}
+
+/// Where a request may go, in failover order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan<'t> {
+    /// This tier first, then every more capable tier.
+    FromTier(usize),
+    /// Exactly these targets (a concrete model or a rule's target list).
+    Targets(&'t [usize]),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision<'t> {
+    pub plan: Plan<'t>,
+    /// What decided, for `x-switchyard-rule`: a rule's name or a built-in reason.
+    pub rule: &'t str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    UnknownTier(String),
+    UnknownModel(String),
+}
+
+impl RoutingTable {
+    /// Picks the plan: a pinned tier, then the first matching rule, then the requested model
+    /// (concrete, alias, or unknown), then the classifier's category.
+    pub fn decide<'t>(&'t self, facts: &RequestFacts<'_>) -> Result<Decision<'t>, RouteError> {
+        if let Some(name) = facts.pinned_tier {
+            let rank = self.tiers.iter().position(|t| t.name == name).ok_or_else(|| RouteError::UnknownTier(name.to_string()))?;
+            return Ok(Decision { plan: Plan::FromTier(rank), rule: "header:x-switchyard-tier" });
+        }
+        if let Some(rule) = self.rules.iter().find(|r| r.when.matches(facts)) {
+            let plan = match &rule.action {
+                RuleAction::Tier(rank) => Plan::FromTier(*rank),
+                RuleAction::Targets(ids) => Plan::Targets(ids),
+            };
+            return Ok(Decision { plan, rule: &rule.name });
+        }
+        if let Some(ids) = self.models.get(facts.model) {
+            return Ok(Decision { plan: Plan::Targets(ids), rule: "model" });
+        }
+        match self.aliases.get(facts.model) {
+            Some(AliasRoute::Tier(rank)) => Ok(Decision { plan: Plan::FromTier(*rank), rule: "alias" }),
+            Some(AliasRoute::Classify) => Ok(self.by_category(facts)),
+            None if self.unknown_model == UnknownModel::Classify && facts.classified => Ok(self.by_category(facts)),
+            None => Err(RouteError::UnknownModel(facts.model.to_string())),
+        }
+    }
+
+    fn by_category(&self, facts: &RequestFacts<'_>) -> Decision<'_> {
+        let mut rank = self.category_tier[facts.category.index()];
+        let mut rule = "category";
+        if let Some(alt) = facts.alternative {
+            let alt_rank = self.category_tier[alt.index()];
+            if alt_rank > rank {
+                rank = alt_rank;
+                rule = "category:ambiguous-higher";
+            }
+        }
+        if facts.long_context && self.long_context_tier > rank {
+            rank = self.long_context_tier;
+            rule = "category:long-context";
+        }
+        Decision { plan: Plan::FromTier(rank), rule }
+    }
+
+    /// The target groups of a plan in failover order.
+    pub fn groups<'t>(&'t self, plan: Plan<'t>) -> impl Iterator<Item = &'t [usize]> + 't {
+        let (tiers, fixed): (&'t [Tier], Option<&'t [usize]>) = match plan {
+            Plan::FromTier(rank) => (&self.tiers[rank..], None),
+            Plan::Targets(ids) => (&[], Some(ids)),
+        };
+        fixed.into_iter().chain(tiers.iter().map(|t| t.targets.as_slice()))
+    }
+
+    pub fn tier_of_plan(&self, plan: Plan<'_>, target: usize) -> Option<&Tier> {
+        match plan {
+            Plan::FromTier(rank) => self.tiers[rank..].iter().find(|t| t.targets.contains(&target)),
+            Plan::Targets(_) => self.tiers.iter().find(|t| t.targets.contains(&target)),
+        }
+    }
+}
+
+impl MatchSet {
+    fn matches(&self, f: &RequestFacts<'_>) -> bool {
+        (self.services.is_empty() || self.services.iter().any(|s| s == f.service))
+            && (self.categories.is_empty() || self.categories.contains(&f.category))
+            && (self.priorities.is_empty() || self.priorities.contains(&f.priority))
+            && (self.models.is_empty() || self.models.iter().any(|m| m == f.model))
+            && (self.paths.is_empty() || self.paths.iter().any(|p| p == f.path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(extra: &str) -> RoutingTable {
+        let text = format!(
+            r#"
+[[backends]]
+name = "a"
+url = "http://127.0.0.1:1"
+models = [{{ name = "s" }}, {{ name = "m" }}, {{ name = "l" }}]
+[[tiers]]
+name = "small"
+targets = ["a/s"]
+[[tiers]]
+name = "medium"
+targets = ["a/m"]
+[[tiers]]
+name = "large"
+targets = ["a/l"]
+{extra}"#
+        );
+        crate::config::load_str(&text, "t.toml", &|_| None).unwrap()
+    }
+
+    fn facts(model: &str, category: Category) -> RequestFacts<'_> {
+        RequestFacts {
+            service: "svc",
+            priority: Priority::Normal,
+            model,
+            path: "/v1/chat/completions",
+            pinned_tier: None,
+            category,
+            alternative: None,
+            long_context: false,
+            classified: true,
+        }
+    }
+
+    #[test]
+    fn auto_routes_by_category_and_ambiguity_goes_up() {
+        let t = table("");
+        let d = t.decide(&facts("auto", Category::Extraction)).unwrap();
+        assert_eq!(d.plan, Plan::FromTier(0));
+        let mut f = facts("auto", Category::Extraction);
+        f.alternative = Some(Category::Reasoning);
+        assert_eq!(t.decide(&f).unwrap(), Decision { plan: Plan::FromTier(2), rule: "category:ambiguous-higher" });
+        f.alternative = None;
+        f.long_context = true;
+        assert_eq!(t.decide(&f).unwrap().plan, Plan::FromTier(2));
+    }
+
+    #[test]
+    fn precedence_is_pin_rule_model_alias() {
+        let t = table("[[rules]]\nname = \"etl\"\ntier = \"medium\"\nmatch = { service = [\"etl\"], priority = [\"bulk\"] }\n");
+        let mut f = facts("l", Category::Chat);
+        assert_eq!(t.decide(&f).unwrap().rule, "model");
+        f.service = "etl";
+        assert_eq!(t.decide(&f).unwrap().rule, "model", "rule needs both service and priority");
+        f.priority = Priority::Bulk;
+        assert_eq!(t.decide(&f).unwrap(), Decision { plan: Plan::FromTier(1), rule: "etl" });
+        f.pinned_tier = Some("small");
+        assert_eq!(t.decide(&f).unwrap().plan, Plan::FromTier(0));
+        f.pinned_tier = Some("nope");
+        assert_eq!(t.decide(&f), Err(RouteError::UnknownTier("nope".into())));
+        assert_eq!(t.decide(&facts("smart", Category::Chat)).unwrap().plan, Plan::FromTier(2));
+        assert_eq!(t.decide(&facts("medium", Category::Chat)).unwrap().plan, Plan::FromTier(1));
+    }
+
+    #[test]
+    fn unknown_models_classify_or_reject() {
+        let t = table("");
+        assert_eq!(t.decide(&facts("gpt-4o", Category::Code)).unwrap().plan, Plan::FromTier(1));
+        let t = table("[routing]\nunknown_model = \"reject\"\n");
+        assert_eq!(t.decide(&facts("gpt-4o", Category::Code)), Err(RouteError::UnknownModel("gpt-4o".into())));
+    }
+
+    #[test]
+    fn groups_walk_up_the_tiers() {
+        let t = table("");
+        let groups: Vec<&[usize]> = t.groups(Plan::FromTier(1)).collect();
+        assert_eq!(groups, vec![&[1usize][..], &[2usize][..]]);
+        let ids = [0usize, 2];
+        assert_eq!(t.groups(Plan::Targets(&ids)).count(), 1);
+    }
+
+    #[test]
+    fn cost_is_integer_micros_rounded_up() {
+        let p = Price { input_micros_per_mtok: 150_000, cached_input_micros_per_mtok: 75_000, output_micros_per_mtok: 600_000 };
+        // 1000 * 0.15 + 0 + 500 * 0.6 = 150 + 300 micro-dollars... per 1M: (1000*150000 + 500*600000)/1e6
+        assert_eq!(p.cost_micros(1000, 0, 500), 450);
+        assert_eq!(p.cost_micros(1000, 1000, 0), 75);
+        assert_eq!(p.cost_micros(1, 0, 0), 1, "a fraction of a micro-dollar rounds up");
+        assert_eq!(p.cost_micros(0, 5, 0), 0, "cached is clamped to prompt");
+    }
+}

@@ -1,0 +1,32 @@
+//! The usage event: one per finished request, sent from a worker to the control plane.
+//! Must not: block; the data plane sends with `try_send` and counts what it drops.
+
+use crate::category::Category;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageEvent {
+    pub request_id: String,
+    pub service: String,
+    pub endpoint: &'static str,
+    pub category: Category,
+    /// Empty when the request failed before a tier was chosen.
+    pub tier: String,
+    pub backend: String,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    /// The backend sent no `usage`; the counts are estimates from text length.
+    pub tokens_estimated: bool,
+    pub cost_micros: u64,
+    /// Microseconds from receiving the request to sending the first response byte.
+    pub first_byte_us: u64,
+    pub total_us: u64,
+    pub status: u16,
+    pub attempts: u32,
+    pub streamed: bool,
+    /// The response was cut off (upstream broke mid-body or the client left).
+    pub incomplete: bool,
+    pub config_version: u64,
+}
