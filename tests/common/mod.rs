@@ -1,0 +1,229 @@
+//! Test harness: starts the real `switchyard` and `switchyard-sim` binaries on free loopback
+//! ports and speaks raw HTTP/1.1 to them, so tests see exactly what a client would.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use switchyard_dataplane::codec::{self, BodyFraming, ChunkedDecoder};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(e) = child.stderr.as_mut() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("process exited with {status} before listening on {addr}: {err}");
+        }
+        assert!(Instant::now() < deadline, "nothing listening on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+pub fn sim(name: &str, args: &[&str]) -> Proc {
+    sim_on(free_port(), name, args)
+}
+
+pub fn sim_on(port: u16, name: &str, args: &[&str]) -> Proc {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard-sim"))
+        .args(["--listen", &addr.to_string(), "--name", name])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_listening(addr, &mut child);
+    Proc { child, addr }
+}
+
+/// Starts the router with `config` (TOML); stderr goes to a file the test can read.
+pub fn router(config: &str) -> Proc {
+    let dir = std::env::temp_dir().join(format!("switchyard-test-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("switchyard.toml");
+    std::fs::write(&path, config).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config", path.to_str().unwrap(), "--listen", &addr.to_string(), "--workers", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_listening(addr, &mut child);
+    Proc { child, addr }
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts an OpenAI-shaped error with this status and returns the `error` object.
+    pub fn error(&self, status: u16) -> serde_json::Value {
+        assert_eq!(self.status, status, "{}", self.text());
+        let v = self.json();
+        let e = v["error"].clone();
+        for key in ["message", "type", "param", "code"] {
+            assert!(e.get(key).is_some(), "error body lacks `{key}`: {v}");
+        }
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+        e
+    }
+}
+
+/// A keep-alive client connection.
+pub struct Conn {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub fn open(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Conn { stream, buf: Vec::new() }
+    }
+
+    pub fn send(&mut self, raw: &[u8]) {
+        self.stream.write_all(raw).unwrap();
+    }
+
+    fn fill(&mut self) -> usize {
+        let mut tmp = [0u8; 16384];
+        let n = self.stream.read(&mut tmp).unwrap_or(0);
+        self.buf.extend_from_slice(&tmp[..n]);
+        n
+    }
+
+    /// Reads one response; `on_data` sees each decoded body piece as it arrives.
+    pub fn read_response_with(&mut self, mut on_data: impl FnMut(&[u8])) -> Option<Response> {
+        let (head, n) = loop {
+            if let Some(parsed) = codec::parse_response(&self.buf, false).unwrap() {
+                break parsed;
+            }
+            if self.fill() == 0 {
+                return None;
+            }
+        };
+        self.buf.drain(..n);
+        let headers = head.headers().map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned())).collect();
+        let mut body = Vec::new();
+        match head.framing {
+            BodyFraming::Empty => {}
+            BodyFraming::Length(len) => {
+                while self.buf.len() < len as usize {
+                    assert!(self.fill() > 0, "connection closed inside the body");
+                }
+                body = self.buf.drain(..len as usize).collect();
+                on_data(&body);
+            }
+            BodyFraming::Chunked => {
+                let mut dec = ChunkedDecoder::default();
+                loop {
+                    let before = body.len();
+                    let used = dec.decode(&self.buf, &mut body, u64::MAX).unwrap();
+                    self.buf.drain(..used);
+                    if body.len() > before {
+                        on_data(&body[before..]);
+                    }
+                    if dec.is_done() {
+                        break;
+                    }
+                    if self.fill() == 0 {
+                        break;
+                    }
+                }
+            }
+            BodyFraming::UntilClose => while self.fill() > 0 {},
+        }
+        if head.framing == BodyFraming::UntilClose {
+            body = std::mem::take(&mut self.buf);
+        }
+        Some(Response { status: head.status, headers, body })
+    }
+
+    pub fn read_response(&mut self) -> Option<Response> {
+        self.read_response_with(|_| {})
+    }
+
+    /// True when the server closed the connection (EOF) within the read timeout.
+    pub fn is_closed(&mut self) -> bool {
+        self.buf.is_empty() && self.fill() == 0
+    }
+}
+
+pub fn post_raw(path: &str, body: &str, extra_headers: &str) -> Vec<u8> {
+    format!("POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra_headers}\r\n{body}", body.len()).into_bytes()
+}
+
+pub fn post(addr: SocketAddr, path: &str, body: &str, extra_headers: &str) -> Response {
+    let mut c = Conn::open(addr);
+    c.send(&post_raw(path, body, extra_headers));
+    c.read_response().expect("a response")
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    let mut c = Conn::open(addr);
+    c.send(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes());
+    c.read_response().expect("a response")
+}
+
+pub fn chat(content: &str) -> String {
+    serde_json::json!({"model": "auto", "messages": [{"role": "user", "content": content}]}).to_string()
+}
+
+/// One backend per sim, a tier per backend in order, cheapest first.
+pub fn config_for(backends: &[(&str, String)], extra: &str) -> String {
+    let mut out = String::from("[health]\ninterval_ms = 100\ntimeout_ms = 500\neject_after_failures = 2\nbase_ejection_ms = 300\nmax_ejection_ms = 2000\n\n");
+    for (name, url) in backends {
+        out.push_str(&format!("[[backends]]\nname = \"{name}\"\nurl = \"{url}\"\nmodels = [{{ name = \"{name}-model\", input_per_mtok = 1.0, output_per_mtok = 2.0 }}]\nfirst_byte_timeout_ms = 3000\n\n"));
+    }
+    for (name, _) in backends {
+        out.push_str(&format!("[[tiers]]\nname = \"{name}\"\ntargets = [\"{name}/{name}-model\"]\n\n"));
+    }
+    out.push_str(extra);
+    out
+}
