@@ -46,7 +46,11 @@ fn probe_models(port: u16, path: &str) -> Option<Vec<String>> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
     s.set_read_timeout(Some(Duration::from_millis(1500))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw);
@@ -57,7 +61,11 @@ fn probe_models(port: u16, path: &str) -> Option<Vec<String>> {
     // Chunked bodies: the JSON object sits between the first `{` and the last `}`.
     let json = &body[body.find('{')?..=body.rfind('}')?];
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    let ids: Vec<String> = v["data"].as_array()?.iter().filter_map(|m| m["id"].as_str().map(String::from)).collect();
+    let ids: Vec<String> = v["data"]
+        .as_array()?
+        .iter()
+        .filter_map(|m| m["id"].as_str().map(String::from))
+        .collect();
     (!ids.is_empty()).then_some(ids)
 }
 
@@ -76,13 +84,26 @@ pub fn build() -> std::io::Result<Demo> {
         let mut config = String::new();
         let mut targets = Vec::new();
         for (name, port, models) in &found {
-            let list: Vec<String> = models.iter().map(|m| format!("{{ name = {} }}", toml_string(m))).collect();
+            let list: Vec<String> = models
+                .iter()
+                .map(|m| format!("{{ name = {} }}", toml_string(m)))
+                .collect();
             config.push_str(&format!("[[backends]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:{port}/\"\nmodels = [{}]\n\n", list.join(", ")));
             targets.extend(models.iter().map(|m| toml_string(&format!("{name}/{m}"))));
         }
-        config.push_str(&format!("[[tiers]]\nname = \"local\"\ntargets = [{}]\n", targets.join(", ")));
-        let description = found.iter().map(|(n, p, m)| format!("{n} on 127.0.0.1:{p} ({})", m.join(", "))).collect::<Vec<_>>().join("; ");
-        return Ok(Demo { config, description: format!("found local backends: {description}") });
+        config.push_str(&format!(
+            "[[tiers]]\nname = \"local\"\ntargets = [{}]\n",
+            targets.join(", ")
+        ));
+        let description = found
+            .iter()
+            .map(|(n, p, m)| format!("{n} on 127.0.0.1:{p} ({})", m.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Ok(Demo {
+            config,
+            description: format!("found local backends: {description}"),
+        });
     }
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut local = switchyard_sim::SimConfig::named("local-sim", any);

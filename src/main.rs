@@ -12,7 +12,12 @@ use switchyard_shared::openai::{Endpoint, RequestView};
 use switchyard_shared::routing::{Plan, Priority, RequestFacts, RoutingTable};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "Self-hosted LLM cost-optimising router", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Self-hosted LLM cost-optimising router",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -74,7 +79,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     let (loaded, demo) = match &args.config {
         Some(path) => (config::load_file(path), None),
         None => match demo::build() {
-            Ok(d) => (config::load_str(&d.config, "<demo config>", &|_| None), Some(d.description)),
+            Ok(d) => (
+                config::load_str(&d.config, "<demo config>", &|_| None),
+                Some(d.description),
+            ),
             Err(e) => return fail(&[format!("cannot start the demo backends: {e}")]),
         },
     };
@@ -90,7 +98,12 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     let workers = table.listener.workers;
     let code = switchyard_controlplane::serve(table, |dp| {
-        println!("Switchyard {} listening on http://{} ({workers} workers, {} I/O driver)", env!("CARGO_PKG_VERSION"), dp.address, dp.driver);
+        println!(
+            "Switchyard {} listening on http://{} ({workers} workers, {} I/O driver)",
+            env!("CARGO_PKG_VERSION"),
+            dp.address,
+            dp.driver
+        );
         if let Some(d) = &demo {
             println!("{d}");
         }
@@ -106,7 +119,13 @@ fn serve(args: ServeArgs) -> ExitCode {
 fn classify(config_path: Option<String>) -> ExitCode {
     let table = match &config_path {
         Some(path) => config::load_file(path),
-        None => config::load_str(&demo::SIMULATED.replace("{LOCAL}", "127.0.0.1:1").replace("{CLOUD}", "127.0.0.1:2"), "<demo config>", &|_| None),
+        None => config::load_str(
+            &demo::SIMULATED
+                .replace("{LOCAL}", "127.0.0.1:1")
+                .replace("{CLOUD}", "127.0.0.1:2"),
+            "<demo config>",
+            &|_| None,
+        ),
     };
     let table = match table {
         Ok(t) => t,
@@ -147,7 +166,8 @@ fn classify_line(table: &RoutingTable, line: &str) -> Result<serde_json::Value, 
         (None, Some(messages)) => serde_json::json!({ "messages": messages }).to_string(),
         (None, None) => return Err("needs `messages` or `body`".into()),
     };
-    let view = RequestView::parse(Endpoint::ChatCompletions, body.as_bytes()).map_err(|e| e.message)?;
+    let view =
+        RequestView::parse(Endpoint::ChatCompletions, body.as_bytes()).map_err(|e| e.message)?;
     let c = table.classifier.classify(&view.prompt());
     let facts = RequestFacts {
         service: "default",
@@ -162,7 +182,10 @@ fn classify_line(table: &RoutingTable, line: &str) -> Result<serde_json::Value, 
     };
     let rank = match table.decide(&facts).map_err(|e| format!("{e:?}"))?.plan {
         Plan::FromTier(rank) => rank,
-        Plan::Targets(ids) => ids.first().and_then(|&id| table.tiers.iter().position(|t| t.targets.contains(&id))).unwrap_or(0),
+        Plan::Targets(ids) => ids
+            .first()
+            .and_then(|&id| table.tiers.iter().position(|t| t.targets.contains(&id)))
+            .unwrap_or(0),
     };
     Ok(serde_json::json!({
         "id": id,

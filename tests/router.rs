@@ -10,39 +10,82 @@ use std::time::{Duration, Instant};
 fn two_tier() -> (Proc, Proc, Proc) {
     let small = sim("small", &["--record"]);
     let large = sim("large", &["--record"]);
-    let r = router(&config_for(&[("small", small.url()), ("large", large.url())], ""));
+    let r = router(&config_for(
+        &[("small", small.url()), ("large", large.url())],
+        "",
+    ));
     (small, large, r)
 }
 
 #[test]
 fn chat_completions_embeddings_and_models_pass_through() {
     let (_small, _large, r) = two_tier();
-    let resp = post(r.addr, "/v1/chat/completions", &chat("Summarise this: the meeting moved to Friday."), "x-switchyard-service: billing\r\n");
+    let resp = post(
+        r.addr,
+        "/v1/chat/completions",
+        &chat("Summarise this: the meeting moved to Friday."),
+        "x-switchyard-service: billing\r\n",
+    );
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.header("x-switchyard-category"), Some("summarisation"));
     assert_eq!(resp.header("x-switchyard-tier"), Some("small"));
     assert_eq!(resp.header("x-switchyard-backend"), Some("small"));
     assert_eq!(resp.header("x-switchyard-model"), Some("small-model"));
     assert_eq!(resp.header("x-switchyard-attempts"), Some("1"));
-    assert!(resp.header("x-switchyard-rule").unwrap().starts_with("category"));
-    assert_eq!(resp.header("x-switchyard-request-id").map(str::len), Some(16));
+    assert!(resp
+        .header("x-switchyard-rule")
+        .unwrap()
+        .starts_with("category"));
+    assert_eq!(
+        resp.header("x-switchyard-request-id").map(str::len),
+        Some(16)
+    );
     let v = resp.json();
     assert_eq!(v["model"], "small-model");
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
 
-    let resp = post(r.addr, "/v1/completions", r#"{"model":"large-model","prompt":"Once upon a time"}"#, "");
+    let resp = post(
+        r.addr,
+        "/v1/completions",
+        r#"{"model":"large-model","prompt":"Once upon a time"}"#,
+        "",
+    );
     assert_eq!(resp.status, 200);
     assert_eq!(resp.json()["object"], "text_completion");
-    assert_eq!((resp.header("x-switchyard-backend"), resp.header("x-switchyard-rule")), (Some("large"), Some("model")));
+    assert_eq!(
+        (
+            resp.header("x-switchyard-backend"),
+            resp.header("x-switchyard-rule")
+        ),
+        (Some("large"), Some("model"))
+    );
 
-    let resp = post(r.addr, "/v1/embeddings", r#"{"model":"small-model","input":["a","b"]}"#, "");
+    let resp = post(
+        r.addr,
+        "/v1/embeddings",
+        r#"{"model":"small-model","input":["a","b"]}"#,
+        "",
+    );
     assert_eq!(resp.status, 200);
     assert_eq!(resp.json()["data"].as_array().unwrap().len(), 2);
 
     let models = get(r.addr, "/v1/models").json();
     assert_eq!(models["object"], "list");
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    for id in ["auto", "fast", "smart", "small", "large", "small-model", "large-model"] {
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "auto",
+        "fast",
+        "smart",
+        "small",
+        "large",
+        "small-model",
+        "large-model",
+    ] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
     assert_eq!(get(r.addr, "/healthz").status, 200);
@@ -57,22 +100,34 @@ fn chat_completions_embeddings_and_models_pass_through() {
 fn body_reaches_the_backend_unchanged_except_model() {
     let (small, _large, r) = two_tier();
     let body = r#"{"model":"fast","messages":[{"role":"user","content":"Extract the date: due 2024-05-01"}],"tools":[{"type":"function","function":{"name":"get","parameters":{"type":"object","properties":{"x":{"type":"integer"}}}}}],"tool_choice":"auto","response_format":{"type":"json_schema","json_schema":{"name":"d","schema":{"type":"object"}}},"seed":42,"logprobs":true,"top_logprobs":3,"user":"u-1","x_vendor":{"nested":[1,2.5,"s",null]},"temperature":0}"#;
-    let resp = post(r.addr, "/v1/chat/completions", body, "authorization: Bearer client-secret\r\nx-switchyard-service: svc\r\nx-custom: kept\r\n");
+    let resp = post(
+        r.addr,
+        "/v1/chat/completions",
+        body,
+        "authorization: Bearer client-secret\r\nx-switchyard-service: svc\r\nx-custom: kept\r\n",
+    );
     assert_eq!(resp.status, 200, "{}", resp.text());
     let recorded = get(small.addr, "/sim/last-request").text();
     let (head, received) = recorded.split_once("\n\n").unwrap();
     assert_eq!(received, body.replace("\"fast\"", "\"small-model\""));
     assert!(head.contains("x-custom: kept"));
-    assert!(!head.to_lowercase().contains("client-secret"), "client credentials must not reach backends: {head}");
+    assert!(
+        !head.to_lowercase().contains("client-secret"),
+        "client credentials must not reach backends: {head}"
+    );
     assert!(!head.contains("x-switchyard-service"));
 }
 
 #[test]
 fn streaming_relays_events_as_they_arrive() {
-    let slow = sim("slow", &["--tokens-per-second", "20", "--completion-tokens", "6"]);
+    let slow = sim(
+        "slow",
+        &["--tokens-per-second", "20", "--completion-tokens", "6"],
+    );
     let r = router(&config_for(&[("slow", slow.url())], ""));
     let mut c = Conn::open(r.addr);
-    let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hello there"}]}"#;
+    let body =
+        r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hello there"}]}"#;
     c.send(&post_raw("/v1/chat/completions", body, ""));
     let mut arrivals = Vec::new();
     let start = Instant::now();
@@ -86,19 +141,31 @@ fn streaming_relays_events_as_they_arrive() {
     assert_eq!(resp.header("content-type"), Some("text/event-stream"));
     let text = resp.text();
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-    assert!(!text.contains("\"usage\""), "the usage chunk the router asked for is hidden: {text}");
+    assert!(
+        !text.contains("\"usage\""),
+        "the usage chunk the router asked for is hidden: {text}"
+    );
     // 6 token events ~50 ms apart, then [DONE]: arrivals must be spread, not one burst.
     assert_eq!(arrivals.len(), 7, "{text}");
     let spread = arrivals[5] - arrivals[0];
-    assert!(spread >= Duration::from_millis(150), "events arrived together: {arrivals:?}");
+    assert!(
+        spread >= Duration::from_millis(150),
+        "events arrived together: {arrivals:?}"
+    );
     for pair in arrivals[..6].windows(2) {
-        assert!(pair[1] - pair[0] >= Duration::from_millis(20), "gap collapsed: {arrivals:?}");
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(20),
+            "gap collapsed: {arrivals:?}"
+        );
     }
     // The caller asked for usage itself: it is passed on.
     let body = r#"{"model":"auto","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
     c.send(&post_raw("/v1/chat/completions", body, ""));
     let text = c.read_response().unwrap().text();
-    assert!(text.contains("\"usage\":{") && text.contains("\"choices\":[]"), "{text}");
+    assert!(
+        text.contains("\"usage\":{") && text.contains("\"choices\":[]"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -126,15 +193,36 @@ fn failover_on_refused_500_429_and_slow_first_byte() {
         "models = [{ name = \"slow-model\", input_per_mtok = 1.0, output_per_mtok = 2.0 }]\n",
     );
     let r = router(&config);
-    for (i, tier) in ["dead", "failing", "limited", "slow"].into_iter().enumerate() {
+    for (i, tier) in ["dead", "failing", "limited", "slow"]
+        .into_iter()
+        .enumerate()
+    {
         // Pinned to a failing tier, the request moves up tier by tier and succeeds on `good`.
-        let resp = post(r.addr, "/v1/chat/completions", &chat("hi"), &format!("x-switchyard-tier: {tier}\r\n"));
+        let resp = post(
+            r.addr,
+            "/v1/chat/completions",
+            &chat("hi"),
+            &format!("x-switchyard-tier: {tier}\r\n"),
+        );
         assert_eq!(resp.status, 200, "tier {tier}: {}", resp.text());
-        assert_eq!(resp.header("x-switchyard-backend"), Some("good"), "tier {tier}");
-        assert_eq!(resp.header("x-switchyard-attempts"), Some((5 - i).to_string().as_str()), "tier {tier}");
+        assert_eq!(
+            resp.header("x-switchyard-backend"),
+            Some("good"),
+            "tier {tier}"
+        );
+        assert_eq!(
+            resp.header("x-switchyard-attempts"),
+            Some((5 - i).to_string().as_str()),
+            "tier {tier}"
+        );
     }
     // With no attempt left, the backend's own 429 reaches the caller unchanged.
-    let resp = post(r.addr, "/v1/chat/completions", r#"{"model":"limited-model","messages":[{"role":"user","content":"x"}]}"#, "");
+    let resp = post(
+        r.addr,
+        "/v1/chat/completions",
+        r#"{"model":"limited-model","messages":[{"role":"user","content":"x"}]}"#,
+        "",
+    );
     assert_eq!(resp.status, 429, "{}", resp.text());
 }
 
@@ -142,7 +230,10 @@ fn failover_on_refused_500_429_and_slow_first_byte() {
 fn failing_backend_is_ejected_then_recovers() {
     let good = sim("good", &[]);
     let port = free_port();
-    let backends = [("flaky", format!("http://127.0.0.1:{port}")), ("good", good.url())];
+    let backends = [
+        ("flaky", format!("http://127.0.0.1:{port}")),
+        ("good", good.url()),
+    ];
     let r = router(&config_for(&backends, ""));
     let pinned = "x-switchyard-tier: flaky\r\n";
     // Refused connections eject it after two failures (and active checks fail too) ...
@@ -175,14 +266,22 @@ fn midstream_failure_ends_with_an_error_event() {
     let r = router(&config_for(&[("s", s.url())], ""));
     let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     let mut c = Conn::open(r.addr);
-    c.send(&post_raw("/v1/chat/completions", body, "x-sim-fault: reset-after-head\r\n"));
+    c.send(&post_raw(
+        "/v1/chat/completions",
+        body,
+        "x-sim-fault: reset-after-head\r\n",
+    ));
     let resp = c.read_response().unwrap();
     assert_eq!(resp.status, 200);
     let text = resp.text();
     let last = text.trim_end().rsplit("\n\n").next().unwrap();
-    let event: serde_json::Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    let event: serde_json::Value =
+        serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(event["error"]["code"], "upstream_stream_broken", "{text}");
-    assert!(text.contains("\"s\""), "events before the failure were relayed: {text}");
+    assert!(
+        text.contains("\"s\""),
+        "events before the failure were relayed: {text}"
+    );
     // The stream ended cleanly (terminating chunk), so the connection still works.
     c.send(&post_raw("/v1/chat/completions", &chat("again"), ""));
     assert_eq!(c.read_response().unwrap().status, 200);
@@ -202,9 +301,14 @@ fn bad_input_gets_clear_errors() {
     let (resp, mut c) = raw(b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n");
     resp.error(400);
     assert!(c.is_closed(), "malformed HTTP closes the connection");
-    let (resp, _) = raw(format!("GET /healthz HTTP/1.1\r\nx-big: {}\r\n\r\n", "a".repeat(4000)).as_bytes());
+    let (resp, _) = raw(format!(
+        "GET /healthz HTTP/1.1\r\nx-big: {}\r\n\r\n",
+        "a".repeat(4000)
+    )
+    .as_bytes());
     resp.error(431);
-    let (resp, mut c) = raw(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 5000000\r\n\r\n");
+    let (resp, mut c) =
+        raw(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 5000000\r\n\r\n");
     assert_eq!(resp.error(413)["code"], "body_too_large");
     assert!(c.is_closed());
     let (resp, _) = raw(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n");
@@ -218,36 +322,83 @@ fn bad_input_gets_clear_errors() {
     assert_eq!(raw(chunked.as_bytes()).0.status, 200);
     let cases: [(&str, &str, u16, &str); 7] = [
         ("/v1/chat/completions", "{not json", 400, "invalid_json"),
-        ("/v1/chat/completions", r#"{"model":"auto"}"#, 400, "invalid_request"),
-        ("/v1/chat/completions", r#"{"model":"auto","messages":"hi"}"#, 400, "invalid_request"),
-        ("/v1/chat/completions", r#"{"model":"auto","stream":"yes","messages":[{"role":"user","content":"x"}]}"#, 400, "invalid_request"),
-        ("/v1/completions", r#"{"model":"auto","prompt":{"x":1}}"#, 400, "invalid_request"),
-        ("/v1/embeddings", r#"{"model":"s-model"}"#, 400, "invalid_request"),
-        ("/v1/chat/completions", r#"{"model":"gpt-nope","messages":[{"role":"user","content":"x"}]}"#, 404, "model_not_found"),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"auto"}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"auto","messages":"hi"}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"auto","stream":"yes","messages":[{"role":"user","content":"x"}]}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"auto","prompt":{"x":1}}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/embeddings",
+            r#"{"model":"s-model"}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"gpt-nope","messages":[{"role":"user","content":"x"}]}"#,
+            404,
+            "model_not_found",
+        ),
     ];
     // All on one keep-alive connection: request errors do not close it.
     let mut c = Conn::open(r.addr);
     for (path, body, status, code) in cases {
         c.send(&post_raw(path, body, ""));
-        let resp = c.read_response().expect("connection stays open after a request error");
+        let resp = c
+            .read_response()
+            .expect("connection stays open after a request error");
         assert_eq!(resp.error(status)["code"], code, "{path} {body}");
     }
     c.send(b"GET /v1/chat/completions HTTP/1.1\r\n\r\n");
     c.read_response().unwrap().error(405);
     c.send(b"GET /nope HTTP/1.1\r\n\r\n");
     c.read_response().unwrap().error(404);
-    c.send(&post_raw("/v1/chat/completions", &chat("x"), "x-switchyard-priority: urgent\r\n"));
+    c.send(&post_raw(
+        "/v1/chat/completions",
+        &chat("x"),
+        "x-switchyard-priority: urgent\r\n",
+    ));
     c.read_response().unwrap().error(400);
-    c.send(&post_raw("/v1/chat/completions", &chat("x"), "x-switchyard-tier: huge\r\n"));
+    c.send(&post_raw(
+        "/v1/chat/completions",
+        &chat("x"),
+        "x-switchyard-tier: huge\r\n",
+    ));
     c.read_response().unwrap().error(400);
-    c.send(&post_raw("/v1/chat/completions", &chat("x"), "x-switchyard-category: poetry\r\n"));
+    c.send(&post_raw(
+        "/v1/chat/completions",
+        &chat("x"),
+        "x-switchyard-category: poetry\r\n",
+    ));
     c.read_response().unwrap().error(400);
 }
 
 #[test]
 fn no_healthy_target_is_503_with_retry_after() {
     let port = free_port();
-    let r = router(&config_for(&[("dead", format!("http://127.0.0.1:{port}"))], ""));
+    let r = router(&config_for(
+        &[("dead", format!("http://127.0.0.1:{port}"))],
+        "",
+    ));
     // Failures eject the only backend; then there is nothing to try.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -273,13 +424,18 @@ fn client_disconnect_closes_the_upstream_request() {
     let mut c = Conn::open(r.addr);
     c.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
     let (mut upstream, _) = backend.accept().unwrap();
-    upstream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut buf = [0u8; 4096];
     assert!(upstream.read(&mut buf).unwrap() > 0);
     drop(c);
     let start = Instant::now();
     let n = upstream.read(&mut buf).unwrap_or(usize::MAX);
-    assert_eq!(n, 0, "the router closes its upstream connection when the client leaves");
+    assert_eq!(
+        n, 0,
+        "the router closes its upstream connection when the client leaves"
+    );
     assert!(start.elapsed() < Duration::from_secs(4));
     let _ = upstream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
 }
@@ -297,7 +453,11 @@ fn thousands_of_concurrent_keepalive_requests() {
                 let mut ok = 0;
                 for round in 0..3 {
                     for (i, c) in conns.iter_mut().enumerate() {
-                        c.send(&post_raw("/v1/chat/completions", &chat(&format!("t{t} c{i} r{round}")), ""));
+                        c.send(&post_raw(
+                            "/v1/chat/completions",
+                            &chat(&format!("t{t} c{i} r{round}")),
+                            "",
+                        ));
                     }
                     for c in conns.iter_mut() {
                         let resp = c.read_response().expect("response");
@@ -321,7 +481,11 @@ fn pipelined_requests_are_answered_in_order() {
     let mut c = Conn::open(r.addr);
     let mut all = Vec::new();
     for i in 0..5 {
-        all.extend(post_raw("/v1/chat/completions", &chat(&format!("request {i}")), &format!("x-switchyard-service: p{i}\r\n")));
+        all.extend(post_raw(
+            "/v1/chat/completions",
+            &chat(&format!("request {i}")),
+            &format!("x-switchyard-service: p{i}\r\n"),
+        ));
     }
     all.extend_from_slice(b"GET /healthz HTTP/1.1\r\n\r\n");
     c.send(&all);
@@ -333,4 +497,55 @@ fn pipelined_requests_are_answered_in_order() {
     }
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     assert_eq!(c.read_response().unwrap().text(), "{\"status\":\"ok\"}");
+}
+
+#[test]
+fn sigterm_drains_streams_in_flight_then_exits_zero() {
+    let s = sim(
+        "s",
+        &["--tokens-per-second", "20", "--completion-tokens", "10"],
+    );
+    let mut r = router(&config_for(&[("s", s.url())], ""));
+    let mut c = Conn::open(r.addr);
+    c.send(&post_raw(
+        "/v1/chat/completions",
+        r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        "",
+    ));
+    let pid = r.child.id().to_string();
+    let mut signalled = false;
+    let resp = c
+        .read_response_with(|_| {
+            if !signalled {
+                signalled = true;
+                assert!(std::process::Command::new("kill")
+                    .args(["-TERM", &pid])
+                    .status()
+                    .unwrap()
+                    .success());
+            }
+        })
+        .unwrap();
+    assert!(signalled);
+    assert!(
+        resp.text().ends_with("data: [DONE]\n\n"),
+        "the stream in flight finished: {}",
+        resp.text()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = r.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "router did not exit after draining"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        std::net::TcpStream::connect(r.addr).is_err(),
+        "no longer accepting"
+    );
 }

@@ -44,7 +44,10 @@ impl Ledger {
     }
 
     pub fn totals(&self) -> BTreeMap<String, ServiceTotals> {
-        self.services.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.services
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn summary(&self, dropped: u64) -> String {
@@ -53,7 +56,12 @@ impl Ledger {
             let _ = write!(
                 out,
                 "\n  {name}: {} requests ({} failed), {} prompt + {} completion tokens, ${}.{:06}",
-                t.requests, t.errors, t.prompt_tokens, t.completion_tokens, t.cost_micros / 1_000_000, t.cost_micros % 1_000_000
+                t.requests,
+                t.errors,
+                t.prompt_tokens,
+                t.completion_tokens,
+                t.cost_micros / 1_000_000,
+                t.cost_micros % 1_000_000
             );
         }
         if dropped > 0 {
@@ -102,9 +110,20 @@ mod tests {
         drop(tx);
         ledger.consume(rx, false);
         let t = ledger.totals();
-        assert_eq!(t["a"], ServiceTotals { requests: 2, errors: 1, prompt_tokens: 20, completion_tokens: 10, cost_micros: 1_500_000 });
+        assert_eq!(
+            t["a"],
+            ServiceTotals {
+                requests: 2,
+                errors: 1,
+                prompt_tokens: 20,
+                completion_tokens: 10,
+                cost_micros: 1_500_000
+            }
+        );
         assert_eq!(t["b"].cost_micros, 7);
-        assert!(ledger.summary(3).contains("a: 2 requests (1 failed), 20 prompt + 10 completion tokens, $1.500000"));
+        assert!(ledger
+            .summary(3)
+            .contains("a: 2 requests (1 failed), 20 prompt + 10 completion tokens, $1.500000"));
         assert!(ledger.summary(3).contains("3 usage events dropped"));
     }
 }

@@ -16,7 +16,12 @@ use switchyard_shared::routing::RoutingTable;
 /// Runs both planes until SIGTERM/SIGINT; returns the process exit code.
 /// `on_ready` runs once the workers listen (the CLI prints its banner there).
 pub fn serve(table: RoutingTable, on_ready: impl FnOnce(&DataPlane)) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("switchyard-control").enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("switchyard-control")
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("switchyard: cannot start the control plane runtime: {e}");
@@ -60,12 +65,17 @@ pub fn serve(table: RoutingTable, on_ready: impl FnOnce(&DataPlane)) -> i32 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     });
     eprintln!("{}", ledger.summary(dataplane.shared.usage.dropped()));
+    // The consumer blocks on a channel the (still running) workers hold: do not wait for it.
+    runtime.shutdown_background();
     0
 }
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -78,7 +78,10 @@ fn random(below: usize) -> usize {
 impl BackendStates {
     pub fn new(backends: usize, checks_enabled: bool) -> Self {
         let states = (0..backends)
-            .map(|_| BackendState { healthy: AtomicBool::new(!checks_enabled), ..Default::default() })
+            .map(|_| BackendState {
+                healthy: AtomicBool::new(!checks_enabled),
+                ..Default::default()
+            })
             .collect();
         BackendStates {
             epoch: Instant::now(),
@@ -107,7 +110,9 @@ impl BackendStates {
     /// Ready when at least one backend is healthy and not ejected.
     pub fn any_ready(&self) -> bool {
         let now = self.now_ms();
-        self.states.iter().any(|s| s.healthy.load(Relaxed) && s.ejected_until_ms.load(Relaxed) <= now)
+        self.states
+            .iter()
+            .any(|s| s.healthy.load(Relaxed) && s.ejected_until_ms.load(Relaxed) <= now)
     }
 
     /// Tries to take an in-flight slot on `backend`. Fails when it is at its cap, ejected, or
@@ -165,7 +170,8 @@ impl BackendStates {
     fn eject(&self, s: &BackendState, h: &HealthSettings) {
         let n = s.ejections.fetch_add(1, Relaxed).min(20);
         let period = h.base_ejection.saturating_mul(1 << n).min(h.max_ejection);
-        s.ejected_until_ms.store(self.now_ms() + period.as_millis() as u64, Relaxed);
+        s.ejected_until_ms
+            .store(self.now_ms() + period.as_millis() as u64, Relaxed);
         s.consecutive_failures.store(0, Relaxed);
     }
 
@@ -185,7 +191,12 @@ impl BackendStates {
     pub fn soonest_return(&self, backends: impl Iterator<Item = usize>) -> Duration {
         let now = self.now_ms();
         backends
-            .map(|b| self.states[b].ejected_until_ms.load(Relaxed).saturating_sub(now))
+            .map(|b| {
+                self.states[b]
+                    .ejected_until_ms
+                    .load(Relaxed)
+                    .saturating_sub(now)
+            })
             .filter(|&ms| ms > 0)
             .min()
             .map_or(Duration::from_secs(1), Duration::from_millis)
@@ -226,7 +237,10 @@ pub fn choose<'s>(
             let b = (a + 1 + random(n - 1)) % n;
             let load = |i: usize| {
                 let backend = &table.backends[table.targets[candidates[i]].backend];
-                let inflight = states.get(table.targets[candidates[i]].backend).inflight.load(Relaxed) as u64;
+                let inflight = states
+                    .get(table.targets[candidates[i]].backend)
+                    .inflight
+                    .load(Relaxed) as u64;
                 // Compare (inflight+1)/weight without division.
                 (inflight + 1, backend.weight as u64)
             };

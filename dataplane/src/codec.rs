@@ -30,11 +30,14 @@ pub enum BodyFraming {
     UntilClose,
 }
 
+/// Header name and value as byte ranges into `Head::bytes`.
+type HeaderRanges = Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>;
+
 /// A parsed head: the head bytes, copied once, with headers as ranges into them.
 #[derive(Debug, Clone)]
 pub struct Head {
     bytes: Vec<u8>,
-    headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    headers: HeaderRanges,
     /// Request target (requests only).
     target: std::ops::Range<usize>,
     pub method: Method,
@@ -56,11 +59,15 @@ impl Head {
 
     /// The header as trimmed UTF-8, `None` when absent or not UTF-8.
     pub fn header_str(&self, name: &str) -> Option<&str> {
-        self.header(name).and_then(|v| std::str::from_utf8(v).ok()).map(str::trim)
+        self.header(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::trim)
     }
 
     pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.headers.iter().map(|(n, v)| (&self.bytes[n.clone()], &self.bytes[v.clone()]))
+        self.headers
+            .iter()
+            .map(|(n, v)| (&self.bytes[n.clone()], &self.bytes[v.clone()]))
     }
 
     pub fn target(&self) -> &str {
@@ -88,14 +95,23 @@ const fn err(kind: ErrorKind, message: &'static str) -> CodecError {
 /// Headers that describe one hop and never travel through the proxy (RFC 9110 §7.6.1).
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
     const HOP: [&[u8]; 9] = [
-        b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
-        b"trailer", b"upgrade", b"proxy-authorization", b"proxy-authenticate",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
     ];
     HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
 fn has_token(value: &[u8], token: &str) -> bool {
-    value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 struct Framing {
@@ -108,24 +124,46 @@ struct Framing {
 
 /// Reads the framing headers; rejects what could desynchronise us from a peer (RFC 9112 §6.3).
 fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, CodecError> {
-    let mut f = Framing { length: None, chunked: false, connection_close: false, connection_keep_alive: false, expect_continue: false };
+    let mut f = Framing {
+        length: None,
+        chunked: false,
+        connection_close: false,
+        connection_keep_alive: false,
+        expect_continue: false,
+    };
     let mut saw_te = false;
     for h in headers {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            let v = std::str::from_utf8(h.value).ok().map(str::trim).filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
-            let n = v.and_then(|v| v.parse::<u64>().ok()).ok_or(err(ErrorKind::AmbiguousLength, "invalid Content-Length"))?;
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
+            let n = v
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(err(ErrorKind::AmbiguousLength, "invalid Content-Length"))?;
             if f.length.is_some_and(|old| old != n) {
-                return Err(err(ErrorKind::AmbiguousLength, "conflicting Content-Length headers"));
+                return Err(err(
+                    ErrorKind::AmbiguousLength,
+                    "conflicting Content-Length headers",
+                ));
             }
             f.length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             saw_te = true;
             // Only `chunked` as the final coding frames a message we can read.
-            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"").trim_ascii();
+            let last = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .unwrap_or(b"")
+                .trim_ascii();
             f.chunked = last.eq_ignore_ascii_case(b"chunked");
             if !f.chunked {
-                return Err(err(ErrorKind::MalformedHttp, "unsupported Transfer-Encoding"));
+                return Err(err(
+                    ErrorKind::MalformedHttp,
+                    "unsupported Transfer-Encoding",
+                ));
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
             f.connection_close |= has_token(h.value, "close");
@@ -135,18 +173,24 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, CodecError> {
         }
     }
     if saw_te && f.length.is_some() {
-        return Err(err(ErrorKind::AmbiguousLength, "both Content-Length and Transfer-Encoding"));
+        return Err(err(
+            ErrorKind::AmbiguousLength,
+            "both Content-Length and Transfer-Encoding",
+        ));
     }
     Ok(f)
 }
 
-fn collect(buf: &[u8], len: usize, headers: &[httparse::Header<'_>]) -> (Vec<u8>, Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>) {
+fn collect(buf: &[u8], len: usize, headers: &[httparse::Header<'_>]) -> (Vec<u8>, HeaderRanges) {
     let base = buf.as_ptr() as usize;
     let range = |s: &[u8]| {
         let start = s.as_ptr() as usize - base;
         start..start + s.len()
     };
-    let ranges = headers.iter().map(|h| (range(h.name.as_bytes()), range(h.value))).collect();
+    let ranges = headers
+        .iter()
+        .map(|h| (range(h.name.as_bytes()), range(h.value)))
+        .collect();
     (buf[..len].to_vec(), ranges)
 }
 
@@ -157,12 +201,16 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)
     let mut req = httparse::Request::new(&mut slots);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) if n <= max_head => n,
-        Ok(httparse::Status::Complete(_)) => return Err(err(ErrorKind::HeaderTooLarge, "request head too large")),
+        Ok(httparse::Status::Complete(_)) => {
+            return Err(err(ErrorKind::HeaderTooLarge, "request head too large"))
+        }
         Ok(httparse::Status::Partial) if buf.len() > max_head => {
             return Err(err(ErrorKind::HeaderTooLarge, "request head too large"))
         }
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(err(ErrorKind::HeaderTooLarge, "too many headers")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(err(ErrorKind::HeaderTooLarge, "too many headers"))
+        }
         Err(_) => return Err(err(ErrorKind::MalformedHttp, "malformed request head")),
     };
     let f = framing(req.headers)?;
@@ -190,7 +238,11 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)
             status: 0,
             minor_version,
             framing,
-            keep_alive: if minor_version == 0 { f.connection_keep_alive } else { !f.connection_close },
+            keep_alive: if minor_version == 0 {
+                f.connection_keep_alive
+            } else {
+                !f.connection_close
+            },
             expect_continue: f.expect_continue && minor_version == 1,
         },
         len,
@@ -198,32 +250,65 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)
 }
 
 /// Parses an upstream response head. `request_was_head` suppresses the body (RFC 9112 §6.3).
-pub fn parse_response(buf: &[u8], request_was_head: bool) -> Result<Option<(Head, usize)>, CodecError> {
+pub fn parse_response(
+    buf: &[u8],
+    request_was_head: bool,
+) -> Result<Option<(Head, usize)>, CodecError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut slots);
     let len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
-            return Err(err(ErrorKind::UpstreamProtocol, "upstream response head too large"))
+            return Err(err(
+                ErrorKind::UpstreamProtocol,
+                "upstream response head too large",
+            ))
         }
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(err(ErrorKind::UpstreamProtocol, "malformed upstream response head")),
+        Err(_) => {
+            return Err(err(
+                ErrorKind::UpstreamProtocol,
+                "malformed upstream response head",
+            ))
+        }
     };
     let status = resp.code.unwrap_or(0);
-    let f = framing(resp.headers).map_err(|e| CodecError { kind: ErrorKind::UpstreamProtocol, ..e })?;
+    let f = framing(resp.headers).map_err(|e| CodecError {
+        kind: ErrorKind::UpstreamProtocol,
+        ..e
+    })?;
     let minor_version = resp.version.unwrap_or(1);
-    let framing = if request_was_head || status == 204 || status == 304 || (100..200).contains(&status) {
-        BodyFraming::Empty
-    } else if f.chunked {
-        BodyFraming::Chunked
-    } else if let Some(n) = f.length {
-        BodyFraming::Length(n)
-    } else {
-        BodyFraming::UntilClose
-    };
-    let keep_alive = framing != BodyFraming::UntilClose && if minor_version == 0 { f.connection_keep_alive } else { !f.connection_close };
+    let framing =
+        if request_was_head || status == 204 || status == 304 || (100..200).contains(&status) {
+            BodyFraming::Empty
+        } else if f.chunked {
+            BodyFraming::Chunked
+        } else if let Some(n) = f.length {
+            BodyFraming::Length(n)
+        } else {
+            BodyFraming::UntilClose
+        };
+    let keep_alive = framing != BodyFraming::UntilClose
+        && if minor_version == 0 {
+            f.connection_keep_alive
+        } else {
+            !f.connection_close
+        };
     let (bytes, headers) = collect(buf, len, resp.headers);
-    Ok(Some((Head { bytes, headers, target: 0..0, method: Method::Other, status, minor_version, framing, keep_alive, expect_continue: false }, len)))
+    Ok(Some((
+        Head {
+            bytes,
+            headers,
+            target: 0..0,
+            method: Method::Other,
+            status,
+            minor_version,
+            framing,
+            keep_alive,
+            expect_continue: false,
+        },
+        len,
+    )))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,7 +330,10 @@ pub struct ChunkedDecoder {
 
 impl Default for ChunkedDecoder {
     fn default() -> Self {
-        ChunkedDecoder { state: ChunkState::Size, decoded: 0 }
+        ChunkedDecoder {
+            state: ChunkState::Size,
+            decoded: 0,
+        }
     }
 }
 
@@ -256,7 +344,12 @@ impl ChunkedDecoder {
 
     /// Decodes from `input` into `out`, stopping once more than `limit` payload bytes would
     /// be decoded (then `Err(BodyTooLarge)`). Returns the bytes of `input` consumed.
-    pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>, limit: u64) -> Result<usize, CodecError> {
+    pub fn decode(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        limit: u64,
+    ) -> Result<usize, CodecError> {
         let bad = err(ErrorKind::MalformedHttp, "malformed chunked body");
         let mut at = 0;
         loop {
@@ -266,12 +359,21 @@ impl ChunkedDecoder {
                 ChunkState::Size => match httparse::parse_chunk_size(rest) {
                     Ok(httparse::Status::Complete((n, size))) => {
                         at += n;
-                        self.state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
+                        self.state = if size == 0 {
+                            ChunkState::Trailers
+                        } else {
+                            ChunkState::Data(size)
+                        };
                         if self.decoded.saturating_add(size) > limit {
-                            return Err(err(ErrorKind::BodyTooLarge, "chunked body exceeds the limit"));
+                            return Err(err(
+                                ErrorKind::BodyTooLarge,
+                                "chunked body exceeds the limit",
+                            ));
                         }
                     }
-                    Ok(httparse::Status::Partial) if rest.len() > MAX_CHUNK_META => return Err(bad),
+                    Ok(httparse::Status::Partial) if rest.len() > MAX_CHUNK_META => {
+                        return Err(bad)
+                    }
                     Ok(httparse::Status::Partial) => return Ok(at),
                     Err(_) => return Err(bad),
                 },
@@ -283,7 +385,11 @@ impl ChunkedDecoder {
                     out.extend_from_slice(&rest[..take]);
                     at += take;
                     self.decoded += take as u64;
-                    self.state = if take as u64 == left { ChunkState::DataEnd } else { ChunkState::Data(left - take as u64) };
+                    self.state = if take as u64 == left {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left - take as u64)
+                    };
                 }
                 ChunkState::DataEnd => {
                     if rest.len() < 2 {
@@ -373,13 +479,17 @@ mod tests {
         assert_eq!(head.header_str("x-switchyard-service"), Some("etl"));
         assert!(head.keep_alive);
         for cut in 0..n {
-            assert!(parse_request(&raw[..cut], LIMIT).unwrap().is_none(), "cut {cut}");
+            assert!(
+                parse_request(&raw[..cut], LIMIT).unwrap().is_none(),
+                "cut {cut}"
+            );
         }
     }
 
     #[test]
     fn pipelined_requests_parse_one_after_another() {
-        let raw = b"GET /healthz HTTP/1.1\r\n\r\nGET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n";
+        let raw =
+            b"GET /healthz HTTP/1.1\r\n\r\nGET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n";
         let (a, n) = parse_request(raw, LIMIT).unwrap().unwrap();
         let (b, m) = parse_request(&raw[n..], LIMIT).unwrap().unwrap();
         assert_eq!((a.path(), b.path()), ("/healthz", "/v1/models"));
@@ -393,18 +503,39 @@ mod tests {
         assert!(!h(b"GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(h(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
         assert!(!h(b"GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n").keep_alive);
-        assert!(h(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
+        assert!(
+            h(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
+                .expect_continue
+        );
     }
 
     #[test]
     fn bad_heads_get_the_right_error() {
         let e = |raw: &[u8]| parse_request(raw, LIMIT).unwrap_err().kind;
-        assert_eq!(e(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"), ErrorKind::AmbiguousLength);
-        assert_eq!(e(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"), ErrorKind::AmbiguousLength);
-        assert_eq!(e(b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), ErrorKind::AmbiguousLength);
-        assert_eq!(e(b"GET / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n"), ErrorKind::AmbiguousLength);
-        assert_eq!(e(b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"), ErrorKind::MalformedHttp);
-        assert_eq!(e(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"), ErrorKind::MalformedHttp);
+        assert_eq!(
+            e(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            ErrorKind::AmbiguousLength
+        );
+        assert_eq!(
+            e(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            ErrorKind::AmbiguousLength
+        );
+        assert_eq!(
+            e(b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            ErrorKind::AmbiguousLength
+        );
+        assert_eq!(
+            e(b"GET / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n"),
+            ErrorKind::AmbiguousLength
+        );
+        assert_eq!(
+            e(b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            ErrorKind::MalformedHttp
+        );
+        assert_eq!(
+            e(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"),
+            ErrorKind::MalformedHttp
+        );
         assert_eq!(e(b"\x00\x01garbage\r\n\r\n"), ErrorKind::MalformedHttp);
         let mut many = b"GET / HTTP/1.1\r\n".to_vec();
         for i in 0..=MAX_HEADERS {
@@ -413,7 +544,11 @@ mod tests {
         many.extend_from_slice(b"\r\n");
         assert_eq!(e(&many), ErrorKind::HeaderTooLarge);
         let big = [b"GET / HTTP/1.1\r\nx: ".as_slice(), &vec![b'a'; LIMIT]].concat();
-        assert_eq!(e(&big), ErrorKind::HeaderTooLarge, "a partial head over the limit fails early");
+        assert_eq!(
+            e(&big),
+            ErrorKind::HeaderTooLarge,
+            "a partial head over the limit fails early"
+        );
         // Exactly at the limit still parses.
         let mut exact = b"GET / HTTP/1.1\r\nx: ".to_vec();
         exact.resize(LIMIT - 4, b'a');
@@ -455,30 +590,80 @@ mod tests {
     #[test]
     fn chunked_bodies_decode_at_every_split() {
         let body = b"4\r\nWiki\r\n6;ext=1\r\npedia \r\nE\r\nin \r\n\r\nchunks.\r\n0\r\nX-Trailer: t\r\n\r\n";
-        assert_eq!(decode_split(body, 1 << 20).unwrap(), b"Wikipedia in \r\n\r\nchunks.");
+        assert_eq!(
+            decode_split(body, 1 << 20).unwrap(),
+            b"Wikipedia in \r\n\r\nchunks."
+        );
         assert_eq!(decode_split(b"0\r\n\r\n", 10).unwrap(), b"");
     }
 
     #[test]
     fn chunked_errors_and_limits() {
-        assert_eq!(decode_split(b"4\r\nWikiXX0\r\n\r\n", 100).unwrap_err().kind, ErrorKind::MalformedHttp);
-        assert_eq!(decode_split(b"zz\r\n", 100).unwrap_err().kind, ErrorKind::MalformedHttp);
-        assert_eq!(decode_split(b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", 9).unwrap_err().kind, ErrorKind::BodyTooLarge);
-        assert_eq!(decode_split(b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", 10).unwrap(), b"helloworld");
+        assert_eq!(
+            decode_split(b"4\r\nWikiXX0\r\n\r\n", 100).unwrap_err().kind,
+            ErrorKind::MalformedHttp
+        );
+        assert_eq!(
+            decode_split(b"zz\r\n", 100).unwrap_err().kind,
+            ErrorKind::MalformedHttp
+        );
+        assert_eq!(
+            decode_split(b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", 9)
+                .unwrap_err()
+                .kind,
+            ErrorKind::BodyTooLarge
+        );
+        assert_eq!(
+            decode_split(b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", 10).unwrap(),
+            b"helloworld"
+        );
     }
 
     #[test]
     fn response_framing() {
         let r = |raw: &[u8], head: bool| parse_response(raw, head).unwrap().unwrap().0;
-        assert_eq!(r(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false).framing, BodyFraming::Length(5));
-        assert_eq!(r(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false).framing, BodyFraming::Chunked);
+        assert_eq!(
+            r(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false).framing,
+            BodyFraming::Length(5)
+        );
+        assert_eq!(
+            r(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            )
+            .framing,
+            BodyFraming::Chunked
+        );
         let close = r(b"HTTP/1.1 200 OK\r\n\r\n", false);
-        assert_eq!((close.framing, close.keep_alive), (BodyFraming::UntilClose, false));
-        assert_eq!(r(b"HTTP/1.1 204 No Content\r\n\r\n", false).framing, BodyFraming::Empty);
-        assert_eq!(r(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).framing, BodyFraming::Empty);
-        assert_eq!(r(b"HTTP/1.1 500 x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", false).status, 500);
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n", false).unwrap().is_none());
-        assert_eq!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n", false).unwrap_err().kind, ErrorKind::UpstreamProtocol);
+        assert_eq!(
+            (close.framing, close.keep_alive),
+            (BodyFraming::UntilClose, false)
+        );
+        assert_eq!(
+            r(b"HTTP/1.1 204 No Content\r\n\r\n", false).framing,
+            BodyFraming::Empty
+        );
+        assert_eq!(
+            r(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).framing,
+            BodyFraming::Empty
+        );
+        assert_eq!(
+            r(
+                b"HTTP/1.1 500 x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                false
+            )
+            .status,
+            500
+        );
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n", false)
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            parse_response(b"SSH-2.0-OpenSSH\r\n\r\n", false)
+                .unwrap_err()
+                .kind,
+            ErrorKind::UpstreamProtocol
+        );
     }
 
     #[test]

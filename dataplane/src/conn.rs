@@ -30,7 +30,10 @@ impl Client {
             self.buf.reserve(8192);
         }
         let len = self.buf.len();
-        let (res, slice) = self.stream.read(std::mem::take(&mut self.buf).slice_mut(len..)).await;
+        let (res, slice) = self
+            .stream
+            .read(std::mem::take(&mut self.buf).slice_mut(len..))
+            .await;
         self.buf = slice.into_inner();
         res
     }
@@ -49,7 +52,10 @@ pub enum HeadError {
 
 pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let mut client = Client { stream, buf: Vec::with_capacity(8192) };
+    let mut client = Client {
+        stream,
+        buf: Vec::with_capacity(8192),
+    };
     loop {
         let snap = worker.snapshot();
         let head = match read_head(&mut client, &snap.table.listener).await {
@@ -93,15 +99,33 @@ pub async fn read_head(client: &mut Client, l: &Listener) -> Result<Head, HeadEr
             Ok(Ok(0)) | Ok(Err(_)) => return Err(HeadError::Closed),
             Ok(Ok(_)) => {}
             Err(_) if client.buf.is_empty() => return Err(HeadError::Closed),
-            Err(_) => return Err(HeadError::Bad(CodecError { kind: ErrorKind::ClientTimeout, message: "request head not received in time" })),
+            Err(_) => {
+                return Err(HeadError::Bad(CodecError {
+                    kind: ErrorKind::ClientTimeout,
+                    message: "request head not received in time",
+                }))
+            }
         }
     }
 }
 
-pub async fn read_body(client: &mut Client, head: &Head, l: &Listener) -> Result<Vec<u8>, CodecError> {
-    let too_large = CodecError { kind: ErrorKind::BodyTooLarge, message: "request body exceeds the configured limit" };
-    let timed_out = CodecError { kind: ErrorKind::ClientTimeout, message: "request body not received in time" };
-    let closed = CodecError { kind: ErrorKind::MalformedHttp, message: "connection closed inside the request body" };
+pub async fn read_body(
+    client: &mut Client,
+    head: &Head,
+    l: &Listener,
+) -> Result<Vec<u8>, CodecError> {
+    let too_large = CodecError {
+        kind: ErrorKind::BodyTooLarge,
+        message: "request body exceeds the configured limit",
+    };
+    let timed_out = CodecError {
+        kind: ErrorKind::ClientTimeout,
+        message: "request body not received in time",
+    };
+    let closed = CodecError {
+        kind: ErrorKind::MalformedHttp,
+        message: "connection closed inside the request body",
+    };
     if let BodyFraming::Length(n) = head.framing {
         if n > l.max_body_bytes as u64 {
             return Err(too_large);
@@ -109,7 +133,9 @@ pub async fn read_body(client: &mut Client, head: &Head, l: &Listener) -> Result
     }
     let wants_body = !matches!(head.framing, BodyFraming::Empty | BodyFraming::Length(0));
     if head.expect_continue && wants_body && client.buf.is_empty() {
-        let (res, _) = client.write(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
+        let (res, _) = client
+            .write(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())
+            .await;
         res.map_err(|_| closed)?;
     }
     let deadline = Instant::now() + l.body_timeout;
@@ -136,7 +162,12 @@ pub async fn read_body(client: &mut Client, head: &Head, l: &Listener) -> Result
                 }
             }
         }
-        match monoio::time::timeout(deadline.saturating_duration_since(Instant::now()), client.read_more()).await {
+        match monoio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            client.read_more(),
+        )
+        .await
+        {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(closed),
             Ok(Ok(_)) => {}
             Err(_) => return Err(timed_out),
@@ -157,7 +188,9 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
         ("/v1/models", true) => Some((200, &snap.models_body)),
         _ => None,
     };
-    let known = local.is_some() || endpoint.is_some() || matches!(path, "/healthz" | "/readyz" | "/v1/models");
+    let known = local.is_some()
+        || endpoint.is_some()
+        || matches!(path, "/healthz" | "/readyz" | "/v1/models");
     // Bodies of requests we answer locally are still read, so the next pipelined request parses.
     let body = match read_body(client, &head, &snap.table.listener).await {
         Ok(b) => b,
@@ -168,14 +201,33 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
     };
     let keep_alive = head.keep_alive && !worker.shared.is_draining();
     if let Some((status, content)) = local {
-        let content = if head.method == Method::Head { &[][..] } else { content };
+        let content = if head.method == Method::Head {
+            &[][..]
+        } else {
+            content
+        };
         let mut out = response_head(status, "application/json", content.len(), keep_alive);
         out.extend_from_slice(content);
         return client.write(out).await.0.is_ok() && keep_alive;
     }
     match (endpoint, head.method) {
-        (Some(endpoint), Method::Post) => proxy::handle(worker, snap, client, &head, body, endpoint, started, keep_alive).await,
-        _ if known => send_error(client, ErrorKind::MethodNotAllowed, "method not allowed on this path", None, keep_alive, None).await,
+        (Some(endpoint), Method::Post) => {
+            proxy::handle(
+                worker, snap, client, &head, body, endpoint, started, keep_alive,
+            )
+            .await
+        }
+        _ if known => {
+            send_error(
+                client,
+                ErrorKind::MethodNotAllowed,
+                "method not allowed on this path",
+                None,
+                keep_alive,
+                None,
+            )
+            .await
+        }
         _ => {
             let msg = format!("unknown path `{path}`; Switchyard serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models");
             send_error(client, ErrorKind::UnknownPath, &msg, None, keep_alive, None).await
@@ -186,7 +238,13 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
 /// A response head for a locally generated body.
 pub fn response_head(status: u16, content_type: &str, len: usize, keep_alive: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + len);
-    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {len}\r\n", codec::reason(status)).as_bytes());
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {len}\r\n",
+            codec::reason(status)
+        )
+        .as_bytes(),
+    );
     if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -196,8 +254,23 @@ pub fn response_head(status: u16, content_type: &str, len: usize, keep_alive: bo
 
 /// Sends an OpenAI-shaped error; `extra` is a ready header block (ending in CRLF) or None.
 /// Returns whether the connection stays open (framing errors always close it).
-pub async fn send_error(client: &mut Client, kind: ErrorKind, message: &str, param: Option<&str>, keep_alive: bool, extra: Option<&[u8]>) -> bool {
-    let keep_alive = keep_alive && !matches!(kind, ErrorKind::MalformedHttp | ErrorKind::AmbiguousLength | ErrorKind::HeaderTooLarge | ErrorKind::BodyTooLarge | ErrorKind::ClientTimeout);
+pub async fn send_error(
+    client: &mut Client,
+    kind: ErrorKind,
+    message: &str,
+    param: Option<&str>,
+    keep_alive: bool,
+    extra: Option<&[u8]>,
+) -> bool {
+    let keep_alive = keep_alive
+        && !matches!(
+            kind,
+            ErrorKind::MalformedHttp
+                | ErrorKind::AmbiguousLength
+                | ErrorKind::HeaderTooLarge
+                | ErrorKind::BodyTooLarge
+                | ErrorKind::ClientTimeout
+        );
     let body = kind.body(message, param);
     let mut out = response_head(kind.status(), "application/json", body.len(), keep_alive);
     if let Some(extra) = extra {

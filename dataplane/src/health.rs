@@ -18,9 +18,17 @@ async fn check_loop(worker: Rc<Worker>, backend: usize) {
     loop {
         let snap = worker.snapshot();
         let table = &snap.table;
-        let Some(interval) = table.health.interval else { return };
-        let Some(b) = table.backends.get(backend) else { return };
-        let mut request = format!("GET {}{} HTTP/1.1\r\nhost: {}\r\n", b.base_path, b.health_path, b.authority).into_bytes();
+        let Some(interval) = table.health.interval else {
+            return;
+        };
+        let Some(b) = table.backends.get(backend) else {
+            return;
+        };
+        let mut request = format!(
+            "GET {}{} HTTP/1.1\r\nhost: {}\r\n",
+            b.base_path, b.health_path, b.authority
+        )
+        .into_bytes();
         if let Some(key) = &b.api_key {
             request.extend_from_slice(format!("authorization: Bearer {key}\r\n").as_bytes());
         }

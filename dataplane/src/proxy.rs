@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use switchyard_shared::category::Category;
 use switchyard_shared::error::{ErrorKind, Retry};
 use switchyard_shared::openai::{estimate_tokens, parse_usage, Endpoint, RequestView, TokenUsage};
-use switchyard_shared::routing::{Backend, Decision, Priority, RequestFacts, RouteError, RoutingTable};
+use switchyard_shared::routing::{
+    Backend, Decision, Priority, RequestFacts, RouteError, RoutingTable,
+};
 use switchyard_shared::usage::UsageEvent;
 
 /// Non-streamed bodies up to this size are kept to read `usage` from; larger ones are estimated.
@@ -41,11 +43,23 @@ struct Ctx<'r> {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: &Head, body: Vec<u8>, endpoint: Endpoint, started: Instant, keep_alive: bool) -> bool {
+pub async fn handle(
+    worker: &Worker,
+    snap: &Snapshot,
+    client: &mut Client,
+    head: &Head,
+    body: Vec<u8>,
+    endpoint: Endpoint,
+    started: Instant,
+    keep_alive: bool,
+) -> bool {
     let table = &snap.table;
     let mut ctx = Ctx {
         request_id: format!("{:016x}", worker.next_request_id()),
-        service: head.header_str("x-switchyard-service").filter(|s| !s.is_empty()).unwrap_or("default"),
+        service: head
+            .header_str("x-switchyard-service")
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default"),
         endpoint,
         started,
         category: Category::Other,
@@ -68,29 +82,48 @@ pub async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head:
             Some(p) => p,
             None => {
                 let msg = format!("x-switchyard-priority `{p}` is not one of interactive, normal, background, bulk");
-                return reject(worker, snap, client, &ctx, ErrorKind::InvalidRequest, &msg, None).await;
+                return reject(
+                    worker,
+                    snap,
+                    client,
+                    &ctx,
+                    ErrorKind::InvalidRequest,
+                    &msg,
+                    None,
+                )
+                .await;
             }
         },
     };
     // classify
-    let (alternative, long_context, classifier_rule) = match head.header_str("x-switchyard-category") {
-        Some(name) => match Category::parse(name) {
-            Some(c) => {
-                ctx.category = c;
-                (None, false, "header")
-            }
+    let (alternative, long_context, classifier_rule) =
+        match head.header_str("x-switchyard-category") {
+            Some(name) => match Category::parse(name) {
+                Some(c) => {
+                    ctx.category = c;
+                    (None, false, "header")
+                }
+                None => {
+                    let msg = format!("x-switchyard-category `{name}` is not a known category");
+                    return reject(
+                        worker,
+                        snap,
+                        client,
+                        &ctx,
+                        ErrorKind::InvalidRequest,
+                        &msg,
+                        None,
+                    )
+                    .await;
+                }
+            },
+            None if endpoint == Endpoint::Embeddings => (None, false, "embeddings"),
             None => {
-                let msg = format!("x-switchyard-category `{name}` is not a known category");
-                return reject(worker, snap, client, &ctx, ErrorKind::InvalidRequest, &msg, None).await;
+                let c = table.classifier.classify(&view.prompt());
+                ctx.category = c.category;
+                (c.alternative, c.long_context, c.rule)
             }
-        },
-        None if endpoint == Endpoint::Embeddings => (None, false, "embeddings"),
-        None => {
-            let c = table.classifier.classify(&view.prompt());
-            ctx.category = c.category;
-            (c.alternative, c.long_context, c.rule)
-        }
-    };
+        };
     // route
     let model = view.model.as_deref().unwrap_or("auto");
     let facts = RequestFacts {
@@ -108,11 +141,29 @@ pub async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head:
         Ok(d) => d,
         Err(RouteError::UnknownTier(t)) => {
             let msg = format!("x-switchyard-tier `{t}` is not a configured tier");
-            return reject(worker, snap, client, &ctx, ErrorKind::InvalidRequest, &msg, None).await;
+            return reject(
+                worker,
+                snap,
+                client,
+                &ctx,
+                ErrorKind::InvalidRequest,
+                &msg,
+                None,
+            )
+            .await;
         }
         Err(RouteError::UnknownModel(m)) => {
             let msg = format!("The model `{m}` does not exist or is not served by this router");
-            return reject(worker, snap, client, &ctx, ErrorKind::ModelNotFound, &msg, Some("model")).await;
+            return reject(
+                worker,
+                snap,
+                client,
+                &ctx,
+                ErrorKind::ModelNotFound,
+                &msg,
+                Some("model"),
+            )
+            .await;
         }
     };
     ctx.rule = if decision.rule.starts_with("category") {
@@ -126,34 +177,97 @@ pub async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head:
     let mut last_error: Option<AttemptError> = None;
     'groups: for group in table.groups(decision.plan) {
         while ctx.attempts < table.max_attempts {
-            let Some((target, slot)) = balancer::choose(table, &snap.states, group, &tried) else { continue 'groups };
+            let Some((target, slot)) = balancer::choose(table, &snap.states, group, &tried) else {
+                continue 'groups;
+            };
             tried.push(target);
             ctx.attempts += 1;
             let t = &table.targets[target];
             let backend = &table.backends[t.backend];
-            let request = upstream_request(head, backend, &ctx.request_id, &view.rewrite(&body, &t.model, inject_usage));
-            let exchange = upstream::exchange(&worker.pool, table.version, t.backend, backend, request, false);
+            let request = upstream_request(
+                head,
+                backend,
+                &ctx.request_id,
+                &view.rewrite(&body, &t.model, inject_usage),
+            );
+            let exchange = upstream::exchange(
+                &worker.pool,
+                table.version,
+                t.backend,
+                backend,
+                request,
+                false,
+            );
             let result = monoio::select! {
                 r = exchange => Some(r),
                 _ = client_gone(&client.stream) => None,
             };
             match result {
                 None => {
-                    log(worker, snap, &ctx, Some(target), CLIENT_CLOSED, None, 0, None, true);
+                    log(
+                        worker,
+                        snap,
+                        &ctx,
+                        Some(target),
+                        CLIENT_CLOSED,
+                        None,
+                        0,
+                        None,
+                        true,
+                    );
                     return false;
                 }
                 Some(Ok(resp)) if resp.head.status == 429 || resp.head.status >= 500 => {
-                    snap.states.record(t.backend, Verdict::Failure, &table.health);
-                    if ctx.attempts < table.max_attempts && has_untried(table, snap, decision, &tried) {
-                        last_error = Some(AttemptError { kind: ErrorKind::UpstreamStatus, message: format!("backend `{}` answered {}", backend.name, resp.head.status) });
+                    snap.states
+                        .record(t.backend, Verdict::Failure, &table.health);
+                    if ctx.attempts < table.max_attempts
+                        && has_untried(table, snap, decision, &tried)
+                    {
+                        last_error = Some(AttemptError {
+                            kind: ErrorKind::UpstreamStatus,
+                            message: format!(
+                                "backend `{}` answered {}",
+                                backend.name, resp.head.status
+                            ),
+                        });
                         continue;
                     }
                     // Nothing left to try: the caller sees the backend's own error.
-                    return relay(worker, snap, client, &mut ctx, decision, resp, target, slot, inject_usage, head.minor_version).await;
+                    return relay(
+                        worker,
+                        snap,
+                        client,
+                        &mut ctx,
+                        decision,
+                        resp,
+                        target,
+                        slot,
+                        inject_usage,
+                        head.minor_version,
+                    )
+                    .await;
                 }
-                Some(Ok(resp)) => return relay(worker, snap, client, &mut ctx, decision, resp, target, slot, inject_usage, head.minor_version).await,
+                Some(Ok(resp)) => {
+                    return relay(
+                        worker,
+                        snap,
+                        client,
+                        &mut ctx,
+                        decision,
+                        resp,
+                        target,
+                        slot,
+                        inject_usage,
+                        head.minor_version,
+                    )
+                    .await
+                }
                 Some(Err(e)) => {
-                    let verdict = if e.kind.retry() == Retry::Yes { Verdict::Failure } else { Verdict::Neutral };
+                    let verdict = if e.kind.retry() == Retry::Yes {
+                        Verdict::Failure
+                    } else {
+                        Verdict::Neutral
+                    };
                     snap.states.record(t.backend, verdict, &table.health);
                     last_error = Some(e);
                 }
@@ -164,20 +278,48 @@ pub async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head:
     match last_error {
         Some(e) => reject(worker, snap, client, &ctx, e.kind, &e.message, None).await,
         None => {
-            let wait = snap.states.soonest_return(tried_backends(table, decision)).as_secs().max(1);
+            let wait = snap
+                .states
+                .soonest_return(tried_backends(table, decision))
+                .as_secs()
+                .max(1);
             let extra = format!("retry-after: {wait}\r\n");
             let msg = "no healthy backend can take this request now; retry later";
-            send_reject(worker, snap, client, &ctx, ErrorKind::NoHealthyTarget, msg, None, Some(extra.as_bytes())).await
+            send_reject(
+                worker,
+                snap,
+                client,
+                &ctx,
+                ErrorKind::NoHealthyTarget,
+                msg,
+                None,
+                Some(extra.as_bytes()),
+            )
+            .await
         }
     }
 }
 
-fn tried_backends<'t>(table: &'t RoutingTable, decision: Decision<'t>) -> impl Iterator<Item = usize> + 't {
-    table.groups(decision.plan).flatten().map(|&t| table.targets[t].backend)
+fn tried_backends<'t>(
+    table: &'t RoutingTable,
+    decision: Decision<'t>,
+) -> impl Iterator<Item = usize> + 't {
+    table
+        .groups(decision.plan)
+        .flatten()
+        .map(|&t| table.targets[t].backend)
 }
 
-fn has_untried(table: &RoutingTable, snap: &Snapshot, decision: Decision<'_>, tried: &[usize]) -> bool {
-    table.groups(decision.plan).flatten().any(|t| !tried.contains(t) && !snap.states.is_ejected(table.targets[*t].backend))
+fn has_untried(
+    table: &RoutingTable,
+    snap: &Snapshot,
+    decision: Decision<'_>,
+    tried: &[usize],
+) -> bool {
+    table
+        .groups(decision.plan)
+        .flatten()
+        .any(|t| !tried.contains(t) && !snap.states.is_ejected(table.targets[*t].backend))
 }
 
 /// Resolves once the client has closed its end while we wait on the upstream. A client that
@@ -190,13 +332,22 @@ async fn client_gone(stream: &monoio::net::TcpStream) {
         let mut byte = 0u8;
         // SAFETY: `byte` is a valid one-byte buffer for the duration of the call; MSG_PEEK leaves
         // the data in the socket for the connection loop to read later.
-        let n = unsafe { libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
         match n {
             0 => return,
             n if n > 0 => std::future::pending::<()>().await,
             _ => {
                 let err = std::io::Error::last_os_error();
-                if err.kind() != std::io::ErrorKind::WouldBlock && err.kind() != std::io::ErrorKind::Interrupted {
+                if err.kind() != std::io::ErrorKind::WouldBlock
+                    && err.kind() != std::io::ErrorKind::Interrupted
+                {
                     return;
                 }
             }
@@ -218,7 +369,16 @@ fn upstream_request(head: &Head, backend: &Backend, request_id: &str, body: &[u8
         // Dropped: hop-by-hop, framing we recompute, the caller's credentials (they are for the
         // router, not the backend), compression (we read usage from the body), our own headers.
         let skip = codec::is_hop_by_hop(name)
-            || [&b"host"[..], b"content-length", b"authorization", b"expect", b"accept-encoding", b"x-api-key"].iter().any(|h| h.eq_ignore_ascii_case(name))
+            || [
+                &b"host"[..],
+                b"content-length",
+                b"authorization",
+                b"expect",
+                b"accept-encoding",
+                b"x-api-key",
+            ]
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name))
             || name.len() > 13 && name[..13].eq_ignore_ascii_case(b"x-switchyard-");
         if !skip {
             out.extend_from_slice(name);
@@ -232,7 +392,11 @@ fn upstream_request(head: &Head, backend: &Backend, request_id: &str, body: &[u8
         out.extend_from_slice(key.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let _ = write!(out, "x-switchyard-request-id: {request_id}\r\ncontent-length: {}\r\n\r\n", body.len());
+    let _ = write!(
+        out,
+        "x-switchyard-request-id: {request_id}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
     out.extend_from_slice(body);
     out
 }
@@ -264,7 +428,10 @@ async fn relay(
     let t = &table.targets[target];
     let backend = &table.backends[t.backend];
     let status = resp.head.status;
-    let sse = resp.head.header("content-type").is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"));
+    let sse = resp
+        .head
+        .header("content-type")
+        .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"));
     let framing = match resp.body.framing() {
         BodyFraming::Empty => ClientFraming::Empty,
         BodyFraming::Length(_) if !sse => ClientFraming::Length,
@@ -274,14 +441,27 @@ async fn relay(
     if framing == ClientFraming::Close {
         ctx.keep_alive = false;
     }
-    let tier = table.tier_of_plan(decision.plan, target).map_or("", |t| t.name.as_str());
+    let tier = table
+        .tier_of_plan(decision.plan, target)
+        .map_or("", |t| t.name.as_str());
     let mut wire = response_head(ctx, &resp.head, framing, tier, backend, &t.model);
     let (res, mut wire_buf) = client.write(std::mem::take(&mut wire)).await;
     let first_byte = Instant::now();
     if res.is_err() {
         drop(slot);
-        snap.states.record(t.backend, Verdict::Neutral, &table.health);
-        log(worker, snap, ctx, Some(target), CLIENT_CLOSED, None, 0, Some(first_byte), true);
+        snap.states
+            .record(t.backend, Verdict::Neutral, &table.health);
+        log(
+            worker,
+            snap,
+            ctx,
+            Some(target),
+            CLIENT_CLOSED,
+            None,
+            0,
+            Some(first_byte),
+            true,
+        );
         return false;
     }
     let mut filter = sse.then(|| SseFilter::new(inject_usage));
@@ -299,7 +479,11 @@ async fn relay(
                 _ = client_gone(&client.stream) => None,
             }
         } else {
-            Some(resp.body.next(&mut resp.conn, backend.idle_timeout, &mut data).await)
+            Some(
+                resp.body
+                    .next(&mut resp.conn, backend.idle_timeout, &mut data)
+                    .await,
+            )
         };
         let payload: &[u8] = match next {
             None => {
@@ -349,7 +533,11 @@ async fn relay(
     }
     if let (Some(e), Some(_)) = (&failure, &filter) {
         // The head (200) is gone already: the error travels as a final SSE event.
-        let event = format!("data: {{\"error\":{}}}\n\n", e.kind.error_object(&format!("upstream stream failed: {}", e.message), None));
+        let event = format!(
+            "data: {{\"error\":{}}}\n\n",
+            e.kind
+                .error_object(&format!("upstream stream failed: {}", e.message), None)
+        );
         frame(&mut wire_buf, framing, event.as_bytes());
     }
     let clean_end = !client_left && (failure.is_none() || sse);
@@ -373,10 +561,27 @@ async fn relay(
     if complete && resp.body.reusable() && resp.head.keep_alive {
         worker.pool.put(table.version, t.backend, resp.conn);
     }
-    let usage = filter.as_ref().and_then(|f| f.usage).or_else(|| parse_usage(&kept));
-    let completion_estimate = if sse { sse_events.saturating_sub(1) } else { estimate_tokens(kept.len()) / 4 };
+    let usage = filter
+        .as_ref()
+        .and_then(|f| f.usage)
+        .or_else(|| parse_usage(&kept));
+    let completion_estimate = if sse {
+        sse_events.saturating_sub(1)
+    } else {
+        estimate_tokens(kept.len()) / 4
+    };
     let logged_status = if client_left { CLIENT_CLOSED } else { status };
-    log(worker, snap, ctx, Some(target), logged_status, usage, completion_estimate, Some(first_byte), !complete);
+    log(
+        worker,
+        snap,
+        ctx,
+        Some(target),
+        logged_status,
+        usage,
+        completion_estimate,
+        Some(first_byte),
+        !complete,
+    );
     // A body cut short without chunked framing leaves the client unable to find the next response.
     ctx.keep_alive && (complete || framing == ClientFraming::Chunked && clean_end)
 }
@@ -388,11 +593,25 @@ fn frame(out: &mut Vec<u8>, framing: ClientFraming, payload: &[u8]) {
     }
 }
 
-fn response_head(ctx: &Ctx<'_>, upstream: &Head, framing: ClientFraming, tier: &str, backend: &Backend, model: &str) -> Vec<u8> {
+fn response_head(
+    ctx: &Ctx<'_>,
+    upstream: &Head,
+    framing: ClientFraming,
+    tier: &str,
+    backend: &Backend,
+    model: &str,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
-    let _ = write!(out, "HTTP/1.1 {} {}\r\n", upstream.status, codec::reason(upstream.status));
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        upstream.status,
+        codec::reason(upstream.status)
+    );
     for (name, value) in upstream.headers() {
-        let skip = codec::is_hop_by_hop(name) || name.eq_ignore_ascii_case(b"content-length") || name.len() > 13 && name[..13].eq_ignore_ascii_case(b"x-switchyard-");
+        let skip = codec::is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(b"content-length")
+            || name.len() > 13 && name[..13].eq_ignore_ascii_case(b"x-switchyard-");
         if !skip {
             out.extend_from_slice(name);
             out.extend_from_slice(b": ");
@@ -401,7 +620,9 @@ fn response_head(ctx: &Ctx<'_>, upstream: &Head, framing: ClientFraming, tier: &
         }
     }
     match (framing, upstream.framing) {
-        (ClientFraming::Length, BodyFraming::Length(n)) => _ = write!(out, "content-length: {n}\r\n"),
+        (ClientFraming::Length, BodyFraming::Length(n)) => {
+            _ = write!(out, "content-length: {n}\r\n")
+        }
         (ClientFraming::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
     }
@@ -415,7 +636,11 @@ fn response_head(ctx: &Ctx<'_>, upstream: &Head, framing: ClientFraming, tier: &
 
 /// The `x-switchyard-*` headers that explain the decision.
 fn explain(out: &mut Vec<u8>, ctx: &Ctx<'_>, tier: &str, backend: &str, model: &str) {
-    let _ = write!(out, "x-switchyard-request-id: {}\r\nx-switchyard-category: {}\r\n", ctx.request_id, ctx.category);
+    let _ = write!(
+        out,
+        "x-switchyard-request-id: {}\r\nx-switchyard-category: {}\r\n",
+        ctx.request_id, ctx.category
+    );
     if !ctx.rule.is_empty() {
         let _ = write!(out, "x-switchyard-rule: {}\r\n", ctx.rule);
     }
@@ -424,18 +649,47 @@ fn explain(out: &mut Vec<u8>, ctx: &Ctx<'_>, tier: &str, backend: &str, model: &
     }
     if !backend.is_empty() {
         // Model names come from config and may hold any UTF-8; header values must stay clean.
-        let model: String = model.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect();
-        let _ = write!(out, "x-switchyard-backend: {backend}\r\nx-switchyard-model: {model}\r\n");
+        let model: String = model
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        let _ = write!(
+            out,
+            "x-switchyard-backend: {backend}\r\nx-switchyard-model: {model}\r\n"
+        );
     }
     let _ = write!(out, "x-switchyard-attempts: {}\r\n", ctx.attempts);
 }
 
-async fn reject(worker: &Worker, snap: &Snapshot, client: &mut Client, ctx: &Ctx<'_>, kind: ErrorKind, message: &str, param: Option<&str>) -> bool {
+async fn reject(
+    worker: &Worker,
+    snap: &Snapshot,
+    client: &mut Client,
+    ctx: &Ctx<'_>,
+    kind: ErrorKind,
+    message: &str,
+    param: Option<&str>,
+) -> bool {
     send_reject(worker, snap, client, ctx, kind, message, param, None).await
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn send_reject(worker: &Worker, snap: &Snapshot, client: &mut Client, ctx: &Ctx<'_>, kind: ErrorKind, message: &str, param: Option<&str>, extra: Option<&[u8]>) -> bool {
+async fn send_reject(
+    worker: &Worker,
+    snap: &Snapshot,
+    client: &mut Client,
+    ctx: &Ctx<'_>,
+    kind: ErrorKind,
+    message: &str,
+    param: Option<&str>,
+    extra: Option<&[u8]>,
+) -> bool {
     let mut headers = Vec::with_capacity(256);
     explain(&mut headers, ctx, "", "", "");
     if let Some(extra) = extra {
@@ -447,13 +701,32 @@ async fn send_reject(worker: &Worker, snap: &Snapshot, client: &mut Client, ctx:
 
 /// The `log` phase: one usage event per request, whatever happened.
 #[allow(clippy::too_many_arguments)]
-fn log(worker: &Worker, snap: &Snapshot, ctx: &Ctx<'_>, target: Option<usize>, status: u16, usage: Option<TokenUsage>, completion_estimate: u64, first_byte: Option<Instant>, incomplete: bool) {
+fn log(
+    worker: &Worker,
+    snap: &Snapshot,
+    ctx: &Ctx<'_>,
+    target: Option<usize>,
+    status: u16,
+    usage: Option<TokenUsage>,
+    completion_estimate: u64,
+    first_byte: Option<Instant>,
+    incomplete: bool,
+) {
     let table = &snap.table;
     let (tier, backend, model, price) = match target {
         Some(id) => {
             let t = &table.targets[id];
-            let tier = table.tiers.iter().find(|tier| tier.targets.contains(&id)).map_or("", |t| t.name.as_str());
-            (tier, table.backends[t.backend].name.as_str(), t.model.as_str(), Some(t.price))
+            let tier = table
+                .tiers
+                .iter()
+                .find(|tier| tier.targets.contains(&id))
+                .map_or("", |t| t.name.as_str());
+            (
+                tier,
+                table.backends[t.backend].name.as_str(),
+                t.model.as_str(),
+                Some(t.price),
+            )
         }
         None => ("", "", "", None),
     };
@@ -463,7 +736,11 @@ fn log(worker: &Worker, snap: &Snapshot, ctx: &Ctx<'_>, target: Option<usize>, s
     let tokens = match (reached, usage) {
         (false, _) => TokenUsage::default(),
         (true, Some(u)) => u,
-        (true, None) => TokenUsage { prompt: estimate_tokens(ctx.prompt_chars), cached: 0, completion: completion_estimate },
+        (true, None) => TokenUsage {
+            prompt: estimate_tokens(ctx.prompt_chars),
+            cached: 0,
+            completion: completion_estimate,
+        },
     };
     let micros = |d: Duration| d.as_micros().min(u64::MAX as u128) as u64;
     worker.shared.usage.send(UsageEvent {
@@ -478,7 +755,9 @@ fn log(worker: &Worker, snap: &Snapshot, ctx: &Ctx<'_>, target: Option<usize>, s
         cached_tokens: tokens.cached,
         completion_tokens: tokens.completion,
         tokens_estimated: reached && usage.is_none(),
-        cost_micros: price.map_or(0, |p| p.cost_micros(tokens.prompt, tokens.cached, tokens.completion)),
+        cost_micros: price.map_or(0, |p| {
+            p.cost_micros(tokens.prompt, tokens.cached, tokens.completion)
+        }),
         first_byte_us: first_byte.map_or(0, |f| micros(f - ctx.started)),
         total_us: micros(ctx.started.elapsed()),
         status,

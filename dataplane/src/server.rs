@@ -92,7 +92,11 @@ fn uring_available() -> bool {
 pub fn start(snapshot: SharedSnapshot, usage: UsageSink) -> io::Result<DataPlane> {
     let (mut address, workers, driver_setting) = {
         let s = snapshot.load();
-        (s.table.listener.address, s.table.listener.workers, s.table.listener.io_driver)
+        (
+            s.table.listener.address,
+            s.table.listener.workers,
+            s.table.listener.io_driver,
+        )
     };
     // Without this probe, SO_REUSEPORT would silently share a port another process holds.
     let probe = std::net::TcpListener::bind(address)
@@ -101,7 +105,10 @@ pub fn start(snapshot: SharedSnapshot, usage: UsageSink) -> io::Result<DataPlane
     drop(probe);
     let use_uring = match driver_setting {
         IoDriver::IoUring if !uring_available() => {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "io_driver = \"io_uring\" but this kernel or sandbox refuses io_uring"))
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_driver = \"io_uring\" but this kernel or sandbox refuses io_uring",
+            ))
         }
         IoDriver::IoUring => true,
         IoDriver::Epoll => false,
@@ -118,37 +125,64 @@ pub fn start(snapshot: SharedSnapshot, usage: UsageSink) -> io::Result<DataPlane
     for id in 0..workers {
         let shared = shared.clone();
         let ready = ready_tx.clone();
-        std::thread::Builder::new().name(format!("switchyard-worker-{id}")).spawn(move || {
-            let worker = Rc::new(Worker {
-                id,
-                cache: RefCell::new(arc_swap::Cache::new(shared.snapshot.clone())),
-                shared,
-                pool: Pool::default(),
-                seq: Cell::new(0),
-            });
-            let result = if use_uring {
-                monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build().map(|mut rt| rt.block_on(run_worker(worker, address, ready.clone())))
-            } else {
-                monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().map(|mut rt| rt.block_on(run_worker(worker, address, ready.clone())))
-            };
-            if let Err(e) = result {
-                let _ = ready.send(Err(io::Error::new(e.kind(), format!("worker {id}: cannot start the {driver} runtime: {e}"))));
-            }
-        })?;
+        std::thread::Builder::new()
+            .name(format!("switchyard-worker-{id}"))
+            .spawn(move || {
+                let worker = Rc::new(Worker {
+                    id,
+                    cache: RefCell::new(arc_swap::Cache::new(shared.snapshot.clone())),
+                    shared,
+                    pool: Pool::default(),
+                    seq: Cell::new(0),
+                });
+                let result = if use_uring {
+                    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                        .enable_timer()
+                        .build()
+                        .map(|mut rt| rt.block_on(run_worker(worker, address, ready.clone())))
+                } else {
+                    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                        .enable_timer()
+                        .build()
+                        .map(|mut rt| rt.block_on(run_worker(worker, address, ready.clone())))
+                };
+                if let Err(e) = result {
+                    let _ = ready.send(Err(io::Error::new(
+                        e.kind(),
+                        format!("worker {id}: cannot start the {driver} runtime: {e}"),
+                    )));
+                }
+            })?;
     }
     drop(ready_tx);
     for _ in 0..workers {
-        ready_rx.recv().map_err(|_| io::Error::other("a worker thread died while starting"))??;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("a worker thread died while starting"))??;
     }
-    Ok(DataPlane { shared, address, driver })
+    Ok(DataPlane {
+        shared,
+        address,
+        driver,
+    })
 }
 
-async fn run_worker(worker: Rc<Worker>, address: SocketAddr, ready: std::sync::mpsc::Sender<io::Result<()>>) {
-    let opts = ListenerOpts::new().reuse_port(true).reuse_addr(true).backlog(4096);
+async fn run_worker(
+    worker: Rc<Worker>,
+    address: SocketAddr,
+    ready: std::sync::mpsc::Sender<io::Result<()>>,
+) {
+    let opts = ListenerOpts::new()
+        .reuse_port(true)
+        .reuse_addr(true)
+        .backlog(4096);
     let listener = match TcpListener::bind_with_config(address, &opts) {
         Ok(l) => l,
         Err(e) => {
-            let _ = ready.send(Err(io::Error::new(e.kind(), format!("worker {}: cannot listen on {address}: {e}", worker.id))));
+            let _ = ready.send(Err(io::Error::new(
+                e.kind(),
+                format!("worker {}: cannot listen on {address}: {e}", worker.id),
+            )));
             return;
         }
     };

@@ -17,21 +17,38 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(table: RoutingTable) -> Snapshot {
-        let states = Arc::new(BackendStates::new(table.backends.len(), table.health.interval.is_some()));
+        let states = Arc::new(BackendStates::new(
+            table.backends.len(),
+            table.health.interval.is_some(),
+        ));
         let models_body = models_body(&table);
-        Snapshot { table, states, models_body }
+        Snapshot {
+            table,
+            states,
+            models_body,
+        }
     }
 }
 
 fn models_body(table: &RoutingTable) -> Vec<u8> {
-    let mut names: Vec<(&str, &str)> = table.aliases.keys().map(|a| (a.as_str(), "switchyard")).collect();
-    names.extend(table.models.keys().map(|m| (m.as_str(), "switchyard-backend")));
+    let mut names: Vec<(&str, &str)> = table
+        .aliases
+        .keys()
+        .map(|a| (a.as_str(), "switchyard"))
+        .collect();
+    names.extend(
+        table
+            .models
+            .keys()
+            .map(|m| (m.as_str(), "switchyard-backend")),
+    );
     names.sort();
     let data: Vec<serde_json::Value> = names
         .into_iter()
         .map(|(id, owner)| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
         .collect();
-    serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).expect("JSON values serialise")
+    serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
+        .expect("JSON values serialise")
 }
 
 /// The published snapshot. Workers read it; the control plane swaps it.

@@ -20,7 +20,10 @@ pub struct SseFilter {
 
 impl SseFilter {
     pub fn new(hide_usage_chunk: bool) -> Self {
-        SseFilter { hide_usage_chunk, ..Default::default() }
+        SseFilter {
+            hide_usage_chunk,
+            ..Default::default()
+        }
     }
 
     /// Takes decoded body bytes; appends every event they complete to `out`, verbatim.
@@ -56,7 +59,9 @@ impl SseFilter {
         let bytes = &self.pending[event];
         let mut keep = true;
         for line in bytes.split(|&b| b == b'\n') {
-            let Some(data) = line.strip_prefix(b"data:") else { continue };
+            let Some(data) = line.strip_prefix(b"data:") else {
+                continue;
+            };
             let data = data.strip_prefix(b" ").unwrap_or(data).trim_ascii_end();
             if data == b"[DONE]" {
                 self.saw_done = true;
@@ -78,7 +83,8 @@ impl SseFilter {
 mod tests {
     use super::*;
 
-    const STREAM: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
+    const STREAM: &[u8] =
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
 data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\r\n\r\n\
 : keep-alive comment\n\n\
 data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n\
@@ -99,7 +105,14 @@ data: [DONE]\n\n";
         for step in 1..STREAM.len() {
             let (out, f) = run(false, step);
             assert_eq!(out, STREAM, "step {step}");
-            assert_eq!(f.usage, Some(TokenUsage { prompt: 7, cached: 0, completion: 2 }));
+            assert_eq!(
+                f.usage,
+                Some(TokenUsage {
+                    prompt: 7,
+                    cached: 0,
+                    completion: 2
+                })
+            );
             assert!(f.saw_done && !f.saw_error);
         }
     }

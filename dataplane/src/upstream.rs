@@ -64,12 +64,16 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
-            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-            let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default TLS versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            let roots = rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            };
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
             Arc::new(config)
         })
         .clone()
@@ -83,12 +87,20 @@ pub struct AttemptError {
 
 impl AttemptError {
     fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        AttemptError { kind, message: message.into() }
+        AttemptError {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
 async fn connect(b: &Backend) -> Result<Conn, AttemptError> {
-    let fail = |e: io::Error| AttemptError::new(ErrorKind::UpstreamConnect, format!("connect to backend `{}` failed: {e}", b.name));
+    let fail = |e: io::Error| {
+        AttemptError::new(
+            ErrorKind::UpstreamConnect,
+            format!("connect to backend `{}` failed: {e}", b.name),
+        )
+    };
     let work = async {
         let addr = (b.host.as_str(), b.port);
         let stream = match b.host.parse::<std::net::IpAddr>() {
@@ -101,19 +113,32 @@ async fn connect(b: &Backend) -> Result<Conn, AttemptError> {
         match b.scheme {
             Scheme::Http => Ok(Conn::Plain(stream)),
             Scheme::Https => {
-                let name = rustls::pki_types::ServerName::try_from(b.host.clone())
-                    .map_err(|e| AttemptError::new(ErrorKind::UpstreamConnect, format!("backend `{}`: bad TLS server name: {e}", b.name)))?;
+                let name =
+                    rustls::pki_types::ServerName::try_from(b.host.clone()).map_err(|e| {
+                        AttemptError::new(
+                            ErrorKind::UpstreamConnect,
+                            format!("backend `{}`: bad TLS server name: {e}", b.name),
+                        )
+                    })?;
                 let tls = monoio_rustls::TlsConnector::from(tls_config())
                     .connect(name, stream)
                     .await
-                    .map_err(|e| AttemptError::new(ErrorKind::UpstreamConnect, format!("TLS handshake with backend `{}` failed: {e}", b.name)))?;
+                    .map_err(|e| {
+                        AttemptError::new(
+                            ErrorKind::UpstreamConnect,
+                            format!("TLS handshake with backend `{}` failed: {e}", b.name),
+                        )
+                    })?;
                 Ok(Conn::Tls(Box::new(tls)))
             }
         }
     };
     match monoio::time::timeout(b.connect_timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(AttemptError::new(ErrorKind::UpstreamTimeout, format!("connect to backend `{}` timed out", b.name))),
+        Err(_) => Err(AttemptError::new(
+            ErrorKind::UpstreamTimeout,
+            format!("connect to backend `{}` timed out", b.name),
+        )),
     }
 }
 
@@ -157,7 +182,10 @@ impl Pool {
         }
         let slot = &mut idle[backend];
         if slot.len() < POOL_MAX_IDLE {
-            slot.push(Idle { conn, since: Instant::now() });
+            slot.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
         }
     }
 }
@@ -193,7 +221,9 @@ pub async fn exchange(
         }
     }
     let conn = connect(backend).await?;
-    send_on(conn, backend, request, is_head).await.map_err(|(e, _, _)| e)
+    send_on(conn, backend, request, is_head)
+        .await
+        .map_err(|(e, _, _)| e)
 }
 
 /// `Err((error, request, nothing_received))`: the request comes back for a resend.
@@ -206,28 +236,57 @@ async fn send_on(
     let (res, request) = conn.write_all(request).await;
     if let Err(e) = res {
         let msg = format!("sending to backend `{}` failed: {e}", backend.name);
-        return Err((AttemptError::new(ErrorKind::UpstreamConnect, msg), request, true));
+        return Err((
+            AttemptError::new(ErrorKind::UpstreamConnect, msg),
+            request,
+            true,
+        ));
     }
     let deadline = Instant::now() + backend.first_byte_timeout;
     let mut buf = Vec::with_capacity(READ_CHUNK);
     loop {
-        let read = monoio::time::timeout_at(monoio::time::Instant::from_std(deadline), conn.read_more(buf)).await;
+        let read = monoio::time::timeout_at(
+            monoio::time::Instant::from_std(deadline),
+            conn.read_more(buf),
+        )
+        .await;
         let (res, b) = match read {
             Ok(r) => r,
             Err(_) => {
-                let msg = format!("backend `{}` sent no response head within {:?}", backend.name, backend.first_byte_timeout);
-                return Err((AttemptError::new(ErrorKind::UpstreamTimeout, msg), request, false));
+                let msg = format!(
+                    "backend `{}` sent no response head within {:?}",
+                    backend.name, backend.first_byte_timeout
+                );
+                return Err((
+                    AttemptError::new(ErrorKind::UpstreamTimeout, msg),
+                    request,
+                    false,
+                ));
             }
         };
         buf = b;
         match res {
             Ok(0) | Err(_) if buf.is_empty() => {
-                let msg = format!("backend `{}` closed the connection before responding", backend.name);
-                return Err((AttemptError::new(ErrorKind::UpstreamConnect, msg), request, true));
+                let msg = format!(
+                    "backend `{}` closed the connection before responding",
+                    backend.name
+                );
+                return Err((
+                    AttemptError::new(ErrorKind::UpstreamConnect, msg),
+                    request,
+                    true,
+                ));
             }
             Ok(0) | Err(_) => {
-                let msg = format!("backend `{}` closed the connection inside the response head", backend.name);
-                return Err((AttemptError::new(ErrorKind::UpstreamProtocol, msg), request, false));
+                let msg = format!(
+                    "backend `{}` closed the connection inside the response head",
+                    backend.name
+                );
+                return Err((
+                    AttemptError::new(ErrorKind::UpstreamProtocol, msg),
+                    request,
+                    false,
+                ));
             }
             Ok(_) => {}
         }
@@ -245,7 +304,13 @@ async fn send_on(
                 let body = BodyReader::new(head.framing, buf);
                 return Ok(Response { conn, head, body });
             }
-            Err(e) => return Err((AttemptError::new(e.kind, format!("backend `{}`: {}", backend.name, e.message)), request, false)),
+            Err(e) => {
+                return Err((
+                    AttemptError::new(e.kind, format!("backend `{}`: {}", backend.name, e.message)),
+                    request,
+                    false,
+                ))
+            }
         }
     }
 }
@@ -269,7 +334,14 @@ impl BodyReader {
             BodyFraming::Length(n) => n,
             _ => 0,
         };
-        BodyReader { framing, raw, remaining, chunked: ChunkedDecoder::default(), done: framing == BodyFraming::Empty || remaining == 0 && matches!(framing, BodyFraming::Length(_)) }
+        BodyReader {
+            framing,
+            raw,
+            remaining,
+            chunked: ChunkedDecoder::default(),
+            done: framing == BodyFraming::Empty
+                || remaining == 0 && matches!(framing, BodyFraming::Length(_)),
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -297,7 +369,10 @@ impl BodyReader {
                 self.done = self.remaining == 0;
             }
             BodyFraming::Chunked => {
-                let n = self.chunked.decode(&self.raw, out, NO_LIMIT).map_err(|e| AttemptError::new(ErrorKind::UpstreamProtocol, e.message))?;
+                let n = self
+                    .chunked
+                    .decode(&self.raw, out, NO_LIMIT)
+                    .map_err(|e| AttemptError::new(ErrorKind::UpstreamProtocol, e.message))?;
                 self.raw.drain(..n);
                 self.done = self.chunked.is_done();
             }
@@ -308,7 +383,12 @@ impl BodyReader {
 
     /// Appends the next decoded bytes to `out`, reading from `conn` when none are buffered.
     /// Returns `Ok(false)` once the body has ended.
-    pub async fn next(&mut self, conn: &mut Conn, idle: Duration, out: &mut Vec<u8>) -> Result<bool, AttemptError> {
+    pub async fn next(
+        &mut self,
+        conn: &mut Conn,
+        idle: Duration,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, AttemptError> {
         loop {
             let before = out.len();
             self.decode(out)?;
@@ -321,7 +401,12 @@ impl BodyReader {
             let raw = std::mem::take(&mut self.raw);
             let (res, raw) = match monoio::time::timeout(idle, conn.read_more(raw)).await {
                 Ok(r) => r,
-                Err(_) => return Err(AttemptError::new(ErrorKind::UpstreamTimeout, format!("backend sent nothing for {idle:?} mid-response"))),
+                Err(_) => {
+                    return Err(AttemptError::new(
+                        ErrorKind::UpstreamTimeout,
+                        format!("backend sent nothing for {idle:?} mid-response"),
+                    ))
+                }
             };
             self.raw = raw;
             match res {
@@ -329,8 +414,18 @@ impl BodyReader {
                     self.done = true;
                     return Ok(false);
                 }
-                Ok(0) => return Err(AttemptError::new(ErrorKind::UpstreamBroken, "backend closed the connection mid-response")),
-                Err(e) => return Err(AttemptError::new(ErrorKind::UpstreamBroken, format!("reading from backend failed mid-response: {e}"))),
+                Ok(0) => {
+                    return Err(AttemptError::new(
+                        ErrorKind::UpstreamBroken,
+                        "backend closed the connection mid-response",
+                    ))
+                }
+                Err(e) => {
+                    return Err(AttemptError::new(
+                        ErrorKind::UpstreamBroken,
+                        format!("reading from backend failed mid-response: {e}"),
+                    ))
+                }
                 Ok(_) => {}
             }
         }

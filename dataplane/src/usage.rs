@@ -15,7 +15,13 @@ impl UsageSink {
     /// A bounded channel of `capacity` events and its receiving end.
     pub fn channel(capacity: usize) -> (UsageSink, crossbeam_channel::Receiver<UsageEvent>) {
         let (tx, rx) = crossbeam_channel::bounded(capacity);
-        (UsageSink { tx, dropped: Arc::new(AtomicU64::new(0)) }, rx)
+        (
+            UsageSink {
+                tx,
+                dropped: Arc::new(AtomicU64::new(0)),
+            },
+            rx,
+        )
     }
 
     pub fn send(&self, event: UsageEvent) {

@@ -56,7 +56,10 @@ impl Category {
         Category::ALL
             .into_iter()
             .find(|c| c.as_str().eq_ignore_ascii_case(name))
-            .or_else(|| name.eq_ignore_ascii_case("summarization").then_some(Category::Summarisation))
+            .or_else(|| {
+                name.eq_ignore_ascii_case("summarization")
+                    .then_some(Category::Summarisation)
+            })
     }
 
     pub fn index(self) -> usize {
@@ -81,7 +84,10 @@ mod tests {
             assert_eq!(Category::parse(&c.as_str().to_uppercase()), Some(c));
             assert_eq!(Category::ALL[c.index()], c);
         }
-        assert_eq!(Category::parse("summarization"), Some(Category::Summarisation));
+        assert_eq!(
+            Category::parse("summarization"),
+            Some(Category::Summarisation)
+        );
         assert_eq!(Category::parse("poetry"), None);
     }
 }

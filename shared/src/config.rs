@@ -5,8 +5,8 @@
 use crate::category::Category;
 use crate::classifier::{Classifier, ClassifierConfig};
 use crate::routing::{
-    AliasRoute, Backend, HealthSettings, Listener, MatchSet, Price, Priority, Rule, RuleAction,
-    RoutingTable, Scheme, Target, Tier, UnknownModel, UsageSettings,
+    AliasRoute, Backend, HealthSettings, Listener, MatchSet, Price, Priority, RoutingTable, Rule,
+    RuleAction, Scheme, Target, Tier, UnknownModel, UsageSettings,
 };
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -112,7 +112,11 @@ pub struct RoutingFile {
 
 impl Default for RoutingFile {
     fn default() -> Self {
-        RoutingFile { max_attempts: 3, unknown_model: UnknownModel::Classify, long_context_tier: None }
+        RoutingFile {
+            max_attempts: 3,
+            unknown_model: UnknownModel::Classify,
+            long_context_tier: None,
+        }
     }
 }
 
@@ -153,7 +157,10 @@ pub struct UsageFile {
 
 impl Default for UsageFile {
     fn default() -> Self {
-        UsageFile { channel_capacity: 65_536, log_events: false }
+        UsageFile {
+            channel_capacity: 65_536,
+            log_events: false,
+        }
     }
 }
 
@@ -271,7 +278,8 @@ pub fn load_str(
 }
 
 pub fn load_file(path: &str) -> Result<RoutingTable, Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{path}: cannot read: {e}")])?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| vec![format!("{path}: cannot read: {e}")])?;
     load_str(&text, path, &|name| std::env::var(name).ok())
 }
 
@@ -286,7 +294,10 @@ impl Errors {
 
 fn price_micros(errs: &mut Errors, key: &str, usd_per_mtok: f64) -> u64 {
     if !usd_per_mtok.is_finite() || !(0.0..=1_000_000.0).contains(&usd_per_mtok) {
-        errs.push(key, format!("price {usd_per_mtok} must be between 0 and 1000000 USD per 1M tokens"));
+        errs.push(
+            key,
+            format!("price {usd_per_mtok} must be between 0 and 1000000 USD per 1M tokens"),
+        );
         return 0;
     }
     (usd_per_mtok * 1_000_000.0).round() as u64
@@ -309,15 +320,23 @@ fn parse_backend_url(url: &str) -> Result<(Scheme, String, u16, String), String>
     }
     let default_port = if scheme == Scheme::Https { 443 } else { 80 };
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let end = v6.find(']').ok_or_else(|| format!("`{url}`: unclosed IPv6 bracket"))?;
+        let end = v6
+            .find(']')
+            .ok_or_else(|| format!("`{url}`: unclosed IPv6 bracket"))?;
         let port = match &v6[end + 1..] {
             "" => default_port,
-            p => p.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(|| format!("`{url}`: bad port"))?,
+            p => p
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| format!("`{url}`: bad port"))?,
         };
         (v6[..end].to_string(), port)
     } else {
         match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p.parse().map_err(|_| format!("`{url}`: bad port `{p}`"))?),
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse().map_err(|_| format!("`{url}`: bad port `{p}`"))?,
+            ),
             None => (authority.to_string(), default_port),
         }
     };
@@ -327,11 +346,17 @@ fn parse_backend_url(url: &str) -> Result<(Scheme, String, u16, String), String>
     Ok((scheme, host, port, base.to_string()))
 }
 
-fn build(file: ConfigFile, env: &dyn Fn(&str) -> Option<String>) -> Result<RoutingTable, Vec<String>> {
+fn build(
+    file: ConfigFile,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RoutingTable, Vec<String>> {
     let mut errs = Errors(Vec::new());
     let l = &file.listener;
     if l.address.parse::<std::net::SocketAddr>().is_err() {
-        errs.push("listener.address", format!("`{}` is not an ip:port socket address", l.address));
+        errs.push(
+            "listener.address",
+            format!("`{}` is not an ip:port socket address", l.address),
+        );
     }
     if l.max_header_bytes < 1024 {
         errs.push("listener.max_header_bytes", "must be at least 1024");
@@ -349,7 +374,9 @@ fn build(file: ConfigFile, env: &dyn Fn(&str) -> Option<String>) -> Result<Routi
         }
     }
     let workers = if l.workers == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         l.workers
     };
@@ -379,7 +406,10 @@ fn build(file: ConfigFile, env: &dyn Fn(&str) -> Option<String>) -> Result<Routi
             Some(var) => match env(var) {
                 Some(v) if !v.is_empty() => Some(v),
                 _ => {
-                    errs.push(format!("{key}.api_key_env"), format!("environment variable `{var}` is not set"));
+                    errs.push(
+                        format!("{key}.api_key_env"),
+                        format!("environment variable `{var}` is not set"),
+                    );
                     None
                 }
             },
@@ -413,16 +443,28 @@ fn build(file: ConfigFile, env: &dyn Fn(&str) -> Option<String>) -> Result<Routi
             if b.models[..j].iter().any(|o| o.name == m.name) {
                 errs.push(&mkey, "duplicate model name in this backend");
             }
-            let input = price_micros(&mut errs, &format!("{mkey}.input_per_mtok"), m.input_per_mtok);
+            let input = price_micros(
+                &mut errs,
+                &format!("{mkey}.input_per_mtok"),
+                m.input_per_mtok,
+            );
             let price = Price {
                 input_micros_per_mtok: input,
                 cached_input_micros_per_mtok: match m.cached_input_per_mtok {
                     Some(c) => price_micros(&mut errs, &format!("{mkey}.cached_input_per_mtok"), c),
                     None => input,
                 },
-                output_micros_per_mtok: price_micros(&mut errs, &format!("{mkey}.output_per_mtok"), m.output_per_mtok),
+                output_micros_per_mtok: price_micros(
+                    &mut errs,
+                    &format!("{mkey}.output_per_mtok"),
+                    m.output_per_mtok,
+                ),
             };
-            targets.push(Target { backend: i, model: m.name.clone(), price });
+            targets.push(Target {
+                backend: i,
+                model: m.name.clone(),
+                price,
+            });
         }
         let authority = match (scheme, port) {
             (Scheme::Http, 80) | (Scheme::Https, 443) => bracket_v6(&host),
@@ -445,8 +487,14 @@ fn build(file: ConfigFile, env: &dyn Fn(&str) -> Option<String>) -> Result<Routi
         });
     }
     let find_target = |spec: &str| -> Result<usize, String> {
-        let (backend, model) = spec.split_once('/').ok_or_else(|| format!("`{spec}` must be `backend/model`"))?;
-        let b = file.backends.iter().position(|b| b.name == backend).ok_or_else(|| format!("unknown backend `{backend}` in `{spec}`"))?;
+        let (backend, model) = spec
+            .split_once('/')
+            .ok_or_else(|| format!("`{spec}` must be `backend/model`"))?;
+        let b = file
+            .backends
+            .iter()
+            .position(|b| b.name == backend)
+            .ok_or_else(|| format!("unknown backend `{backend}` in `{spec}`"))?;
         targets
             .iter()
             .position(|t| t.backend == b && t.model == model)
@@ -463,17 +511,26 @@ fn build(file: ConfigFile, env: &dyn Fn(&str) -> Option<String>) -> Result<Routi
             errs.push(&key, "name must be non-empty and unique");
         }
         if t.targets.is_empty() {
-            errs.push(format!("{key}.targets"), "list at least one `backend/model` target");
+            errs.push(
+                format!("{key}.targets"),
+                "list at least one `backend/model` target",
+            );
         }
         let mut ids = Vec::new();
         for spec in &t.targets {
             match find_target(spec) {
-                Ok(id) if ids.contains(&id) => errs.push(format!("{key}.targets"), format!("`{spec}` listed twice")),
+                Ok(id) if ids.contains(&id) => {
+                    errs.push(format!("{key}.targets"), format!("`{spec}` listed twice"))
+                }
                 Ok(id) => ids.push(id),
                 Err(e) => errs.push(format!("{key}.targets"), e),
             }
         }
-        tiers.push(Tier { name: t.name.clone(), rank, targets: ids });
+        tiers.push(Tier {
+            name: t.name.clone(),
+            rank,
+            targets: ids,
+        });
     }
     let tier_rank = |name: &str| file.tiers.iter().position(|t| t.name == name);
     let top = file.tiers.len().saturating_sub(1);
@@ -482,7 +539,10 @@ fn build(file: ConfigFile, env: &dyn Fn(&str) -> Option<String>) -> Result<Routi
     for (name, tier) in &file.categories {
         let key = format!("categories.{name}");
         match (Category::parse(name), tier_rank(tier)) {
-            (None, _) => errs.push(key, format!("unknown category; expected one of {}", category_names())),
+            (None, _) => errs.push(
+                key,
+                format!("unknown category; expected one of {}", category_names()),
+            ),
             (_, None) => errs.push(key, format!("unknown tier `{tier}`")),
             (Some(c), Some(r)) => category_tier[c.index()] = r,
         }
@@ -518,21 +578,35 @@ fn build(file: ConfigFile, env: &dyn Fn(&str) -> Option<String>) -> Result<Routi
             Some(r) => {
                 aliases.insert(name.clone(), r);
             }
-            None => errs.push(format!("aliases.{name}"), format!("`{to}` is neither a tier nor \"classify\"")),
+            None => errs.push(
+                format!("aliases.{name}"),
+                format!("`{to}` is neither a tier nor \"classify\""),
+            ),
         }
     }
 
     let mut models: ahash::AHashMap<String, Vec<usize>> = ahash::AHashMap::new();
     // Concrete models list their targets cheapest tier first, so failover moves up in cost.
     let mut by_rank: Vec<usize> = (0..targets.len()).collect();
-    let rank_of = |id: usize| tiers.iter().position(|t| t.targets.contains(&id)).unwrap_or(usize::MAX);
+    let rank_of = |id: usize| {
+        tiers
+            .iter()
+            .position(|t| t.targets.contains(&id))
+            .unwrap_or(usize::MAX)
+    };
     by_rank.sort_by_key(|&id| rank_of(id));
     for id in by_rank {
-        models.entry(targets[id].model.clone()).or_default().push(id);
+        models
+            .entry(targets[id].model.clone())
+            .or_default()
+            .push(id);
     }
     for name in models.keys() {
         if aliases.contains_key(name) {
-            errs.push(format!("aliases.{name}"), "also the name of a served model; rename the alias or the tier");
+            errs.push(
+                format!("aliases.{name}"),
+                "also the name of a served model; rename the alias or the tier",
+            );
         }
     }
 
@@ -566,19 +640,30 @@ fn build(file: ConfigFile, env: &dyn Fn(&str) -> Option<String>) -> Result<Routi
         for c in &r.when.category {
             match Category::parse(c) {
                 Some(c) => categories.push(c),
-                None => errs.push(format!("{key}.match.category"), format!("unknown category `{c}`")),
+                None => errs.push(
+                    format!("{key}.match.category"),
+                    format!("unknown category `{c}`"),
+                ),
             }
         }
         let mut priorities = Vec::new();
         for p in &r.when.priority {
             match Priority::parse(p) {
                 Some(p) => priorities.push(p),
-                None => errs.push(format!("{key}.match.priority"), format!("unknown priority `{p}`; expected interactive, normal, background or bulk")),
+                None => errs.push(
+                    format!("{key}.match.priority"),
+                    format!(
+                        "unknown priority `{p}`; expected interactive, normal, background or bulk"
+                    ),
+                ),
             }
         }
         for p in &r.when.path {
             if !p.starts_with('/') {
-                errs.push(format!("{key}.match.path"), format!("`{p}` must start with `/`"));
+                errs.push(
+                    format!("{key}.match.path"),
+                    format!("`{p}` must start with `/`"),
+                );
             }
         }
         rules.push(Rule {
@@ -603,7 +688,10 @@ fn build(file: ConfigFile, env: &dyn Fn(&str) -> Option<String>) -> Result<Routi
         errs.push("health.eject_after_failures", "must be at least 1");
     }
     if h.base_ejection_ms == 0 || h.max_ejection_ms < h.base_ejection_ms {
-        errs.push("health.max_ejection_ms", "must be at least base_ejection_ms, which must be > 0");
+        errs.push(
+            "health.max_ejection_ms",
+            "must be at least base_ejection_ms, which must be > 0",
+        );
     }
     if file.usage.channel_capacity == 0 {
         errs.push("usage.channel_capacity", "must be greater than 0");
@@ -641,7 +729,10 @@ fn build(file: ConfigFile, env: &dyn Fn(&str) -> Option<String>) -> Result<Routi
             base_ejection: Duration::from_millis(h.base_ejection_ms),
             max_ejection: Duration::from_millis(h.max_ejection_ms),
         },
-        usage: UsageSettings { channel_capacity: file.usage.channel_capacity, log_events: file.usage.log_events },
+        usage: UsageSettings {
+            channel_capacity: file.usage.channel_capacity,
+            log_events: file.usage.log_events,
+        },
         classifier,
     })
 }
@@ -664,7 +755,11 @@ fn category_names() -> String {
 pub fn default_category_rank(category: Category, tiers: usize) -> usize {
     let top = tiers.saturating_sub(1);
     let rank = match category {
-        Category::Extraction | Category::Classification | Category::Summarisation | Category::Translation | Category::Chat => 0,
+        Category::Extraction
+        | Category::Classification
+        | Category::Summarisation
+        | Category::Translation
+        | Category::Chat => 0,
         Category::Qa | Category::Other => 1,
         Category::Creative | Category::Code => tiers.saturating_sub(2).max(1),
         Category::Reasoning => top,
@@ -677,11 +772,32 @@ impl RoutingTable {
     pub fn describe(&self) -> String {
         let mut out = String::new();
         let l = &self.listener;
-        let _ = writeln!(out, "listener {} workers={} io_driver={} max_header_bytes={} max_body_bytes={}", l.address, l.workers, l.io_driver.as_str(), l.max_header_bytes, l.max_body_bytes);
+        let _ = writeln!(
+            out,
+            "listener {} workers={} io_driver={} max_header_bytes={} max_body_bytes={}",
+            l.address,
+            l.workers,
+            l.io_driver.as_str(),
+            l.max_header_bytes,
+            l.max_body_bytes
+        );
         let _ = writeln!(out, "backends:");
         for b in &self.backends {
-            let key = if b.api_key.is_some() { "api key set" } else { "no api key" };
-            let _ = writeln!(out, "  {} {}://{}{} ({key}, max_concurrency={}, weight={})", b.name, b.scheme.as_str(), b.authority, b.base_path, b.max_concurrency, b.weight);
+            let key = if b.api_key.is_some() {
+                "api key set"
+            } else {
+                "no api key"
+            };
+            let _ = writeln!(
+                out,
+                "  {} {}://{}{} ({key}, max_concurrency={}, weight={})",
+                b.name,
+                b.scheme.as_str(),
+                b.authority,
+                b.base_path,
+                b.max_concurrency,
+                b.weight
+            );
         }
         let _ = writeln!(out, "tiers (cheapest first):");
         for t in &self.tiers {
@@ -690,27 +806,45 @@ impl RoutingTable {
         }
         let _ = writeln!(out, "categories:");
         for c in Category::ALL {
-            let _ = writeln!(out, "  {c} -> {}", self.tiers[self.category_tier[c.index()]].name);
+            let _ = writeln!(
+                out,
+                "  {c} -> {}",
+                self.tiers[self.category_tier[c.index()]].name
+            );
         }
-        let _ = writeln!(out, "  long-context -> {}", self.tiers[self.long_context_tier].name);
+        let _ = writeln!(
+            out,
+            "  long-context -> {}",
+            self.tiers[self.long_context_tier].name
+        );
         let mut aliases: Vec<_> = self.aliases.iter().collect();
         aliases.sort_by(|a, b| a.0.cmp(b.0));
         let _ = writeln!(out, "aliases:");
         for (name, route) in aliases {
             match route {
                 AliasRoute::Classify => _ = writeln!(out, "  {name} -> classifier"),
-                AliasRoute::Tier(r) => _ = writeln!(out, "  {name} -> tier {}", self.tiers[*r].name),
+                AliasRoute::Tier(r) => {
+                    _ = writeln!(out, "  {name} -> tier {}", self.tiers[*r].name)
+                }
             }
         }
         let _ = writeln!(out, "rules (first match wins):");
         for r in &self.rules {
             let to = match &r.action {
                 RuleAction::Tier(t) => format!("tier {}", self.tiers[*t].name),
-                RuleAction::Targets(ids) => ids.iter().map(|&id| self.target_name(id)).collect::<Vec<_>>().join(", "),
+                RuleAction::Targets(ids) => ids
+                    .iter()
+                    .map(|&id| self.target_name(id))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             };
             let _ = writeln!(out, "  {} -> {to}", r.name);
         }
-        let _ = writeln!(out, "unknown models: {:?}; max attempts: {}", self.unknown_model, self.max_attempts);
+        let _ = writeln!(
+            out,
+            "unknown models: {:?}; max attempts: {}",
+            self.unknown_model, self.max_attempts
+        );
         out
     }
 
@@ -741,7 +875,9 @@ targets = ["local/org/big:latest"]
 "#;
 
     fn load(text: &str) -> Result<RoutingTable, Vec<String>> {
-        load_str(text, "test.toml", &|name| (name == "SET_KEY").then(|| "sk-secret".to_string()))
+        load_str(text, "test.toml", &|name| {
+            (name == "SET_KEY").then(|| "sk-secret".to_string())
+        })
     }
 
     #[test]
@@ -768,34 +904,68 @@ targets = ["local/org/big:latest"]
 
     #[test]
     fn every_semantic_error_is_reported_at_once() {
-        let text = MINIMAL.replace("local/small-model", "nope/small-model").replace("name = \"large\"", "name = \"small\"")
+        let text = MINIMAL
+            .replace("local/small-model", "nope/small-model")
+            .replace("name = \"large\"", "name = \"small\"")
             + "\n[categories]\ncode = \"huge\"\n[routing]\nmax_attempts = 0\n";
         let err = load(&text).unwrap_err();
         let all = err.join("\n");
         assert!(all.contains("unknown backend `nope`"), "{all}");
         assert!(all.contains("name must be non-empty and unique"), "{all}");
-        assert!(all.contains("categories.code: unknown tier `huge`"), "{all}");
+        assert!(
+            all.contains("categories.code: unknown tier `huge`"),
+            "{all}"
+        );
         assert!(all.contains("routing.max_attempts"), "{all}");
         assert!(err.iter().all(|e| e.starts_with("test.toml: ")));
     }
 
     #[test]
     fn api_key_comes_from_the_environment_only() {
-        let with_key = MINIMAL.replace("url = \"http://127.0.0.1:8000\"", "url = \"https://api.example.com/v1\"\napi_key_env = \"SET_KEY\"");
+        let with_key = MINIMAL.replace(
+            "url = \"http://127.0.0.1:8000\"",
+            "url = \"https://api.example.com/v1\"\napi_key_env = \"SET_KEY\"",
+        );
         let t = load(&with_key).unwrap();
         let b = &t.backends[0];
         assert_eq!(b.api_key.as_deref(), Some("sk-secret"));
-        assert_eq!((b.port, b.authority.as_str(), b.base_path.as_str()), (443, "api.example.com", "/v1"));
-        assert!(!format!("{b:?}").contains("sk-secret"), "Debug must redact the key");
+        assert_eq!(
+            (b.port, b.authority.as_str(), b.base_path.as_str()),
+            (443, "api.example.com", "/v1")
+        );
+        assert!(
+            !format!("{b:?}").contains("sk-secret"),
+            "Debug must redact the key"
+        );
         let missing = with_key.replace("SET_KEY", "UNSET_KEY");
         let err = load(&missing).unwrap_err().join("\n");
-        assert!(err.contains("api_key_env: environment variable `UNSET_KEY` is not set"), "{err}");
+        assert!(
+            err.contains("api_key_env: environment variable `UNSET_KEY` is not set"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../examples/switchyard.toml");
+        let t = load_str(text, "examples/switchyard.toml", &|name| {
+            (name == "OPENAI_API_KEY").then(|| "sk-x".to_string())
+        })
+        .unwrap();
+        assert_eq!(t.tiers.len(), 3);
+        assert_eq!(t.rules.len(), 2);
     }
 
     #[test]
     fn backend_urls_parse_or_fail_clearly() {
-        assert_eq!(parse_backend_url("http://[::1]:9000/x/").unwrap(), (Scheme::Http, "::1".into(), 9000, "/x".into()));
-        assert_eq!(parse_backend_url("https://h").unwrap(), (Scheme::Https, "h".into(), 443, String::new()));
+        assert_eq!(
+            parse_backend_url("http://[::1]:9000/x/").unwrap(),
+            (Scheme::Http, "::1".into(), 9000, "/x".into())
+        );
+        assert_eq!(
+            parse_backend_url("https://h").unwrap(),
+            (Scheme::Https, "h".into(), 443, String::new())
+        );
         assert!(parse_backend_url("ftp://h").is_err());
         assert!(parse_backend_url("http://h:99999").is_err());
         assert!(parse_backend_url("http://:80").is_err());
@@ -816,6 +986,9 @@ targets = ["local/org/big:latest"]
         let text = format!("{MINIMAL}\n[[rules]]\nname = \"r\"\ntier = \"small\"\ntargets = [\"local/small-model\"]\n[[rules]]\nname = \"p\"\ntier = \"large\"\nmatch = {{ priority = [\"urgent\"], category = [\"code\"] }}\n");
         let err = load(&text).unwrap_err().join("\n");
         assert!(err.contains("rules[0] (r): set exactly one"), "{err}");
-        assert!(err.contains("rules[1] (p).match.priority: unknown priority `urgent`"), "{err}");
+        assert!(
+            err.contains("rules[1] (p).match.priority: unknown priority `urgent`"),
+            "{err}"
+        );
     }
 }

@@ -53,7 +53,12 @@ impl ErrorKind {
             InvalidJson => (400, "invalid_request_error", "invalid_json", Retry::No),
             InvalidRequest => (400, "invalid_request_error", "invalid_request", Retry::No),
             UnknownPath => (404, "invalid_request_error", "unknown_url", Retry::No),
-            MethodNotAllowed => (405, "invalid_request_error", "method_not_allowed", Retry::No),
+            MethodNotAllowed => (
+                405,
+                "invalid_request_error",
+                "method_not_allowed",
+                Retry::No,
+            ),
             ModelNotFound => (404, "invalid_request_error", "model_not_found", Retry::No),
             NoHealthyTarget => (503, "api_error", "no_healthy_upstream", Retry::No),
             UpstreamConnect => (502, "api_error", "upstream_connect_failed", Retry::Yes),
@@ -122,10 +127,23 @@ mod tests {
     fn every_body_is_openai_shaped_json() {
         use ErrorKind::*;
         for kind in [
-            MalformedHttp, AmbiguousLength, HeaderTooLarge, BodyTooLarge, InvalidJson,
-            InvalidRequest, UnknownPath, MethodNotAllowed, ModelNotFound, NoHealthyTarget,
-            UpstreamConnect, UpstreamTimeout, UpstreamProtocol, UpstreamStatus, UpstreamBroken,
-            ClientTimeout, ShuttingDown,
+            MalformedHttp,
+            AmbiguousLength,
+            HeaderTooLarge,
+            BodyTooLarge,
+            InvalidJson,
+            InvalidRequest,
+            UnknownPath,
+            MethodNotAllowed,
+            ModelNotFound,
+            NoHealthyTarget,
+            UpstreamConnect,
+            UpstreamTimeout,
+            UpstreamProtocol,
+            UpstreamStatus,
+            UpstreamBroken,
+            ClientTimeout,
+            ShuttingDown,
         ] {
             let body = kind.body("bad \"thing\"\n\u{1}", Some("messages"));
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -54,7 +54,11 @@ pub struct RequestError {
 
 impl RequestError {
     fn invalid(message: impl Into<String>, param: &'static str) -> Self {
-        RequestError { kind: ErrorKind::InvalidRequest, message: message.into(), param: Some(param) }
+        RequestError {
+            kind: ErrorKind::InvalidRequest,
+            message: message.into(),
+            param: Some(param),
+        }
     }
 
     fn from_serde(e: serde_json::Error) -> Self {
@@ -66,7 +70,11 @@ impl RequestError {
             ErrorKind::InvalidJson => format!("request body is not valid JSON: {e}"),
             _ => format!("invalid request body: {e}"),
         };
-        RequestError { kind, message, param: None }
+        RequestError {
+            kind,
+            message,
+            param: None,
+        }
     }
 }
 
@@ -149,12 +157,17 @@ fn push_content(out: &mut String, content: Option<&RawValue>) -> Result<usize, R
     let before = out.len();
     match raw.get().as_bytes().first() {
         Some(b'"') => {
-            let text: Cow<str> = serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
+            let text: Cow<str> =
+                serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
             out.push_str(&text);
         }
         Some(b'[') => {
-            let parts: Vec<Part> = serde_json::from_str(raw.get())
-                .map_err(|e| RequestError::invalid(format!("message content parts must be objects: {e}"), "messages"))?;
+            let parts: Vec<Part> = serde_json::from_str(raw.get()).map_err(|e| {
+                RequestError::invalid(
+                    format!("message content parts must be objects: {e}"),
+                    "messages",
+                )
+            })?;
             for text in parts.iter().filter_map(|p| p.text.as_deref()) {
                 if out.len() > before {
                     out.push('\n');
@@ -163,7 +176,12 @@ fn push_content(out: &mut String, content: Option<&RawValue>) -> Result<usize, R
             }
         }
         Some(b'n') => {}
-        _ => return Err(RequestError::invalid("message content must be a string, an array of parts or null", "messages")),
+        _ => {
+            return Err(RequestError::invalid(
+                "message content must be a string, an array of parts or null",
+                "messages",
+            ))
+        }
     }
     Ok(out.len() - before)
 }
@@ -183,13 +201,17 @@ impl<'a> RequestView<'a> {
         view.stream = top.stream.unwrap_or(false);
         if let Some(raw) = top.stream_options {
             if raw.get() != "null" {
-                let opts: StreamOptions = serde_json::from_str(raw.get())
-                    .map_err(|_| RequestError::invalid("`stream_options` must be an object", "stream_options"))?;
+                let opts: StreamOptions = serde_json::from_str(raw.get()).map_err(|_| {
+                    RequestError::invalid("`stream_options` must be an object", "stream_options")
+                })?;
                 view.caller_wants_usage = opts.include_usage == Some(true);
                 view.stream_options_span = Some(span_of(body, raw));
             }
         }
-        view.has_tools = [top.tools, top.functions].into_iter().flatten().any(|raw| raw.get() != "null" && raw.get() != "[]");
+        view.has_tools = [top.tools, top.functions]
+            .into_iter()
+            .flatten()
+            .any(|raw| raw.get() != "null" && raw.get() != "[]");
         if let Some(raw) = top.response_format {
             if let Ok(rf) = serde_json::from_str::<ResponseFormat>(raw.get()) {
                 view.json_output = rf.kind.starts_with("json");
@@ -203,7 +225,10 @@ impl<'a> RequestView<'a> {
         };
         let field = endpoint.required_field();
         let Some(raw) = required.filter(|r| r.get() != "null") else {
-            return Err(RequestError::invalid(format!("missing required parameter `{field}`"), field));
+            return Err(RequestError::invalid(
+                format!("missing required parameter `{field}`"),
+                field,
+            ));
         };
         match endpoint {
             Endpoint::ChatCompletions => view.read_messages(raw)?,
@@ -215,10 +240,16 @@ impl<'a> RequestView<'a> {
 
     fn read_messages(&mut self, raw: &RawValue) -> Result<(), RequestError> {
         let messages: Vec<Message> = serde_json::from_str(raw.get()).map_err(|e| {
-            RequestError::invalid(format!("`messages` must be an array of objects with a string `role`: {e}"), "messages")
+            RequestError::invalid(
+                format!("`messages` must be an array of objects with a string `role`: {e}"),
+                "messages",
+            )
         })?;
         if messages.is_empty() {
-            return Err(RequestError::invalid("`messages` must not be empty", "messages"));
+            return Err(RequestError::invalid(
+                "`messages` must not be empty",
+                "messages",
+            ));
         }
         let last_user = messages.iter().rposition(|m| m.role == "user");
         for (i, m) in messages.iter().enumerate() {
@@ -245,24 +276,37 @@ impl<'a> RequestView<'a> {
     fn read_prompt(&mut self, raw: &RawValue, field: &'static str) -> Result<(), RequestError> {
         match raw.get().as_bytes().first() {
             Some(b'"') => {
-                let text: Cow<str> = serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
+                let text: Cow<str> =
+                    serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
                 self.last_user.push_str(&text);
             }
             // Arrays of strings are joined; token-id arrays carry no text to classify.
             Some(b'[') => {
-                let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
+                let items: Vec<&RawValue> =
+                    serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
                 for item in items {
                     if let Ok(text) = serde_json::from_str::<Cow<str>>(item.get()) {
                         if !self.last_user.is_empty() {
                             self.last_user.push('\n');
                         }
                         self.last_user.push_str(&text);
-                    } else if !item.get().starts_with(|c: char| c == '[' || c == '-' || c.is_ascii_digit()) {
-                        return Err(RequestError::invalid(format!("`{field}` must be a string, an array of strings or token ids"), field));
+                    } else if !item
+                        .get()
+                        .starts_with(|c: char| c == '[' || c == '-' || c.is_ascii_digit())
+                    {
+                        return Err(RequestError::invalid(
+                            format!("`{field}` must be a string, an array of strings or token ids"),
+                            field,
+                        ));
                     }
                 }
             }
-            _ => return Err(RequestError::invalid(format!("`{field}` must be a string or an array"), field)),
+            _ => {
+                return Err(RequestError::invalid(
+                    format!("`{field}` must be a string or an array"),
+                    field,
+                ))
+            }
         }
         self.total_chars = self.last_user.len();
         Ok(())
@@ -368,7 +412,10 @@ pub fn parse_usage(json: &[u8]) -> Option<TokenUsage> {
     Some(TokenUsage {
         prompt: u.prompt_tokens,
         completion: u.completion_tokens,
-        cached: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+        cached: u
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0),
     })
 }
 
@@ -404,28 +451,108 @@ mod tests {
     #[test]
     fn bad_bodies_are_classified() {
         let cases = [
-            (Endpoint::ChatCompletions, "{not json", ErrorKind::InvalidJson, None),
+            (
+                Endpoint::ChatCompletions,
+                "{not json",
+                ErrorKind::InvalidJson,
+                None,
+            ),
             (Endpoint::ChatCompletions, "", ErrorKind::InvalidJson, None),
-            (Endpoint::ChatCompletions, "[1,2]", ErrorKind::InvalidRequest, None),
-            (Endpoint::ChatCompletions, r#"{"model":"x"}"#, ErrorKind::InvalidRequest, Some("messages")),
-            (Endpoint::ChatCompletions, r#"{"messages":"hi"}"#, ErrorKind::InvalidRequest, Some("messages")),
-            (Endpoint::ChatCompletions, r#"{"messages":[]}"#, ErrorKind::InvalidRequest, Some("messages")),
-            (Endpoint::ChatCompletions, r#"{"messages":[{"content":"x"}]}"#, ErrorKind::InvalidRequest, Some("messages")),
-            (Endpoint::ChatCompletions, r#"{"messages":[{"role":"user","content":5}]}"#, ErrorKind::InvalidRequest, Some("messages")),
-            (Endpoint::ChatCompletions, r#"{"model":5,"messages":[{"role":"user","content":"x"}]}"#, ErrorKind::InvalidRequest, Some("model")),
-            (Endpoint::ChatCompletions, r#"{"stream":"yes","messages":[{"role":"user","content":"x"}]}"#, ErrorKind::InvalidRequest, None),
-            (Endpoint::ChatCompletions, r#"{"max_tokens":-1,"messages":[{"role":"user","content":"x"}]}"#, ErrorKind::InvalidRequest, None),
-            (Endpoint::ChatCompletions, r#"{"model":"a","model":"b","messages":[{"role":"user","content":"x"}]}"#, ErrorKind::InvalidRequest, None),
-            (Endpoint::Completions, r#"{"model":"x"}"#, ErrorKind::InvalidRequest, Some("prompt")),
-            (Endpoint::Completions, r#"{"prompt":{"a":1}}"#, ErrorKind::InvalidRequest, Some("prompt")),
-            (Endpoint::Embeddings, r#"{"input":null}"#, ErrorKind::InvalidRequest, Some("input")),
+            (
+                Endpoint::ChatCompletions,
+                "[1,2]",
+                ErrorKind::InvalidRequest,
+                None,
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"model":"x"}"#,
+                ErrorKind::InvalidRequest,
+                Some("messages"),
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"messages":"hi"}"#,
+                ErrorKind::InvalidRequest,
+                Some("messages"),
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"messages":[]}"#,
+                ErrorKind::InvalidRequest,
+                Some("messages"),
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"messages":[{"content":"x"}]}"#,
+                ErrorKind::InvalidRequest,
+                Some("messages"),
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"messages":[{"role":"user","content":5}]}"#,
+                ErrorKind::InvalidRequest,
+                Some("messages"),
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"model":5,"messages":[{"role":"user","content":"x"}]}"#,
+                ErrorKind::InvalidRequest,
+                Some("model"),
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"stream":"yes","messages":[{"role":"user","content":"x"}]}"#,
+                ErrorKind::InvalidRequest,
+                None,
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"max_tokens":-1,"messages":[{"role":"user","content":"x"}]}"#,
+                ErrorKind::InvalidRequest,
+                None,
+            ),
+            (
+                Endpoint::ChatCompletions,
+                r#"{"model":"a","model":"b","messages":[{"role":"user","content":"x"}]}"#,
+                ErrorKind::InvalidRequest,
+                None,
+            ),
+            (
+                Endpoint::Completions,
+                r#"{"model":"x"}"#,
+                ErrorKind::InvalidRequest,
+                Some("prompt"),
+            ),
+            (
+                Endpoint::Completions,
+                r#"{"prompt":{"a":1}}"#,
+                ErrorKind::InvalidRequest,
+                Some("prompt"),
+            ),
+            (
+                Endpoint::Embeddings,
+                r#"{"input":null}"#,
+                ErrorKind::InvalidRequest,
+                Some("input"),
+            ),
         ];
         for (endpoint, body, kind, param) in cases {
             let err = parse(endpoint, body).expect_err(body);
-            assert_eq!((err.kind, err.param), (kind, param), "{body}: {}", err.message);
+            assert_eq!(
+                (err.kind, err.param),
+                (kind, param),
+                "{body}: {}",
+                err.message
+            );
         }
         // A trailing garbage byte is invalid JSON even after a valid object.
-        assert_eq!(parse(Endpoint::Embeddings, r#"{"input":"x"} x"#).unwrap_err().kind, ErrorKind::InvalidJson);
+        assert_eq!(
+            parse(Endpoint::Embeddings, r#"{"input":"x"} x"#)
+                .unwrap_err()
+                .kind,
+            ErrorKind::InvalidJson
+        );
     }
 
     #[test]
@@ -441,7 +568,8 @@ mod tests {
         let body = r#"{"messages":[{"role":"user","content":"x"}],"stream":true}"#;
         let v = parse(Endpoint::ChatCompletions, body).unwrap();
         assert!(v.model.is_none());
-        let out: serde_json::Value = serde_json::from_slice(&v.rewrite(body.as_bytes(), "m", true)).unwrap();
+        let out: serde_json::Value =
+            serde_json::from_slice(&v.rewrite(body.as_bytes(), "m", true)).unwrap();
         assert_eq!(out["model"], "m");
         assert_eq!(out["stream_options"]["include_usage"], true);
         assert_eq!(out["messages"][0]["content"], "x");
@@ -452,25 +580,54 @@ mod tests {
         let body = r#"{"model":"a","stream":true,"stream_options":{"continuous_usage_stats":true},"prompt":"p"}"#;
         let v = parse(Endpoint::Completions, body).unwrap();
         assert!(v.needs_injected_usage(Endpoint::Completions));
-        let out: serde_json::Value = serde_json::from_slice(&v.rewrite(body.as_bytes(), "b", true)).unwrap();
-        assert_eq!(out["stream_options"], serde_json::json!({"continuous_usage_stats": true, "include_usage": true}));
+        let out: serde_json::Value =
+            serde_json::from_slice(&v.rewrite(body.as_bytes(), "b", true)).unwrap();
+        assert_eq!(
+            out["stream_options"],
+            serde_json::json!({"continuous_usage_stats": true, "include_usage": true})
+        );
         assert_eq!(out["model"], "b");
-        let asked = r#"{"model":"a","stream":true,"stream_options":{"include_usage":true},"prompt":"p"}"#;
-        assert!(!parse(Endpoint::Completions, asked).unwrap().needs_injected_usage(Endpoint::Completions));
+        let asked =
+            r#"{"model":"a","stream":true,"stream_options":{"include_usage":true},"prompt":"p"}"#;
+        assert!(!parse(Endpoint::Completions, asked)
+            .unwrap()
+            .needs_injected_usage(Endpoint::Completions));
     }
 
     #[test]
     fn prompts_and_inputs_accept_openai_shapes() {
-        assert_eq!(parse(Endpoint::Completions, r#"{"prompt":["a","b"]}"#).unwrap().last_user, "a\nb");
-        assert_eq!(parse(Endpoint::Completions, r#"{"prompt":[1,2,3]}"#).unwrap().last_user, "");
-        assert_eq!(parse(Endpoint::Embeddings, r#"{"input":[[1,2],[3]]}"#).unwrap().last_user, "");
+        assert_eq!(
+            parse(Endpoint::Completions, r#"{"prompt":["a","b"]}"#)
+                .unwrap()
+                .last_user,
+            "a\nb"
+        );
+        assert_eq!(
+            parse(Endpoint::Completions, r#"{"prompt":[1,2,3]}"#)
+                .unwrap()
+                .last_user,
+            ""
+        );
+        assert_eq!(
+            parse(Endpoint::Embeddings, r#"{"input":[[1,2],[3]]}"#)
+                .unwrap()
+                .last_user,
+            ""
+        );
         assert!(parse(Endpoint::Embeddings, r#"{"input":[true]}"#).is_err());
     }
 
     #[test]
     fn usage_is_read_with_cached_tokens() {
         let u = parse_usage(br#"{"id":"x","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":3,"total_tokens":13,"prompt_tokens_details":{"cached_tokens":4}}}"#);
-        assert_eq!(u, Some(TokenUsage { prompt: 10, cached: 4, completion: 3 }));
+        assert_eq!(
+            u,
+            Some(TokenUsage {
+                prompt: 10,
+                cached: 4,
+                completion: 3
+            })
+        );
         assert_eq!(parse_usage(br#"{"usage":null}"#), None);
         assert_eq!(parse_usage(b"not json"), None);
         assert_eq!(estimate_tokens(9), 3);

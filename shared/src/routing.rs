@@ -88,7 +88,15 @@ impl fmt::Debug for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Backend")
             .field("name", &self.name)
-            .field("url", &format_args!("{}://{}{}", self.scheme.as_str(), self.authority, self.base_path))
+            .field(
+                "url",
+                &format_args!(
+                    "{}://{}{}",
+                    self.scheme.as_str(),
+                    self.authority,
+                    self.base_path
+                ),
+            )
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .finish_non_exhaustive()
     }
@@ -246,23 +254,41 @@ impl RoutingTable {
     /// (concrete, alias, or unknown), then the classifier's category.
     pub fn decide<'t>(&'t self, facts: &RequestFacts<'_>) -> Result<Decision<'t>, RouteError> {
         if let Some(name) = facts.pinned_tier {
-            let rank = self.tiers.iter().position(|t| t.name == name).ok_or_else(|| RouteError::UnknownTier(name.to_string()))?;
-            return Ok(Decision { plan: Plan::FromTier(rank), rule: "header:x-switchyard-tier" });
+            let rank = self
+                .tiers
+                .iter()
+                .position(|t| t.name == name)
+                .ok_or_else(|| RouteError::UnknownTier(name.to_string()))?;
+            return Ok(Decision {
+                plan: Plan::FromTier(rank),
+                rule: "header:x-switchyard-tier",
+            });
         }
         if let Some(rule) = self.rules.iter().find(|r| r.when.matches(facts)) {
             let plan = match &rule.action {
                 RuleAction::Tier(rank) => Plan::FromTier(*rank),
                 RuleAction::Targets(ids) => Plan::Targets(ids),
             };
-            return Ok(Decision { plan, rule: &rule.name });
+            return Ok(Decision {
+                plan,
+                rule: &rule.name,
+            });
         }
         if let Some(ids) = self.models.get(facts.model) {
-            return Ok(Decision { plan: Plan::Targets(ids), rule: "model" });
+            return Ok(Decision {
+                plan: Plan::Targets(ids),
+                rule: "model",
+            });
         }
         match self.aliases.get(facts.model) {
-            Some(AliasRoute::Tier(rank)) => Ok(Decision { plan: Plan::FromTier(*rank), rule: "alias" }),
+            Some(AliasRoute::Tier(rank)) => Ok(Decision {
+                plan: Plan::FromTier(*rank),
+                rule: "alias",
+            }),
             Some(AliasRoute::Classify) => Ok(self.by_category(facts)),
-            None if self.unknown_model == UnknownModel::Classify && facts.classified => Ok(self.by_category(facts)),
+            None if self.unknown_model == UnknownModel::Classify && facts.classified => {
+                Ok(self.by_category(facts))
+            }
             None => Err(RouteError::UnknownModel(facts.model.to_string())),
         }
     }
@@ -281,7 +307,10 @@ impl RoutingTable {
             rank = self.long_context_tier;
             rule = "category:long-context";
         }
-        Decision { plan: Plan::FromTier(rank), rule }
+        Decision {
+            plan: Plan::FromTier(rank),
+            rule,
+        }
     }
 
     /// The target groups of a plan in failover order.
@@ -290,12 +319,16 @@ impl RoutingTable {
             Plan::FromTier(rank) => (&self.tiers[rank..], None),
             Plan::Targets(ids) => (&[], Some(ids)),
         };
-        fixed.into_iter().chain(tiers.iter().map(|t| t.targets.as_slice()))
+        fixed
+            .into_iter()
+            .chain(tiers.iter().map(|t| t.targets.as_slice()))
     }
 
     pub fn tier_of_plan(&self, plan: Plan<'_>, target: usize) -> Option<&Tier> {
         match plan {
-            Plan::FromTier(rank) => self.tiers[rank..].iter().find(|t| t.targets.contains(&target)),
+            Plan::FromTier(rank) => self.tiers[rank..]
+                .iter()
+                .find(|t| t.targets.contains(&target)),
             Plan::Targets(_) => self.tiers.iter().find(|t| t.targets.contains(&target)),
         }
     }
@@ -357,7 +390,13 @@ targets = ["a/l"]
         assert_eq!(d.plan, Plan::FromTier(0));
         let mut f = facts("auto", Category::Extraction);
         f.alternative = Some(Category::Reasoning);
-        assert_eq!(t.decide(&f).unwrap(), Decision { plan: Plan::FromTier(2), rule: "category:ambiguous-higher" });
+        assert_eq!(
+            t.decide(&f).unwrap(),
+            Decision {
+                plan: Plan::FromTier(2),
+                rule: "category:ambiguous-higher"
+            }
+        );
         f.alternative = None;
         f.long_context = true;
         assert_eq!(t.decide(&f).unwrap().plan, Plan::FromTier(2));
@@ -369,23 +408,45 @@ targets = ["a/l"]
         let mut f = facts("l", Category::Chat);
         assert_eq!(t.decide(&f).unwrap().rule, "model");
         f.service = "etl";
-        assert_eq!(t.decide(&f).unwrap().rule, "model", "rule needs both service and priority");
+        assert_eq!(
+            t.decide(&f).unwrap().rule,
+            "model",
+            "rule needs both service and priority"
+        );
         f.priority = Priority::Bulk;
-        assert_eq!(t.decide(&f).unwrap(), Decision { plan: Plan::FromTier(1), rule: "etl" });
+        assert_eq!(
+            t.decide(&f).unwrap(),
+            Decision {
+                plan: Plan::FromTier(1),
+                rule: "etl"
+            }
+        );
         f.pinned_tier = Some("small");
         assert_eq!(t.decide(&f).unwrap().plan, Plan::FromTier(0));
         f.pinned_tier = Some("nope");
         assert_eq!(t.decide(&f), Err(RouteError::UnknownTier("nope".into())));
-        assert_eq!(t.decide(&facts("smart", Category::Chat)).unwrap().plan, Plan::FromTier(2));
-        assert_eq!(t.decide(&facts("medium", Category::Chat)).unwrap().plan, Plan::FromTier(1));
+        assert_eq!(
+            t.decide(&facts("smart", Category::Chat)).unwrap().plan,
+            Plan::FromTier(2)
+        );
+        assert_eq!(
+            t.decide(&facts("medium", Category::Chat)).unwrap().plan,
+            Plan::FromTier(1)
+        );
     }
 
     #[test]
     fn unknown_models_classify_or_reject() {
         let t = table("");
-        assert_eq!(t.decide(&facts("gpt-4o", Category::Code)).unwrap().plan, Plan::FromTier(1));
+        assert_eq!(
+            t.decide(&facts("gpt-4o", Category::Code)).unwrap().plan,
+            Plan::FromTier(1)
+        );
         let t = table("[routing]\nunknown_model = \"reject\"\n");
-        assert_eq!(t.decide(&facts("gpt-4o", Category::Code)), Err(RouteError::UnknownModel("gpt-4o".into())));
+        assert_eq!(
+            t.decide(&facts("gpt-4o", Category::Code)),
+            Err(RouteError::UnknownModel("gpt-4o".into()))
+        );
     }
 
     #[test]
@@ -399,11 +460,19 @@ targets = ["a/l"]
 
     #[test]
     fn cost_is_integer_micros_rounded_up() {
-        let p = Price { input_micros_per_mtok: 150_000, cached_input_micros_per_mtok: 75_000, output_micros_per_mtok: 600_000 };
+        let p = Price {
+            input_micros_per_mtok: 150_000,
+            cached_input_micros_per_mtok: 75_000,
+            output_micros_per_mtok: 600_000,
+        };
         // 1000 * 0.15 + 0 + 500 * 0.6 = 150 + 300 micro-dollars... per 1M: (1000*150000 + 500*600000)/1e6
         assert_eq!(p.cost_micros(1000, 0, 500), 450);
         assert_eq!(p.cost_micros(1000, 1000, 0), 75);
-        assert_eq!(p.cost_micros(1, 0, 0), 1, "a fraction of a micro-dollar rounds up");
+        assert_eq!(
+            p.cost_micros(1, 0, 0),
+            1,
+            "a fraction of a micro-dollar rounds up"
+        );
         assert_eq!(p.cost_micros(0, 5, 0), 0, "cached is clamped to prompt");
     }
 }

@@ -19,7 +19,11 @@ use switchyard_dataplane::conn::{read_body, read_head, Client, HeadError};
 use switchyard_shared::routing::Listener;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "switchyard-sim", version, about = "OpenAI-compatible backend simulator with fault injection")]
+#[command(
+    name = "switchyard-sim",
+    version,
+    about = "OpenAI-compatible backend simulator with fault injection"
+)]
 pub struct SimConfig {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:9000")]
@@ -139,36 +143,48 @@ pub fn spawn(config: SimConfig) -> io::Result<SocketAddr> {
         let config = config.clone();
         let last_request = last_request.clone();
         let ready = ready_tx.clone();
-        std::thread::Builder::new().name(format!("sim-{id}")).spawn(move || {
-            let sim = Rc::new(Sim { config, seq: Cell::new(0), rng: Cell::new(0x853c_49e6_748f_ea9b ^ (id as u64 + 1)), last_request });
-            let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready.send(Err(e));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let opts = ListenerOpts::new().reuse_port(true).backlog(4096);
-                let listener = match TcpListener::bind_with_config(address, &opts) {
-                    Ok(l) => l,
+        std::thread::Builder::new()
+            .name(format!("sim-{id}"))
+            .spawn(move || {
+                let sim = Rc::new(Sim {
+                    config,
+                    seq: Cell::new(0),
+                    rng: Cell::new(0x853c_49e6_748f_ea9b ^ (id as u64 + 1)),
+                    last_request,
+                });
+                let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                    .enable_timer()
+                    .build()
+                {
+                    Ok(rt) => rt,
                     Err(e) => {
                         let _ = ready.send(Err(e));
                         return;
                     }
                 };
-                let _ = ready.send(Ok(()));
-                loop {
-                    if let Ok((stream, _)) = listener.accept().await {
-                        monoio::spawn(serve(sim.clone(), stream));
+                rt.block_on(async move {
+                    let opts = ListenerOpts::new().reuse_port(true).backlog(4096);
+                    let listener = match TcpListener::bind_with_config(address, &opts) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready.send(Ok(()));
+                    loop {
+                        if let Ok((stream, _)) = listener.accept().await {
+                            monoio::spawn(serve(sim.clone(), stream));
+                        }
                     }
-                }
-            });
-        })?;
+                });
+            })?;
     }
     drop(ready_tx);
     for _ in 0..config.workers.max(1) {
-        ready_rx.recv().map_err(|_| io::Error::other("simulator thread died"))??;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("simulator thread died"))??;
     }
     Ok(address)
 }
@@ -189,14 +205,19 @@ fn limits() -> Listener {
 
 async fn serve(sim: Rc<Sim>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let mut client = Client { stream, buf: Vec::with_capacity(8192) };
+    let mut client = Client {
+        stream,
+        buf: Vec::with_capacity(8192),
+    };
     let limits = limits();
     loop {
         let head = match read_head(&mut client, &limits).await {
             Ok(h) => h,
             Err(HeadError::Closed) | Err(HeadError::Bad(_)) => return,
         };
-        let Ok(body) = read_body(&mut client, &head, &limits).await else { return };
+        let Ok(body) = read_body(&mut client, &head, &limits).await else {
+            return;
+        };
         if sim.config.record && head.method == Method::Post {
             let mut rec = head_text(&head).into_bytes();
             rec.extend_from_slice(&body);
@@ -211,7 +232,11 @@ async fn serve(sim: Rc<Sim>, stream: TcpStream) {
 fn head_text(head: &Head) -> String {
     let mut s = format!("{}\n", head.target());
     for (n, v) in head.headers() {
-        s.push_str(&format!("{}: {}\n", String::from_utf8_lossy(n), String::from_utf8_lossy(v)));
+        s.push_str(&format!(
+            "{}: {}\n",
+            String::from_utf8_lossy(n),
+            String::from_utf8_lossy(v)
+        ));
     }
     s.push('\n');
     s
@@ -265,7 +290,11 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
         Fault::ResetBeforeHead => return false,
         Fault::Status(status) => {
             let body = format!("{{\"error\":{{\"message\":\"simulated failure from {}\",\"type\":\"server_error\",\"param\":null,\"code\":{status}}}}}", c.name);
-            return write(client, response(status, "application/json", body.as_bytes(), &c.name)).await;
+            return write(
+                client,
+                response(status, "application/json", body.as_bytes(), &c.name),
+            )
+            .await;
         }
         _ => {}
     }
@@ -273,7 +302,11 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
     sim.seq.set(n);
     let model = req["model"].as_str().unwrap_or("sim").to_string();
     let prompt_tokens = (body.len() as u64).div_ceil(4);
-    let completion = req["max_tokens"].as_u64().or(req["max_completion_tokens"].as_u64()).map_or(c.completion_tokens, |m| m.min(c.completion_tokens)).max(1);
+    let completion = req["max_tokens"]
+        .as_u64()
+        .or(req["max_completion_tokens"].as_u64())
+        .map_or(c.completion_tokens, |m| m.min(c.completion_tokens))
+        .max(1);
     let path = head.path();
     if path == "/v1/embeddings" {
         let inputs = match &req["input"] {
@@ -282,7 +315,16 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
         };
         let data: Vec<_> = (0..inputs).map(|i| serde_json::json!({"object": "embedding", "index": i, "embedding": [0.1, -0.2, 0.3, 0.05]})).collect();
         let out = serde_json::json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}});
-        return write(client, response(200, "application/json", &serde_json::to_vec(&out).unwrap_or_default(), &c.name)).await;
+        return write(
+            client,
+            response(
+                200,
+                "application/json",
+                &serde_json::to_vec(&out).unwrap_or_default(),
+                &c.name,
+            ),
+        )
+        .await;
     }
     let chat = path == "/v1/chat/completions";
     let usage = serde_json::json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion});
@@ -293,27 +335,78 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
         } else {
             serde_json::json!({"index": 0, "text": text, "finish_reason": "stop"})
         };
-        let object = if chat { "chat.completion" } else { "text_completion" };
+        let object = if chat {
+            "chat.completion"
+        } else {
+            "text_completion"
+        };
         let out = serde_json::json!({"id": format!("cmpl-{}-{n}", c.name), "object": object, "created": 1_700_000_000, "model": model, "choices": [choice], "usage": usage});
-        return write(client, response(200, "application/json", &serde_json::to_vec(&out).unwrap_or_default(), &c.name)).await;
+        return write(
+            client,
+            response(
+                200,
+                "application/json",
+                &serde_json::to_vec(&out).unwrap_or_default(),
+                &c.name,
+            ),
+        )
+        .await;
     }
-    let include_usage = req["stream_options"]["include_usage"].as_bool().unwrap_or(false);
-    stream_answer(sim, client, chat, &model, n, completion, include_usage.then_some(usage), fault).await
+    let include_usage = req["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
+    stream_answer(
+        sim,
+        client,
+        chat,
+        &model,
+        n,
+        completion,
+        include_usage.then_some(usage),
+        fault,
+    )
+    .await
 }
 
 fn words(name: &str, tokens: u64) -> String {
-    (0..tokens).map(|i| if i == 0 { name.to_string() } else { "word".to_string() }).collect::<Vec<_>>().join(" ")
+    (0..tokens)
+        .map(|i| {
+            if i == 0 {
+                name.to_string()
+            } else {
+                "word".to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn stream_answer(sim: &Sim, client: &mut Client, chat: bool, model: &str, n: u64, tokens: u64, usage: Option<serde_json::Value>, fault: Fault) -> bool {
+async fn stream_answer(
+    sim: &Sim,
+    client: &mut Client,
+    chat: bool,
+    model: &str,
+    n: u64,
+    tokens: u64,
+    usage: Option<serde_json::Value>,
+    fault: Fault,
+) -> bool {
     let c = &sim.config;
     let head = format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\nx-sim-backend: {}\r\n\r\n", c.name);
     if !write(client, head.into_bytes()).await {
         return false;
     }
-    let pause = (c.tokens_per_second > 0.0).then(|| Duration::from_secs_f64(1.0 / c.tokens_per_second));
-    let (id, object) = (format!("cmpl-{}-{n}", c.name), if chat { "chat.completion.chunk" } else { "text_completion" });
+    let pause =
+        (c.tokens_per_second > 0.0).then(|| Duration::from_secs_f64(1.0 / c.tokens_per_second));
+    let (id, object) = (
+        format!("cmpl-{}-{n}", c.name),
+        if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        },
+    );
     for i in 0..tokens {
         if i == 2 && fault == Fault::ResetAfterHead {
             return false;
@@ -321,8 +414,16 @@ async fn stream_answer(sim: &Sim, client: &mut Client, chat: bool, model: &str, 
         if i == 2 && fault == Fault::Stall {
             std::future::pending::<()>().await;
         }
-        let word = if i == 0 { c.name.clone() } else { " word".to_string() };
-        let finish = if i + 1 == tokens { serde_json::json!("stop") } else { serde_json::Value::Null };
+        let word = if i == 0 {
+            c.name.clone()
+        } else {
+            " word".to_string()
+        };
+        let finish = if i + 1 == tokens {
+            serde_json::json!("stop")
+        } else {
+            serde_json::Value::Null
+        };
         let choice = if chat {
             serde_json::json!({"index": 0, "delta": {"content": word}, "finish_reason": finish})
         } else {

@@ -6,7 +6,10 @@ fn main() {
     let config = switchyard_sim::SimConfig::parse();
     match switchyard_sim::spawn(config.clone()) {
         Ok(addr) => {
-            println!("switchyard-sim `{}` listening on http://{addr}", config.name);
+            println!(
+                "switchyard-sim `{}` listening on http://{addr}",
+                config.name
+            );
             loop {
                 std::thread::park();
             }

@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 use switchyard_dataplane::codec::{self, BodyFraming, ChunkedDecoder};
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_listening(addr: SocketAddr, child: &mut Child) {
@@ -65,13 +69,25 @@ pub fn sim_on(port: u16, name: &str, args: &[&str]) -> Proc {
 
 /// Starts the router with `config` (TOML); stderr goes to a file the test can read.
 pub fn router(config: &str) -> Proc {
-    let dir = std::env::temp_dir().join(format!("switchyard-test-{}-{}", std::process::id(), free_port()));
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-test-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("switchyard.toml");
     std::fs::write(&path, config).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["serve", "--config", path.to_str().unwrap(), "--listen", &addr.to_string(), "--workers", "2"])
+        .args([
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+            "--workers",
+            "2",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -89,11 +105,15 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
     }
 
     pub fn text(&self) -> String {
@@ -122,9 +142,14 @@ pub struct Conn {
 impl Conn {
     pub fn open(addr: SocketAddr) -> Conn {
         let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
-        Conn { stream, buf: Vec::new() }
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     pub fn send(&mut self, raw: &[u8]) {
@@ -149,7 +174,15 @@ impl Conn {
             }
         };
         self.buf.drain(..n);
-        let headers = head.headers().map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned())).collect();
+        let headers = head
+            .headers()
+            .map(|(n, v)| {
+                (
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect();
         let mut body = Vec::new();
         match head.framing {
             BodyFraming::Empty => {}
@@ -182,7 +215,11 @@ impl Conn {
         if head.framing == BodyFraming::UntilClose {
             body = std::mem::take(&mut self.buf);
         }
-        Some(Response { status: head.status, headers, body })
+        Some(Response {
+            status: head.status,
+            headers,
+            body,
+        })
     }
 
     pub fn read_response(&mut self) -> Option<Response> {
@@ -212,7 +249,8 @@ pub fn get(addr: SocketAddr, path: &str) -> Response {
 }
 
 pub fn chat(content: &str) -> String {
-    serde_json::json!({"model": "auto", "messages": [{"role": "user", "content": content}]}).to_string()
+    serde_json::json!({"model": "auto", "messages": [{"role": "user", "content": content}]})
+        .to_string()
 }
 
 /// One backend per sim, a tier per backend in order, cheapest first.
@@ -222,7 +260,9 @@ pub fn config_for(backends: &[(&str, String)], extra: &str) -> String {
         out.push_str(&format!("[[backends]]\nname = \"{name}\"\nurl = \"{url}\"\nmodels = [{{ name = \"{name}-model\", input_per_mtok = 1.0, output_per_mtok = 2.0 }}]\nfirst_byte_timeout_ms = 3000\n\n"));
     }
     for (name, _) in backends {
-        out.push_str(&format!("[[tiers]]\nname = \"{name}\"\ntargets = [\"{name}/{name}-model\"]\n\n"));
+        out.push_str(&format!(
+            "[[tiers]]\nname = \"{name}\"\ntargets = [\"{name}/{name}-model\"]\n\n"
+        ));
     }
     out.push_str(extra);
     out
