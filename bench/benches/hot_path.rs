@@ -1,0 +1,106 @@
+//! Per-request data-plane costs outside the classifier: parsing a request head, validating
+//! and viewing a chat body, rewriting `model`, the routing decision, and SSE event scanning.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::hint::black_box;
+use switchyard_dataplane::codec;
+use switchyard_dataplane::sse::SseFilter;
+use switchyard_shared::category::Category;
+use switchyard_shared::openai::{Endpoint, RequestView};
+use switchyard_shared::routing::{Priority, RequestFacts};
+
+const HEAD: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: OpenAI/Python 1.54.0\r\n\
+Accept: application/json\r\nContent-Type: application/json\r\nAuthorization: Bearer sk-test\r\n\
+X-Switchyard-Service: billing\r\nX-Stainless-Lang: python\r\nContent-Length: 180\r\n\r\n";
+
+const BODY: &str = r#"{"model":"auto","temperature":0,"messages":[{"role":"system","content":"You are a precise assistant."},{"role":"user","content":"Extract the invoice number and the total from: Invoice INV-2291, total 1,234.50 EUR, due 2024-05-01."}]}"#;
+
+const CONFIG: &str = r#"
+[[backends]]
+name = "a"
+url = "http://127.0.0.1:1"
+models = [{ name = "s" }, { name = "m" }, { name = "l" }]
+[[tiers]]
+name = "small"
+targets = ["a/s"]
+[[tiers]]
+name = "medium"
+targets = ["a/m"]
+[[tiers]]
+name = "large"
+targets = ["a/l"]
+[[rules]]
+name = "etl"
+match = { service = ["etl"], priority = ["bulk"] }
+tier = "small"
+"#;
+
+fn hot_path(c: &mut Criterion) {
+    c.bench_function("codec/parse_request_head", |b| {
+        b.iter(|| {
+            codec::parse_request(black_box(HEAD), 32 * 1024)
+                .unwrap()
+                .unwrap()
+                .1
+        })
+    });
+    c.bench_function("openai/parse_chat_view", |b| {
+        b.iter(|| {
+            RequestView::parse(Endpoint::ChatCompletions, black_box(BODY.as_bytes()))
+                .unwrap()
+                .total_chars
+        })
+    });
+    let view = RequestView::parse(Endpoint::ChatCompletions, BODY.as_bytes()).unwrap();
+    c.bench_function("openai/rewrite_model", |b| {
+        b.iter(|| {
+            view.rewrite(
+                black_box(BODY.as_bytes()),
+                "meta-llama/Llama-3.1-8B-Instruct",
+                false,
+            )
+            .len()
+        })
+    });
+
+    let table = switchyard_shared::config::load_str(CONFIG, "bench", &|_| None).unwrap();
+    let facts = RequestFacts {
+        service: "billing",
+        priority: Priority::Normal,
+        model: "auto",
+        path: "/v1/chat/completions",
+        pinned_tier: None,
+        category: Category::Extraction,
+        alternative: Some(Category::Qa),
+        long_context: false,
+        classified: true,
+    };
+    c.bench_function("routing/decide", |b| {
+        b.iter(|| table.decide(black_box(&facts)).unwrap().rule.len())
+    });
+
+    // 64 token events of a typical vLLM stream, then a usage chunk and [DONE].
+    let mut stream = Vec::new();
+    for i in 0..64 {
+        stream.extend_from_slice(format!("data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i}\"}},\"finish_reason\":null}}]}}\n\n").as_bytes());
+    }
+    stream.extend_from_slice(b"data: {\"id\":\"chatcmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":64}}\n\ndata: [DONE]\n\n");
+    let mut group = c.benchmark_group("sse");
+    group.throughput(Throughput::Bytes(stream.len() as u64));
+    group.bench_function("filter_stream_in_512b_reads", |b| {
+        let mut out = Vec::with_capacity(stream.len());
+        b.iter(|| {
+            let mut f = SseFilter::new(true);
+            out.clear();
+            for piece in stream.chunks(512) {
+                f.feed(piece, &mut out);
+            }
+            f.finish(&mut out);
+            out.len()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, hot_path);
+criterion_main!(benches);

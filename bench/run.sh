@@ -1,0 +1,604 @@
+#!/usr/bin/env bash
+# Load benchmark: the simulator directly vs Switchyard vs nginx, both in front of the same
+# simulator, measured interleaved in one run. Prints a markdown table and appends a dated
+# section to docs/BENCHMARKS.md.
+#
+#   bash bench/run.sh                         # defaults below
+#   DURATION=8 ROUNDS=2 bash bench/run.sh     # shorter
+#
+# Environment (defaults in brackets):
+#   DURATION [10]       seconds per wrk run
+#   ROUNDS [3]          interleaved rounds (every target and mode once per round)
+#   CONNS [64]          wrk connections for the throughput runs
+#   THREADS [2]         wrk threads for the throughput runs
+#   LAT_DURATION [$DURATION]  seconds per 1-connection latency run
+#   WARMUP [2]          seconds of warm-up per target and mode before round 1
+#   WORKERS [1]         Switchyard --workers and nginx worker_processes
+#   SIM_WORKERS [1]     simulator --workers
+#   SIM_TOKENS [16]     simulator --completion-tokens (also the request's max_tokens)
+#   DRIVER ["epoll io_uring"]  Switchyard io_driver values to measure (epoll, io_uring, auto)
+#   MODEL [auto]        the request's model; "auto" exercises the classifier
+#   CONNS_IDLE [1000]   idle keep-alive connections for the connection-memory check
+#   BUILD [0]           1 = run `cargo build --release --bins` first (else only when missing)
+#   OUT [docs/BENCHMARKS.md]  file the dated section is appended to; "-" = do not write
+#
+# Only 127.0.0.1 is used; every load run is bounded by wrk -d and timeout(1); every process
+# this script starts is killed on exit.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+LAT_DURATION=${LAT_DURATION:-$DURATION}
+WARMUP=${WARMUP:-2}
+WORKERS=${WORKERS:-1}
+SIM_WORKERS=${SIM_WORKERS:-1}
+SIM_TOKENS=${SIM_TOKENS:-16}
+DRIVER=${DRIVER:-epoll io_uring}
+MODEL=${MODEL:-auto}
+CONNS_IDLE=${CONNS_IDLE:-1000}
+BUILD=${BUILD:-0}
+OUT=${OUT:-docs/BENCHMARKS.md}
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------- tools
+need_apt=()
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    log "installing ${need_apt[*]}"
+    apt-get install -y "${need_apt[@]}" >/dev/null 2>&1 ||
+        { apt-get update >/dev/null 2>&1 && apt-get install -y "${need_apt[@]}" >/dev/null; } ||
+        die "cannot install ${need_apt[*]}"
+fi
+NGINX=$(command -v nginx 2>/dev/null || echo /usr/sbin/nginx)
+for t in wrk python3 curl timeout awk; do
+    command -v "$t" >/dev/null 2>&1 || die "$t is required"
+done
+
+if [ "$BUILD" = 1 ] || [ ! -x target/release/switchyard ] || [ ! -x target/release/switchyard-sim ]; then
+    log "cargo build --release --bins"
+    cargo build --release --bins >&2
+fi
+
+TMP=$(mktemp -d /tmp/switchyard-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do
+        kill "$p" 2>/dev/null || true
+    done
+    sleep 0.3
+    for p in "${PIDS[@]}"; do
+        kill -9 "$p" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Copies, so a concurrent rebuild cannot swap the binaries mid-run.
+cp target/release/switchyard target/release/switchyard-sim "$TMP/"
+SY=$TMP/switchyard
+SIM=$TMP/switchyard-sim
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+CLK_TCK=$(getconf CLK_TCK)
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits until FILE contains PATTERN or the process dies (5 s at most).
+wait_for() {
+    local file=$1 pattern=$2 pid=$3 i
+    for i in $(seq 100); do
+        grep -q "$pattern" "$file" 2>/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+
+# utime+stime in clock ticks, summed over the given pids (all threads of each).
+cpu_ticks() {
+    local p t=0 v
+    for p in "$@"; do
+        v=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat")
+        t=$((t + v))
+    done
+    echo "$t"
+}
+
+# Sum of a /proc/PID/status field (kB) over the given pids.
+status_kb() {
+    local field=$1 p t=0 v
+    shift
+    for p in "$@"; do
+        v=$(awk -v f="$field:" '$1 == f {print $2}' "/proc/$p/status")
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+
+nginx_pids() { # master and workers
+    local master
+    master=$(cat "$1/nginx.pid")
+    echo "$master" $(ps -o pid= --ppid "$master")
+}
+
+# ---------------------------------------------------------------- processes
+start_sim() {
+    SIM_PORT=$(free_port)
+    "$SIM" --listen "127.0.0.1:$SIM_PORT" --name sim --workers "$SIM_WORKERS" \
+        --completion-tokens "$SIM_TOKENS" --tokens-per-second 0 >"$TMP/sim.log" 2>&1 &
+    SIM_PID=$!
+    PIDS+=("$SIM_PID")
+    wait_for "$TMP/sim.log" "listening on" "$SIM_PID" || die "simulator did not start: $(cat "$TMP/sim.log")"
+}
+
+# start_switchyard DRIVER TAG -> SY_PID, SY_PORT; returns 1 (with SY_ERR) if it refuses to start.
+start_switchyard() {
+    local driver=$1 tag=$2
+    SY_PORT=$(free_port)
+    cat >"$TMP/sy-$tag.toml" <<EOF
+[listener]
+io_driver = "$driver"
+[health]
+interval_ms = 0
+[[backends]]
+name = "sim"
+url = "http://127.0.0.1:$SIM_PORT"
+models = [{ name = "m", input_per_mtok = 0.1, output_per_mtok = 0.2 }]
+[[tiers]]
+name = "small"
+targets = ["sim/m"]
+EOF
+    "$SY" serve --config "$TMP/sy-$tag.toml" --listen "127.0.0.1:$SY_PORT" --workers "$WORKERS" \
+        >"$TMP/sy-$tag.log" 2>&1 &
+    SY_PID=$!
+    PIDS+=("$SY_PID")
+    if ! wait_for "$TMP/sy-$tag.log" "listening on" "$SY_PID"; then
+        SY_ERR=$(tr '\n' ' ' <"$TMP/sy-$tag.log")
+        kill "$SY_PID" 2>/dev/null || true
+        return 1
+    fi
+}
+
+# start_nginx TAG -> NG_DIR, NG_PORT
+start_nginx() {
+    local tag=$1
+    NG_DIR=$TMP/nginx-$tag
+    NG_PORT=$(free_port)
+    mkdir -p "$NG_DIR"
+    cat >"$NG_DIR/nginx.conf" <<EOF
+worker_processes $WORKERS;
+worker_rlimit_nofile 16384;
+pid $NG_DIR/nginx.pid;
+error_log $NG_DIR/error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $NG_DIR/client_body;
+    proxy_temp_path $NG_DIR/proxy;
+    fastcgi_temp_path $NG_DIR/fastcgi;
+    uwsgi_temp_path $NG_DIR/uwsgi;
+    scgi_temp_path $NG_DIR/scgi;
+    keepalive_requests 1000000;
+    upstream sim {
+        server 127.0.0.1:$SIM_PORT;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$NG_PORT;
+        location / {
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+    "$NGINX" -p "$NG_DIR" -c "$NG_DIR/nginx.conf" -e "$NG_DIR/error.log" -g 'daemon off;' \
+        >"$NG_DIR/stdout.log" 2>&1 &
+    PIDS+=("$!")
+    local i
+    for i in $(seq 100); do
+        if [ -s "$NG_DIR/nginx.pid" ] && curl -s -o /dev/null "http://127.0.0.1:$NG_PORT/"; then
+            break
+        fi
+        sleep 0.05
+    done
+    [ -s "$NG_DIR/nginx.pid" ] || die "nginx did not start: $(cat "$NG_DIR/error.log" "$NG_DIR/stdout.log" 2>/dev/null)"
+    # Worker processes appear shortly after the pid file.
+    for i in $(seq 40); do
+        [ "$(nginx_pids "$NG_DIR" | wc -w)" -gt "$WORKERS" ] && break
+        sleep 0.05
+    done
+}
+
+# ---------------------------------------------------------------- request bodies
+BODY_JSON="{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"Summarise: the meeting moved to Friday.\"}],\"max_tokens\":$SIM_TOKENS}"
+BODY_STREAM="{\"model\":\"$MODEL\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"Summarise: the meeting moved to Friday.\"}],\"max_tokens\":$SIM_TOKENS}"
+for mode in json stream; do
+    if [ "$mode" = json ]; then body=$BODY_JSON; else body=$BODY_STREAM; fi
+    cat >"$TMP/$mode.lua" <<EOF
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[$body]==]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+EOF
+done
+
+# ---------------------------------------------------------------- start everything
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+log "starting the simulator, Switchyard ($DRIVER) and nginx"
+start_sim
+
+TARGETS=(direct)
+declare -A PORT PROCS IDLE_KB NOTE
+PORT[direct]=$SIM_PORT
+PROCS[direct]=$SIM_PID
+SY_TARGETS=()
+SKIPPED=()
+for d in $DRIVER; do
+    t="switchyard-$d"
+    if start_switchyard "$d" "$d"; then
+        sleep 0.3
+        PORT[$t]=$SY_PORT
+        PROCS[$t]=$SY_PID
+        IDLE_KB[$t]=$(status_kb VmRSS "$SY_PID")
+        NOTE[$t]=$(grep -o '[a-z_]* I/O driver' "$TMP/sy-$d.log" || true)
+        TARGETS+=("$t")
+        SY_TARGETS+=("$t")
+    else
+        log "Switchyard with io_driver=$d did not start: $SY_ERR"
+        SKIPPED+=("io_driver=\"$d\": did not start: $SY_ERR")
+    fi
+done
+[ ${#SY_TARGETS[@]} -gt 0 ] || die "Switchyard did not start with any driver"
+start_nginx main
+sleep 0.3
+PORT[nginx]=$NG_PORT
+PROCS[nginx]=$(nginx_pids "$NG_DIR")
+IDLE_KB[nginx]=$(status_kb VmRSS ${PROCS[nginx]})
+TARGETS+=(nginx)
+NG_MAIN_DIR=$NG_DIR
+
+# ---------------------------------------------------------------- sanity checks
+URL_PATH=/v1/chat/completions
+for t in "${TARGETS[@]}"; do
+    for mode in json stream; do
+        if [ "$mode" = json ]; then body=$BODY_JSON; else body=$BODY_STREAM; fi
+        code=$(curl -s -o "$TMP/check.body" -D "$TMP/check.head" -w '%{http_code}' --max-time 5 \
+            -H 'content-type: application/json' -d "$body" "http://127.0.0.1:${PORT[$t]}$URL_PATH") || true
+        [ "$code" = 200 ] || die "$t $mode: HTTP $code: $(head -c 300 "$TMP/check.body")"
+        if [ "$mode" = json ]; then
+            grep -q '"chat.completion"' "$TMP/check.body" || die "$t json: unexpected body"
+        else
+            grep -q 'data: \[DONE\]' "$TMP/check.body" || die "$t stream: no [DONE] in the stream"
+        fi
+        case $t in switchyard-*)
+            grep -qi '^x-switchyard-tier:' "$TMP/check.head" || die "$t: no x-switchyard-* headers" ;;
+        esac
+    done
+done
+log "all targets answer 200 for JSON and SSE requests"
+
+# ---------------------------------------------------------------- load runs
+RESULTS=$TMP/results.tsv
+printf 'round\tmode\ttarget\tconns\trequests\tduration_us\tp50_us\tp99_us\terrors\tproxy_ticks\tsim_ticks\n' >"$RESULTS"
+
+# run_wrk ROUND MODE TARGET CONNS THREADS SECONDS [record]
+run_wrk() {
+    local round=$1 mode=$2 t=$3 conns=$4 threads=$5 secs=$6 record=${7:-1}
+    local before after sbefore safter line
+    before=$(cpu_ticks ${PROCS[$t]})
+    sbefore=$(cpu_ticks "$SIM_PID")
+    timeout -k 5 $((secs + 30)) wrk -t"$threads" -c"$conns" -d"${secs}s" --timeout 5s --latency \
+        -s "$TMP/$mode.lua" "http://127.0.0.1:${PORT[$t]}$URL_PATH" >"$TMP/wrk.out" 2>&1 ||
+        die "wrk failed against $t: $(tail -5 "$TMP/wrk.out")"
+    after=$(cpu_ticks ${PROCS[$t]})
+    safter=$(cpu_ticks "$SIM_PID")
+    line=$(grep '^RESULT ' "$TMP/wrk.out") || die "no wrk result for $t: $(tail -5 "$TMP/wrk.out")"
+    eval "local ${line#RESULT }"
+    [ "$record" = 1 ] || return 0
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$t" "$conns" \
+        "$requests" "$duration_us" "$p50_us" "$p99_us" "$errors" \
+        $((after - before)) $((safter - sbefore)) >>"$RESULTS"
+    log "round $round $mode c=$conns $t: $((requests * 1000000 / duration_us)) req/s p50=${p50_us}us p99=${p99_us}us errors=$errors"
+}
+
+if [ "$WARMUP" -gt 0 ]; then
+    log "warm-up: ${WARMUP}s per target and mode"
+    for mode in json stream; do
+        for t in "${TARGETS[@]}"; do
+            run_wrk 0 "$mode" "$t" "$CONNS" "$THREADS" "$WARMUP" 0
+        done
+    done
+fi
+
+for r in $(seq "$ROUNDS"); do
+    for mode in json stream; do
+        for t in "${TARGETS[@]}"; do
+            run_wrk "$r" "$mode" "$t" "$CONNS" "$THREADS" "$DURATION"
+            sleep 1
+        done
+    done
+    for t in "${TARGETS[@]}"; do
+        run_wrk "$r" json "$t" 1 1 "$LAT_DURATION"
+        sleep 1
+    done
+done
+
+declare -A PEAK_KB
+for t in "${SY_TARGETS[@]}"; do
+    PEAK_KB[$t]=$(status_kb VmHWM ${PROCS[$t]})
+done
+PEAK_KB[nginx]=$(status_kb VmHWM ${PROCS[nginx]})
+
+# ---------------------------------------------------------------- idle keep-alive connections
+# Fresh processes, so the load runs above do not colour the number.
+cat >"$TMP/idle_conns.py" <<'EOF'
+import socket, sys, time
+port, n, pids = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+def rss():
+    total = 0
+    for p in pids:
+        with open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+before = rss()
+socks, ok = [], 0
+req = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(req)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = 0
+    for h in head.split(b"\r\n")[1:]:
+        k, _, v = h.partition(b":")
+        if k.strip().lower() == b"content-length":
+            length = int(v)
+    while len(rest) < length:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        rest += chunk
+    if head.startswith(b"HTTP/1.1 "):
+        ok += 1
+    socks.append(s)
+time.sleep(1.0)
+open_now = 0
+for s in socks:  # still open: a non-blocking peek finds no EOF
+    s.setblocking(False)
+    try:
+        open_now += 0 if s.recv(1, socket.MSG_PEEK) == b"" else 1
+    except BlockingIOError:
+        open_now += 1
+print(f"before_kb={before} with_kb={rss()} answered={ok} open={open_now}")
+for s in socks:
+    s.close()
+EOF
+
+declare -A CONN_BEFORE CONN_WITH CONN_OK
+idle_conns() { # idle_conns TARGET PORT PIDS...
+    local t=$1 port=$2 out
+    shift 2
+    out=$(timeout 120 python3 "$TMP/idle_conns.py" "$port" "$CONNS_IDLE" "$@") ||
+        { log "idle-connection check failed for $t"; CONN_OK[$t]="failed"; return 0; }
+    eval "local $out"
+    CONN_BEFORE[$t]=$before_kb
+    CONN_WITH[$t]=$with_kb
+    CONN_OK[$t]="$answered answered, $open open"
+    log "$t: RSS ${before_kb} kB idle, ${with_kb} kB with $CONNS_IDLE keep-alive connections ($answered answered, $open still open)"
+}
+log "memory with $CONNS_IDLE idle keep-alive connections (fresh processes)"
+for t in "${SY_TARGETS[@]}"; do
+    d=${t#switchyard-}
+    start_switchyard "$d" "$d-conns" || die "Switchyard ($d) did not restart: $SY_ERR"
+    sleep 0.3
+    idle_conns "$t" "$SY_PORT" "$SY_PID"
+    kill "$SY_PID" 2>/dev/null || true
+done
+start_nginx conns
+sleep 0.3
+idle_conns nginx "$NG_PORT" $(nginx_pids "$NG_DIR")
+kill "$(cat "$NG_DIR/nginx.pid")" 2>/dev/null || true
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---------------------------------------------------------------- report
+export CLK_TCK ROUNDS DURATION LAT_DURATION CONNS THREADS WORKERS SIM_WORKERS CONNS_IDLE
+export TARGETS_STR="${TARGETS[*]}" SY_TARGETS_STR="${SY_TARGETS[*]}"
+META=$TMP/meta.tsv
+: >"$META"
+meta() { printf '%s\t%s\n' "$1" "$2" >>"$META"; }
+for t in "${SY_TARGETS[@]}" nginx; do
+    meta "idle_kb:$t" "${IDLE_KB[$t]:-}"
+    meta "peak_kb:$t" "${PEAK_KB[$t]:-}"
+    meta "conn_before_kb:$t" "${CONN_BEFORE[$t]:-}"
+    meta "conn_with_kb:$t" "${CONN_WITH[$t]:-}"
+    meta "conn_ok:$t" "${CONN_OK[$t]:-}"
+done
+TABLE=$TMP/table.md
+python3 - "$RESULTS" "$META" >"$TABLE" <<'EOF'
+import csv, os, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+meta = dict(l.rstrip("\n").split("\t", 1) for l in open(sys.argv[2]) if "\t" in l)
+tck = int(os.environ["CLK_TCK"])
+targets = os.environ["TARGETS_STR"].split()
+sys_targets = os.environ["SY_TARGETS_STR"].split()
+conns = int(os.environ["CONNS"])
+idle_n = os.environ["CONNS_IDLE"]
+
+def runs(mode, t, c):
+    return [r for r in rows if r["mode"] == mode and r["target"] == t and int(r["conns"]) == c]
+
+def stats(mode, t, c):
+    rs = runs(mode, t, c)
+    if not rs:
+        return None
+    rps = [int(r["requests"]) * 1e6 / int(r["duration_us"]) for r in rs]
+    cpu = [int(r["proxy_ticks"]) * 1e6 / tck / max(int(r["requests"]), 1) for r in rs]
+    sim = [int(r["sim_ticks"]) * 1e6 / tck / max(int(r["requests"]), 1) for r in rs]
+    return dict(
+        rps=statistics.median(rps), rps_min=min(rps), rps_max=max(rps),
+        p50=statistics.median(int(r["p50_us"]) for r in rs),
+        p99=statistics.median(int(r["p99_us"]) for r in rs),
+        cpu=statistics.median(cpu), sim=statistics.median(sim),
+        errors=sum(int(r["errors"]) for r in rs), n=len(rs))
+
+def mb(kb):
+    return f"{int(kb) / 1024:.1f} MB" if kb not in (None, "") else "n/a"
+
+def fmt_us(v):
+    return f"{v:,.0f} us" if v >= 1000 else f"{v:.0f} us"
+
+out = []
+w = out.append
+w("| mode | target | req/s (median) | req/s min-max | p50 | p99 | proxy CPU us/req | sim CPU us/req | errors |")
+w("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+for mode, c in (("json", conns), ("stream", conns), ("json", 1)):
+    label = {"json": "JSON", "stream": "SSE"}[mode] + f", {c} conn" + ("s" if c > 1 else "")
+    for t in targets:
+        s = stats(mode, t, c)
+        if not s:
+            continue
+        cpu = "-" if t == "direct" else f"{s['cpu']:.1f}"
+        w(f"| {label} | {t} | {s['rps']:,.0f} | {s['rps_min']:,.0f}-{s['rps_max']:,.0f} | {fmt_us(s['p50'])} | {fmt_us(s['p99'])} | {cpu} | {s['sim']:.1f} | {s['errors']} |")
+w("")
+w("Medians over the rounds. \"sim CPU\" is the simulator's own CPU per request, for context.")
+w("")
+w("| memory (RSS) | " + " | ".join(sys_targets + ["nginx"]) + " |")
+w("|---|" + "---:|" * (len(sys_targets) + 1))
+def memrow(label, key):
+    w(f"| {label} | " + " | ".join(mb(meta.get(f"{key}:{t}")) for t in sys_targets + ["nginx"]) + " |")
+memrow("idle, right after start", "idle_kb")
+memrow("peak during the load runs (VmHWM)", "peak_kb")
+memrow(f"fresh process, before the idle connections", "conn_before_kb")
+memrow(f"fresh process, with {idle_n} idle keep-alive connections", "conn_with_kb")
+w(f"| idle-connection check | " + " | ".join(meta.get(f"conn_ok:{t}", "") for t in sys_targets + ["nginx"]) + " |")
+w("")
+w("nginx memory is master + workers summed (shared pages counted once per process).")
+w("")
+
+ng = {m: stats(m, "nginx", conns) for m in ("json", "stream")}
+ng1 = stats("json", "nginx", 1)
+d1 = stats("json", "direct", 1)
+w("| target check | " + " | ".join(sys_targets) + " |")
+w("|---|" + "---:|" * len(sys_targets))
+def verdict(ok):
+    return "meets" if ok else "misses"
+for m in ("json", "stream"):
+    name = {"json": "JSON", "stream": "SSE"}[m]
+    cells = []
+    for t in sys_targets:
+        s = stats(m, t, conns)
+        r = s["rps"] / ng[m]["rps"]
+        cells.append(f"{r:.2f} ({verdict(r >= 1.0)})")
+    w(f"| {name} throughput / nginx (target >= 1.0) | " + " | ".join(cells) + " |")
+    cells = []
+    for t in sys_targets:
+        s = stats(m, t, conns)
+        r = s["cpu"] / ng[m]["cpu"]
+        cells.append(f"{r:.2f}x ({verdict(r <= 1.2)})")
+    w(f"| {name} CPU per request / nginx (target <= 1.2x) | " + " | ".join(cells) + " |")
+def memcheck(key, limit_mb):
+    cells = []
+    for t in sys_targets:
+        kb = meta.get(f"{key}:{t}")
+        cells.append("n/a" if not kb else f"{mb(kb)} ({verdict(int(kb) / 1024 < limit_mb)})")
+    return " | ".join(cells)
+w(f"| idle RSS (target < 10 MB) | " + memcheck("idle_kb", 10) + " |")
+w(f"| RSS with {idle_n} keep-alive connections (target < 64 MB) | " + memcheck("conn_with_kb", 64) + " |")
+cells = []
+for t in sys_targets:
+    s = stats("json", t, 1)
+    add = s["p99"] - d1["p99"]
+    cells.append(f"{add:+.0f} us ({verdict(add < 50)})")
+w(f"| added p99 at 1 connection vs direct (target < 50 us) | " + " | ".join(cells) + " |")
+w("")
+add_ng = ng1["p99"] - d1["p99"]
+add50 = ", ".join(f"{t} {stats('json', t, 1)['p50'] - d1['p50']:+.0f} us" for t in sys_targets)
+w(f"Reference: nginx adds {add_ng:+.0f} us p99 at 1 connection (p50: nginx {ng1['p50'] - d1['p50']:+.0f} us, {add50}).")
+w("")
+w("<details><summary>every run</summary>")
+w("")
+w("| round | mode | conns | target | requests | req/s | p50 us | p99 us | proxy CPU us/req | errors |")
+w("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
+for r in rows:
+    rps = int(r["requests"]) * 1e6 / int(r["duration_us"])
+    cpu = "-" if r["target"] == "direct" else f"{int(r['proxy_ticks']) * 1e6 / tck / max(int(r['requests']), 1):.1f}"
+    w(f"| {r['round']} | {r['mode']} | {r['conns']} | {r['target']} | {r['requests']} | {rps:,.0f} | {r['p50_us']} | {r['p99_us']} | {cpu} | {r['errors']} |")
+w("")
+w("</details>")
+print("\n".join(out))
+EOF
+
+CPU_MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+CORES=$(nproc)
+REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l)
+SECTION=$TMP/section.md
+{
+    echo
+    echo "## $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "- Host: Linux $(uname -r), ${CPU_MODEL:-unknown CPU}, $CORES cores; load average ${LOAD_START} before, ${LOAD_END} after."
+    echo "- Build: \`$REV\`$([ "$DIRTY" -gt 0 ] && echo " plus $DIRTY uncommitted modified files") (release profile); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///')."
+    echo "- Switchyard: --workers $WORKERS, io_driver: $(for t in "${SY_TARGETS[@]}"; do printf '%s (%s) ' "${t#switchyard-}" "${NOTE[$t]}"; done)$([ ${#SKIPPED[@]} -gt 0 ] && printf '; not measured: %s' "${SKIPPED[*]}"). nginx: worker_processes $WORKERS, upstream keepalive 64, proxy_http_version 1.1, access_log off, proxy_buffering at its default (on). Simulator: --workers $SIM_WORKERS, $SIM_TOKENS completion tokens, SSE chunks sent without pauses."
+    echo "- Load: wrk, $THREADS threads x $CONNS connections, ${DURATION}s per run, $ROUNDS interleaved rounds (each round: JSON then SSE, each over direct / Switchyard / nginx, then 1 thread x 1 connection JSON for ${LAT_DURATION}s per target), ${WARMUP}s warm-up per target and mode first. Request: POST /v1/chat/completions, model \"$MODEL\", one user message. Nothing is pinned: wrk, the simulator and the proxy share the $CORES cores, so throughput is bounded by the box, not by the proxy alone; CPU per request is the cleaner comparison."
+    echo "- Command: \`DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS THREADS=$THREADS WORKERS=$WORKERS SIM_WORKERS=$SIM_WORKERS DRIVER=\"$DRIVER\" bash bench/run.sh\`"
+    echo
+    cat "$TABLE"
+} >"$SECTION"
+
+cat "$SECTION"
+
+if [ "$OUT" != "-" ]; then
+    if [ ! -f "$OUT" ]; then
+        mkdir -p "$(dirname "$OUT")"
+        cat >"$OUT" <<'EOF'
+# Benchmarks
+
+Sections below are appended by `bash bench/run.sh`; each is one run, newest last. Numbers are
+only ever written by that script from what it measured on the machine named in the section.
+
+Method: one run starts the simulator (`switchyard-sim`), Switchyard in front of it (per
+`io_driver` measured), and nginx in front of the same simulator as a reference reverse proxy
+(`upstream` with `keepalive 64`, HTTP/1.1 to the upstream, access log off, the same worker count
+as Switchyard). wrk drives each target in turn, interleaved (A B C A B C ...) over several
+rounds, with non-streaming and streaming (`"stream": true`, SSE) chat completions, plus a
+1-connection run for latency. Reported per target: requests/s, p50/p99 latency (wrk), the proxy
+process's CPU time per request (utime+stime from /proc/PID/stat around each run, divided by the
+requests completed; nginx master + workers), and resident memory from /proc/PID/status (idle,
+peak, and with 1,000 idle keep-alive connections held open on a fresh process). "Added p99" is
+the proxy's 1-connection p99 minus the simulator's own.
+
+Targets: throughput >= nginx, CPU per request <= 1.2x nginx, idle RSS < 10 MB, RSS with 1,000
+keep-alive connections < 64 MB, added p99 at one connection < 50 us.
+EOF
+    fi
+    cat "$SECTION" >>"$OUT"
+    log "appended to $OUT"
+fi
