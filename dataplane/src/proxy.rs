@@ -217,22 +217,23 @@ pub async fn handle(
                     );
                     return false;
                 }
-                Some(Ok(resp)) if resp.head.status == 429 || resp.head.status >= 500 => {
-                    snap.states
-                        .record(t.backend, Verdict::Failure, &table.health);
-                    if ctx.attempts < table.max_attempts
-                        && has_untried(table, snap, decision, &tried)
-                    {
-                        last_error = Some(AttemptError {
-                            kind: ErrorKind::UpstreamStatus,
-                            message: format!(
-                                "backend `{}` answered {}",
-                                backend.name, resp.head.status
-                            ),
-                        });
-                        continue;
+                Some(Ok(resp)) => {
+                    if resp.head.status == 429 || resp.head.status >= 500 {
+                        snap.states
+                            .record(t.backend, Verdict::Failure, &table.health);
+                        if ctx.attempts < table.max_attempts
+                            && has_untried(table, snap, decision, &tried)
+                        {
+                            let message =
+                                format!("backend `{}` answered {}", backend.name, resp.head.status);
+                            last_error = Some(AttemptError {
+                                kind: ErrorKind::UpstreamStatus,
+                                message,
+                            });
+                            continue;
+                        }
+                        // Nothing left to try: the caller sees the backend's own error.
                     }
-                    // Nothing left to try: the caller sees the backend's own error.
                     return relay(
                         worker,
                         snap,
@@ -246,21 +247,6 @@ pub async fn handle(
                         head.minor_version,
                     )
                     .await;
-                }
-                Some(Ok(resp)) => {
-                    return relay(
-                        worker,
-                        snap,
-                        client,
-                        &mut ctx,
-                        decision,
-                        resp,
-                        target,
-                        slot,
-                        inject_usage,
-                        head.minor_version,
-                    )
-                    .await
                 }
                 Some(Err(e)) => {
                     let verdict = if e.kind.retry() == Retry::Yes {

@@ -253,6 +253,24 @@ fn response(status: u16, content_type: &str, body: &[u8], name: &str) -> Vec<u8>
     out
 }
 
+async fn write_json(
+    client: &mut Client,
+    status: u16,
+    value: &serde_json::Value,
+    name: &str,
+) -> bool {
+    write(
+        client,
+        response(
+            status,
+            "application/json",
+            &serde_json::to_vec(value).unwrap_or_default(),
+            name,
+        ),
+    )
+    .await
+}
+
 async fn write(client: &mut Client, bytes: Vec<u8>) -> bool {
     client.stream.write_all(bytes).await.0.is_ok()
 }
@@ -263,8 +281,7 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
     match (head.method, head.path()) {
         (Method::Get, "/v1/models") => {
             let data: Vec<_> = c.models.iter().map(|m| serde_json::json!({"id": m, "object": "model", "owned_by": "switchyard-sim"})).collect();
-            let body = serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).unwrap_or_default();
-            return write(client, response(200, "application/json", &body, &c.name)).await;
+            return write_json(client, 200, &serde_json::json!({"object": "list", "data": data}), &c.name).await;
         }
         (Method::Get, "/health") => return write(client, response(200, "application/json", b"{}", &c.name)).await,
         (Method::Get, "/sim/last-request") => {
@@ -315,16 +332,7 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
         };
         let data: Vec<_> = (0..inputs).map(|i| serde_json::json!({"object": "embedding", "index": i, "embedding": [0.1, -0.2, 0.3, 0.05]})).collect();
         let out = serde_json::json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}});
-        return write(
-            client,
-            response(
-                200,
-                "application/json",
-                &serde_json::to_vec(&out).unwrap_or_default(),
-                &c.name,
-            ),
-        )
-        .await;
+        return write_json(client, 200, &out, &c.name).await;
     }
     let chat = path == "/v1/chat/completions";
     let usage = serde_json::json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion});
@@ -341,16 +349,7 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
             "text_completion"
         };
         let out = serde_json::json!({"id": format!("cmpl-{}-{n}", c.name), "object": object, "created": 1_700_000_000, "model": model, "choices": [choice], "usage": usage});
-        return write(
-            client,
-            response(
-                200,
-                "application/json",
-                &serde_json::to_vec(&out).unwrap_or_default(),
-                &c.name,
-            ),
-        )
-        .await;
+        return write_json(client, 200, &out, &c.name).await;
     }
     let include_usage = req["stream_options"]["include_usage"]
         .as_bool()
