@@ -552,9 +552,18 @@ fn sigterm_drains_streams_in_flight_then_exits_zero() {
 
 /// Stops the router with SIGTERM and returns its stderr.
 fn stop(mut r: Proc) -> String {
-    assert!(std::process::Command::new("kill").args(["-TERM", &r.child.id().to_string()]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &r.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
     let mut err = String::new();
-    r.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    r.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert_eq!(r.child.wait().unwrap().code(), Some(0), "{err}");
     err
 }
@@ -562,27 +571,89 @@ fn stop(mut r: Proc) -> String {
 #[test]
 fn every_request_is_one_priced_usage_event() {
     let s = sim("s", &["--completion-tokens", "5"]);
-    let r = router(&config_for(&[("s", s.url())], "[usage]\nlog_events = true\n"));
-    let plain = post(r.addr, "/v1/chat/completions", &chat("hello"), "x-switchyard-service: billing\r\n");
+    let r = router(&config_for(
+        &[("s", s.url())],
+        "[usage]\nlog_events = true\n",
+    ));
+    let plain = post(
+        r.addr,
+        "/v1/chat/completions",
+        &chat("hello"),
+        "x-switchyard-service: billing\r\n",
+    );
     let plain_usage = plain.json()["usage"].clone();
-    let streamed = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hello"}]}"#;
-    assert_eq!(post(r.addr, "/v1/chat/completions", streamed, "x-switchyard-service: billing\r\n").status, 200);
-    post(r.addr, "/v1/chat/completions", "{bad", "x-switchyard-service: other\r\n").error(400);
+    let streamed =
+        r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hello"}]}"#;
+    assert_eq!(
+        post(
+            r.addr,
+            "/v1/chat/completions",
+            streamed,
+            "x-switchyard-service: billing\r\n"
+        )
+        .status,
+        200
+    );
+    post(
+        r.addr,
+        "/v1/chat/completions",
+        "{bad",
+        "x-switchyard-service: other\r\n",
+    )
+    .error(400);
     let err = stop(r);
-    let events: Vec<serde_json::Value> = err.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(events.len(), 3, "{err}");
     let (a, b, c) = (&events[0], &events[1], &events[2]);
     // Prices in config_for: 1 USD/1M input, 2 USD/1M output => micro-dollars = prompt + 2 * completion.
     assert_eq!(a["prompt_tokens"], plain_usage["prompt_tokens"]);
     assert_eq!(a["completion_tokens"], 5);
-    assert_eq!(a["cost_micros"].as_u64().unwrap(), a["prompt_tokens"].as_u64().unwrap() + 10);
-    assert_eq!((a["service"].as_str(), a["status"].as_u64(), a["streamed"].as_bool()), (Some("billing"), Some(200), Some(false)));
-    assert_eq!((a["tier"].as_str(), a["backend"].as_str(), a["model"].as_str()), (Some("s"), Some("s"), Some("s-model")));
+    assert_eq!(
+        a["cost_micros"].as_u64().unwrap(),
+        a["prompt_tokens"].as_u64().unwrap() + 10
+    );
+    assert_eq!(
+        (
+            a["service"].as_str(),
+            a["status"].as_u64(),
+            a["streamed"].as_bool()
+        ),
+        (Some("billing"), Some(200), Some(false))
+    );
+    assert_eq!(
+        (
+            a["tier"].as_str(),
+            a["backend"].as_str(),
+            a["model"].as_str()
+        ),
+        (Some("s"), Some("s"), Some("s-model"))
+    );
     assert_eq!(a["tokens_estimated"], false);
-    assert!(a["first_byte_us"].as_u64().unwrap() > 0 && a["total_us"].as_u64().unwrap() >= a["first_byte_us"].as_u64().unwrap());
+    assert!(
+        a["first_byte_us"].as_u64().unwrap() > 0
+            && a["total_us"].as_u64().unwrap() >= a["first_byte_us"].as_u64().unwrap()
+    );
     // The stream's usage came from the chunk the router asked for, not an estimate.
-    assert_eq!((b["streamed"].as_bool(), b["tokens_estimated"].as_bool(), b["completion_tokens"].as_u64()), (Some(true), Some(false), Some(5)));
+    assert_eq!(
+        (
+            b["streamed"].as_bool(),
+            b["tokens_estimated"].as_bool(),
+            b["completion_tokens"].as_u64()
+        ),
+        (Some(true), Some(false), Some(5))
+    );
     assert!(b["cost_micros"].as_u64().unwrap() > 10);
-    assert_eq!((c["status"].as_u64(), c["cost_micros"].as_u64(), c["service"].as_str()), (Some(400), Some(0), Some("other")));
+    assert_eq!(
+        (
+            c["status"].as_u64(),
+            c["cost_micros"].as_u64(),
+            c["service"].as_str()
+        ),
+        (Some(400), Some(0), Some("other"))
+    );
     assert!(err.contains("billing: 2 requests (0 failed)"), "{err}");
 }

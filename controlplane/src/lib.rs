@@ -31,7 +31,13 @@ pub fn serve(table: RoutingTable, on_ready: impl FnOnce(&DataPlane)) -> i32 {
     let (usage, events) = UsageSink::channel(table.usage.channel_capacity);
     let log_events = table.usage.log_events;
     let drain_timeout = table.listener.drain_timeout;
-    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(table)));
+    let snapshot = match Snapshot::new(table) {
+        Ok(s) => Arc::new(ArcSwap::from_pointee(s)),
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return 1;
+        }
+    };
     let dataplane = match server::start(snapshot, usage) {
         Ok(dp) => dp,
         Err(e) => {

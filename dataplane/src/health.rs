@@ -35,7 +35,15 @@ async fn check_loop(worker: Rc<Worker>, backend: usize) {
         request.extend_from_slice(b"connection: close\r\n\r\n");
         // A fresh connection each time: a check must prove the backend accepts connections.
         let fresh = upstream::Pool::default();
-        let probe = upstream::exchange(&fresh, table.version, backend, b, request, false);
+        let probe = upstream::exchange(
+            &fresh,
+            table.version,
+            backend,
+            b,
+            snap.tls[backend].as_ref(),
+            request,
+            false,
+        );
         let healthy = matches!(monoio::time::timeout(table.health.timeout, probe).await, Ok(Ok(r)) if (200..300).contains(&r.head.status));
         if healthy {
             snap.states.record(backend, Verdict::Success, &table.health);

@@ -195,6 +195,7 @@ pub async fn handle(
                 table.version,
                 t.backend,
                 backend,
+                snap.tls[t.backend].as_ref(),
                 request,
                 false,
             );

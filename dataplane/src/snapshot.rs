@@ -5,7 +5,7 @@
 use crate::balancer::BackendStates;
 use arc_swap::ArcSwap;
 use std::sync::Arc;
-use switchyard_shared::routing::RoutingTable;
+use switchyard_shared::routing::{RoutingTable, Scheme};
 
 pub struct Snapshot {
     pub table: RoutingTable,
@@ -13,20 +13,30 @@ pub struct Snapshot {
     pub states: Arc<BackendStates>,
     /// `GET /v1/models` body: every alias and served model, OpenAI list format.
     pub models_body: Vec<u8>,
+    /// rustls client config per backend (`None` for plain http).
+    pub tls: Vec<Option<Arc<rustls::ClientConfig>>>,
 }
 
 impl Snapshot {
-    pub fn new(table: RoutingTable) -> Snapshot {
-        let states = Arc::new(BackendStates::new(
-            table.backends.len(),
-            table.health.interval.is_some(),
-        ));
+    /// Fails only on TLS material that cannot be loaded.
+    pub fn new(table: RoutingTable) -> Result<Snapshot, String> {
+        let tls = table
+            .backends
+            .iter()
+            .map(|b| match b.scheme {
+                Scheme::Https => crate::upstream::tls_config(b).map(Some),
+                Scheme::Http => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        let checks = table.health.interval.is_some();
+        let states = Arc::new(BackendStates::new(table.backends.len(), checks));
         let models_body = models_body(&table);
-        Snapshot {
+        Ok(Snapshot {
             table,
             states,
             models_body,
-        }
+            tls,
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::cell::RefCell;
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_shared::error::ErrorKind;
 use switchyard_shared::routing::{Backend, Scheme};
@@ -60,23 +60,43 @@ impl Conn {
     }
 }
 
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let roots = rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
-            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-            Arc::new(config)
-        })
-        .clone()
+/// The rustls client config for a backend: the web PKI roots, plus its own CA file if set.
+/// Built once per snapshot, so a connection only clones an `Arc`.
+pub fn tls_config(backend: &Backend) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = &backend.tls_ca_file {
+        let certs = CertificateDer::pem_file_iter(path).map_err(|e| {
+            format!(
+                "backend `{}`: cannot read tls_ca_file `{path}`: {e}",
+                backend.name
+            )
+        })?;
+        for cert in certs {
+            let cert = cert.map_err(|e| {
+                format!(
+                    "backend `{}`: bad certificate in `{path}`: {e}",
+                    backend.name
+                )
+            })?;
+            roots.add(cert).map_err(|e| {
+                format!(
+                    "backend `{}`: unusable CA certificate in `{path}`: {e}",
+                    backend.name
+                )
+            })?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 #[derive(Debug, Clone)]
@@ -94,7 +114,10 @@ impl AttemptError {
     }
 }
 
-async fn connect(b: &Backend) -> Result<Conn, AttemptError> {
+async fn connect(
+    b: &Backend,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Conn, AttemptError> {
     let fail = |e: io::Error| {
         AttemptError::new(
             ErrorKind::UpstreamConnect,
@@ -113,6 +136,12 @@ async fn connect(b: &Backend) -> Result<Conn, AttemptError> {
         match b.scheme {
             Scheme::Http => Ok(Conn::Plain(stream)),
             Scheme::Https => {
+                let Some(tls) = tls else {
+                    return Err(AttemptError::new(
+                        ErrorKind::UpstreamConnect,
+                        format!("backend `{}`: no TLS config", b.name),
+                    ));
+                };
                 let name =
                     rustls::pki_types::ServerName::try_from(b.host.clone()).map_err(|e| {
                         AttemptError::new(
@@ -120,7 +149,7 @@ async fn connect(b: &Backend) -> Result<Conn, AttemptError> {
                             format!("backend `{}`: bad TLS server name: {e}", b.name),
                         )
                     })?;
-                let tls = monoio_rustls::TlsConnector::from(tls_config())
+                let tls = monoio_rustls::TlsConnector::from(tls.clone())
                     .connect(name, stream)
                     .await
                     .map_err(|e| {
@@ -205,6 +234,7 @@ pub async fn exchange(
     version: u64,
     backend_idx: usize,
     backend: &Backend,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     request: Vec<u8>,
     is_head: bool,
 ) -> Result<Response, AttemptError> {
@@ -220,7 +250,7 @@ pub async fn exchange(
             }
         }
     }
-    let conn = connect(backend).await?;
+    let conn = connect(backend, tls).await?;
     send_on(conn, backend, request, is_head)
         .await
         .map_err(|(e, _, _)| e)

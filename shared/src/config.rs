@@ -193,6 +193,9 @@ pub struct BackendFile {
     /// Path probed by active health checks (GET, 2xx = healthy).
     #[serde(default = "default_health_path")]
     pub health_path: String,
+    /// PEM file of extra CA certificates to trust for this https backend (an internal CA),
+    /// on top of the public web PKI roots.
+    pub tls_ca_file: Option<String>,
 }
 
 fn default_max_concurrency() -> u32 {
@@ -432,6 +435,17 @@ fn build(
                 errs.push(format!("{key}.{field}"), "must be greater than 0");
             }
         }
+        if let Some(path) = &b.tls_ca_file {
+            let key = format!("{key}.tls_ca_file");
+            if scheme != Scheme::Https {
+                errs.push(&key, "only applies to https:// backends");
+            }
+            match std::fs::read_to_string(path) {
+                Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => {}
+                Ok(_) => errs.push(&key, format!("`{path}` holds no PEM certificate")),
+                Err(e) => errs.push(&key, format!("cannot read `{path}`: {e}")),
+            }
+        }
         if !b.health_path.starts_with('/') {
             errs.push(format!("{key}.health_path"), "must start with `/`");
         }
@@ -484,6 +498,7 @@ fn build(
             first_byte_timeout: Duration::from_millis(b.first_byte_timeout_ms),
             idle_timeout: Duration::from_millis(b.idle_timeout_ms),
             health_path: b.health_path.clone(),
+            tls_ca_file: b.tls_ca_file.clone(),
         });
     }
     let find_target = |spec: &str| -> Result<usize, String> {
@@ -954,6 +969,30 @@ targets = ["local/org/big:latest"]
         .unwrap();
         assert_eq!(t.tiers.len(), 3);
         assert_eq!(t.rules.len(), 2);
+    }
+
+    #[test]
+    fn tls_ca_file_must_be_readable_pem_on_an_https_backend() {
+        let with = |url: &str, file: &str| {
+            MINIMAL.replace(
+                "url = \"http://127.0.0.1:8000\"",
+                &format!("url = \"{url}\"\ntls_ca_file = \"{file}\""),
+            )
+        };
+        let err = load(&with("https://h", "/nonexistent/ca.pem"))
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            err.contains("tls_ca_file: cannot read `/nonexistent/ca.pem`"),
+            "{err}"
+        );
+        let err = load(&with("http://h", "Cargo.toml"))
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            err.contains("only applies to https://") && err.contains("holds no PEM certificate"),
+            "{err}"
+        );
     }
 
     #[test]

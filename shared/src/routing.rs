@@ -81,6 +81,8 @@ pub struct Backend {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub health_path: String,
+    /// Extra CA certificates (PEM) trusted for this backend.
+    pub tls_ca_file: Option<String>,
 }
 
 impl fmt::Debug for Backend {
