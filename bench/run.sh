@@ -67,6 +67,10 @@ if [ "$BUILD" = 1 ] || [ ! -x target/release/switchyard ] || [ ! -x target/relea
     cargo build --release --bins >&2
 fi
 
+REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l)
+BIN_DATE=$(date -u -r target/release/switchyard '+%Y-%m-%d %H:%M UTC')
+
 TMP=$(mktemp -d /tmp/switchyard-bench.XXXXXX)
 PIDS=()
 cleanup() {
@@ -244,11 +248,13 @@ done
 
 # ---------------------------------------------------------------- start everything
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+awk '$1 > 0.5 {exit 1}' /proc/loadavg ||
+    log "warning: load average ${LOAD_START} before starting; other work on this box will skew the numbers"
 log "starting the simulator, Switchyard ($DRIVER) and nginx"
 start_sim
 
 TARGETS=(direct)
-declare -A PORT PROCS IDLE_KB NOTE
+declare -A PORT PROCS IDLE_KB IDLE_ANON_KB IDLE_FILE_KB NOTE
 PORT[direct]=$SIM_PORT
 PROCS[direct]=$SIM_PID
 SY_TARGETS=()
@@ -260,6 +266,8 @@ for d in $DRIVER; do
         PORT[$t]=$SY_PORT
         PROCS[$t]=$SY_PID
         IDLE_KB[$t]=$(status_kb VmRSS "$SY_PID")
+        IDLE_ANON_KB[$t]=$(status_kb RssAnon "$SY_PID")
+        IDLE_FILE_KB[$t]=$(status_kb RssFile "$SY_PID")
         NOTE[$t]=$(grep -o '[a-z_]* I/O driver' "$TMP/sy-$d.log" || true)
         TARGETS+=("$t")
         SY_TARGETS+=("$t")
@@ -274,6 +282,8 @@ sleep 0.3
 PORT[nginx]=$NG_PORT
 PROCS[nginx]=$(nginx_pids "$NG_DIR")
 IDLE_KB[nginx]=$(status_kb VmRSS ${PROCS[nginx]})
+IDLE_ANON_KB[nginx]=$(status_kb RssAnon ${PROCS[nginx]})
+IDLE_FILE_KB[nginx]=$(status_kb RssFile ${PROCS[nginx]})
 TARGETS+=(nginx)
 NG_MAIN_DIR=$NG_DIR
 
@@ -435,6 +445,8 @@ META=$TMP/meta.tsv
 meta() { printf '%s\t%s\n' "$1" "$2" >>"$META"; }
 for t in "${SY_TARGETS[@]}" nginx; do
     meta "idle_kb:$t" "${IDLE_KB[$t]:-}"
+    meta "idle_anon_kb:$t" "${IDLE_ANON_KB[$t]:-}"
+    meta "idle_file_kb:$t" "${IDLE_FILE_KB[$t]:-}"
     meta "peak_kb:$t" "${PEAK_KB[$t]:-}"
     meta "conn_before_kb:$t" "${CONN_BEFORE[$t]:-}"
     meta "conn_with_kb:$t" "${CONN_WITH[$t]:-}"
@@ -494,12 +506,14 @@ w("|---|" + "---:|" * (len(sys_targets) + 1))
 def memrow(label, key):
     w(f"| {label} | " + " | ".join(mb(meta.get(f"{key}:{t}")) for t in sys_targets + ["nginx"]) + " |")
 memrow("idle, right after start", "idle_kb")
+memrow("... of which anonymous (RssAnon)", "idle_anon_kb")
+memrow("... of which file-backed (RssFile: binary, libraries)", "idle_file_kb")
 memrow("peak during the load runs (VmHWM)", "peak_kb")
 memrow(f"fresh process, before the idle connections", "conn_before_kb")
 memrow(f"fresh process, with {idle_n} idle keep-alive connections", "conn_with_kb")
 w(f"| idle-connection check | " + " | ".join(meta.get(f"conn_ok:{t}", "") for t in sys_targets + ["nginx"]) + " |")
 w("")
-w("nginx memory is master + workers summed (shared pages counted once per process).")
+w("nginx memory is master + workers summed (pages they share are counted in each).")
 w("")
 
 ng = {m: stats(m, "nginx", conns) for m in ("json", "stream")}
@@ -535,12 +549,13 @@ cells = []
 for t in sys_targets:
     s = stats("json", t, 1)
     add = s["p99"] - d1["p99"]
-    cells.append(f"{add:+.0f} us ({verdict(add < 50)})")
+    cells.append(f"{add:+,.0f} us: {s['p99']:,.0f} vs {d1['p99']:,.0f} ({verdict(add < 50)})")
 w(f"| added p99 at 1 connection vs direct (target < 50 us) | " + " | ".join(cells) + " |")
 w("")
 add_ng = ng1["p99"] - d1["p99"]
 add50 = ", ".join(f"{t} {stats('json', t, 1)['p50'] - d1['p50']:+.0f} us" for t in sys_targets)
-w(f"Reference: nginx adds {add_ng:+.0f} us p99 at 1 connection (p50: nginx {ng1['p50'] - d1['p50']:+.0f} us, {add50}).")
+w(f"Reference: nginx adds {add_ng:+,.0f} us p99 at 1 connection ({ng1['p99']:,.0f} vs {d1['p99']:,.0f} us). Added p50 at 1 connection: nginx {ng1['p50'] - d1['p50']:+.0f} us, {add50}.")
+w("On a 2-core box where wrk, the simulator and the proxy share the cores, a 1-connection p99 is dominated by scheduling noise (compare the per-round values below); the p50 difference is the steadier view of the added hop.")
 w("")
 w("<details><summary>every run</summary>")
 w("")
@@ -557,16 +572,14 @@ EOF
 
 CPU_MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 CORES=$(nproc)
-REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-DIRTY=$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l)
 SECTION=$TMP/section.md
 {
     echo
     echo "## $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "- Host: Linux $(uname -r), ${CPU_MODEL:-unknown CPU}, $CORES cores; load average ${LOAD_START} before, ${LOAD_END} after."
-    echo "- Build: \`$REV\`$([ "$DIRTY" -gt 0 ] && echo " plus $DIRTY uncommitted modified files") (release profile); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///')."
-    echo "- Switchyard: --workers $WORKERS, io_driver: $(for t in "${SY_TARGETS[@]}"; do printf '%s (%s) ' "${t#switchyard-}" "${NOTE[$t]}"; done)$([ ${#SKIPPED[@]} -gt 0 ] && printf '; not measured: %s' "${SKIPPED[*]}"). nginx: worker_processes $WORKERS, upstream keepalive 64, proxy_http_version 1.1, access_log off, proxy_buffering at its default (on). Simulator: --workers $SIM_WORKERS, $SIM_TOKENS completion tokens, SSE chunks sent without pauses."
+    echo "- Build: \`$REV\`$([ "$DIRTY" -gt 0 ] && echo " plus $DIRTY uncommitted modified files"), release binary built $BIN_DATE; $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///')."
+    echo "- Switchyard: --workers $WORKERS, io_driver measured: $(for t in "${SY_TARGETS[@]}"; do printf '%s ' "${NOTE[$t]:-${t#switchyard-} (unconfirmed)}"; done | sed 's/ $//; s/ I\/O driver /, /g; s/ I\/O driver$//')$([ ${#SKIPPED[@]} -gt 0 ] && printf '; not measured: %s' "${SKIPPED[*]}"). nginx: worker_processes $WORKERS, upstream keepalive 64, proxy_http_version 1.1, access_log off, proxy_buffering at its default (on). Simulator: --workers $SIM_WORKERS, $SIM_TOKENS completion tokens, SSE chunks sent without pauses."
     echo "- Load: wrk, $THREADS threads x $CONNS connections, ${DURATION}s per run, $ROUNDS interleaved rounds (each round: JSON then SSE, each over direct / Switchyard / nginx, then 1 thread x 1 connection JSON for ${LAT_DURATION}s per target), ${WARMUP}s warm-up per target and mode first. Request: POST /v1/chat/completions, model \"$MODEL\", one user message. Nothing is pinned: wrk, the simulator and the proxy share the $CORES cores, so throughput is bounded by the box, not by the proxy alone; CPU per request is the cleaner comparison."
     echo "- Command: \`DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS THREADS=$THREADS WORKERS=$WORKERS SIM_WORKERS=$SIM_WORKERS DRIVER=\"$DRIVER\" bash bench/run.sh\`"
     echo
