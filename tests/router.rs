@@ -657,3 +657,65 @@ fn every_request_is_one_priced_usage_event() {
     );
     assert!(err.contains("billing: 2 requests (0 failed)"), "{err}");
 }
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let s = sim(
+        "s",
+        &["--tokens-per-second", "2", "--completion-tokens", "20"],
+    );
+    let mut r = router(&config_for(&[("s", s.url())], ""));
+    let mut c = Conn::open(r.addr);
+    c.send(&post_raw(
+        "/v1/chat/completions",
+        r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        "",
+    ));
+    // Wait for the stream to start, so a request is in flight for the whole test.
+    let mut first = [0u8; 1];
+    c.stream.read_exact(&mut first).unwrap();
+    let pid = r.child.id().to_string();
+    for _ in 0..2 {
+        assert!(std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let status = loop {
+        if let Some(status) = r.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second signal must not wait for the 10 s stream"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+}
+
+#[test]
+fn http10_clients_get_close_delimited_streams() {
+    let s = sim("s", &[]);
+    let r = router(&config_for(&[("s", s.url())], ""));
+    let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut c = Conn::open(r.addr);
+    c.send(
+        format!(
+            "POST /v1/chat/completions HTTP/1.0\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let resp = c.read_response().unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.header("transfer-encoding"),
+        None,
+        "HTTP/1.0 has no chunked coding"
+    );
+    assert!(resp.text().ends_with("data: [DONE]\n\n"), "{}", resp.text());
+}

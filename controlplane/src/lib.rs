@@ -13,6 +13,9 @@ use switchyard_dataplane::snapshot::Snapshot;
 use switchyard_dataplane::usage::UsageSink;
 use switchyard_shared::routing::RoutingTable;
 
+/// How often the ledger drains usage events; also the longest an event waits to be counted.
+const USAGE_DRAIN_PERIOD: Duration = Duration::from_millis(20);
+
 /// Runs both planes until SIGTERM/SIGINT; returns the process exit code.
 /// `on_ready` runs once the workers listen (the CLI prints its banner there).
 pub fn serve(table: RoutingTable, on_ready: impl FnOnce(&DataPlane)) -> i32 {
@@ -47,8 +50,8 @@ pub fn serve(table: RoutingTable, on_ready: impl FnOnce(&DataPlane)) -> i32 {
     };
     let ledger = Arc::new(Ledger::default());
     let consumer = ledger.clone();
-    // Blocking receive on a runtime thread: the channel is crossbeam, fed from non-tokio threads.
-    runtime.spawn_blocking(move || consumer.consume(events, log_events));
+    // On a blocking thread of the runtime: the channel is crossbeam, fed from non-tokio threads.
+    runtime.spawn_blocking(move || consumer.consume(events, log_events, USAGE_DRAIN_PERIOD));
     on_ready(&dataplane);
     runtime.block_on(async {
         wait_for_signal().await;

@@ -199,10 +199,7 @@ pub async fn handle(
                 request,
                 false,
             );
-            let result = monoio::select! {
-                r = exchange => Some(r),
-                _ = client_gone(&client.stream) => None,
-            };
+            let result = watch_client(&client.stream, exchange).await;
             match result {
                 None => {
                     log(
@@ -309,6 +306,26 @@ fn has_untried(
         .any(|t| !tried.contains(t) && !snap.states.is_ejected(table.targets[*t].backend))
 }
 
+/// Delay before watching a waiting client for a disconnect: the watch costs a `poll` (epoll)
+/// or a poll op (io_uring) per request, which answers faster than this never need.
+const CLIENT_WATCH_DELAY: Duration = Duration::from_millis(5);
+
+/// Runs `work`, or returns `None` if the client disconnects first (then `work` is dropped,
+/// which closes its upstream connection).
+async fn watch_client<T>(
+    stream: &monoio::net::TcpStream,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let watch = async {
+        monoio::time::sleep(CLIENT_WATCH_DELAY).await;
+        client_gone(stream).await
+    };
+    monoio::select! {
+        r = work => Some(r),
+        _ = watch => None,
+    }
+}
+
 /// Resolves once the client has closed its end while we wait on the upstream. A client that
 /// sends more (a pipelined request) is alive, so the watch stops without consuming anything.
 async fn client_gone(stream: &monoio::net::TcpStream) {
@@ -398,6 +415,12 @@ enum ClientFraming {
     Close,
 }
 
+/// Why a relay stopped early.
+enum Cut {
+    ClientLeft,
+    Upstream(AttemptError),
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     worker: &Worker,
@@ -431,117 +454,94 @@ async fn relay(
     let tier = table
         .tier_of_plan(decision.plan, target)
         .map_or("", |t| t.name.as_str());
+    // Bytes waiting to go to the client. Each send wakes the peer, so the head leaves together
+    // with the body bytes that arrived with it, and the last bytes with the terminator.
     let mut wire = response_head(ctx, &resp.head, framing, tier, backend, &t.model);
-    let (res, mut wire_buf) = client.write(std::mem::take(&mut wire)).await;
-    let first_byte = Instant::now();
-    if res.is_err() {
-        drop(slot);
-        snap.states
-            .record(t.backend, Verdict::Neutral, &table.health);
-        log(
-            worker,
-            snap,
-            ctx,
-            Some(target),
-            CLIENT_CLOSED,
-            None,
-            0,
-            Some(first_byte),
-            true,
-        );
-        return false;
-    }
+    let mut first_byte: Option<Instant> = None;
     let mut filter = sse.then(|| SseFilter::new(inject_usage));
     let mut kept = Vec::new();
     let mut data = Vec::with_capacity(16 * 1024);
     let mut events = Vec::new();
     let mut sse_events = 0u64;
-    let mut failure: Option<AttemptError> = None;
-    let mut client_left = false;
-    loop {
+    let mut read_socket = false;
+    let outcome: Result<(), Cut> = loop {
         data.clear();
-        let next = if sse {
-            monoio::select! {
-                r = resp.body.next(&mut resp.conn, backend.idle_timeout, &mut data) => Some(r),
-                _ = client_gone(&client.stream) => None,
+        if read_socket {
+            let next = resp
+                .body
+                .next(&mut resp.conn, backend.idle_timeout, &mut data);
+            let next = if sse {
+                watch_client(&client.stream, next).await
+            } else {
+                Some(next.await)
+            };
+            match next {
+                None => break Err(Cut::ClientLeft),
+                Some(Err(e)) => break Err(Cut::Upstream(e)),
+                Some(Ok(_)) => {}
             }
-        } else {
-            Some(
-                resp.body
-                    .next(&mut resp.conn, backend.idle_timeout, &mut data)
-                    .await,
-            )
-        };
-        let payload: &[u8] = match next {
+        } else if let Err(e) = resp.body.decode(&mut data) {
+            break Err(Cut::Upstream(e));
+        }
+        read_socket = true;
+        match filter.as_mut() {
+            Some(f) => {
+                events.clear();
+                f.feed(&data, &mut events);
+                if resp.body.is_done() {
+                    f.finish(&mut events);
+                }
+                sse_events += memchr::memmem::find_iter(&events, b"data:").count() as u64;
+                frame(&mut wire, framing, &events);
+            }
             None => {
-                client_left = true;
-                break;
-            }
-            Some(Err(e)) => {
-                failure = Some(e);
-                break;
-            }
-            Some(Ok(false)) => break,
-            Some(Ok(true)) => match filter.as_mut() {
-                Some(f) => {
-                    events.clear();
-                    f.feed(&data, &mut events);
-                    sse_events += memchr::memmem::find_iter(&events, b"data:").count() as u64;
-                    &events
+                if kept.len() + data.len() <= USAGE_SCAN_LIMIT {
+                    kept.extend_from_slice(&data);
                 }
-                None => {
-                    if kept.len() + data.len() <= USAGE_SCAN_LIMIT {
-                        kept.extend_from_slice(&data);
-                    }
-                    &data
-                }
-            },
-        };
-        if payload.is_empty() {
-            continue;
+                frame(&mut wire, framing, &data);
+            }
         }
-        wire_buf.clear();
-        frame(&mut wire_buf, framing, payload);
-        let (res, b) = client.write(wire_buf).await;
-        wire_buf = b;
-        if res.is_err() {
-            client_left = true;
-            break;
+        let done = resp.body.is_done();
+        if done && framing == ClientFraming::Chunked {
+            wire.extend_from_slice(codec::LAST_CHUNK);
         }
-    }
-    // Close the body towards the client: the tail of the stream, or an error event.
-    wire_buf.clear();
-    if let Some(f) = filter.as_mut() {
-        if failure.is_none() && !client_left {
-            events.clear();
-            f.finish(&mut events);
-            frame(&mut wire_buf, framing, &events);
+        if !wire.is_empty() {
+            let (res, buf) = client.write(std::mem::take(&mut wire)).await;
+            wire = buf;
+            wire.clear();
+            first_byte.get_or_insert_with(Instant::now);
+            if res.is_err() {
+                break Err(Cut::ClientLeft);
+            }
         }
-    }
-    if let (Some(e), Some(_)) = (&failure, &filter) {
-        // The head (200) is gone already: the error travels as a final SSE event.
+        if done {
+            break Ok(());
+        }
+    };
+    let complete = outcome.is_ok();
+    let mut client_left = matches!(outcome, Err(Cut::ClientLeft));
+    if let (Err(Cut::Upstream(e)), Some(_)) = (&outcome, &filter) {
+        // The head (200) is gone already: the error travels as a final SSE event, and the
+        // chunked body still ends cleanly.
+        let message = format!("upstream stream failed: {}", e.message);
         let event = format!(
             "data: {{\"error\":{}}}\n\n",
-            e.kind
-                .error_object(&format!("upstream stream failed: {}", e.message), None)
+            e.kind.error_object(&message, None)
         );
-        frame(&mut wire_buf, framing, event.as_bytes());
+        frame(&mut wire, framing, event.as_bytes());
+        if framing == ClientFraming::Chunked {
+            wire.extend_from_slice(codec::LAST_CHUNK);
+        }
+        client_left = client.write(wire).await.0.is_err();
     }
-    let clean_end = !client_left && (failure.is_none() || sse);
-    if framing == ClientFraming::Chunked && clean_end {
-        wire_buf.extend_from_slice(codec::LAST_CHUNK);
-    }
-    if !wire_buf.is_empty() && !client_left {
-        client_left = client.write(wire_buf).await.0.is_err();
-    }
-    let complete = failure.is_none() && !client_left;
-    let verdict = match (&failure, status) {
-        (Some(_), _) => Verdict::Failure,
-        _ if client_left => Verdict::Neutral,
-        (None, 429) | (None, 500..) => Verdict::Failure,
-        (None, _) => Verdict::Success,
+    let verdict = match (&outcome, status) {
+        (Err(Cut::Upstream(_)), _) => Verdict::Failure,
+        (Err(Cut::ClientLeft), _) => Verdict::Neutral,
+        (Ok(()), 429 | 500..) => Verdict::Failure,
+        (Ok(()), _) => Verdict::Success,
     };
-    if verdict != Verdict::Failure || status < 500 && status != 429 {
+    // A 429/5xx answer was already counted as a failure when it arrived.
+    if !(outcome.is_ok() && (status == 429 || status >= 500)) {
         snap.states.record(t.backend, verdict, &table.health);
     }
     drop(slot);
@@ -566,11 +566,12 @@ async fn relay(
         logged_status,
         usage,
         completion_estimate,
-        Some(first_byte),
+        first_byte,
         !complete,
     );
     // A body cut short without chunked framing leaves the client unable to find the next response.
-    ctx.keep_alive && (complete || framing == ClientFraming::Chunked && clean_end)
+    let framed_end = complete || !client_left && sse && framing == ClientFraming::Chunked;
+    ctx.keep_alive && framed_end
 }
 
 fn frame(out: &mut Vec<u8>, framing: ClientFraming, payload: &[u8]) {

@@ -387,8 +387,8 @@ impl BodyReader {
         self.done && self.raw.is_empty() && self.framing != BodyFraming::UntilClose
     }
 
-    /// Moves whatever decoded body bytes are available into `out`.
-    fn decode(&mut self, out: &mut Vec<u8>) -> Result<(), AttemptError> {
+    /// Moves whatever decoded body bytes are already buffered into `out`, without reading.
+    pub fn decode(&mut self, out: &mut Vec<u8>) -> Result<(), AttemptError> {
         match self.framing {
             BodyFraming::Empty => self.done = true,
             BodyFraming::Length(_) => {
