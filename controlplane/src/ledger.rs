@@ -93,7 +93,7 @@ mod tests {
 
     fn event(service: &str, status: u16, cost: u64) -> UsageEvent {
         UsageEvent {
-            request_id: "1".into(),
+            request_id: 1,
             service: service.into(),
             endpoint: "/v1/chat/completions",
             category: Category::Chat,

@@ -476,7 +476,7 @@ fn build(
             };
             targets.push(Target {
                 backend: i,
-                model: m.name.clone(),
+                model: m.name.as_str().into(),
                 price,
             });
         }
@@ -485,7 +485,7 @@ fn build(
             _ => format!("{}:{port}", bracket_v6(&host)),
         };
         backends.push(Backend {
-            name: b.name.clone(),
+            name: b.name.as_str().into(),
             scheme,
             host,
             port,
@@ -512,7 +512,7 @@ fn build(
             .ok_or_else(|| format!("unknown backend `{backend}` in `{spec}`"))?;
         targets
             .iter()
-            .position(|t| t.backend == b && t.model == model)
+            .position(|t| t.backend == b && &*t.model == model)
             .ok_or_else(|| format!("backend `{backend}` does not list model `{model}`"))
     };
 
@@ -542,7 +542,7 @@ fn build(
             }
         }
         tiers.push(Tier {
-            name: t.name.clone(),
+            name: t.name.as_str().into(),
             rank,
             targets: ids,
         });
@@ -581,7 +581,7 @@ fn build(
         aliases.insert("smart".to_string(), AliasRoute::Tier(top));
     }
     for t in &tiers {
-        aliases.insert(t.name.clone(), AliasRoute::Tier(t.rank));
+        aliases.insert(t.name.to_string(), AliasRoute::Tier(t.rank));
     }
     for (name, to) in &file.aliases {
         let route = if to == "classify" {
@@ -612,7 +612,7 @@ fn build(
     by_rank.sort_by_key(|&id| rank_of(id));
     for id in by_rank {
         models
-            .entry(targets[id].model.clone())
+            .entry(targets[id].model.to_string())
             .or_default()
             .push(id);
     }

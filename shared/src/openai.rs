@@ -137,8 +137,8 @@ pub struct RequestView<'a> {
     /// The caller asked for the final usage chunk itself (`stream_options.include_usage`).
     pub caller_wants_usage: bool,
     stream_options_span: Option<Range<usize>>,
-    pub system: String,
-    pub last_user: String,
+    pub system: Cow<'a, str>,
+    pub last_user: Cow<'a, str>,
     pub earlier_turns: usize,
     pub has_tools: bool,
     pub json_output: bool,
@@ -151,39 +151,53 @@ fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
     start..start + raw.get().len()
 }
 
-/// Appends the text of a message `content` (a string, an array of parts, or null).
-fn push_content(out: &mut String, content: Option<&RawValue>) -> Result<usize, RequestError> {
+/// Adds `text` to `out`, newline-separated. The first piece is kept as it came (borrowed from
+/// the body when it has no escapes), so a single-part prompt is never copied.
+fn append<'a>(out: &mut Cow<'a, str>, text: Cow<'a, str>) {
+    if out.is_empty() {
+        *out = text;
+    } else if !text.is_empty() {
+        let joined = out.to_mut();
+        joined.push('\n');
+        joined.push_str(&text);
+    }
+}
+
+/// Appends the text of a message `content` (a string, an array of parts, or null) and
+/// returns its length.
+fn push_content<'a>(
+    out: &mut Cow<'a, str>,
+    content: Option<&'a RawValue>,
+) -> Result<usize, RequestError> {
     let Some(raw) = content else { return Ok(0) };
-    let before = out.len();
     match raw.get().as_bytes().first() {
         Some(b'"') => {
-            let text: Cow<str> =
+            let text: Cow<'a, str> =
                 serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
-            out.push_str(&text);
+            let len = text.len();
+            append(out, text);
+            Ok(len)
         }
         Some(b'[') => {
-            let parts: Vec<Part> = serde_json::from_str(raw.get()).map_err(|e| {
+            let parts: Vec<Part<'a>> = serde_json::from_str(raw.get()).map_err(|e| {
                 RequestError::invalid(
                     format!("message content parts must be objects: {e}"),
                     "messages",
                 )
             })?;
-            for text in parts.iter().filter_map(|p| p.text.as_deref()) {
-                if out.len() > before {
-                    out.push('\n');
-                }
-                out.push_str(text);
+            let mut len = 0;
+            for text in parts.into_iter().filter_map(|p| p.text) {
+                len += text.len();
+                append(out, text);
             }
+            Ok(len)
         }
-        Some(b'n') => {}
-        _ => {
-            return Err(RequestError::invalid(
-                "message content must be a string, an array of parts or null",
-                "messages",
-            ))
-        }
+        Some(b'n') => Ok(0),
+        _ => Err(RequestError::invalid(
+            "message content must be a string, an array of parts or null",
+            "messages",
+        )),
     }
-    Ok(out.len() - before)
 }
 
 impl<'a> RequestView<'a> {
@@ -238,8 +252,8 @@ impl<'a> RequestView<'a> {
         Ok(view)
     }
 
-    fn read_messages(&mut self, raw: &RawValue) -> Result<(), RequestError> {
-        let messages: Vec<Message> = serde_json::from_str(raw.get()).map_err(|e| {
+    fn read_messages(&mut self, raw: &'a RawValue) -> Result<(), RequestError> {
+        let messages: Vec<Message<'a>> = serde_json::from_str(raw.get()).map_err(|e| {
             RequestError::invalid(
                 format!("`messages` must be an array of objects with a string `role`: {e}"),
                 "messages",
@@ -254,18 +268,13 @@ impl<'a> RequestView<'a> {
         let last_user = messages.iter().rposition(|m| m.role == "user");
         for (i, m) in messages.iter().enumerate() {
             let chars = match m.role.as_ref() {
-                "system" | "developer" => {
-                    if !self.system.is_empty() {
-                        self.system.push('\n');
-                    }
-                    push_content(&mut self.system, m.content)?
-                }
+                "system" | "developer" => push_content(&mut self.system, m.content)?,
                 _ if Some(i) == last_user => push_content(&mut self.last_user, m.content)?,
                 _ => {
                     if last_user.is_some_and(|u| i < u) {
                         self.earlier_turns += 1;
                     }
-                    push_content(&mut String::new(), m.content)?
+                    push_content(&mut Cow::Borrowed(""), m.content)?
                 }
             };
             self.total_chars += chars;
@@ -273,23 +282,20 @@ impl<'a> RequestView<'a> {
         Ok(())
     }
 
-    fn read_prompt(&mut self, raw: &RawValue, field: &'static str) -> Result<(), RequestError> {
+    fn read_prompt(&mut self, raw: &'a RawValue, field: &'static str) -> Result<(), RequestError> {
         match raw.get().as_bytes().first() {
             Some(b'"') => {
-                let text: Cow<str> =
+                let text: Cow<'a, str> =
                     serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
-                self.last_user.push_str(&text);
+                append(&mut self.last_user, text);
             }
             // Arrays of strings are joined; token-id arrays carry no text to classify.
             Some(b'[') => {
-                let items: Vec<&RawValue> =
+                let items: Vec<&'a RawValue> =
                     serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
                 for item in items {
-                    if let Ok(text) = serde_json::from_str::<Cow<str>>(item.get()) {
-                        if !self.last_user.is_empty() {
-                            self.last_user.push('\n');
-                        }
-                        self.last_user.push_str(&text);
+                    if let Ok(text) = serde_json::from_str::<Cow<'a, str>>(item.get()) {
+                        append(&mut self.last_user, text);
                     } else if !item
                         .get()
                         .starts_with(|c: char| c == '[' || c == '-' || c.is_ascii_digit())
@@ -329,9 +335,16 @@ impl<'a> RequestView<'a> {
         self.stream && !self.caller_wants_usage && endpoint != Endpoint::Embeddings
     }
 
-    /// The body to send upstream: `model` set to `target_model`, and `stream_options.include_usage`
-    /// set when `inject_usage`. All other bytes are copied unchanged.
-    pub fn rewrite(&self, body: &[u8], target_model: &str, inject_usage: bool) -> Vec<u8> {
+    /// Appends the body to send upstream to `out`: `model` set to `target_model`, and
+    /// `stream_options.include_usage` set when `inject_usage`. All other bytes are copied
+    /// unchanged.
+    pub fn rewrite_into(
+        &self,
+        out: &mut Vec<u8>,
+        body: &[u8],
+        target_model: &str,
+        inject_usage: bool,
+    ) {
         let mut model_json = String::with_capacity(target_model.len() + 2);
         push_json_string(&mut model_json, target_model);
         let stream_options = if inject_usage {
@@ -348,29 +361,45 @@ impl<'a> RequestView<'a> {
             None
         };
         // Splices in body order; insertions of absent keys go right after the opening brace.
-        let mut edits: Vec<(Range<usize>, String)> = Vec::with_capacity(2);
         let open = body.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
         let empty_object = body[open..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
         let sep = if empty_object { "" } else { "," };
-        match &self.model_span {
-            Some(span) => edits.push((span.clone(), model_json)),
-            None => edits.push((open..open, format!("\"model\":{model_json}{sep}"))),
-        }
+        let mut edits: [(Range<usize>, Cow<str>); 2] =
+            [(0..0, Cow::Borrowed("")), (0..0, Cow::Borrowed(""))];
+        edits[0] = match &self.model_span {
+            Some(span) => (span.clone(), Cow::Owned(model_json)),
+            None => (
+                open..open,
+                Cow::Owned(format!("\"model\":{model_json}{sep}")),
+            ),
+        };
         if let Some(value) = stream_options {
-            match &self.stream_options_span {
-                Some(span) => edits.push((span.clone(), value)),
-                None => edits.push((open..open, format!("\"stream_options\":{value},"))),
-            }
+            edits[1] = match &self.stream_options_span {
+                Some(span) => (span.clone(), Cow::Owned(value)),
+                None => (
+                    open..open,
+                    Cow::Owned(format!("\"stream_options\":{value},")),
+                ),
+            };
         }
         edits.sort_by_key(|(r, _)| r.start);
-        let mut out = Vec::with_capacity(body.len() + 64);
+        out.reserve(body.len() + 64);
         let mut at = 0;
-        for (range, text) in edits {
+        for (range, text) in &edits {
+            if range.is_empty() && text.is_empty() {
+                continue;
+            }
             out.extend_from_slice(&body[at..range.start]);
             out.extend_from_slice(text.as_bytes());
             at = range.end;
         }
         out.extend_from_slice(&body[at..]);
+    }
+
+    /// [`rewrite_into`](Self::rewrite_into) into a new buffer.
+    pub fn rewrite(&self, body: &[u8], target_model: &str, inject_usage: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.rewrite_into(&mut out, body, target_model, inject_usage);
         out
     }
 }
@@ -399,16 +428,25 @@ struct PromptDetails {
     cached_tokens: Option<u64>,
 }
 
-#[derive(Deserialize)]
-struct WithUsage {
-    usage: Option<UsageFields>,
-}
-
 /// Reads `usage` from a whole JSON response or SSE `data:` payload. `None` when absent or
 /// null (then the caller estimates).
+///
+/// Only the `usage` value is parsed: the last `"usage":` key is found by a byte search (inside a
+/// JSON string its quotes would be escaped, so an unescaped match is a key), which is a tenth of
+/// the cost of parsing the whole answer.
 pub fn parse_usage(json: &[u8]) -> Option<TokenUsage> {
-    let w: WithUsage = serde_json::from_slice(json).ok()?;
-    let u = w.usage?;
+    let mut end = json.len();
+    let value = loop {
+        let at = memchr::memmem::rfind(&json[..end], b"\"usage\"")?;
+        let rest = json[at + 7..].trim_ascii_start();
+        if at > 0 && json[at - 1] == b'\\' || rest.first() != Some(&b':') {
+            end = at;
+            continue;
+        }
+        break rest[1..].trim_ascii_start();
+    };
+    let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Option<UsageFields>>();
+    let u = values.next()?.ok()??;
     Some(TokenUsage {
         prompt: u.prompt_tokens,
         completion: u.completion_tokens,
@@ -629,6 +667,25 @@ mod tests {
             })
         );
         assert_eq!(parse_usage(br#"{"usage":null}"#), None);
+        // The word inside generated text (escaped quotes) or as a value is not the key.
+        let tricky = br#"{"choices":[{"message":{"content":"my \"usage\": {\"prompt_tokens\": 99}"}}],"note":"usage","usage" : {"prompt_tokens":5,"completion_tokens":6}}"#;
+        assert_eq!(
+            parse_usage(tricky),
+            Some(TokenUsage {
+                prompt: 5,
+                cached: 0,
+                completion: 6
+            })
+        );
+        assert_eq!(
+            parse_usage(br#"{"choices":[{"text":"\"usage\":{\"prompt_tokens\":1}"}]}"#),
+            None
+        );
+        assert_eq!(
+            parse_usage(br#"{"usage":{"prompt_tokens":"x"}}"#),
+            None,
+            "wrong types are ignored, not trusted"
+        );
         assert_eq!(parse_usage(b"not json"), None);
         assert_eq!(estimate_tokens(9), 3);
     }

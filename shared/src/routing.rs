@@ -7,6 +7,7 @@ use crate::classifier::Classifier;
 use crate::config::IoDriver;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub struct RoutingTable {
@@ -66,7 +67,8 @@ impl Scheme {
 }
 
 pub struct Backend {
-    pub name: String,
+    /// `Arc` so usage events can name it without allocating.
+    pub name: Arc<str>,
     pub scheme: Scheme,
     pub host: String,
     pub port: u16,
@@ -107,7 +109,7 @@ impl fmt::Debug for Backend {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub backend: usize,
-    pub model: String,
+    pub model: Arc<str>,
     pub price: Price,
 }
 
@@ -133,7 +135,7 @@ impl Price {
 
 #[derive(Debug)]
 pub struct Tier {
-    pub name: String,
+    pub name: Arc<str>,
     pub rank: usize,
     pub targets: Vec<usize>,
 }
@@ -259,7 +261,7 @@ impl RoutingTable {
             let rank = self
                 .tiers
                 .iter()
-                .position(|t| t.name == name)
+                .position(|t| &*t.name == name)
                 .ok_or_else(|| RouteError::UnknownTier(name.to_string()))?;
             return Ok(Decision {
                 plan: Plan::FromTier(rank),

@@ -2,18 +2,22 @@
 //! Must not: block; the data plane sends with `try_send` and counts what it drops.
 
 use crate::category::Category;
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+use std::sync::Arc;
 
+/// Names come from the routing table as `Arc<str>`, so building an event allocates only for
+/// the caller's service name.
 #[derive(Debug, Clone, Serialize)]
 pub struct UsageEvent {
-    pub request_id: String,
+    #[serde(serialize_with = "hex_id")]
+    pub request_id: u64,
     pub service: String,
     pub endpoint: &'static str,
     pub category: Category,
     /// Empty when the request failed before a tier was chosen.
-    pub tier: String,
-    pub backend: String,
-    pub model: String,
+    pub tier: Arc<str>,
+    pub backend: Arc<str>,
+    pub model: Arc<str>,
     pub prompt_tokens: u64,
     pub cached_tokens: u64,
     pub completion_tokens: u64,
@@ -29,4 +33,13 @@ pub struct UsageEvent {
     /// The response was cut off (upstream broke mid-body or the client left).
     pub incomplete: bool,
     pub config_version: u64,
+}
+
+/// Request ids are shown as 16 hex digits, as in `x-switchyard-request-id`.
+pub fn format_request_id(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+fn hex_id<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_request_id(*id))
 }
