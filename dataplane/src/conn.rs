@@ -21,9 +21,22 @@ pub struct Client {
     pub stream: TcpStream,
     /// Bytes read and not yet consumed (a partial or pipelined request).
     pub buf: Vec<u8>,
+    /// The previous request's body buffer, kept to become the next read buffer: a body that
+    /// arrives alone is handed over whole, and this keeps that free of allocation.
+    pub spare: Vec<u8>,
 }
 
 impl Client {
+    pub fn new(stream: TcpStream) -> Client {
+        // Small request/response pairs must not wait for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
+        Client {
+            stream,
+            buf: Vec::with_capacity(8192),
+            spare: Vec::new(),
+        }
+    }
+
     /// Appends what the socket has; 0 means the client closed.
     async fn read_more(&mut self) -> io::Result<usize> {
         if self.buf.capacity() - self.buf.len() < 2048 {
@@ -51,11 +64,7 @@ pub enum HeadError {
 }
 
 pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let mut client = Client {
-        stream,
-        buf: Vec::with_capacity(8192),
-    };
+    let mut client = Client::new(stream);
     loop {
         let snap = worker.snapshot();
         let head = match read_head(&mut client, &snap.table.listener).await {
@@ -149,7 +158,9 @@ pub async fn read_body(
                 if client.buf.len() >= n {
                     // The common case (body arrived with the head, nothing pipelined) moves the buffer.
                     if client.buf.len() == n {
-                        return Ok(std::mem::replace(&mut client.buf, Vec::with_capacity(8192)));
+                        let mut next = std::mem::take(&mut client.spare);
+                        next.clear();
+                        return Ok(std::mem::replace(&mut client.buf, next));
                     }
                     return Ok(client.buf.drain(..n).collect());
                 }
@@ -212,10 +223,12 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
     }
     match (endpoint, head.method) {
         (Some(endpoint), Method::Post) => {
-            proxy::handle(
-                worker, snap, client, &head, body, endpoint, started, keep_alive,
+            let keep = proxy::handle(
+                worker, snap, client, &head, &body, endpoint, started, keep_alive,
             )
-            .await
+            .await;
+            client.spare = body;
+            keep
         }
         _ if known => {
             send_error(

@@ -51,7 +51,7 @@ pub async fn handle(
     snap: &Snapshot,
     client: &mut Client,
     head: &Head,
-    body: Vec<u8>,
+    body: &[u8],
     endpoint: Endpoint,
     started: Instant,
     keep_alive: bool,
@@ -74,7 +74,7 @@ pub async fn handle(
         keep_alive,
     };
     // request_filter
-    let view = match RequestView::parse(endpoint, &body) {
+    let view = match RequestView::parse(endpoint, body) {
         Ok(v) => v,
         Err(e) => return reject(worker, snap, client, &ctx, e.kind, &e.message, e.param).await,
     };
@@ -189,7 +189,7 @@ pub async fn handle(
             let t = &table.targets[target];
             let backend = &table.backends[t.backend];
             let request = upstream_request(head, backend, ctx.request_id, |out| {
-                view.rewrite_into(out, &body, &t.model, inject_usage)
+                view.rewrite_into(out, body, &t.model, inject_usage)
             });
             let exchange = upstream::exchange(
                 &worker.pool,
@@ -483,17 +483,26 @@ async fn relay(
     let mut wire = response_head(ctx, &resp.head, framing, tier, backend, &t.model);
     let mut first_byte: Option<Instant> = None;
     let mut filter = sse.then(|| SseFilter::new(inject_usage));
+    // Bodies passed through unframed are decoded straight into `wire`; others go via `data`.
+    let raw_passthrough = !sse && framing != ClientFraming::Chunked;
+    // The body so far, for `usage`, when it does not arrive in one piece.
     let mut kept = Vec::new();
-    let mut data = Vec::with_capacity(16 * 1024);
+    let mut body_usage = None;
+    let mut body_bytes = 0usize;
+    let mut data = Vec::new();
     let mut events = Vec::new();
     let mut sse_events = 0u64;
     let mut read_socket = false;
     let outcome: Result<(), Cut> = loop {
-        data.clear();
+        let body_start = wire.len();
+        let sink = if raw_passthrough {
+            &mut wire
+        } else {
+            data.clear();
+            &mut data
+        };
         if read_socket {
-            let next = resp
-                .body
-                .next(&mut resp.conn, backend.idle_timeout, &mut data);
+            let next = resp.body.next(&mut resp.conn, backend.idle_timeout, sink);
             let next = if sse {
                 watch_client(&client.stream, next).await
             } else {
@@ -504,24 +513,32 @@ async fn relay(
                 Some(Err(e)) => break Err(Cut::Upstream(e)),
                 Some(Ok(_)) => {}
             }
-        } else if let Err(e) = resp.body.decode(&mut data) {
+        } else if let Err(e) = resp.body.decode(sink) {
             break Err(Cut::Upstream(e));
         }
         read_socket = true;
-        match filter.as_mut() {
-            Some(f) => {
-                events.clear();
-                f.feed(&data, &mut events);
-                if resp.body.is_done() {
-                    f.finish(&mut events);
-                }
-                sse_events += memchr::memmem::find_iter(&events, b"data:").count() as u64;
-                frame(&mut wire, framing, &events);
+        let body: &[u8] = if raw_passthrough {
+            &wire[body_start..]
+        } else {
+            &data
+        };
+        body_bytes += body.len();
+        if let Some(f) = filter.as_mut() {
+            events.clear();
+            f.feed(body, &mut events);
+            if resp.body.is_done() {
+                f.finish(&mut events);
             }
-            None => {
-                if kept.len() + data.len() <= USAGE_SCAN_LIMIT {
-                    kept.extend_from_slice(&data);
-                }
+            sse_events += memchr::memmem::find_iter(&events, b"data:").count() as u64;
+            frame(&mut wire, framing, &events);
+        } else {
+            if resp.body.is_done() && kept.is_empty() {
+                // The whole body is here at once (the usual case): read usage in place.
+                body_usage = parse_usage(body);
+            } else if kept.len() + body.len() <= USAGE_SCAN_LIMIT {
+                kept.extend_from_slice(body);
+            }
+            if !raw_passthrough {
                 frame(&mut wire, framing, &data);
             }
         }
@@ -575,11 +592,12 @@ async fn relay(
     let usage = filter
         .as_ref()
         .and_then(|f| f.usage)
+        .or(body_usage)
         .or_else(|| parse_usage(&kept));
     let completion_estimate = if sse {
         sse_events.saturating_sub(1)
     } else {
-        estimate_tokens(kept.len()) / 4
+        estimate_tokens(body_bytes) / 4
     };
     let logged_status = if client_left { CLIENT_CLOSED } else { status };
     log(

@@ -204,11 +204,7 @@ fn limits() -> Listener {
 }
 
 async fn serve(sim: Rc<Sim>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let mut client = Client {
-        stream,
-        buf: Vec::with_capacity(8192),
-    };
+    let mut client = Client::new(stream);
     let limits = limits();
     loop {
         let head = match read_head(&mut client, &limits).await {
