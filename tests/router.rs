@@ -719,3 +719,47 @@ fn http10_clients_get_close_delimited_streams() {
     );
     assert!(resp.text().ends_with("data: [DONE]\n\n"), "{}", resp.text());
 }
+
+#[test]
+fn garbage_on_the_wire_never_takes_a_worker_down() {
+    let s = sim("s", &[]);
+    let r = router(&config_for(
+        &[("s", s.url())],
+        "[listener]\nheader_timeout_ms = 300\nbody_timeout_ms = 300\n",
+    ));
+    let valid = post_raw("/v1/chat/completions", &chat("hello"), "");
+    let mut x = 0xdead_beef_u64;
+    for round in 0..300 {
+        let mut bytes = valid.clone();
+        for _ in 0..1 + round % 5 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let at = (x >> 16) as usize % bytes.len();
+            match x % 3 {
+                0 => bytes[at] = (x >> 40) as u8,
+                1 => bytes.truncate(at.max(1)),
+                _ => bytes.insert(at, b"\r\n:{\"0 \x00\xff"[(x >> 8) as usize % 9]),
+            }
+        }
+        let mut c = std::net::TcpStream::connect(r.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = c.write_all(&bytes);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        // Whatever came back must be HTTP (or nothing, for a cut request).
+        let mut reply = Vec::new();
+        let _ = c.read_to_end(&mut reply);
+        assert!(
+            reply.is_empty() || reply.starts_with(b"HTTP/1.1 "),
+            "round {round}: {}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+    for _ in 0..4 {
+        // Both workers still answer.
+        assert_eq!(
+            post(r.addr, "/v1/chat/completions", &chat("still alive?"), "").status,
+            200
+        );
+    }
+}

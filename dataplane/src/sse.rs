@@ -142,3 +142,30 @@ data: [DONE]\n\n";
         assert!(f.saw_error);
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    use super::*;
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_pass_through() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2_000 {
+            let mut input = Vec::new();
+            for _ in 0..(x % 300) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let alphabet = b"data: {\"usage\":}[]\n\r x";
+                input.push(alphabet[(x % alphabet.len() as u64) as usize]);
+            }
+            let mut f = SseFilter::new(false);
+            let mut out = Vec::new();
+            for piece in input.chunks(1 + (x % 7) as usize) {
+                f.feed(piece, &mut out);
+            }
+            f.finish(&mut out);
+            assert_eq!(out, input, "without hiding, every byte passes through");
+        }
+    }
+}
