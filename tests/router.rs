@@ -763,3 +763,31 @@ fn garbage_on_the_wire_never_takes_a_worker_down() {
         );
     }
 }
+
+#[test]
+fn a_stalled_stream_times_out_into_an_error_event() {
+    let s = sim("s", &["--completion-tokens", "8"]);
+    let config = config_for(&[("s", s.url())], "").replace(
+        "first_byte_timeout_ms = 3000",
+        "first_byte_timeout_ms = 3000\nidle_timeout_ms = 300",
+    );
+    let r = router(&config);
+    let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let started = Instant::now();
+    let resp = post(
+        r.addr,
+        "/v1/chat/completions",
+        body,
+        "x-sim-fault: stall\r\n",
+    );
+    assert_eq!(resp.status, 200);
+    let text = resp.text();
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let event: serde_json::Value =
+        serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(event["error"]["code"], "upstream_timeout", "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the idle timeout, not the sim, ended it"
+    );
+}

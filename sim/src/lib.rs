@@ -407,7 +407,9 @@ async fn stream_answer(
             return false;
         }
         if i == 2 && fault == Fault::Stall {
-            std::future::pending::<()>().await;
+            // A timer, not `std::future::pending()`: monoio frees a task that holds no waker,
+            // which would close the connection instead of stalling it.
+            monoio::time::sleep(Duration::from_secs(3600)).await;
         }
         let word = if i == 0 {
             c.name.clone()
