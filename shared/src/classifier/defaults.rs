@@ -177,6 +177,18 @@ pub(super) fn keywords() -> CategoryWords {
             "tells the truth",
             "tell the truth",
             "boolean",
+            // Asking for a worked-out judgement rather than a recalled fact.
+            "determine whether",
+            "determine which",
+            "figure out",
+            "work out",
+            "think through",
+            "explain your reasoning",
+            "show your work",
+            "show your working",
+            "in what order",
+            "alphabetical order",
+            "alphabetic order",
         ]),
         code: v(&[
             "python",
@@ -354,6 +366,7 @@ pub(super) fn hints() -> CategoryWords {
             "parentheses",
             "reason",
             "explain why",
+            "end up",
         ]),
         code: v(&[
             "function",

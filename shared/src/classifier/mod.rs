@@ -6,7 +6,11 @@
 mod defaults;
 
 use crate::category::Category;
-use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
+use aho_corasick::automaton::{Automaton, StateID};
+use aho_corasick::{dfa::DFA, Anchored, MatchKind};
+
+/// Independent automaton searches run side by side (see [`Classifier::scan_words`]).
+const LANES: usize = 4;
 use serde::{Deserialize, Serialize};
 
 /// What the classifier looks at, already extracted from the request by the caller.
@@ -84,6 +88,56 @@ impl CategoryWords {
     }
 }
 
+/// How `[classifier.keywords]` and `[classifier.hints]` are read: each category given there
+/// replaces that category's default list; categories left out keep their defaults.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CategoryOverrides {
+    extraction: Option<Vec<String>>,
+    classification: Option<Vec<String>>,
+    summarisation: Option<Vec<String>>,
+    translation: Option<Vec<String>>,
+    qa: Option<Vec<String>>,
+    chat: Option<Vec<String>>,
+    creative: Option<Vec<String>>,
+    reasoning: Option<Vec<String>>,
+    code: Option<Vec<String>>,
+    other: Option<Vec<String>>,
+}
+
+impl CategoryOverrides {
+    fn over(self, mut base: CategoryWords) -> CategoryWords {
+        let pairs = [
+            (self.extraction, &mut base.extraction),
+            (self.classification, &mut base.classification),
+            (self.summarisation, &mut base.summarisation),
+            (self.translation, &mut base.translation),
+            (self.qa, &mut base.qa),
+            (self.chat, &mut base.chat),
+            (self.creative, &mut base.creative),
+            (self.reasoning, &mut base.reasoning),
+            (self.code, &mut base.code),
+            (self.other, &mut base.other),
+        ];
+        for (given, list) in pairs {
+            if let Some(words) = given {
+                *list = words;
+            }
+        }
+        base
+    }
+}
+
+fn keywords_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<CategoryWords, D::Error> {
+    Ok(CategoryOverrides::deserialize(d)?.over(defaults::keywords()))
+}
+
+fn hints_over_defaults<'de, D: serde::Deserializer<'de>>(d: D) -> Result<CategoryWords, D::Error> {
+    Ok(CategoryOverrides::deserialize(d)?.over(defaults::hints()))
+}
+
 /// The `[classifier]` table. Every field has a default; setting a list replaces the default
 /// list, the `extra_*` tables add to it. Patterns are whole words or phrases, matched ASCII
 /// case-insensitively; a trailing `*` matches any word starting with the stem ("summar*").
@@ -111,8 +165,10 @@ pub struct ClassifierConfig {
     /// Most that hints in the instruction window may add to one category. Default 2.0.
     pub hint_cap: f32,
     /// Strong task signals per category (e.g. "translat*", "summar*", "sentiment").
+    #[serde(deserialize_with = "keywords_over_defaults")]
     pub keywords: CategoryWords,
     /// Weak hints per category (e.g. "review", "passage", "do you").
+    #[serde(deserialize_with = "hints_over_defaults")]
     pub hints: CategoryWords,
     /// Added to `keywords` without replacing the defaults.
     pub extra_keywords: CategoryWords,
@@ -159,6 +215,11 @@ pub struct ClassifierConfig {
     pub label_max_tokens: u64,
     /// A winner below this score is not trusted: the default rule (chat) applies. Default 0.9.
     pub min_score: f32,
+    /// Also count keywords, hints and language names in the middle of a text (between the
+    /// instruction windows), at `body_weight` and up to `body_cap` per category. Off by
+    /// default: only notation (code syntax, maths, option markers, code fences) counts there,
+    /// which is found without the full automaton and so is faster on long prompts.
+    pub body_words: bool,
 }
 
 impl Default for ClassifierConfig {
@@ -194,6 +255,7 @@ impl Default for ClassifierConfig {
             json_output_weight: 1.0,
             label_max_tokens: 8,
             min_score: 0.9,
+            body_words: false,
         }
     }
 }
@@ -241,8 +303,15 @@ struct PatternInfo {
 
 /// Built once per config; immutable afterwards, so it is Send + Sync and shared in an Arc.
 pub struct Classifier {
-    automaton: AhoCorasick,
+    /// Words and phrases (and any notation made only of letters and spaces).
+    automaton: DFA,
+    /// Longest pattern of `automaton`, in bytes.
+    max_pattern_len: usize,
+    /// Effects of each `automaton` pattern.
     patterns: Vec<PatternInfo>,
+    /// Notation that contains an uncommon byte, found by that byte.
+    notation: NotationScanner,
+    /// (effect, from a `stem*` entry: the match may end inside a word).
     effects: Vec<(Effect, bool)>,
     config: ClassifierConfig,
 }
@@ -498,57 +567,256 @@ impl Classifier {
         }
     }
 
+    /// Scores one text: notation everywhere (a table lookup per byte), words and phrases
+    /// with the automaton in the head and tail windows only. A text up to twice the window
+    /// plus the longest pattern is searched in one piece; the two spans of a longer text
+    /// never report the same match twice.
     fn scan(&self, text: &str, t: &mut Tally) {
         let bytes = text.as_bytes();
         let n = bytes.len();
         let w = self.config.instruction_window;
-        // Overlapping search, so a phrase and a word inside it both count ("mean the same"
-        // after "sentences").
-        for m in self.automaton.find_overlapping_iter(bytes) {
-            let (s, e) = (m.start(), m.end());
-            let info = self.patterns[m.pattern().as_usize()];
-            // Word boundaries are checked on bytes, so nothing is ever sliced inside a UTF-8
-            // character; a non-ASCII neighbour counts as a boundary.
-            if is_word_byte(bytes[s]) && s > 0 && is_word_byte(bytes[s - 1]) {
+        self.notation.scan(self, bytes, t);
+        let l = self.max_pattern_len;
+        if self.config.body_words || n <= w.saturating_add(l).saturating_mul(2) {
+            // Short text (or words count everywhere): all of it, in up to four parts.
+            let k = (n / l.saturating_mul(2).max(1)).clamp(1, LANES);
+            let mut ends = [(0, 0); LANES];
+            for (i, r) in ends.iter_mut().enumerate().take(k) {
+                *r = (n * i / k, n * (i + 1) / k);
+            }
+            self.scan_words(bytes, &ends[..k], t);
+        } else {
+            // Matches that start in the head window end at or before `w + l`; the tail
+            // window's matches end after `n - w`. Each window is cut in two.
+            let (h, m) = (w + l, n - w);
+            let ends = [(0, h / 2), (h / 2, h), (m, m + w / 2), (m + w / 2, n)];
+            self.scan_words(bytes, &ends, t);
+        }
+    }
+
+    /// Overlapping search with the automaton for the matches whose end lies in one of the
+    /// `ends` ranges `(lo, hi]` (disjoint, so no match counts twice). A match outside the
+    /// instruction windows counts only if `body_words` is set.
+    ///
+    /// The ranges are searched in lock-step, one DFA per range started `max_pattern_len`
+    /// bytes before it: a DFA step waits on the previous one's table load, so independent
+    /// searches run side by side in the time of one.
+    fn scan_words(&self, bytes: &[u8], ends: &[(usize, usize)], t: &mut Tally) {
+        let dfa = &self.automaton;
+        let Ok(start) = dfa.start_state(Anchored::No) else {
+            return;
+        };
+        let mut at = [0usize; LANES];
+        let mut sid = [start; LANES];
+        let lanes = ends.len().min(LANES);
+        for (a, &(lo, _)) in at.iter_mut().zip(ends) {
+            *a = lo.saturating_sub(self.max_pattern_len);
+        }
+        // Steps every lane can take before its range ends.
+        let common = ends[..lanes]
+            .iter()
+            .zip(&at)
+            .map(|(&(_, hi), &a)| hi - a)
+            .min()
+            .unwrap_or(0);
+        for _ in 0..common {
+            for i in 0..LANES.min(lanes) {
+                sid[i] = dfa.next_state(Anchored::No, sid[i], bytes[at[i]]);
+                at[i] += 1;
+                if dfa.is_special(sid[i]) {
+                    self.report(sid[i], at[i], ends[i].0, bytes, t);
+                }
+            }
+        }
+        for i in 0..lanes {
+            while at[i] < ends[i].1 {
+                sid[i] = dfa.next_state(Anchored::No, sid[i], bytes[at[i]]);
+                at[i] += 1;
+                if dfa.is_special(sid[i]) {
+                    self.report(sid[i], at[i], ends[i].0, bytes, t);
+                }
+            }
+        }
+    }
+
+    /// The matches of DFA state `sid` reached at `end`, if `end` is past `lo`.
+    #[inline(never)]
+    fn report(&self, sid: StateID, end: usize, lo: usize, bytes: &[u8], t: &mut Tally) {
+        let dfa = &self.automaton;
+        if end <= lo || !dfa.is_match(sid) {
+            return;
+        }
+        let n = bytes.len();
+        let w = self.config.instruction_window;
+        for k in 0..dfa.match_len(sid) {
+            let pid = dfa.match_pattern(sid, k);
+            let s = end - dfa.pattern_len(pid);
+            let in_window = s < w || end.saturating_add(w) > n;
+            if !(in_window || self.config.body_words) {
                 continue;
             }
-            let whole_word = !(is_word_byte(bytes[e - 1]) && e < n && is_word_byte(bytes[e]));
-            let in_window = s < w || e.saturating_add(w) > n;
-            let count = if in_window {
-                1.0
-            } else {
-                self.config.body_weight
+            let Some(whole_word) = word_edges(bytes, s, end) else {
+                continue;
             };
-            for &(effect, prefix) in &self.effects[info.start as usize..info.end as usize] {
-                if !(whole_word || prefix) {
-                    continue;
-                }
-                match effect {
-                    Effect::Score {
-                        category,
-                        signal,
-                        weight,
-                    } => t.add(category, signal, weight, in_window, self.config.body_weight),
-                    Effect::Language => {
-                        let weight = match language_request(bytes, s) {
-                            LanguageCue::Target => self.config.keyword_weight,
-                            LanguageCue::Mention => self.config.hint_weight * 1.5,
-                            LanguageCue::None => continue,
-                        };
-                        t.add(
-                            Category::Translation,
-                            Signal::Language,
-                            weight,
-                            in_window,
-                            self.config.body_weight,
-                        )
-                    }
-                    Effect::CodeSyntax => t.code_syntax += count,
-                    Effect::Math => t.math += count,
-                    Effect::Option => t.options += 1,
-                    Effect::Fence => t.fences += 1,
+            let info = self.patterns[pid.as_usize()];
+            self.apply_all(info, whole_word, bytes, s, in_window, t);
+        }
+    }
+
+    /// Adds the effects of one pattern matched at `s`.
+    fn apply_all(
+        &self,
+        info: PatternInfo,
+        whole_word: bool,
+        bytes: &[u8],
+        s: usize,
+        in_window: bool,
+        t: &mut Tally,
+    ) {
+        for &(effect, prefix) in &self.effects[info.start as usize..info.end as usize] {
+            if whole_word || prefix {
+                self.apply(effect, bytes, s, in_window, t);
+            }
+        }
+    }
+
+    /// Adds one effect of a match starting at `s`.
+    fn apply(&self, effect: Effect, bytes: &[u8], s: usize, in_window: bool, t: &mut Tally) {
+        let c = &self.config;
+        let count = if in_window { 1.0 } else { c.body_weight };
+        match effect {
+            Effect::Score {
+                category,
+                signal,
+                weight,
+            } => t.add(category, signal, weight, in_window, c.body_weight),
+            Effect::Language => {
+                let weight = match language_request(bytes, s) {
+                    LanguageCue::Target => c.keyword_weight,
+                    LanguageCue::Mention => c.hint_weight * 1.5,
+                    LanguageCue::None => return,
+                };
+                t.add(
+                    Category::Translation,
+                    Signal::Language,
+                    weight,
+                    in_window,
+                    c.body_weight,
+                )
+            }
+            Effect::CodeSyntax => t.code_syntax += count,
+            Effect::Math => t.math += count,
+            Effect::Option => t.options += 1,
+            Effect::Fence => t.fences += 1,
+        }
+    }
+}
+
+/// Word boundaries of a match `s..e`, checked on bytes, so nothing is ever sliced inside a
+/// UTF-8 character; a non-ASCII neighbour counts as a boundary. `None`: the match starts
+/// inside a word. `Some(whole_word)`: whether it also ends at a word boundary (a stem may
+/// end inside a word).
+fn word_edges(bytes: &[u8], s: usize, e: usize) -> Option<bool> {
+    if is_word_byte(bytes[s]) && s > 0 && is_word_byte(bytes[s - 1]) {
+        return None;
+    }
+    Some(!(is_word_byte(bytes[e - 1]) && e < bytes.len() && is_word_byte(bytes[e])))
+}
+
+/// How common a byte is in ordinary text, for choosing the byte that finds a body pattern:
+/// 3 = letters and space (never used), 2 = digits and common punctuation, 1 = line breaks and
+/// non-ASCII, 0 = other ASCII symbols.
+fn commonness(b: u8) -> u8 {
+    match b {
+        b'a'..=b'z' | b'A'..=b'Z' | b' ' => 3,
+        b'0'..=b'9' | b'.' | b',' | b'\'' | b'"' | b'-' => 2,
+        b'\n' | b'\r' | b'\t' | 0x80..=0xff => 1,
+        _ => 0,
+    }
+}
+
+/// A notation pattern, found at its `offset`-th byte (its least common one).
+#[derive(Debug, Clone)]
+struct NotationPattern {
+    /// Lower-cased pattern bytes.
+    bytes: Box<[u8]>,
+    offset: usize,
+    effects: PatternInfo,
+}
+
+/// Finds notation (code syntax, maths, option markers, code fences) without an automaton:
+/// one table lookup per byte, and a short comparison where a byte occurs that some pattern
+/// is found by. Prose rarely holds such bytes, so this runs at memory speed over the middle
+/// of a long prompt, where the automaton does not go. Notation made only of letters and
+/// spaces ("def ", "not true") has no such byte; it is left to the automaton (windows only).
+#[derive(Debug, Clone)]
+struct NotationScanner {
+    /// Patterns grouped by the byte that finds them.
+    patterns: Vec<NotationPattern>,
+    /// `patterns[range[b].0 as usize..range[b].1 as usize]` are found by byte `b`.
+    range: [(u16, u16); 256],
+    /// 1 where `range[b]` is not empty: the hot loop reads one byte per text byte.
+    hit: [u8; 256],
+}
+
+impl NotationScanner {
+    /// `list` holds at most `u16::MAX` patterns (checked by the caller).
+    fn new(mut list: Vec<NotationPattern>) -> NotationScanner {
+        list.sort_by_key(|p| p.bytes[p.offset]);
+        let mut range = [(0u16, 0u16); 256];
+        for (i, p) in list.iter().enumerate() {
+            let b = p.bytes[p.offset] as usize;
+            let i = i as u16;
+            if range[b].0 == range[b].1 {
+                range[b] = (i, i + 1);
+            } else {
+                range[b].1 = i + 1;
+            }
+        }
+        let mut hit = [0u8; 256];
+        for (h, r) in hit.iter_mut().zip(&range) {
+            *h = u8::from(r.0 != r.1);
+        }
+        NotationScanner {
+            patterns: list,
+            range,
+            hit,
+        }
+    }
+
+    fn scan(&self, c: &Classifier, bytes: &[u8], t: &mut Tally) {
+        for (k, chunk) in bytes.chunks(8).enumerate() {
+            // Eight independent table reads and one branch: in prose most chunks hold no
+            // byte that finds a pattern.
+            if chunk.iter().fold(0u8, |a, &b| a | self.hit[b as usize]) == 0 {
+                continue;
+            }
+            for (j, &b) in chunk.iter().enumerate() {
+                if self.hit[b as usize] != 0 {
+                    self.check(c, bytes, k * 8 + j, t);
                 }
             }
+        }
+    }
+
+    /// Tries the patterns that the byte at `i` finds.
+    fn check(&self, c: &Classifier, bytes: &[u8], i: usize, t: &mut Tally) {
+        let n = bytes.len();
+        let w = c.config.instruction_window;
+        let (lo, hi) = self.range[bytes[i] as usize];
+        for p in &self.patterns[lo as usize..hi as usize] {
+            let Some(s) = i.checked_sub(p.offset) else {
+                continue;
+            };
+            let e = s + p.bytes.len();
+            if e > n || !bytes[s..e].eq_ignore_ascii_case(&p.bytes) {
+                continue;
+            }
+            let Some(whole_word) = word_edges(bytes, s, e) else {
+                continue;
+            };
+            let in_window = s < w || e.saturating_add(w) > n;
+            c.apply_all(p.effects, whole_word, bytes, s, in_window, t);
         }
     }
 }
@@ -749,25 +1017,57 @@ impl Builder {
     }
 
     fn build(self, config: ClassifierConfig) -> Result<Classifier, String> {
-        let mut patterns = Vec::with_capacity(self.stems.len());
+        let mut words = Vec::new();
+        let mut patterns = Vec::new();
+        let mut notation = Vec::new();
         let mut effects = Vec::new();
-        for eff in self.effects {
+        for (stem, eff) in self.stems.into_iter().zip(self.effects) {
             let start = effects.len() as u32;
+            // Pure notation with an uncommon byte goes to the notation scanner; everything
+            // else (any word-like effect, or no uncommon byte) to the automaton.
+            let all_notation = eff.iter().all(|(e, _)| {
+                matches!(
+                    e,
+                    Effect::CodeSyntax | Effect::Math | Effect::Option | Effect::Fence
+                )
+            });
+            let trigger = stem
+                .bytes()
+                .enumerate()
+                .min_by_key(|&(_, b)| commonness(b))
+                .filter(|&(_, b)| commonness(b) < 3);
             effects.extend(eff);
-            patterns.push(PatternInfo {
+            let info = PatternInfo {
                 start,
                 end: effects.len() as u32,
-            });
+            };
+            match trigger {
+                Some((offset, _)) if all_notation => notation.push(NotationPattern {
+                    bytes: stem.into_bytes().into(),
+                    offset,
+                    effects: info,
+                }),
+                _ => {
+                    words.push(stem);
+                    patterns.push(info);
+                }
+            }
         }
-        let automaton = AhoCorasick::builder()
+        if notation.len() > usize::from(u16::MAX) {
+            return Err("classifier: too many notation patterns".to_owned());
+        }
+        let automaton = DFA::builder()
             .ascii_case_insensitive(true)
             .match_kind(MatchKind::Standard)
-            .kind(Some(AhoCorasickKind::DFA))
-            .build(&self.stems)
+            .start_kind(aho_corasick::StartKind::Unanchored)
+            .prefilter(false)
+            .build(&words)
             .map_err(|e| format!("classifier: cannot build the keyword matcher: {e}"))?;
         Ok(Classifier {
+            max_pattern_len: automaton.max_pattern_len(),
             automaton,
             patterns,
+            notation: NotationScanner::new(notation),
             effects,
             config,
         })

@@ -205,9 +205,18 @@ fn config_keyword_changes_the_result() {
         cat(&Classifier::new(&cfg).unwrap(), text),
         Category::Translation
     );
-    // Replacing a list drops the defaults.
-    cfg = toml::from_str("[keywords]\ntranslation = []").unwrap();
-    assert!(cfg.keywords.code.is_empty() && cfg.keywords.translation.is_empty());
+    // Replacing one category's list drops its defaults and keeps every other category's.
+    cfg = toml::from_str("[keywords]\ntranslation = []\n[hints]\ncode = [\"snippet\"]").unwrap();
+    let defaults = ClassifierConfig::default();
+    assert!(cfg.keywords.translation.is_empty());
+    assert_eq!(cfg.keywords.code, defaults.keywords.code);
+    assert!(!cfg.keywords.code.is_empty());
+    assert_eq!(cfg.hints.code, vec!["snippet".to_string()]);
+    assert_eq!(cfg.hints.qa, defaults.hints.qa);
+    assert!(
+        toml::from_str::<ClassifierConfig>("[keywords]\ncodez = []").is_err(),
+        "typos are errors"
+    );
     assert_eq!(
         ClassifierConfig::default().languages,
         toml::from_str::<ClassifierConfig>("").unwrap().languages
@@ -244,4 +253,139 @@ fn never_panics_on_odd_input() {
 fn classifier_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<Classifier>();
+}
+
+/// Long filler prose without any pattern the default lists know.
+fn filler(bytes: usize) -> String {
+    "Lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor. "
+        .repeat(bytes / 78 + 1)
+}
+
+#[test]
+fn each_window_match_counts_once_wherever_it_falls() {
+    // The head and tail windows are searched in several pieces side by side; a keyword
+    // must count exactly once wherever it lies in a window, pieces' seams included.
+    let c = classifier();
+    let w = ClassifierConfig::default().instruction_window;
+    for n in [40, 300, 700, 5_000] {
+        let base = filler(n);
+        let base = &base[..n];
+        let mut confidences = Vec::new();
+        for at in (0..base.len()).step_by(3) {
+            // " haiku " is inserted at `at`: the keyword spans at+1..at+6.
+            let in_window = at + 1 < w || at + 6 + w > base.len() + 7;
+            if !in_window || !base.is_char_boundary(at) {
+                continue;
+            }
+            let text = format!("{} haiku {}", &base[..at], &base[at..]);
+            let r = c.classify(&user(&text));
+            assert_eq!(r.category, Category::Creative, "n={n} at={at}");
+            confidences.push(r.confidence);
+        }
+        assert!(
+            confidences.windows(2).all(|p| p[0] == p[1]),
+            "n={n}: {confidences:?}"
+        );
+    }
+}
+
+#[test]
+fn middle_of_a_long_text_counts_notation_only() {
+    let c = classifier();
+    let pad = filler(4_000);
+    // A keyword deep inside a document is part of the document, not the request.
+    let text = format!("{pad} translate {pad}");
+    assert_ne!(cat(&c, &text), Category::Translation);
+    // With `body_words` it counts at `body_weight`, capped by `body_cap`.
+    let cfg = ClassifierConfig {
+        body_words: true,
+        body_weight: 1.0,
+        body_cap: 3.0,
+        ..Default::default()
+    };
+    assert_eq!(
+        cat(&Classifier::new(&cfg).unwrap(), &text),
+        Category::Translation
+    );
+    // Notation counts anywhere: a code fence, or an option list, in the middle.
+    let text = format!("{pad}\n```\nlet x = 1;\n```\n{pad}");
+    assert_eq!(cat(&c, &text), Category::Code);
+    let r = c.classify(&user(&format!(
+        "Which one fits?\n{pad}\n(A) red\n(B) blue\n(C) green\n{pad}"
+    )));
+    assert_eq!((r.category, r.rule), (Category::Qa, "multiple-choice"));
+}
+
+#[test]
+fn notation_scanner_respects_word_edges_and_text_ends() {
+    // A pattern found by an uncommon byte in its middle, and one at the very end of a text.
+    let cfg = ClassifierConfig {
+        math_notation: vec!["x^2".into(), "=>".into()],
+        ..Default::default()
+    };
+    let c = Classifier::new(&cfg).unwrap();
+    assert_eq!(cat(&c, "x^2 x^2"), Category::Reasoning);
+    // "ax^2" starts inside a word: no match.
+    assert_ne!(cat(&c, "ax^2 ax^2"), Category::Reasoning);
+    for text in ["^", "x^", "^2", "=", "=>", "é^", "^é", "x^2"] {
+        let r = c.classify(&user(text));
+        assert!((0.0..=1.0).contains(&r.confidence));
+    }
+}
+
+mod allocations {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static COUNT: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Counts allocations of the current thread only, so tests running in parallel do not
+    /// disturb the count.
+    struct Counting;
+
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+            System.alloc(layout)
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            System.dealloc(ptr, layout)
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    pub fn count() -> usize {
+        COUNT.with(|c| c.get())
+    }
+}
+
+#[test]
+fn classify_does_not_allocate() {
+    let c = classifier();
+    let long = format!(
+        "Translate this.\n{}\n```\nfn main() {{}}\n```\n(A) x\n(B) y\nWhich of the following?",
+        filler(100_000)
+    );
+    let texts = ["", "hello", "Summarise the key points.", long.as_str()];
+    for text in texts {
+        let p = user(text);
+        let before = allocations::count();
+        let r = c.classify(&p);
+        assert_eq!(allocations::count(), before, "{r:?}");
+    }
+}
+
+#[test]
+fn worked_out_judgements_are_reasoning() {
+    let c = classifier();
+    for text in [
+        "Three runners finished a race: Ana was not last, Bo finished after Cy. Figure out in what order they finished.",
+        "Determine whether the following argument holds: all cats purr; Tom purrs; so Tom is a cat.",
+    ] {
+        assert_eq!(cat(&c, text), Category::Reasoning, "{text}");
+    }
 }
