@@ -1,0 +1,138 @@
+//! The command line: config validation, the busy-port check, the epoll driver, classify.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn switchyard(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn write_config(text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "switchyard-cli-{}-{}.toml",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_config_prints_the_table_or_every_error() {
+    let good = write_config(&config_for(&[("a", "http://127.0.0.1:9".to_string())], ""));
+    let out = switchyard(&["check-config", good.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(": OK") && text.contains("0 a: a/a-model"),
+        "{text}"
+    );
+
+    let bad = write_config("[listener]\nadress = \"x\"\n");
+    let out = switchyard(&["check-config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(bad.to_str().unwrap()) && err.contains("adress"),
+        "{err}"
+    );
+
+    let wrong = write_config(&config_for(
+        &[("a", "ftp://x".to_string())],
+        "[categories]\ncode = \"nope\"\n",
+    ));
+    let err =
+        String::from_utf8_lossy(&switchyard(&["check-config", wrong.to_str().unwrap()]).stderr)
+            .into_owned();
+    assert!(
+        err.contains("backends[0] (a).url") && err.contains("categories.code: unknown tier `nope`"),
+        "{err}"
+    );
+    let missing = switchyard(&["check-config", "/nonexistent/switchyard.toml"]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read"));
+}
+
+#[test]
+fn a_busy_port_fails_loudly_instead_of_sharing() {
+    let s = sim("s", &[]);
+    let config = config_for(&[("s", s.url())], "[listener]\nio_driver = \"epoll\"\n");
+    let first = router(&config);
+    // The epoll driver serves like io_uring does.
+    assert_eq!(
+        post(first.addr, "/v1/chat/completions", &chat("hello"), "").status,
+        200
+    );
+    let path = write_config(&config);
+    let out = switchyard(&[
+        "serve",
+        "--config",
+        path.to_str().unwrap(),
+        "--listen",
+        &first.addr.to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on {}", first.addr)),
+        "{err}"
+    );
+}
+
+#[test]
+fn classify_reads_jsonl_and_writes_one_line_each() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("classify")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = concat!(
+        r#"{"id":"a","messages":[{"role":"user","content":"Translate into French: good morning"}]}"#,
+        "\n",
+        r#"{"id":7,"body":{"model":"auto","messages":[{"role":"user","content":"Write a Python function that merges two sorted lists."}]}}"#,
+        "\n",
+        "\n",
+        r#"{"id":"bad"}"#,
+        "\n",
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a bad line fails the run but not the others"
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        (
+            lines[0]["id"].as_str(),
+            lines[0]["category"].as_str(),
+            lines[0]["tier_rank"].as_u64()
+        ),
+        (Some("a"), Some("translation"), Some(0))
+    );
+    assert_eq!(
+        (lines[1]["id"].as_u64(), lines[1]["category"].as_str()),
+        (Some(7), Some("code"))
+    );
+    for key in ["confidence", "rule", "tier"] {
+        assert!(lines[1].get(key).is_some(), "{key}");
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 4"));
+}
