@@ -11,7 +11,6 @@ use crate::server::Worker;
 use crate::snapshot::Snapshot;
 use crate::sse::SseFilter;
 use crate::upstream::{self, AttemptError, Response};
-use std::io::Write as _;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -390,12 +389,9 @@ fn upstream_request(
             ]
             .iter()
             .any(|h| h.eq_ignore_ascii_case(name))
-            || name.len() > 13 && name[..13].eq_ignore_ascii_case(b"x-switchyard-");
+            || is_switchyard_header(name);
         if !skip {
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            header(&mut out, name, value);
         }
     }
     if let Some(key) = &backend.api_key {
@@ -403,10 +399,8 @@ fn upstream_request(
         out.extend_from_slice(key.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let _ = write!(
-        out,
-        "x-switchyard-request-id: {request_id:016x}\r\ncontent-length: "
-    );
+    header(&mut out, b"x-switchyard-request-id", &hex_id(request_id));
+    out.extend_from_slice(b"content-length: ");
     // Room for any body length, filled in once the body is written.
     const DIGITS: usize = 20;
     let len_at = out.len();
@@ -640,12 +634,9 @@ fn response_head(
     for (name, value) in upstream.headers() {
         let skip = codec::is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"content-length")
-            || name.len() > 13 && name[..13].eq_ignore_ascii_case(b"x-switchyard-");
+            || is_switchyard_header(name);
         if !skip {
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            header(&mut out, name, value);
         }
     }
     match (framing, upstream.framing) {
@@ -663,6 +654,11 @@ fn response_head(
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// Our own `x-switchyard-*` headers never cross the proxy from either side.
+fn is_switchyard_header(name: &[u8]) -> bool {
+    name.len() > 13 && name[..13].eq_ignore_ascii_case(b"x-switchyard-")
 }
 
 /// Appends `name: value` and CRLF. Headers are built by appending bytes: `write!` formatting
