@@ -499,19 +499,28 @@ fn pipelined_requests_are_answered_in_order() {
     assert_eq!(c.read_response().unwrap().text(), "{\"status\":\"ok\"}");
 }
 
-#[test]
-fn sigterm_drains_streams_in_flight_then_exits_zero() {
+/// A simulator streaming `tokens` at `per_second`, a router in front, and a client connection
+/// with that stream requested.
+fn stream_in_flight(per_second: &str, tokens: &str) -> (Proc, Proc, Conn) {
     let s = sim(
         "s",
-        &["--tokens-per-second", "20", "--completion-tokens", "10"],
+        &[
+            "--tokens-per-second",
+            per_second,
+            "--completion-tokens",
+            tokens,
+        ],
     );
-    let mut r = router(&config_for(&[("s", s.url())], ""));
+    let r = router(&config_for(&[("s", s.url())], ""));
     let mut c = Conn::open(r.addr);
-    c.send(&post_raw(
-        "/v1/chat/completions",
-        r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
-        "",
-    ));
+    let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    c.send(&post_raw("/v1/chat/completions", body, ""));
+    (s, r, c)
+}
+
+#[test]
+fn sigterm_drains_streams_in_flight_then_exits_zero() {
+    let (_s, mut r, mut c) = stream_in_flight("20", "10");
     let pid = r.child.id().to_string();
     let mut signalled = false;
     let resp = c
@@ -660,17 +669,7 @@ fn every_request_is_one_priced_usage_event() {
 
 #[test]
 fn a_second_signal_exits_at_once() {
-    let s = sim(
-        "s",
-        &["--tokens-per-second", "2", "--completion-tokens", "20"],
-    );
-    let mut r = router(&config_for(&[("s", s.url())], ""));
-    let mut c = Conn::open(r.addr);
-    c.send(&post_raw(
-        "/v1/chat/completions",
-        r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
-        "",
-    ));
+    let (_s, mut r, mut c) = stream_in_flight("2", "20");
     // Wait for the stream to start, so a request is in flight for the whole test.
     let mut first = [0u8; 1];
     c.stream.read_exact(&mut first).unwrap();

@@ -79,54 +79,34 @@ pub async fn handle(
     };
     ctx.streamed = view.stream;
     ctx.prompt_chars = view.total_chars;
-    let priority = match head.header_str("x-switchyard-priority") {
-        None => Priority::Normal,
-        Some(p) => match Priority::parse(p) {
-            Some(p) => p,
-            None => {
-                let msg = format!("x-switchyard-priority `{p}` is not one of interactive, normal, background, bulk");
-                return reject(
-                    worker,
-                    snap,
-                    client,
-                    &ctx,
-                    ErrorKind::InvalidRequest,
-                    &msg,
-                    None,
-                )
-                .await;
-            }
-        },
+    let (priority, category_override) = match caller_headers(head) {
+        Ok(h) => h,
+        Err(msg) => {
+            return reject(
+                worker,
+                snap,
+                client,
+                &ctx,
+                ErrorKind::InvalidRequest,
+                &msg,
+                None,
+            )
+            .await
+        }
     };
     // classify
-    let (alternative, long_context, classifier_rule) =
-        match head.header_str("x-switchyard-category") {
-            Some(name) => match Category::parse(name) {
-                Some(c) => {
-                    ctx.category = c;
-                    (None, false, "header")
-                }
-                None => {
-                    let msg = format!("x-switchyard-category `{name}` is not a known category");
-                    return reject(
-                        worker,
-                        snap,
-                        client,
-                        &ctx,
-                        ErrorKind::InvalidRequest,
-                        &msg,
-                        None,
-                    )
-                    .await;
-                }
-            },
-            None if endpoint == Endpoint::Embeddings => (None, false, "embeddings"),
-            None => {
-                let c = table.classifier.classify(&view.prompt());
-                ctx.category = c.category;
-                (c.alternative, c.long_context, c.rule)
-            }
-        };
+    let (alternative, long_context, classifier_rule) = match category_override {
+        Some(c) => {
+            ctx.category = c;
+            (None, false, "header")
+        }
+        None if endpoint == Endpoint::Embeddings => (None, false, "embeddings"),
+        None => {
+            let c = table.classifier.classify(&view.prompt());
+            ctx.category = c.category;
+            (c.alternative, c.long_context, c.rule)
+        }
+    };
     // route
     let model = view.model.as_deref().unwrap_or("auto");
     let facts = RequestFacts {
@@ -282,6 +262,27 @@ pub async fn handle(
             .await
         }
     }
+}
+
+/// The caller's routing headers: `x-switchyard-priority` and `x-switchyard-category`.
+/// A value that names nothing is the caller's mistake, reported rather than ignored.
+fn caller_headers(head: &Head) -> Result<(Priority, Option<Category>), String> {
+    let priority = match head.header_str("x-switchyard-priority") {
+        None => Priority::Normal,
+        Some(p) => Priority::parse(p).ok_or_else(|| {
+            format!(
+                "x-switchyard-priority `{p}` is not one of interactive, normal, background, bulk"
+            )
+        })?,
+    };
+    let category = match head.header_str("x-switchyard-category") {
+        None => None,
+        Some(name) => Some(
+            Category::parse(name)
+                .ok_or_else(|| format!("x-switchyard-category `{name}` is not a known category"))?,
+        ),
+    };
+    Ok((priority, category))
 }
 
 fn tried_backends<'t>(
