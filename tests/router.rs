@@ -559,24 +559,6 @@ fn sigterm_drains_streams_in_flight_then_exits_zero() {
     );
 }
 
-/// Stops the router with SIGTERM and returns its stderr.
-fn stop(mut r: Proc) -> String {
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &r.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let mut err = String::new();
-    r.child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert_eq!(r.child.wait().unwrap().code(), Some(0), "{err}");
-    err
-}
-
 #[test]
 fn every_request_is_one_priced_usage_event() {
     let s = sim("s", &["--completion-tokens", "5"]);
@@ -610,7 +592,7 @@ fn every_request_is_one_priced_usage_event() {
         "x-switchyard-service: other\r\n",
     )
     .error(400);
-    let err = stop(r);
+    let err = stop_router(r);
     let events: Vec<serde_json::Value> = err
         .lines()
         .filter(|l| l.starts_with('{'))

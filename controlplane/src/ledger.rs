@@ -14,6 +14,9 @@ pub struct ServiceTotals {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cost_micros: u64,
+    pub cache_hits: u64,
+    /// What cache hits would have cost upstream.
+    pub saved_micros: u64,
 }
 
 #[derive(Default)]
@@ -30,6 +33,8 @@ impl Ledger {
         t.prompt_tokens += e.prompt_tokens;
         t.completion_tokens += e.completion_tokens;
         t.cost_micros += e.cost_micros;
+        t.cache_hits += u64::from(e.cache == "hit");
+        t.saved_micros += e.saved_micros;
     }
 
     /// Drains the channel every `period` until every sender is gone. Polling instead of a
@@ -78,6 +83,16 @@ impl Ledger {
                 t.cost_micros / 1_000_000,
                 t.cost_micros % 1_000_000
             );
+            if t.cache_hits > 0 {
+                let saved = t.saved_micros;
+                let _ = write!(
+                    out,
+                    "; {} cache hits saved ${}.{:06}",
+                    t.cache_hits,
+                    saved / 1_000_000,
+                    saved % 1_000_000
+                );
+            }
         }
         if dropped > 0 {
             let _ = write!(out, "\n  {dropped} usage events dropped (channel full)");
@@ -111,6 +126,8 @@ mod tests {
             attempts: 1,
             streamed: false,
             incomplete: false,
+            cache: "",
+            saved_micros: 0,
             config_version: 1,
         }
     }
@@ -132,7 +149,9 @@ mod tests {
                 errors: 1,
                 prompt_tokens: 20,
                 completion_tokens: 10,
-                cost_micros: 1_500_000
+                cost_micros: 1_500_000,
+                cache_hits: 0,
+                saved_micros: 0,
             }
         );
         assert_eq!(t["b"].cost_micros, 7);

@@ -7,6 +7,7 @@
 //! (connections and pool), `health` (active checks), `server` (workers), `snapshot`, `usage`.
 
 pub mod balancer;
+pub mod cache;
 pub mod codec;
 pub mod conn;
 pub mod health;

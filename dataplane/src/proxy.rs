@@ -5,6 +5,7 @@
 //! (upstream's pool does).
 
 use crate::balancer::{self, Slot, Verdict};
+use crate::cache::Entry;
 use crate::codec::{self, BodyFraming, Head};
 use crate::conn::{send_error, Client};
 use crate::server::Worker;
@@ -14,9 +15,12 @@ use crate::upstream::{self, AttemptError, Response};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchyard_shared::cache_key::{self, KeyScope};
 use switchyard_shared::category::Category;
 use switchyard_shared::error::{ErrorKind, Retry};
-use switchyard_shared::openai::{estimate_tokens, parse_usage, Endpoint, RequestView, TokenUsage};
+use switchyard_shared::openai::{
+    completed_normally, estimate_tokens, parse_usage, Endpoint, RequestView, TokenUsage,
+};
 use switchyard_shared::routing::{
     Backend, Decision, Priority, RequestFacts, RouteError, RoutingTable,
 };
@@ -42,7 +46,30 @@ struct Ctx<'r> {
     streamed: bool,
     prompt_chars: usize,
     keep_alive: bool,
+    /// `x-switchyard-cache` (empty: the request is not cacheable).
+    cache: &'static str,
+    /// Cost of the original call that a cache hit replays.
+    saved_micros: u64,
 }
+
+/// What the caller asked of the cache (`x-switchyard-cache`, `cache-control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CacheMode {
+    Use,
+    /// Neither look up nor store.
+    Bypass,
+    /// Store a fresh answer without looking up.
+    Refresh,
+}
+
+/// A cacheable request's key and lifetime, carried to `relay` to store the answer.
+struct Store {
+    key: Vec<u8>,
+    ttl: Duration,
+}
+
+/// Larger answers are relayed as they arrive and not stored.
+const MAX_CACHED_BODY: u64 = 4 * 1024 * 1024;
 
 #[allow(clippy::too_many_arguments)]
 pub async fn handle(
@@ -71,6 +98,8 @@ pub async fn handle(
         streamed: false,
         prompt_chars: 0,
         keep_alive,
+        cache: "",
+        saved_micros: 0,
     };
     // request_filter
     let view = match RequestView::parse(endpoint, body) {
@@ -79,7 +108,7 @@ pub async fn handle(
     };
     ctx.streamed = view.stream;
     ctx.prompt_chars = view.total_chars;
-    let (priority, category_override) = match caller_headers(head) {
+    let (priority, category_override, cache_mode) = match caller_headers(head) {
         Ok(h) => h,
         Err(msg) => {
             return reject(
@@ -163,9 +192,30 @@ pub async fn handle(
             let Some((target, slot)) = balancer::choose(table, &snap.states, group, &tried) else {
                 continue 'groups;
             };
+            let t = &table.targets[target];
+            // The key names the resolved target model, so it is known only once a target is.
+            let store =
+                cache_key_for(worker, table, &ctx, &view, body, cache_mode, &t.model).map(|key| {
+                    Store {
+                        key,
+                        ttl: decision
+                            .cache_ttl
+                            .unwrap_or(table.cache.category_ttl[ctx.category.index()]),
+                    }
+                });
+            if let (Some(cache), Some(store), CacheMode::Use) =
+                (&worker.shared.cache, &store, cache_mode)
+            {
+                if let Some(hit) = cache.get(&store.key, Instant::now()) {
+                    drop(slot);
+                    return serve_hit(worker, snap, client, &mut ctx, target, &hit).await;
+                }
+            }
+            if cache_mode == CacheMode::Bypass && worker.shared.cache.is_some() {
+                ctx.cache = "bypass";
+            }
             tried.push(target);
             ctx.attempts += 1;
-            let t = &table.targets[target];
             let backend = &table.backends[t.backend];
             let request = upstream_request(head, backend, ctx.request_id, |out| {
                 view.rewrite_into(out, body, &t.model, inject_usage)
@@ -223,6 +273,7 @@ pub async fn handle(
                         slot,
                         inject_usage,
                         head.minor_version,
+                        store,
                     )
                     .await;
                 }
@@ -264,9 +315,10 @@ pub async fn handle(
     }
 }
 
-/// The caller's routing headers: `x-switchyard-priority` and `x-switchyard-category`.
-/// A value that names nothing is the caller's mistake, reported rather than ignored.
-fn caller_headers(head: &Head) -> Result<(Priority, Option<Category>), String> {
+/// The caller's routing headers: `x-switchyard-priority`, `x-switchyard-category` and the
+/// cache controls. A value that names nothing is the caller's mistake, reported rather than
+/// ignored.
+fn caller_headers(head: &Head) -> Result<(Priority, Option<Category>, CacheMode), String> {
     let priority = match head.header_str("x-switchyard-priority") {
         None => Priority::Normal,
         Some(p) => Priority::parse(p).ok_or_else(|| {
@@ -282,7 +334,104 @@ fn caller_headers(head: &Head) -> Result<(Priority, Option<Category>), String> {
                 .ok_or_else(|| format!("x-switchyard-category `{name}` is not a known category"))?,
         ),
     };
-    Ok((priority, category))
+    let no_cache = head.header_str("cache-control").is_some_and(|v| {
+        v.split(',').any(|d| {
+            d.trim().eq_ignore_ascii_case("no-cache") || d.trim().eq_ignore_ascii_case("no-store")
+        })
+    });
+    let cache = match head.header_str("x-switchyard-cache") {
+        _ if no_cache => CacheMode::Bypass,
+        None => CacheMode::Use,
+        Some(v) if v.eq_ignore_ascii_case("bypass") => CacheMode::Bypass,
+        Some(v) if v.eq_ignore_ascii_case("refresh") => CacheMode::Refresh,
+        Some(v) => {
+            return Err(format!(
+                "x-switchyard-cache `{v}` is not one of bypass, refresh"
+            ))
+        }
+    };
+    Ok((priority, category, cache))
+}
+
+/// The cache key of this request for `target_model`, when it may be looked up or stored:
+/// cache on, not bypassed, deterministic, and not streamed (streams are not cached yet).
+fn cache_key_for(
+    worker: &Worker,
+    table: &RoutingTable,
+    ctx: &Ctx<'_>,
+    view: &RequestView<'_>,
+    body: &[u8],
+    mode: CacheMode,
+    target_model: &str,
+) -> Option<Vec<u8>> {
+    let embeddings = ctx.endpoint == Endpoint::Embeddings;
+    if worker.shared.cache.is_none()
+        || mode == CacheMode::Bypass
+        || view.stream
+        || !(view.deterministic || embeddings)
+    {
+        return None;
+    }
+    let service = if table.cache.share_across_services {
+        ""
+    } else {
+        ctx.service
+    };
+    let scope = KeyScope {
+        service,
+        endpoint: ctx.endpoint.path(),
+        target_model,
+    };
+    cache_key::key(&scope, body, embeddings)
+}
+
+/// Answers from the cache: the stored body, `age`, and a usage event that costs nothing
+/// and records what the original call cost.
+async fn serve_hit(
+    worker: &Worker,
+    snap: &Snapshot,
+    client: &mut Client,
+    ctx: &mut Ctx<'_>,
+    target: usize,
+    hit: &Entry,
+) -> bool {
+    ctx.cache = "hit";
+    ctx.saved_micros = hit.cost_micros;
+    let mut out = Vec::with_capacity(512 + hit.body.len());
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    header(&mut out, b"content-type", &hit.content_type);
+    header(
+        &mut out,
+        b"content-length",
+        itoa::Buffer::new().format(hit.body.len()).as_bytes(),
+    );
+    header(
+        &mut out,
+        b"age",
+        itoa::Buffer::new()
+            .format(hit.stored_at.elapsed().as_secs())
+            .as_bytes(),
+    );
+    explain(&mut out, ctx, &hit.tier, &hit.backend, &hit.model);
+    if !ctx.keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&hit.body);
+    let sent = client.write(out).await.0.is_ok();
+    let status = if sent { 200 } else { CLIENT_CLOSED };
+    log(
+        worker,
+        snap,
+        ctx,
+        Some(target),
+        status,
+        Some(TokenUsage::default()),
+        0,
+        Some(Instant::now()),
+        !sent,
+    );
+    sent && ctx.keep_alive
 }
 
 fn tried_backends<'t>(
@@ -434,6 +583,47 @@ enum ClientFraming {
     Close,
 }
 
+/// Stores a complete 200 answer that finished normally; returns whether it did.
+fn store_answer(
+    worker: &Worker,
+    table: &RoutingTable,
+    target: usize,
+    store: Store,
+    head: &Head,
+    body: &[u8],
+) -> bool {
+    let Some(cache) = &worker.shared.cache else {
+        return false;
+    };
+    if !completed_normally(body) {
+        return false;
+    }
+    let t = &table.targets[target];
+    let usage = parse_usage(body).unwrap_or_default();
+    let cost = t
+        .price
+        .cost_micros(usage.prompt, usage.cached, usage.completion);
+    let tier = table
+        .tiers
+        .iter()
+        .find(|tier| tier.targets.contains(&target))
+        .map_or_else(|| Arc::from(""), |tier| tier.name.clone());
+    let content_type = head.header("content-type").unwrap_or(b"application/json");
+    let backend = table.backends[t.backend].name.clone();
+    cache.put(Entry::new(
+        store.key,
+        store.ttl,
+        content_type,
+        body,
+        usage,
+        cost,
+        tier,
+        backend,
+        t.model.clone(),
+    ));
+    true
+}
+
 /// Why a relay stopped early.
 enum Cut {
     ClientLeft,
@@ -452,6 +642,7 @@ async fn relay(
     slot: Slot<'_>,
     inject_usage: bool,
     client_minor_version: u8,
+    mut store: Option<Store>,
 ) -> bool {
     let table = &snap.table;
     let t = &table.targets[target];
@@ -473,9 +664,22 @@ async fn relay(
     let tier = table
         .tier_of_plan(decision.plan, target)
         .map_or("", |t| &*t.name);
+    // A cacheable 200 is read whole before anything is sent, so that `x-switchyard-cache` can
+    // say truthfully whether it was stored.
+    let buffer_whole = store.is_some()
+        && status == 200
+        && !sse
+        && matches!(resp.body.framing(), BodyFraming::Length(n) if n <= MAX_CACHED_BODY);
+    if store.is_some() && !buffer_whole {
+        ctx.cache = "miss";
+    }
     // Bytes waiting to go to the client. Each send wakes the peer, so the head leaves together
     // with the body bytes that arrived with it, and the last bytes with the terminator.
-    let mut wire = response_head(ctx, &resp.head, framing, tier, backend, &t.model);
+    let mut wire = if buffer_whole {
+        Vec::new()
+    } else {
+        response_head(ctx, &resp.head, framing, tier, backend, &t.model)
+    };
     let mut first_byte: Option<Instant> = None;
     let mut filter = sse.then(|| SseFilter::new(inject_usage));
     // Bodies passed through unframed are decoded straight into `wire`; others go via `data`.
@@ -538,6 +742,18 @@ async fn relay(
             }
         }
         let done = resp.body.is_done();
+        if buffer_whole {
+            if !done {
+                continue;
+            }
+            let stored = store
+                .take()
+                .is_some_and(|s| store_answer(worker, table, target, s, &resp.head, &wire));
+            ctx.cache = if stored { "stored" } else { "miss" };
+            let mut whole = response_head(ctx, &resp.head, framing, tier, backend, &t.model);
+            whole.extend_from_slice(&wire);
+            wire = whole;
+        }
         if done && framing == ClientFraming::Chunked {
             wire.extend_from_slice(codec::LAST_CHUNK);
         }
@@ -724,6 +940,9 @@ fn explain(out: &mut Vec<u8>, ctx: &Ctx<'_>, tier: &str, backend: &str, model: &
         b"x-switchyard-attempts",
         itoa::Buffer::new().format(ctx.attempts).as_bytes(),
     );
+    if !ctx.cache.is_empty() {
+        header(out, b"x-switchyard-cache", ctx.cache.as_bytes());
+    }
 }
 
 async fn reject(
@@ -823,6 +1042,8 @@ fn log(
         attempts: ctx.attempts,
         streamed: ctx.streamed,
         incomplete,
+        cache: ctx.cache,
+        saved_micros: ctx.saved_micros,
         config_version: table.version,
     });
 }

@@ -25,6 +25,8 @@ struct PaddedCounter(AtomicUsize);
 pub struct Shared {
     pub snapshot: SharedSnapshot,
     pub usage: UsageSink,
+    /// The response cache, `None` when `[cache] enabled = false`.
+    pub cache: Option<crate::cache::ResponseCache>,
     draining: AtomicBool,
     /// Requests in flight per worker (summed only by the drain loop).
     inflight: Box<[PaddedCounter]>,
@@ -90,12 +92,17 @@ fn uring_available() -> bool {
 
 /// Starts the workers and returns once every one is listening.
 pub fn start(snapshot: SharedSnapshot, usage: UsageSink) -> io::Result<DataPlane> {
-    let (mut address, workers, driver_setting) = {
+    let (mut address, workers, driver_setting, cache) = {
         let s = snapshot.load();
+        let c = &s.table.cache;
+        let cache = c
+            .enabled
+            .then(|| crate::cache::ResponseCache::new(c.max_bytes));
         (
             s.table.listener.address,
             s.table.listener.workers,
             s.table.listener.io_driver,
+            cache,
         )
     };
     // Without this probe, SO_REUSEPORT would silently share a port another process holds.
@@ -118,6 +125,7 @@ pub fn start(snapshot: SharedSnapshot, usage: UsageSink) -> io::Result<DataPlane
     let shared = Arc::new(Shared {
         snapshot,
         usage,
+        cache,
         draining: AtomicBool::new(false),
         inflight: (0..workers).map(|_| PaddedCounter::default()).collect(),
     });

@@ -5,8 +5,8 @@
 use crate::category::Category;
 use crate::classifier::{Classifier, ClassifierConfig};
 use crate::routing::{
-    AliasRoute, Backend, HealthSettings, Listener, MatchSet, Price, Priority, RoutingTable, Rule,
-    RuleAction, Scheme, Target, Tier, UnknownModel, UsageSettings,
+    AliasRoute, Backend, CacheSettings, HealthSettings, Listener, MatchSet, Price, Priority,
+    RoutingTable, Rule, RuleAction, Scheme, Target, Tier, UnknownModel, UsageSettings,
 };
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -38,6 +38,36 @@ pub struct ConfigFile {
     pub rules: Vec<RuleFile>,
     #[serde(default)]
     pub classifier: ClassifierConfig,
+    #[serde(default)]
+    pub cache: CacheFile,
+}
+
+/// `[cache]`: the exact response cache for deterministic requests.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheFile {
+    /// The off switch.
+    pub enabled: bool,
+    /// Upper bound on stored answers and their keys, in bytes.
+    pub max_bytes: u64,
+    /// How long an answer is served from the cache, unless its category or rule says otherwise.
+    pub ttl_secs: u64,
+    /// category name -> seconds, overriding `ttl_secs`.
+    pub category_ttl_secs: BTreeMap<String, u64>,
+    /// Let different services share entries; off, every service has its own.
+    pub share_across_services: bool,
+}
+
+impl Default for CacheFile {
+    fn default() -> Self {
+        CacheFile {
+            enabled: true,
+            max_bytes: 256 * 1024 * 1024,
+            ttl_secs: 3600,
+            category_ttl_secs: BTreeMap::new(),
+            share_across_services: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -257,6 +287,8 @@ pub struct RuleFile {
     pub tier: Option<String>,
     /// ...or to exactly these `backend/model` targets.
     pub targets: Option<Vec<String>>,
+    /// Cache lifetime for requests this rule routes, overriding the category's.
+    pub cache_ttl_secs: Option<u64>,
 }
 
 /// Each list is OR; the lists are ANDed; an empty list matches anything.
@@ -691,6 +723,7 @@ fn build(
                 paths: r.when.path.clone(),
             },
             action,
+            cache_ttl: r.cache_ttl_secs.map(Duration::from_secs),
         });
     }
 
@@ -708,6 +741,29 @@ fn build(
             "must be at least base_ejection_ms, which must be > 0",
         );
     }
+    let c = &file.cache;
+    let mut category_ttl = [Duration::from_secs(c.ttl_secs); 10];
+    for (name, secs) in &c.category_ttl_secs {
+        match Category::parse(name) {
+            Some(cat) => category_ttl[cat.index()] = Duration::from_secs(*secs),
+            None => errs.push(
+                format!("cache.category_ttl_secs.{name}"),
+                format!("unknown category; expected one of {}", category_names()),
+            ),
+        }
+    }
+    if c.enabled && c.max_bytes < 64 * 1024 {
+        errs.push(
+            "cache.max_bytes",
+            "must be at least 65536 (or set enabled = false)",
+        );
+    }
+    let cache = CacheSettings {
+        enabled: c.enabled,
+        max_bytes: c.max_bytes,
+        category_ttl,
+        share_across_services: c.share_across_services,
+    };
     if file.usage.channel_capacity == 0 {
         errs.push("usage.channel_capacity", "must be greater than 0");
     }
@@ -749,6 +805,7 @@ fn build(
             log_events: file.usage.log_events,
         },
         classifier,
+        cache,
     })
 }
 

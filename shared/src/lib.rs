@@ -2,6 +2,7 @@
 //! table, the request classifier, OpenAI request views, usage events and the error taxonomy.
 //! Must not: do I/O on sockets or depend on an async runtime.
 
+pub mod cache_key;
 pub mod category;
 pub mod classifier;
 pub mod config;

@@ -99,6 +99,9 @@ struct Top<'a> {
     response_format: Option<&'a RawValue>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
+    temperature: Option<f64>,
+    top_k: Option<f64>,
+    n: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +147,9 @@ pub struct RequestView<'a> {
     pub json_output: bool,
     pub max_tokens: Option<u64>,
     pub total_chars: usize,
+    /// `temperature` explicitly 0 (or `top_k` 1) and `n` absent or 1: the same request gets
+    /// the same answer, so it may be cached.
+    pub deterministic: bool,
 }
 
 fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
@@ -232,6 +238,8 @@ impl<'a> RequestView<'a> {
             }
         }
         view.max_tokens = top.max_completion_tokens.or(top.max_tokens);
+        view.deterministic = (top.temperature == Some(0.0) || top.top_k == Some(1.0))
+            && top.n.is_none_or(|n| n == 1);
         let required = match endpoint {
             Endpoint::ChatCompletions => top.messages,
             Endpoint::Completions => top.prompt,
@@ -461,6 +469,33 @@ pub fn parse_usage(json: &[u8]) -> Option<TokenUsage> {
     })
 }
 
+/// Whether a complete 200 answer ended normally: every choice's `finish_reason` is `stop` or
+/// `length` (answers without choices, such as embeddings, qualify). Only such answers are cached.
+pub fn completed_normally(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow, default)]
+        finish_reason: Option<Cow<'a, str>>,
+    }
+    #[derive(Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow, default)]
+        choices: Option<Vec<Choice<'a>>>,
+    }
+    match serde_json::from_slice::<Answer>(body) {
+        Ok(Answer { choices: None }) => true,
+        Ok(Answer {
+            choices: Some(choices),
+        }) => {
+            !choices.is_empty()
+                && choices
+                    .iter()
+                    .all(|c| matches!(c.finish_reason.as_deref(), Some("stop" | "length")))
+        }
+        Err(_) => false,
+    }
+}
+
 /// Rough token count for text when a backend reports none: about 4 characters a token.
 pub fn estimate_tokens(chars: usize) -> u64 {
     (chars as u64).div_ceil(4)
@@ -486,6 +521,22 @@ mod tests {
         assert_eq!(v.last_user, "Translate\nto French");
         assert_eq!(v.earlier_turns, 2);
         assert!(v.has_tools && v.json_output && v.stream && !v.caller_wants_usage);
+        assert!(!v.deterministic);
+        let d = |b: &str| parse(Endpoint::Completions, b).unwrap().deterministic;
+        assert!(d(r#"{"prompt":"p","temperature":0}"#) && d(r#"{"prompt":"p","top_k":1,"n":1}"#));
+        assert!(
+            !d(r#"{"prompt":"p","temperature":0,"n":2}"#)
+                && !d(r#"{"prompt":"p","temperature":null}"#)
+        );
+        assert_eq!(
+            parse(
+                Endpoint::Completions,
+                r#"{"prompt":"p","temperature":"hot"}"#
+            )
+            .unwrap_err()
+            .kind,
+            ErrorKind::InvalidRequest
+        );
         assert_eq!(v.max_tokens, Some(50));
         assert!(v.needs_injected_usage(Endpoint::ChatCompletions));
     }
@@ -657,6 +708,27 @@ mod tests {
             ""
         );
         assert!(parse(Endpoint::Embeddings, r#"{"input":[true]}"#).is_err());
+    }
+
+    #[test]
+    fn only_normally_finished_answers_count_as_complete() {
+        assert!(completed_normally(
+            br#"{"choices":[{"finish_reason":"stop"},{"finish_reason":"length"}]}"#
+        ));
+        assert!(completed_normally(
+            br#"{"object":"list","data":[{"embedding":[0.1]}]}"#
+        ));
+        assert!(!completed_normally(
+            br#"{"choices":[{"finish_reason":"tool_calls"}]}"#
+        ));
+        assert!(!completed_normally(
+            br#"{"choices":[{"finish_reason":"content_filter"}]}"#
+        ));
+        assert!(!completed_normally(
+            br#"{"choices":[{"finish_reason":null}]}"#
+        ));
+        assert!(!completed_normally(br#"{"choices":[]}"#));
+        assert!(!completed_normally(b"{truncated"));
     }
 
     #[test]

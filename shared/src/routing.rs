@@ -31,6 +31,15 @@ pub struct RoutingTable {
     pub health: HealthSettings,
     pub usage: UsageSettings,
     pub classifier: Classifier,
+    pub cache: CacheSettings,
+}
+
+pub struct CacheSettings {
+    pub enabled: bool,
+    pub max_bytes: u64,
+    /// Entry lifetime per `Category::index()` (the category's, else the default).
+    pub category_ttl: [Duration; 10],
+    pub share_across_services: bool,
 }
 
 impl fmt::Debug for RoutingTable {
@@ -187,6 +196,8 @@ pub struct Rule {
     pub name: String,
     pub when: MatchSet,
     pub action: RuleAction,
+    /// Cache lifetime for requests this rule routes, overriding the category's.
+    pub cache_ttl: Option<Duration>,
 }
 
 pub struct MatchSet {
@@ -245,6 +256,8 @@ pub struct Decision<'t> {
     pub plan: Plan<'t>,
     /// What decided, for `x-switchyard-rule`: a rule's name or a built-in reason.
     pub rule: &'t str,
+    /// Set when a rule with its own cache lifetime decided.
+    pub cache_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +279,7 @@ impl RoutingTable {
             return Ok(Decision {
                 plan: Plan::FromTier(rank),
                 rule: "header:x-switchyard-tier",
+                cache_ttl: None,
             });
         }
         if let Some(rule) = self.rules.iter().find(|r| r.when.matches(facts)) {
@@ -276,18 +290,21 @@ impl RoutingTable {
             return Ok(Decision {
                 plan,
                 rule: &rule.name,
+                cache_ttl: rule.cache_ttl,
             });
         }
         if let Some(ids) = self.models.get(facts.model) {
             return Ok(Decision {
                 plan: Plan::Targets(ids),
                 rule: "model",
+                cache_ttl: None,
             });
         }
         match self.aliases.get(facts.model) {
             Some(AliasRoute::Tier(rank)) => Ok(Decision {
                 plan: Plan::FromTier(*rank),
                 rule: "alias",
+                cache_ttl: None,
             }),
             Some(AliasRoute::Classify) => Ok(self.by_category(facts)),
             None if self.unknown_model == UnknownModel::Classify && facts.classified => {
@@ -314,6 +331,7 @@ impl RoutingTable {
         Decision {
             plan: Plan::FromTier(rank),
             rule,
+            cache_ttl: None,
         }
     }
 
@@ -398,7 +416,8 @@ targets = ["a/l"]
             t.decide(&f).unwrap(),
             Decision {
                 plan: Plan::FromTier(2),
-                rule: "category:ambiguous-higher"
+                rule: "category:ambiguous-higher",
+                cache_ttl: None,
             }
         );
         f.alternative = None;
@@ -422,7 +441,8 @@ targets = ["a/l"]
             t.decide(&f).unwrap(),
             Decision {
                 plan: Plan::FromTier(1),
-                rule: "etl"
+                rule: "etl",
+                cache_ttl: None,
             }
         );
         f.pinned_tier = Some("small");

@@ -32,6 +32,10 @@ pub struct UsageEvent {
     pub streamed: bool,
     /// The response was cut off (upstream broke mid-body or the client left).
     pub incomplete: bool,
+    /// `x-switchyard-cache`: "hit", "stored", "miss", "bypass", or "" when not cacheable.
+    pub cache: &'static str,
+    /// For a cache hit: what the original upstream call cost (the hit itself costs 0).
+    pub saved_micros: u64,
     pub config_version: u64,
 }
 

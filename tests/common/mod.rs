@@ -50,6 +50,25 @@ impl Proc {
     }
 }
 
+/// Stops a router with SIGTERM, checks it exits 0, and returns its stderr.
+pub fn stop_router(mut r: Proc) -> String {
+    let pid = r.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut err = String::new();
+    r.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(r.child.wait().unwrap().code(), Some(0), "{err}");
+    err
+}
+
 pub fn sim(name: &str, args: &[&str]) -> Proc {
     sim_on(free_port(), name, args)
 }

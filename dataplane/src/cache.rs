@@ -1,0 +1,197 @@
+//! The exact response cache. Owns: storing complete successful answers under their canonical
+//! key (see `switchyard_shared::cache_key`), bounded by bytes with quick_cache's admission and
+//! eviction, TTL checked on every read, and the key bytes kept as a verifier so that a hash
+//! collision can never serve another request's answer.
+//! Must not: decide what is cacheable (the key and the proxy do).
+
+use quick_cache::sync::Cache;
+use quick_cache::Weighter;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use switchyard_shared::openai::TokenUsage;
+
+/// One stored answer and what is needed to replay and account for it.
+pub struct Entry {
+    /// The canonical key bytes: compared on every hit.
+    key: Box<[u8]>,
+    pub stored_at: Instant,
+    pub ttl: Duration,
+    pub content_type: Box<[u8]>,
+    pub body: Box<[u8]>,
+    pub usage: TokenUsage,
+    /// What the original upstream call cost: a hit saves this much.
+    pub cost_micros: u64,
+    pub tier: Arc<str>,
+    pub backend: Arc<str>,
+    pub model: Arc<str>,
+}
+
+impl Entry {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key: Vec<u8>,
+        ttl: Duration,
+        content_type: &[u8],
+        body: &[u8],
+        usage: TokenUsage,
+        cost_micros: u64,
+        tier: Arc<str>,
+        backend: Arc<str>,
+        model: Arc<str>,
+    ) -> Entry {
+        Entry {
+            key: key.into(),
+            stored_at: Instant::now(),
+            ttl,
+            content_type: content_type.into(),
+            body: body.into(),
+            usage,
+            cost_micros,
+            tier,
+            backend,
+            model,
+        }
+    }
+}
+
+/// Bookkeeping bytes charged per entry beyond its key and body.
+const ENTRY_OVERHEAD: u64 = 160;
+
+#[derive(Clone)]
+struct ByBytes;
+
+impl Weighter<u64, Arc<Entry>> for ByBytes {
+    fn weight(&self, _: &u64, e: &Arc<Entry>) -> u64 {
+        e.key.len() as u64 + e.body.len() as u64 + e.content_type.len() as u64 + ENTRY_OVERHEAD
+    }
+}
+
+/// One cache for all workers: a shared cache keeps the hit rate of the whole process, which
+/// matters more than its lookup cost, since a miss is an LLM call (field notes: 58% vs 45%
+/// hit rate against per-core caches on a skewed workload).
+pub struct ResponseCache {
+    entries: Cache<u64, Arc<Entry>, ByBytes>,
+    hash: fn(&[u8]) -> u64,
+}
+
+fn ahash64(key: &[u8]) -> u64 {
+    // Fixed seeds: the hash only finds the slot; the verifier decides.
+    ahash::RandomState::with_seeds(0x5157_6974_6368, 0x7961_7264, 0x6361_6368, 0x6b65_7973)
+        .hash_one(key)
+}
+
+impl ResponseCache {
+    pub fn new(max_bytes: u64) -> ResponseCache {
+        ResponseCache::with_hash(max_bytes, ahash64)
+    }
+
+    /// `hash` is replaceable so tests can force collisions.
+    pub fn with_hash(max_bytes: u64, hash: fn(&[u8]) -> u64) -> ResponseCache {
+        let estimated_items = (max_bytes / 4096).clamp(16, 1 << 20) as usize;
+        ResponseCache {
+            entries: Cache::with_weighter(estimated_items, max_bytes, ByBytes),
+            hash,
+        }
+    }
+
+    /// The live entry for exactly `key`, if any.
+    pub fn get(&self, key: &[u8], now: Instant) -> Option<Arc<Entry>> {
+        let slot = (self.hash)(key);
+        let entry = self.entries.get(&slot)?;
+        if *entry.key != *key {
+            return None;
+        }
+        if now.saturating_duration_since(entry.stored_at) >= entry.ttl {
+            self.entries.remove(&slot);
+            return None;
+        }
+        Some(entry)
+    }
+
+    pub fn put(&self, entry: Entry) {
+        self.entries
+            .insert((self.hash)(&entry.key), Arc::new(entry));
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.entries.weight()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, body: &str, ttl: Duration) -> Entry {
+        Entry::new(
+            key.as_bytes().to_vec(),
+            ttl,
+            b"application/json",
+            body.as_bytes(),
+            TokenUsage::default(),
+            7,
+            "t".into(),
+            "b".into(),
+            "m".into(),
+        )
+    }
+
+    #[test]
+    fn hits_need_the_exact_key_and_a_live_ttl() {
+        let c = ResponseCache::new(1 << 20);
+        c.put(entry("k1", "answer", Duration::from_secs(60)));
+        let now = Instant::now();
+        assert_eq!(&*c.get(b"k1", now).unwrap().body, b"answer");
+        assert!(c.get(b"k2", now).is_none());
+        assert!(c.get(b"k1", now + Duration::from_secs(59)).is_some());
+        assert!(
+            c.get(b"k1", now + Duration::from_secs(60)).is_none(),
+            "expired at its TTL"
+        );
+        assert!(c.get(b"k1", now).is_none(), "and removed");
+    }
+
+    #[test]
+    fn a_hash_collision_never_serves_another_answer() {
+        let c = ResponseCache::with_hash(1 << 20, |_| 42);
+        c.put(entry(
+            "tenant-a:question",
+            "a's answer",
+            Duration::from_secs(60),
+        ));
+        assert!(c.get(b"tenant-b:question", Instant::now()).is_none());
+        c.put(entry(
+            "tenant-b:question",
+            "b's answer",
+            Duration::from_secs(60),
+        ));
+        assert_eq!(
+            &*c.get(b"tenant-b:question", Instant::now()).unwrap().body,
+            b"b's answer"
+        );
+        assert!(
+            c.get(b"tenant-a:question", Instant::now()).is_none(),
+            "the slot now verifies only for b"
+        );
+    }
+
+    #[test]
+    fn bytes_stay_within_the_bound() {
+        let max = 64 * 1024;
+        let c = ResponseCache::new(max);
+        let body = "x".repeat(1000);
+        for i in 0..500 {
+            c.put(entry(&format!("key-{i}"), &body, Duration::from_secs(60)));
+            assert!(c.bytes() <= max, "{} > {max}", c.bytes());
+        }
+        assert!(c.len() < 500 && !c.is_empty());
+    }
+}

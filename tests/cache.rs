@@ -1,0 +1,215 @@
+//! The response cache end to end: what is stored, what is served, and what never is.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const DETERMINISTIC: &str = r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"Extract the invoice number: INV-2291"}]}"#;
+/// The same request with other key order, whitespace, requested alias and `user`.
+const SAME_AGAIN: &str = r#"{ "messages": [ {"content": "Extract the invoice number: INV-2291", "role": "user"} ],
+    "user": "someone-else", "temperature": 0, "model": "auto" }"#;
+
+fn cached_router(extra: &str) -> (Proc, Proc) {
+    let s = sim("s", &[]);
+    let r = router(&config_for(
+        &[("s", s.url())],
+        &format!("[usage]\nlog_events = true\n{extra}"),
+    ));
+    (s, r)
+}
+
+#[test]
+fn a_stored_answer_is_served_without_the_upstream() {
+    let (s, r) = cached_router("");
+    let first = post(
+        r.addr,
+        "/v1/chat/completions",
+        DETERMINISTIC,
+        "x-switchyard-service: etl\r\n",
+    );
+    assert_eq!(
+        (first.status, first.header("x-switchyard-cache")),
+        (200, Some("stored")),
+        "{}",
+        first.text()
+    );
+    assert_eq!(first.header("age"), None);
+    drop(s); // The backend is gone: only the cache can answer now.
+    let hit = post(
+        r.addr,
+        "/v1/chat/completions",
+        SAME_AGAIN,
+        "x-switchyard-service: etl\r\n",
+    );
+    assert_eq!(
+        (hit.status, hit.header("x-switchyard-cache")),
+        (200, Some("hit")),
+        "{}",
+        hit.text()
+    );
+    assert_eq!(hit.body, first.body, "byte for byte");
+    assert!(hit.header("age").unwrap().parse::<u64>().is_ok());
+    assert_eq!(hit.header("x-switchyard-attempts"), Some("0"));
+    assert_eq!(hit.header("x-switchyard-model"), Some("s-model"));
+    // Another tenant never sees it, and a changed parameter is another request.
+    let other = post(
+        r.addr,
+        "/v1/chat/completions",
+        DETERMINISTIC,
+        "x-switchyard-service: billing\r\n",
+    );
+    assert_ne!(other.header("x-switchyard-cache"), Some("hit"));
+    let changed = DETERMINISTIC.replace("\"temperature\":0", "\"temperature\":0,\"seed\":3");
+    assert_ne!(
+        post(
+            r.addr,
+            "/v1/chat/completions",
+            &changed,
+            "x-switchyard-service: etl\r\n"
+        )
+        .header("x-switchyard-cache"),
+        Some("hit")
+    );
+    // The hit cost nothing and records what it saved.
+    let err = stop_router(r);
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (stored, hit) = (&events[0], &events[1]);
+    assert_eq!(
+        (stored["cache"].as_str(), hit["cache"].as_str()),
+        (Some("stored"), Some("hit"))
+    );
+    assert!(stored["cost_micros"].as_u64().unwrap() > 0);
+    assert_eq!(hit["cost_micros"], 0);
+    assert_eq!(hit["saved_micros"], stored["cost_micros"]);
+    assert!(err.contains("1 cache hits saved $0.0"), "{err}");
+}
+
+#[test]
+fn only_deterministic_complete_successes_are_stored() {
+    let (_s, r) = cached_router("");
+    let sampled = DETERMINISTIC.replace("\"temperature\":0", "\"temperature\":0.7");
+    for _ in 0..2 {
+        assert_eq!(
+            post(r.addr, "/v1/chat/completions", &sampled, "").header("x-switchyard-cache"),
+            None
+        );
+    }
+    let streamed = DETERMINISTIC.replace("\"temperature\":0", "\"temperature\":0,\"stream\":true");
+    assert_eq!(
+        post(r.addr, "/v1/chat/completions", &streamed, "").header("x-switchyard-cache"),
+        None,
+        "streams are not cached yet"
+    );
+    // A backend error is never stored.
+    for _ in 0..2 {
+        let resp = post(
+            r.addr,
+            "/v1/chat/completions",
+            DETERMINISTIC,
+            "x-sim-fault: status=400\r\n",
+        );
+        assert_eq!(
+            (resp.status, resp.header("x-switchyard-cache")),
+            (400, Some("miss"))
+        );
+    }
+    assert_eq!(
+        post(r.addr, "/v1/chat/completions", DETERMINISTIC, "").header("x-switchyard-cache"),
+        Some("stored")
+    );
+}
+
+#[test]
+fn bypass_refresh_and_bad_controls() {
+    let (_s, r) = cached_router("");
+    let cache = |extra: &str| {
+        post(r.addr, "/v1/chat/completions", DETERMINISTIC, extra)
+            .header("x-switchyard-cache")
+            .map(String::from)
+    };
+    assert_eq!(
+        cache("x-switchyard-cache: bypass\r\n").as_deref(),
+        Some("bypass")
+    );
+    assert_eq!(
+        cache("cache-control: no-cache\r\n").as_deref(),
+        Some("bypass")
+    );
+    assert_eq!(
+        cache("").as_deref(),
+        Some("stored"),
+        "bypass stored nothing"
+    );
+    assert_eq!(cache("").as_deref(), Some("hit"));
+    assert_eq!(
+        cache("x-switchyard-cache: refresh\r\n").as_deref(),
+        Some("stored"),
+        "refresh skips the lookup"
+    );
+    assert_eq!(
+        cache("cache-control: max-age=0, no-store\r\n").as_deref(),
+        Some("bypass")
+    );
+    post(
+        r.addr,
+        "/v1/chat/completions",
+        DETERMINISTIC,
+        "x-switchyard-cache: sometimes\r\n",
+    )
+    .error(400);
+}
+
+#[test]
+fn entries_expire_and_the_cache_can_be_off() {
+    let (_s, r) = cached_router("[cache.category_ttl_secs]\nextraction = 1\n");
+    let status = || {
+        post(r.addr, "/v1/chat/completions", DETERMINISTIC, "")
+            .header("x-switchyard-cache")
+            .map(String::from)
+    };
+    assert_eq!(status().as_deref(), Some("stored"));
+    assert_eq!(status().as_deref(), Some("hit"));
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        status().as_deref(),
+        Some("stored"),
+        "expired after its category's TTL"
+    );
+    let (_s2, off) = cached_router("[cache]\nenabled = false\n");
+    for _ in 0..2 {
+        assert_eq!(
+            post(off.addr, "/v1/chat/completions", DETERMINISTIC, "").header("x-switchyard-cache"),
+            None
+        );
+    }
+}
+
+#[test]
+fn services_may_share_entries_when_configured() {
+    let (_s, r) = cached_router("[cache]\nshare_across_services = true\n");
+    assert_eq!(
+        post(
+            r.addr,
+            "/v1/chat/completions",
+            DETERMINISTIC,
+            "x-switchyard-service: a\r\n"
+        )
+        .header("x-switchyard-cache"),
+        Some("stored")
+    );
+    assert_eq!(
+        post(
+            r.addr,
+            "/v1/chat/completions",
+            DETERMINISTIC,
+            "x-switchyard-service: b\r\n"
+        )
+        .header("x-switchyard-cache"),
+        Some("hit")
+    );
+}
