@@ -75,6 +75,40 @@ fn hot_path(c: &mut Criterion) {
         long_context: false,
         classified: true,
     };
+    // A cache lookup as the proxy does it for a deterministic 2 KiB body: canonical key, hash,
+    // verify.
+    let doc = "Invoice INV-2291 from ACME GmbH, due 2024-05-01, total 1,234.50 EUR. ".repeat(29);
+    let cached_body = serde_json::json!({"model": "auto", "temperature": 0, "messages": [{"role": "user", "content": format!("Extract the invoice number: {doc}")}]}).to_string();
+    let scope = switchyard_shared::cache_key::KeyScope {
+        service: "etl",
+        endpoint: "/v1/chat/completions",
+        target_model: "m",
+    };
+    let cache = switchyard_dataplane::cache::ResponseCache::new(64 << 20);
+    let key = switchyard_shared::cache_key::key(&scope, cached_body.as_bytes(), false).unwrap();
+    cache.put(switchyard_dataplane::cache::Entry::new(
+        key,
+        std::time::Duration::from_secs(3600),
+        b"application/json",
+        b"{}",
+        Default::default(),
+        1,
+        "t".into(),
+        "b".into(),
+        "m".into(),
+    ));
+    let mut group = c.benchmark_group("cache");
+    group.throughput(Throughput::Bytes(cached_body.len() as u64));
+    group.bench_function("lookup_hit_2kib_body", |b| {
+        b.iter(|| {
+            let key =
+                switchyard_shared::cache_key::key(&scope, black_box(cached_body.as_bytes()), false)
+                    .unwrap();
+            cache.get(&key, std::time::Instant::now()).is_some()
+        })
+    });
+    group.finish();
+
     c.bench_function("routing/decide", |b| {
         b.iter(|| table.decide(black_box(&facts)).unwrap().rule.len())
     });

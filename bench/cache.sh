@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Cache benchmark: the simulator answering directly vs Switchyard answering the same
+# deterministic request from its cache, interleaved in one run (wrk, 64 connections), plus the
+# CPU per request of each. Target: cache hits at >= 1.5x the simulator's direct throughput.
+#
+#   bash bench/cache.sh                # DURATION [8] ROUNDS [3] CONNS [64] WORKERS [1]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-8}; ROUNDS=${ROUNDS:-3}; CONNS=${CONNS:-64}; WORKERS=${WORKERS:-1}
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+[ -x target/release/switchyard ] && [ -x target/release/switchyard-sim ] || cargo build --release --bins
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+sim_port=$(port); sy_port=$(port)
+target/release/switchyard-sim --listen 127.0.0.1:$sim_port --workers "$WORKERS" >/dev/null 2>&1 &
+sim_pid=$!
+cat > "$work/switchyard.toml" <<TOML
+[health]
+interval_ms = 0
+[[backends]]
+name = "sim"
+url = "http://127.0.0.1:$sim_port"
+models = [{ name = "m", input_per_mtok = 0.1, output_per_mtok = 0.2 }]
+[[tiers]]
+name = "small"
+targets = ["sim/m"]
+TOML
+target/release/switchyard serve --config "$work/switchyard.toml" --listen 127.0.0.1:$sy_port --workers "$WORKERS" >"$work/sy.log" 2>&1 &
+sy_pid=$!
+cat > "$work/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"auto","temperature":0,"messages":[{"role":"user","content":"Extract the invoice number: INV-2291, due 2024-05-01, total 1,234.50 EUR."}]}'
+LUA
+sleep 1
+curl -s -o /dev/null -D - -H 'content-type: application/json' --data "$(sed -n "s/^wrk.body = '\(.*\)'$/\1/p" "$work/post.lua")" \
+    http://127.0.0.1:$sy_port/v1/chat/completions | grep -i '^x-switchyard-cache' >&2
+cpu() { awk '{print $14+$15}' /proc/$1/task/*/stat | paste -sd+ | bc; }
+tck=$(getconf CLK_TCK)
+echo "| round | target | req/s | p50 | p99 | CPU us/req of the answering process |"
+echo "|---:|---|---:|---:|---:|---:|"
+for round in $(seq "$ROUNDS"); do
+    for target in direct cache-hit; do
+        if [ $target = direct ]; then url=http://127.0.0.1:$sim_port; pid=$sim_pid; else url=http://127.0.0.1:$sy_port; pid=$sy_pid; fi
+        before=$(cpu $pid)
+        out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -s "$work/post.lua" $url/v1/chat/completions)
+        after=$(cpu $pid)
+        reqs=$(echo "$out" | awk '/requests in/{print $1}')
+        rps=$(echo "$out" | awk '/Requests\/sec/{printf "%d", $2}')
+        p50=$(echo "$out" | awk '$1=="50%"{print $2}'); p99=$(echo "$out" | awk '$1=="99%"{print $2}')
+        us=$(echo "($after-$before)*1000000/$tck/$reqs" | bc -l)
+        printf "| %s | %s | %s | %s | %s | %.1f |\n" "$round" "$target" "$rps" "$p50" "$p99" "$us"
+    done
+done
