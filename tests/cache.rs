@@ -99,12 +99,6 @@ fn only_deterministic_complete_successes_are_stored() {
             None
         );
     }
-    let streamed = DETERMINISTIC.replace("\"temperature\":0", "\"temperature\":0,\"stream\":true");
-    assert_eq!(
-        post(r.addr, "/v1/chat/completions", &streamed, "").header("x-switchyard-cache"),
-        None,
-        "streams are not cached yet"
-    );
     // A backend error is never stored.
     for _ in 0..2 {
         let resp = post(
@@ -212,4 +206,63 @@ fn services_may_share_entries_when_configured() {
         .header("x-switchyard-cache"),
         Some("hit")
     );
+}
+
+#[test]
+fn streams_are_stored_whole_and_replayed_as_streams() {
+    let (_s, r) = cached_router("");
+    let streamed = DETERMINISTIC.replace("\"temperature\":0", "\"temperature\":0,\"stream\":true");
+    // A stream cut short is never stored.
+    let broken = post(
+        r.addr,
+        "/v1/chat/completions",
+        &streamed,
+        "x-sim-fault: reset-after-head\r\n",
+    );
+    assert!(broken.text().contains("\"error\""));
+    let first = post(r.addr, "/v1/chat/completions", &streamed, "");
+    assert_eq!(
+        first.header("x-switchyard-cache"),
+        Some("miss"),
+        "the head leaves before the stream is complete"
+    );
+    let hit = post(r.addr, "/v1/chat/completions", &streamed, "");
+    assert_eq!(
+        (hit.header("x-switchyard-cache"), hit.header("content-type")),
+        (Some("hit"), Some("text/event-stream"))
+    );
+    assert_eq!(hit.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(
+        hit.text(),
+        first.text(),
+        "the replay is the stream the caller saw"
+    );
+    assert!(hit.text().ends_with("data: [DONE]\n\n") && !hit.text().contains("\"usage\""));
+    // A caller who asks for usage gets the chunk from the same entry.
+    let with_usage = streamed.replace(
+        "\"stream\":true",
+        "\"stream\":true,\"stream_options\":{\"include_usage\":true}",
+    );
+    let hit = post(r.addr, "/v1/chat/completions", &with_usage, "");
+    assert_eq!(
+        hit.header("x-switchyard-cache"),
+        Some("hit"),
+        "stream_options is not part of the key"
+    );
+    assert!(hit.text().contains("\"usage\":{"), "{}", hit.text());
+    // A whole answer is never served from a stream entry, nor the other way round.
+    assert_eq!(
+        post(r.addr, "/v1/chat/completions", DETERMINISTIC, "").header("x-switchyard-cache"),
+        Some("stored")
+    );
+    let events: Vec<serde_json::Value> = stop_router(r)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let caches: Vec<&str> = events
+        .iter()
+        .map(|e| e["cache"].as_str().unwrap())
+        .collect();
+    assert_eq!(caches, ["miss", "stored", "hit", "hit", "stored"]);
 }

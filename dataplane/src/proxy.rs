@@ -62,6 +62,13 @@ enum CacheMode {
     Refresh,
 }
 
+/// How a stored stream is replayed to this caller.
+#[derive(Clone, Copy)]
+struct Replay {
+    caller_wants_usage: bool,
+    client_minor_version: u8,
+}
+
 /// A cacheable request's key and lifetime, carried to `relay` to store the answer.
 struct Store {
     key: Vec<u8>,
@@ -208,7 +215,11 @@ pub async fn handle(
             {
                 if let Some(hit) = cache.get(&store.key, Instant::now()) {
                     drop(slot);
-                    return serve_hit(worker, snap, client, &mut ctx, target, &hit).await;
+                    let replay = Replay {
+                        caller_wants_usage: view.caller_wants_usage,
+                        client_minor_version: head.minor_version,
+                    };
+                    return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay).await;
                 }
             }
             if cache_mode == CacheMode::Bypass && worker.shared.cache.is_some() {
@@ -354,7 +365,7 @@ fn caller_headers(head: &Head) -> Result<(Priority, Option<Category>, CacheMode)
 }
 
 /// The cache key of this request for `target_model`, when it may be looked up or stored:
-/// cache on, not bypassed, deterministic, and not streamed (streams are not cached yet).
+/// cache on, not bypassed, and deterministic. Streamed and whole answers have different keys.
 fn cache_key_for(
     worker: &Worker,
     table: &RoutingTable,
@@ -367,7 +378,6 @@ fn cache_key_for(
     let embeddings = ctx.endpoint == Endpoint::Embeddings;
     if worker.shared.cache.is_none()
         || mode == CacheMode::Bypass
-        || view.stream
         || !(view.deterministic || embeddings)
     {
         return None;
@@ -394,17 +404,36 @@ async fn serve_hit(
     ctx: &mut Ctx<'_>,
     target: usize,
     hit: &Entry,
+    replay: Replay,
 ) -> bool {
     ctx.cache = "hit";
     ctx.saved_micros = hit.cost_micros;
-    let mut out = Vec::with_capacity(512 + hit.body.len());
+    // A stored stream is replayed at full speed, filtered like a live one: the usage chunk the
+    // router asked for is hidden unless this caller asked for it.
+    let streamed = &*hit.content_type == b"text/event-stream";
+    let mut body = Vec::new();
+    if streamed {
+        let mut filter = SseFilter::new(!replay.caller_wants_usage);
+        filter.feed(&hit.body, &mut body);
+        filter.finish(&mut body);
+    }
+    let body: &[u8] = if streamed { &body } else { &hit.body };
+    let chunked = streamed && replay.client_minor_version > 0;
+    if streamed && !chunked {
+        ctx.keep_alive = false;
+    }
+    let mut out = Vec::with_capacity(512 + body.len());
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     header(&mut out, b"content-type", &hit.content_type);
-    header(
-        &mut out,
-        b"content-length",
-        itoa::Buffer::new().format(hit.body.len()).as_bytes(),
-    );
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    } else if !streamed {
+        header(
+            &mut out,
+            b"content-length",
+            itoa::Buffer::new().format(body.len()).as_bytes(),
+        );
+    }
     header(
         &mut out,
         b"age",
@@ -417,7 +446,12 @@ async fn serve_hit(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&hit.body);
+    if chunked {
+        codec::encode_chunk(&mut out, body);
+        out.extend_from_slice(codec::LAST_CHUNK);
+    } else {
+        out.extend_from_slice(body);
+    }
     let sent = client.write(out).await.0.is_ok();
     let status = if sent { 200 } else { CLIENT_CLOSED };
     log(
@@ -583,23 +617,20 @@ enum ClientFraming {
     Close,
 }
 
-/// Stores a complete 200 answer that finished normally; returns whether it did.
+/// Stores a complete 200 answer (the caller has checked that it finished normally).
 fn store_answer(
     worker: &Worker,
     table: &RoutingTable,
     target: usize,
     store: Store,
-    head: &Head,
+    content_type: &[u8],
     body: &[u8],
+    usage: TokenUsage,
 ) -> bool {
     let Some(cache) = &worker.shared.cache else {
         return false;
     };
-    if !completed_normally(body) {
-        return false;
-    }
     let t = &table.targets[target];
-    let usage = parse_usage(body).unwrap_or_default();
     let cost = t
         .price
         .cost_micros(usage.prompt, usage.cached, usage.completion);
@@ -608,7 +639,6 @@ fn store_answer(
         .iter()
         .find(|tier| tier.targets.contains(&target))
         .map_or_else(|| Arc::from(""), |tier| tier.name.clone());
-    let content_type = head.header("content-type").unwrap_or(b"application/json");
     let backend = table.backends[t.backend].name.clone();
     cache.put(Entry::new(
         store.key,
@@ -691,6 +721,7 @@ async fn relay(
     let mut data = Vec::new();
     let mut events = Vec::new();
     let mut sse_events = 0u64;
+    let mut stream_copy = Vec::new();
     let mut read_socket = false;
     let outcome: Result<(), Cut> = loop {
         let body_start = wire.len();
@@ -723,6 +754,14 @@ async fn relay(
         };
         body_bytes += body.len();
         if let Some(f) = filter.as_mut() {
+            if store.is_some() {
+                // The stream is cached as the upstream sent it, and filtered again on replay.
+                if stream_copy.len() + body.len() > MAX_CACHED_BODY as usize {
+                    store = None;
+                } else {
+                    stream_copy.extend_from_slice(body);
+                }
+            }
             events.clear();
             f.feed(body, &mut events);
             if resp.body.is_done() {
@@ -746,9 +785,15 @@ async fn relay(
             if !done {
                 continue;
             }
-            let stored = store
-                .take()
-                .is_some_and(|s| store_answer(worker, table, target, s, &resp.head, &wire));
+            let content_type = resp
+                .head
+                .header("content-type")
+                .unwrap_or(b"application/json");
+            let stored = completed_normally(&wire)
+                && store.take().is_some_and(|s| {
+                    let usage = parse_usage(&wire).unwrap_or_default();
+                    store_answer(worker, table, target, s, content_type, &wire, usage)
+                });
             ctx.cache = if stored { "stored" } else { "miss" };
             let mut whole = response_head(ctx, &resp.head, framing, tier, backend, &t.model);
             whole.extend_from_slice(&wire);
@@ -771,6 +816,23 @@ async fn relay(
         }
     };
     let complete = outcome.is_ok();
+    if let (true, Some(f), Some(s)) = (complete, &filter, store.take()) {
+        // The caller already has its head (`x-switchyard-cache: miss`); the usage event says
+        // whether the stream was stored.
+        if f.ended_normally()
+            && store_answer(
+                worker,
+                table,
+                target,
+                s,
+                b"text/event-stream",
+                &stream_copy,
+                f.usage.unwrap_or_default(),
+            )
+        {
+            ctx.cache = "stored";
+        }
+    }
     let mut client_left = matches!(outcome, Err(Cut::ClientLeft));
     if let (Err(Cut::Upstream(e)), Some(_)) = (&outcome, &filter) {
         // The head (200) is gone already: the error travels as a final SSE event, and the

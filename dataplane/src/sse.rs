@@ -16,6 +16,10 @@ pub struct SseFilter {
     pub saw_done: bool,
     /// The upstream sent an `error` event itself.
     pub saw_error: bool,
+    /// A choice finished with `stop` or `length`...
+    finished: bool,
+    /// ...and none finished any other way (tool calls, content filter, ...).
+    finished_otherwise: bool,
 }
 
 impl SseFilter {
@@ -67,7 +71,14 @@ impl SseFilter {
                 self.saw_done = true;
             } else if data.starts_with(b"{\"error\"") {
                 self.saw_error = true;
-            } else if memchr::memmem::find(data, b"\"usage\"").is_some() {
+            } else if let Some(reason) = finish_reason(data) {
+                if reason == b"stop" || reason == b"length" {
+                    self.finished = true;
+                } else {
+                    self.finished_otherwise = true;
+                }
+            }
+            if memchr::memmem::find(data, b"\"usage\"").is_some() {
                 if let Some(u) = parse_usage(data) {
                     self.usage = Some(u);
                     let usage_only = memchr::memmem::find(data, b"\"choices\":[]").is_some();
@@ -77,6 +88,23 @@ impl SseFilter {
         }
         keep
     }
+
+    /// The stream ended the way a complete answer does: `[DONE]`, no error event, and every
+    /// finished choice stopped normally. Only such streams are cached.
+    pub fn ended_normally(&self) -> bool {
+        self.saw_done && !self.saw_error && self.finished && !self.finished_otherwise
+    }
+}
+
+/// The string value of the first `"finish_reason"` in an event payload (`None` when absent or null).
+fn finish_reason(data: &[u8]) -> Option<&[u8]> {
+    let at = memchr::memmem::find(data, b"\"finish_reason\"")?;
+    let rest = data[at + 15..]
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
+    let value = rest.strip_prefix(b"\"")?;
+    Some(&value[..memchr::memchr(b'"', value)?])
 }
 
 #[cfg(test)]
@@ -115,6 +143,26 @@ data: [DONE]\n\n";
             );
             assert!(f.saw_done && !f.saw_error);
         }
+    }
+
+    #[test]
+    fn a_normal_end_is_recognised() {
+        let (_, f) = run(false, 5);
+        assert!(f.ended_normally());
+        let mut f = SseFilter::new(false);
+        let mut out = Vec::new();
+        f.feed(
+            b"data: {\"choices\":[{\"finish_reason\": \"tool_calls\"}]}\n\ndata: [DONE]\n\n",
+            &mut out,
+        );
+        assert!(!f.ended_normally(), "tool calls are not cached");
+        let mut f = SseFilter::new(false);
+        f.feed(
+            b"data: {\"choices\":[{\"finish_reason\":\"stop\"}]}\n\n",
+            &mut out,
+        );
+        assert!(!f.ended_normally(), "no [DONE]: cut short");
+        assert_eq!(finish_reason(br#"{"finish_reason":null}"#), None);
     }
 
     #[test]
