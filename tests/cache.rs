@@ -266,3 +266,67 @@ fn streams_are_stored_whole_and_replayed_as_streams() {
         .collect();
     assert_eq!(caches, ["miss", "stored", "hit", "hit", "stored"]);
 }
+
+fn upstream_calls(sim: &Proc) -> u64 {
+    get(sim.addr, "/sim/stats").json()["received"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Ten identical deterministic requests at once, on one worker; returns the statuses and
+/// cache headers, and how many reached the upstream.
+fn burst(sim_args: &[&str], extra_header: &str) -> (Vec<(u16, Option<String>)>, u64) {
+    let s = sim("s", sim_args);
+    let r = router_on_workers(&config_for(&[("s", s.url())], ""), 1);
+    let addr = r.addr;
+    let threads: Vec<_> = (0..10)
+        .map(|_| {
+            let extra = extra_header.to_string();
+            std::thread::spawn(move || {
+                let resp = post(addr, "/v1/chat/completions", DETERMINISTIC, &extra);
+                (
+                    resp.status,
+                    resp.header("x-switchyard-cache").map(String::from),
+                )
+            })
+        })
+        .collect();
+    let results = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    (results, upstream_calls(&s))
+}
+
+#[test]
+fn concurrent_identical_misses_make_one_upstream_call() {
+    let (results, calls) = burst(&["--latency-ms", "300"], "");
+    assert_eq!(calls, 1, "{results:?}");
+    assert!(results.iter().all(|(status, _)| *status == 200));
+    let stored = results
+        .iter()
+        .filter(|(_, c)| c.as_deref() == Some("stored"))
+        .count();
+    let hits = results
+        .iter()
+        .filter(|(_, c)| c.as_deref() == Some("hit"))
+        .count();
+    assert_eq!((stored, hits), (1, 9), "{results:?}");
+}
+
+#[test]
+fn when_the_coalesced_call_fails_each_waiter_goes_on_its_own() {
+    let started = std::time::Instant::now();
+    let (results, calls) = burst(&["--latency-ms", "500"], "x-sim-fault: status=400\r\n");
+    // One wait for the failed leader (0.5 s), then all nine in parallel (0.5 s): far from the
+    // 5 s that ten calls in a row would take.
+    assert!(
+        started.elapsed() < Duration::from_millis(3000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        results
+            .iter()
+            .all(|(status, cache)| *status == 400 && cache.as_deref() == Some("miss")),
+        "{results:?}"
+    );
+    assert_eq!(calls, 10, "nobody was served another request's failure");
+}

@@ -8,6 +8,7 @@
 
 pub mod balancer;
 pub mod cache;
+pub mod coalesce;
 pub mod codec;
 pub mod conn;
 pub mod health;

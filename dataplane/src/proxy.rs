@@ -6,6 +6,7 @@
 
 use crate::balancer::{self, Slot, Verdict};
 use crate::cache::Entry;
+use crate::coalesce::{Lead, Role};
 use crate::codec::{self, BodyFraming, Head};
 use crate::conn::{send_error, Client};
 use crate::server::Worker;
@@ -193,6 +194,11 @@ pub async fn handle(
     // upstream
     let inject_usage = view.needs_injected_usage(endpoint);
     let mut tried: Vec<usize> = Vec::with_capacity(4);
+    // Held while this request fetches a cacheable answer others may be waiting for.
+    let mut lead: Option<Lead<'_>> = None;
+    // A request that waited once and found no answer goes upstream itself, in parallel with
+    // the other waiters, instead of queueing behind each of them in turn.
+    let mut waited = false;
     let mut last_error: Option<AttemptError> = None;
     'groups: for group in table.groups(decision.plan) {
         while ctx.attempts < table.max_attempts {
@@ -210,16 +216,38 @@ pub async fn handle(
                             .unwrap_or(table.cache.category_ttl[ctx.category.index()]),
                     }
                 });
+            let replay = Replay {
+                caller_wants_usage: view.caller_wants_usage,
+                client_minor_version: head.minor_version,
+            };
             if let (Some(cache), Some(store), CacheMode::Use) =
                 (&worker.shared.cache, &store, cache_mode)
             {
                 if let Some(hit) = cache.get(&store.key, Instant::now()) {
                     drop(slot);
-                    let replay = Replay {
-                        caller_wants_usage: view.caller_wants_usage,
-                        client_minor_version: head.minor_version,
-                    };
                     return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay).await;
+                }
+            }
+            // Identical misses on this worker wait for the one fetching the answer.
+            if let (Some(cache), Some(store), None, false) =
+                (&worker.shared.cache, &store, &lead, waited)
+            {
+                match worker.flights.join(&store.key) {
+                    Role::Lead(l) => lead = Some(l),
+                    Role::Wait(wait) => {
+                        drop(slot);
+                        waited = true;
+                        if watch_client(&client.stream, wait).await.is_none() {
+                            log(worker, snap, &ctx, None, CLIENT_CLOSED, None, 0, None, true);
+                            return false;
+                        }
+                        if let Some(hit) = cache.get(&store.key, Instant::now()) {
+                            return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay)
+                                .await;
+                        }
+                        // The fetch failed or was not storable: go upstream on our own.
+                        continue;
+                    }
                 }
             }
             if cache_mode == CacheMode::Bypass && worker.shared.cache.is_some() {

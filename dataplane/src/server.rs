@@ -47,6 +47,8 @@ pub struct Worker {
     pub id: usize,
     pub shared: Arc<Shared>,
     pub pool: Pool,
+    /// Cacheable misses being fetched by this worker, for coalescing.
+    pub flights: crate::coalesce::Flights,
     seq: Cell<u64>,
     cache: RefCell<arc_swap::Cache<SharedSnapshot, Arc<Snapshot>>>,
 }
@@ -141,6 +143,7 @@ pub fn start(snapshot: SharedSnapshot, usage: UsageSink) -> io::Result<DataPlane
                     cache: RefCell::new(arc_swap::Cache::new(shared.snapshot.clone())),
                     shared,
                     pool: Pool::default(),
+                    flights: Default::default(),
                     seq: Cell::new(0),
                 });
                 let result = if use_uring {

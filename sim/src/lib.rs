@@ -91,6 +91,8 @@ struct Sim {
     seq: Cell<u64>,
     rng: Cell<u64>,
     last_request: Arc<Mutex<Vec<u8>>>,
+    /// Inference requests received, over all workers (tests count upstream calls with it).
+    received: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Sim {
@@ -138,10 +140,12 @@ pub fn spawn(config: SimConfig) -> io::Result<SocketAddr> {
     let address = probe.local_addr()?;
     drop(probe);
     let last_request = Arc::new(Mutex::new(Vec::new()));
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     for id in 0..config.workers.max(1) {
         let config = config.clone();
         let last_request = last_request.clone();
+        let received = received.clone();
         let ready = ready_tx.clone();
         std::thread::Builder::new()
             .name(format!("sim-{id}"))
@@ -151,6 +155,7 @@ pub fn spawn(config: SimConfig) -> io::Result<SocketAddr> {
                     seq: Cell::new(0),
                     rng: Cell::new(0x853c_49e6_748f_ea9b ^ (id as u64 + 1)),
                     last_request,
+                    received,
                 });
                 let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
                     .enable_timer()
@@ -284,7 +289,13 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
             let rec = sim.last_request.lock().unwrap_or_else(|p| p.into_inner()).clone();
             return write(client, response(200, "text/plain", &rec, &c.name)).await;
         }
-        (Method::Post, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings") => {}
+        (Method::Get, "/sim/stats") => {
+            let received = sim.received.load(std::sync::atomic::Ordering::Relaxed);
+            return write_json(client, 200, &serde_json::json!({ "received": received }), &c.name).await;
+        }
+        (Method::Post, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings") => {
+            sim.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         _ => return write(client, response(404, "application/json", br#"{"error":{"message":"not found","type":"invalid_request_error","param":null,"code":null}}"#, &c.name)).await,
     }
     let Ok(req) = serde_json::from_slice::<serde_json::Value>(body) else {

@@ -86,8 +86,12 @@ pub fn sim_on(port: u16, name: &str, args: &[&str]) -> Proc {
     Proc { child, addr }
 }
 
-/// Starts the router with `config` (TOML); stderr goes to a file the test can read.
+/// Starts the router with `config` (TOML) on two workers; its stderr is piped for the test.
 pub fn router(config: &str) -> Proc {
+    router_on_workers(config, 2)
+}
+
+pub fn router_on_workers(config: &str, workers: usize) -> Proc {
     let dir = std::env::temp_dir().join(format!(
         "switchyard-test-{}-{}",
         std::process::id(),
@@ -105,7 +109,7 @@ pub fn router(config: &str) -> Proc {
             "--listen",
             &addr.to_string(),
             "--workers",
-            "2",
+            &workers.to_string(),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
