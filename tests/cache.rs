@@ -87,6 +87,11 @@ fn a_stored_answer_is_served_without_the_upstream() {
     assert_eq!(hit["cost_micros"], 0);
     assert_eq!(hit["saved_micros"], stored["cost_micros"]);
     assert!(err.contains("1 cache hits saved $0.0"), "{err}");
+    assert!(
+        err.contains("cache etl/extraction: 1 hits, 1 misses, 1 stored"),
+        "{err}"
+    );
+    assert!(err.contains("response cache: 1 entries"), "{err}");
 }
 
 #[test]

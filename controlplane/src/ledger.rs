@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use switchyard_dataplane::usage::UsageReceiver;
+use switchyard_shared::category::Category;
 use switchyard_shared::usage::UsageEvent;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -19,9 +20,21 @@ pub struct ServiceTotals {
     pub saved_micros: u64,
 }
 
+/// Response-cache outcomes of one service and category.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CacheTotals {
+    pub hits: u64,
+    /// Lookups that found nothing (including those whose answer was then stored).
+    pub misses: u64,
+    pub stores: u64,
+    pub bypasses: u64,
+    pub saved_micros: u64,
+}
+
 #[derive(Default)]
 pub struct Ledger {
     services: Mutex<BTreeMap<String, ServiceTotals>>,
+    cache: Mutex<BTreeMap<(String, Category), CacheTotals>>,
 }
 
 impl Ledger {
@@ -35,6 +48,25 @@ impl Ledger {
         t.cost_micros += e.cost_micros;
         t.cache_hits += u64::from(e.cache == "hit");
         t.saved_micros += e.saved_micros;
+        drop(services);
+        if !e.cache.is_empty() {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let c = cache.entry((e.service.clone(), e.category)).or_default();
+            match e.cache {
+                "hit" => c.hits += 1,
+                "stored" => {
+                    c.misses += 1;
+                    c.stores += 1;
+                }
+                "miss" => c.misses += 1,
+                _ => c.bypasses += 1,
+            }
+            c.saved_micros += e.saved_micros;
+        }
+    }
+
+    pub fn cache_totals(&self) -> BTreeMap<(String, Category), CacheTotals> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Drains the channel every `period` until every sender is gone. Polling instead of a
@@ -94,6 +126,13 @@ impl Ledger {
                 );
             }
         }
+        for ((service, category), c) in self.cache_totals() {
+            let _ = write!(
+                out,
+                "\n  cache {service}/{category}: {} hits, {} misses, {} stored, {} bypassed, ${}.{:06} saved",
+                c.hits, c.misses, c.stores, c.bypasses, c.saved_micros / 1_000_000, c.saved_micros % 1_000_000
+            );
+        }
         if dropped > 0 {
             let _ = write!(out, "\n  {dropped} usage events dropped (channel full)");
         }
@@ -104,7 +143,6 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_shared::category::Category;
 
     fn event(service: &str, status: u16, cost: u64) -> UsageEvent {
         UsageEvent {
@@ -139,6 +177,13 @@ mod tests {
         tx.send(Box::new(event("a", 200, 1_500_000))).unwrap();
         tx.send(Box::new(event("a", 502, 0))).unwrap();
         tx.send(Box::new(event("b", 200, 7))).unwrap();
+        let mut hit = event("b", 200, 0);
+        hit.cache = "hit";
+        hit.saved_micros = 7;
+        tx.send(Box::new(hit)).unwrap();
+        let mut stored = event("b", 200, 7);
+        stored.cache = "stored";
+        tx.send(Box::new(stored)).unwrap();
         drop(tx);
         ledger.consume(rx, false, std::time::Duration::from_millis(1));
         let t = ledger.totals();
@@ -154,7 +199,26 @@ mod tests {
                 saved_micros: 0,
             }
         );
-        assert_eq!(t["b"].cost_micros, 7);
+        assert_eq!(t["b"].cost_micros, 14);
+        assert_eq!((t["b"].cache_hits, t["b"].saved_micros), (1, 7));
+        let cache = ledger.cache_totals();
+        assert_eq!(
+            cache[&("b".to_string(), Category::Chat)],
+            CacheTotals {
+                hits: 1,
+                misses: 1,
+                stores: 1,
+                bypasses: 0,
+                saved_micros: 7
+            }
+        );
+        assert!(
+            !cache.contains_key(&("a".to_string(), Category::Chat)),
+            "uncacheable requests leave no cache counts"
+        );
+        assert!(ledger
+            .summary(0)
+            .contains("cache b/chat: 1 hits, 1 misses, 1 stored, 0 bypassed, $0.000007 saved"));
         assert!(ledger
             .summary(3)
             .contains("a: 2 requests (1 failed), 20 prompt + 10 completion tokens, $1.500000"));

@@ -74,6 +74,14 @@ pub fn serve(table: RoutingTable, on_ready: impl FnOnce(&DataPlane)) -> i32 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     });
     eprintln!("{}", ledger.summary(dataplane.shared.usage.dropped()));
+    if let Some(cache) = &dataplane.shared.cache {
+        eprintln!(
+            "switchyard: response cache: {} entries, {} bytes, {} evicted",
+            cache.len(),
+            cache.bytes(),
+            cache.evictions()
+        );
+    }
     // The consumer blocks on a channel the (still running) workers hold: do not wait for it.
     runtime.shutdown_background();
     0
