@@ -73,11 +73,7 @@ fn a_stored_answer_is_served_without_the_upstream() {
     );
     // The hit cost nothing and records what it saved.
     let err = stop_router(r);
-    let events: Vec<serde_json::Value> = err
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events: Vec<serde_json::Value> = usage_events(&err);
     let (stored, hit) = (&events[0], &events[1]);
     assert_eq!(
         (stored["cache"].as_str(), hit["cache"].as_str()),
@@ -260,11 +256,7 @@ fn streams_are_stored_whole_and_replayed_as_streams() {
         post(r.addr, "/v1/chat/completions", DETERMINISTIC, "").header("x-switchyard-cache"),
         Some("stored")
     );
-    let events: Vec<serde_json::Value> = stop_router(r)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events: Vec<serde_json::Value> = usage_events(&stop_router(r));
     let caches: Vec<&str> = events
         .iter()
         .map(|e| e["cache"].as_str().unwrap())

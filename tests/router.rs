@@ -593,11 +593,7 @@ fn every_request_is_one_priced_usage_event() {
     )
     .error(400);
     let err = stop_router(r);
-    let events: Vec<serde_json::Value> = err
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events: Vec<serde_json::Value> = usage_events(&err);
     assert_eq!(events.len(), 3, "{err}");
     let (a, b, c) = (&events[0], &events[1], &events[2]);
     // Prices in config_for: 1 USD/1M input, 2 USD/1M output => micro-dollars = prompt + 2 * completion.

@@ -42,29 +42,14 @@ fn zipf_draws(seed: u64) -> Vec<u64> {
         .collect()
 }
 
-fn run_shared(draws: &[Vec<u64>]) -> (f64, f64) {
-    let cache: Arc<sync::Cache<u64, Arc<[u8]>, Bytes>> =
-        Arc::new(sync::Cache::with_weighter(KEYS / 4, CAPACITY, Bytes));
-    let value: Arc<[u8]> = vec![7u8; VALUE].into();
+/// Runs `per_thread` on each thread's draws at once; returns (hit rate, ns per op per thread).
+/// `per_thread` returns its hit count.
+fn run(draws: &[Vec<u64>], per_thread: impl Fn(&[u64]) -> usize + Sync) -> (f64, f64) {
     let start = Instant::now();
     let hits: usize = std::thread::scope(|s| {
         let handles: Vec<_> = draws
             .iter()
-            .map(|keys| {
-                let cache = cache.clone();
-                let value = value.clone();
-                s.spawn(move || {
-                    let mut hits = 0;
-                    for &k in keys {
-                        if cache.get(&k).is_some() {
-                            hits += 1;
-                        } else {
-                            cache.insert(k, value.clone());
-                        }
-                    }
-                    hits
-                })
-            })
+            .map(|keys| s.spawn(|| per_thread(keys)))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).sum()
     });
@@ -75,37 +60,37 @@ fn run_shared(draws: &[Vec<u64>]) -> (f64, f64) {
     )
 }
 
-fn run_per_core(draws: &[Vec<u64>]) -> (f64, f64) {
-    let value: Arc<[u8]> = vec![7u8; VALUE].into();
-    let start = Instant::now();
-    let per_core_capacity = CAPACITY / draws.len() as u64;
-    let hits: usize = std::thread::scope(|s| {
-        let handles: Vec<_> = draws
-            .iter()
-            .map(|keys| {
-                let value = value.clone();
-                s.spawn(move || {
-                    let mut cache: unsync::Cache<u64, Arc<[u8]>, Bytes> =
-                        unsync::Cache::with_weighter(KEYS / 8, per_core_capacity, Bytes);
-                    let mut hits = 0;
-                    for &k in keys {
-                        if cache.get(&k).is_some() {
-                            hits += 1;
-                        } else {
-                            cache.insert(k, value.clone());
-                        }
-                    }
-                    hits
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum()
-    });
-    let ops = (OPS_PER_THREAD * draws.len()) as f64;
-    (
-        hits as f64 / ops,
-        start.elapsed().as_nanos() as f64 * draws.len() as f64 / ops,
-    )
+fn run_shared(draws: &[Vec<u64>], value: &Arc<[u8]>) -> (f64, f64) {
+    let cache: sync::Cache<u64, Arc<[u8]>, Bytes> =
+        sync::Cache::with_weighter(KEYS / 4, CAPACITY, Bytes);
+    run(draws, |keys| {
+        let mut hits = 0;
+        for &k in keys {
+            if cache.get(&k).is_some() {
+                hits += 1;
+            } else {
+                cache.insert(k, value.clone());
+            }
+        }
+        hits
+    })
+}
+
+fn run_per_core(draws: &[Vec<u64>], value: &Arc<[u8]>) -> (f64, f64) {
+    let capacity = CAPACITY / draws.len() as u64;
+    run(draws, |keys| {
+        let mut cache: unsync::Cache<u64, Arc<[u8]>, Bytes> =
+            unsync::Cache::with_weighter(KEYS / 8, capacity, Bytes);
+        let mut hits = 0;
+        for &k in keys {
+            if cache.get(&k).is_some() {
+                hits += 1;
+            } else {
+                cache.insert(k, value.clone());
+            }
+        }
+        hits
+    })
 }
 
 fn main() {
@@ -114,15 +99,16 @@ fn main() {
     let draws: Vec<Vec<u64>> = (0..threads)
         .map(|t| zipf_draws(0x9e37_79b9 + t as u64))
         .collect();
+    let value: Arc<[u8]> = vec![7u8; VALUE].into();
     println!("layout    | hit rate | ns per op (per thread)");
     for round in 1..=3 {
-        let (hit, ns) = run_shared(&draws);
+        let (hit, ns) = run_shared(&draws, &value);
         println!(
             "shared    | {:.1}%    | {:.0}   (round {round})",
             hit * 100.0,
             ns
         );
-        let (hit, ns) = run_per_core(&draws);
+        let (hit, ns) = run_per_core(&draws, &value);
         println!(
             "per-core  | {:.1}%    | {:.0}   (round {round})",
             hit * 100.0,

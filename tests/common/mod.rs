@@ -69,6 +69,15 @@ pub fn stop_router(mut r: Proc) -> String {
     err
 }
 
+/// The usage events a router logged (`[usage] log_events = true`) in its stderr.
+pub fn usage_events(stderr: &str) -> Vec<serde_json::Value> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 pub fn sim(name: &str, args: &[&str]) -> Proc {
     sim_on(free_port(), name, args)
 }
