@@ -595,7 +595,18 @@ fn every_request_is_one_priced_usage_event() {
     let err = stop_router(r);
     let events: Vec<serde_json::Value> = usage_events(&err);
     assert_eq!(events.len(), 3, "{err}");
-    let (a, b, c) = (&events[0], &events[1], &events[2]);
+    // Workers send events when each request ends, so their order across workers is not fixed.
+    let find = |service: &str, streamed: bool| {
+        events
+            .iter()
+            .find(|e| e["service"] == service && e["streamed"] == streamed)
+            .unwrap_or_else(|| panic!("no event for {service} streamed={streamed}: {err}"))
+    };
+    let (a, b, c) = (
+        find("billing", false),
+        find("billing", true),
+        find("other", false),
+    );
     // Prices in config_for: 1 USD/1M input, 2 USD/1M output => micro-dollars = prompt + 2 * completion.
     assert_eq!(a["prompt_tokens"], plain_usage["prompt_tokens"]);
     assert_eq!(a["completion_tokens"], 5);
