@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use switchyard_controlplane::{client, TokenSource};
 use switchyard_shared::config;
 use switchyard_shared::openai::{Endpoint, RequestView};
 use switchyard_shared::routing::{Plan, Priority, RequestFacts, RoutingTable};
@@ -37,6 +38,107 @@ enum Command {
     },
     /// Validate a config file and print the resolved routing table.
     CheckConfig { file: String },
+    /// Show the running router's config version, traffic, cache and backends.
+    Status(AdminArgs),
+    /// Show spend per service, category, tier and model for a day.
+    Spend {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Only this service.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// YYYY-MM-DD in the budget time zone; default: today.
+        #[arg(long, default_value = "")]
+        day: String,
+    },
+    /// Show today's budgets, or set or clear one.
+    Budgets {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: Option<BudgetAction>,
+    },
+    /// Validate or apply a config on the running router.
+    Config {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Manage the running router's response cache.
+    Cache {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Drop every stored answer.
+    Purge,
+}
+
+#[derive(Subcommand)]
+enum BudgetAction {
+    /// Set a daily budget in USD (kept across restarts; wins over the config file's).
+    Set {
+        service: String,
+        daily_usd: f64,
+        #[arg(long, default_value = "")]
+        category: String,
+    },
+    /// Remove a budget set with `set`, returning to the config file's.
+    Clear {
+        service: String,
+        #[arg(long, default_value = "")]
+        category: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Check a config against the running router without applying it.
+    Validate { file: String },
+    /// Apply a config: all of it, atomically, or nothing if it has errors.
+    Apply { file: String },
+}
+
+/// How the CLI reaches the control API.
+#[derive(Args, Clone)]
+struct AdminArgs {
+    /// Control API address; default `$SWITCHYARD_ADMIN_URL`, else http://127.0.0.1:8081.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Where to find `admin-token` when `$SWITCHYARD_ADMIN_TOKEN` is unset.
+    #[arg(long, default_value = "switchyard-data")]
+    data_dir: String,
+}
+
+impl AdminArgs {
+    fn resolve(&self) -> Result<client::Admin, String> {
+        let url = self
+            .admin
+            .clone()
+            .or_else(|| std::env::var("SWITCHYARD_ADMIN_URL").ok())
+            .unwrap_or_else(|| "http://127.0.0.1:8081".into());
+        let token = match std::env::var("SWITCHYARD_ADMIN_TOKEN") {
+            Ok(t) if !t.is_empty() => t,
+            _ => {
+                let path = std::path::Path::new(&self.data_dir).join("admin-token");
+                std::fs::read_to_string(&path)
+                    .map(|t| t.trim().to_string())
+                    .map_err(|e| {
+                        format!(
+                            "no admin token: set SWITCHYARD_ADMIN_TOKEN or pass --data-dir ({}: {e})",
+                            path.display()
+                        )
+                    })?
+            }
+        };
+        Ok(client::Admin { url, token })
+    }
 }
 
 #[derive(Args, Clone, Default)]
@@ -50,6 +152,9 @@ struct ServeArgs {
     /// Override `listener.workers`.
     #[arg(long)]
     workers: Option<usize>,
+    /// Override `admin.address` (the control API and /metrics).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -65,6 +170,65 @@ fn main() -> ExitCode {
             Err(errors) => fail(&errors),
         },
         Some(Command::Classify { config }) => classify(config),
+        Some(Command::Status(admin)) => admin_call(&admin, client::Command::Status),
+        Some(Command::Spend {
+            admin,
+            service,
+            day,
+        }) => admin_call(&admin, client::Command::Spend { service, day }),
+        Some(Command::Budgets { admin, action }) => {
+            let command = match action {
+                None => client::Command::Budgets,
+                Some(BudgetAction::Set {
+                    service,
+                    daily_usd,
+                    category,
+                }) => client::Command::SetBudget {
+                    service,
+                    category,
+                    daily_usd: Some(daily_usd),
+                },
+                Some(BudgetAction::Clear { service, category }) => client::Command::SetBudget {
+                    service,
+                    category,
+                    daily_usd: None,
+                },
+            };
+            admin_call(&admin, command)
+        }
+        Some(Command::Cache {
+            admin,
+            action: CacheAction::Purge,
+        }) => admin_call(&admin, client::Command::PurgeCache),
+        Some(Command::Config { admin, action }) => {
+            let (file, apply) = match action {
+                ConfigAction::Validate { file } => (file, false),
+                ConfigAction::Apply { file } => (file, true),
+            };
+            let toml = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => return fail(&[format!("{file}: cannot read: {e}")]),
+            };
+            let source = file;
+            admin_call(
+                &admin,
+                if apply {
+                    client::Command::ApplyConfig { toml, source }
+                } else {
+                    client::Command::ValidateConfig { toml, source }
+                },
+            )
+        }
+    }
+}
+
+fn admin_call(admin: &AdminArgs, command: client::Command) -> ExitCode {
+    match admin.resolve().and_then(|a| client::run(&a, command)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&[e]),
     }
 }
 
@@ -76,34 +240,61 @@ fn fail(errors: &[String]) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let (loaded, demo) = match &args.config {
-        Some(path) => (config::load_file(path), None),
+    let (toml, source, file, demo) = match &args.config {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => (text, path.clone(), Some(path.into()), None),
+            Err(e) => return fail(&[format!("{path}: cannot read: {e}")]),
+        },
         None => match demo::build() {
             Ok(d) => (
-                config::load_str(&d.config, "<demo config>", &|_| None),
+                d.config,
+                "<demo config>".to_string(),
+                None,
                 Some(d.description),
             ),
             Err(e) => return fail(&[format!("cannot start the demo backends: {e}")]),
         },
     };
-    let mut table = match loaded {
-        Ok(t) => t,
-        Err(errors) => return fail(&errors),
+    let (listen, workers, admin) = (args.listen, args.workers, args.admin_listen);
+    let overrides = Box::new(move |table: &mut RoutingTable| {
+        if let Some(addr) = listen {
+            table.listener.address = addr;
+        }
+        if let Some(n) = workers {
+            table.listener.workers = n.max(1);
+        }
+        if let (Some(addr), Some(_)) = (admin, table.admin.address) {
+            table.admin.address = Some(addr);
+        }
+    });
+    let start = switchyard_controlplane::Start {
+        toml,
+        source,
+        file,
+        overrides,
     };
-    if let Some(addr) = args.listen {
-        table.listener.address = addr;
-    }
-    if let Some(n) = args.workers {
-        table.listener.workers = n.max(1);
-    }
-    let workers = table.listener.workers;
-    let code = switchyard_controlplane::serve(table, |dp| {
+    let code = switchyard_controlplane::serve(start, |ready| {
+        let dp = ready.dataplane;
         println!(
-            "Switchyard {} listening on http://{} ({workers} workers, {} I/O driver)",
+            "Switchyard {} listening on http://{} ({} workers, {} I/O driver, config version {})",
             env!("CARGO_PKG_VERSION"),
             dp.address,
-            dp.driver
+            dp.shared.snapshot.load().table.listener.workers,
+            dp.driver,
+            ready.config_version
         );
+        match &ready.admin {
+            Some((addr, TokenSource::Env(name))) => {
+                println!(
+                    "Control API (gRPC) and /metrics on http://{addr}; admin token from ${name}"
+                )
+            }
+            Some((addr, TokenSource::File(path))) => println!(
+                "Control API (gRPC) and /metrics on http://{addr}; admin token in {}",
+                path.display()
+            ),
+            None => println!("Control API off (admin.enabled = false)"),
+        }
         if let Some(d) = &demo {
             println!("{d}");
         }

@@ -6,9 +6,11 @@ use common::*;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+/// Runs the CLI in the temporary directory, so nothing it writes lands in the checkout.
 fn switchyard(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)
+        .current_dir(std::env::temp_dir())
         .output()
         .unwrap()
 }

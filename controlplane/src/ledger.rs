@@ -1,15 +1,28 @@
 //! Usage ledger: drains usage events from the workers and keeps per-service totals.
 //! Must not: block the workers (they never wait on this side).
 
-use std::collections::BTreeMap;
+use crate::metrics::Metrics;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use switchyard_dataplane::budget::BudgetKey;
 use switchyard_dataplane::usage::UsageReceiver;
 use switchyard_shared::category::Category;
 use switchyard_shared::usage::UsageEvent;
 
+/// Spend of one (day, service, category, tier, model): the rows of `GetSpend`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SpendKey {
+    pub day: String,
+    pub service: String,
+    pub category: Category,
+    pub tier: Arc<str>,
+    pub model: Arc<str>,
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ServiceTotals {
+pub struct SpendTotals {
     pub requests: u64,
     pub errors: u64,
     pub prompt_tokens: u64,
@@ -18,6 +31,63 @@ pub struct ServiceTotals {
     pub cache_hits: u64,
     /// What cache hits would have cost upstream.
     pub saved_micros: u64,
+    /// Requests charged by estimate because the backend sent no usage.
+    pub estimated: u64,
+}
+
+impl SpendTotals {
+    fn add(&mut self, o: &SpendTotals) {
+        self.requests += o.requests;
+        self.errors += o.errors;
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+        self.cost_micros += o.cost_micros;
+        self.cache_hits += o.cache_hits;
+        self.saved_micros += o.saved_micros;
+        self.estimated += o.estimated;
+    }
+
+    /// The stored form (see `store`).
+    pub fn to_array(&self) -> [u64; 8] {
+        [
+            self.requests,
+            self.errors,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cost_micros,
+            self.cache_hits,
+            self.saved_micros,
+            self.estimated,
+        ]
+    }
+
+    pub fn from_array(a: [u64; 8]) -> SpendTotals {
+        let [requests, errors, prompt_tokens, completion_tokens, cost_micros, cache_hits, saved_micros, estimated] =
+            a;
+        SpendTotals {
+            requests,
+            errors,
+            prompt_tokens,
+            completion_tokens,
+            cost_micros,
+            cache_hits,
+            saved_micros,
+            estimated,
+        }
+    }
+
+    fn of(e: &UsageEvent) -> SpendTotals {
+        SpendTotals {
+            requests: 1,
+            errors: u64::from(e.status >= 400 || e.incomplete),
+            prompt_tokens: e.prompt_tokens,
+            completion_tokens: e.completion_tokens,
+            cost_micros: e.cost_micros,
+            cache_hits: u64::from(e.cache == "hit"),
+            saved_micros: e.saved_micros,
+            estimated: u64::from(e.tokens_estimated),
+        }
+    }
 }
 
 /// Response-cache outcomes of one service and category.
@@ -33,24 +103,43 @@ pub struct CacheTotals {
 
 #[derive(Default)]
 pub struct Ledger {
-    services: Mutex<BTreeMap<String, ServiceTotals>>,
+    spend: Mutex<BTreeMap<SpendKey, SpendTotals>>,
+    /// Rows changed since the last flush to the store.
+    dirty: Mutex<BTreeSet<SpendKey>>,
     cache: Mutex<BTreeMap<(String, Category), CacheTotals>>,
+    budget_downgrades: AtomicU64,
+    budget_rejections: AtomicU64,
+    pub metrics: Metrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Ledger {
-    pub fn record(&self, e: &UsageEvent) {
-        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        let t = services.entry(e.service.clone()).or_default();
-        t.requests += 1;
-        t.errors += u64::from(e.status >= 400 || e.incomplete);
-        t.prompt_tokens += e.prompt_tokens;
-        t.completion_tokens += e.completion_tokens;
-        t.cost_micros += e.cost_micros;
-        t.cache_hits += u64::from(e.cache == "hit");
-        t.saved_micros += e.saved_micros;
-        drop(services);
+    /// Counts one finished request on `day` (its budget day).
+    pub fn record(&self, e: &UsageEvent, day: &str) {
+        let key = SpendKey {
+            day: day.to_string(),
+            service: e.service.clone(),
+            category: e.category,
+            tier: e.tier.clone(),
+            model: e.model.clone(),
+        };
+        lock(&self.spend)
+            .entry(key.clone())
+            .or_default()
+            .add(&SpendTotals::of(e));
+        lock(&self.dirty).insert(key);
+        self.metrics.record(e);
+        if e.budget_downgraded {
+            self.budget_downgrades.fetch_add(1, Relaxed);
+        }
+        if e.refused_by == "budget" {
+            self.budget_rejections.fetch_add(1, Relaxed);
+        }
         if !e.cache.is_empty() {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = lock(&self.cache);
             let c = cache.entry((e.service.clone(), e.category)).or_default();
             match e.cache {
                 "hit" => c.hits += 1,
@@ -65,15 +154,82 @@ impl Ledger {
         }
     }
 
-    pub fn cache_totals(&self) -> BTreeMap<(String, Category), CacheTotals> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    pub fn budget_downgrades(&self) -> u64 {
+        self.budget_downgrades.load(Relaxed)
     }
 
-    /// Drains the channel every `period` until every sender is gone. Polling instead of a
-    /// blocking receive means a worker's `try_send` never has a sleeping thread to wake: the
-    /// futex wake-up it would cost per request showed in profiles of the request path.
-    pub fn consume(&self, events: UsageReceiver, log_events: bool, period: std::time::Duration) {
+    pub fn budget_rejections(&self) -> u64 {
+        self.budget_rejections.load(Relaxed)
+    }
+
+    /// Starts from spend loaded from the store.
+    pub fn with_spend(spend: BTreeMap<SpendKey, SpendTotals>) -> Ledger {
+        Ledger {
+            spend: Mutex::new(spend),
+            ..Ledger::default()
+        }
+    }
+
+    /// The rows changed since the last call, with their totals now, for the store.
+    pub fn take_dirty(&self) -> Vec<(SpendKey, SpendTotals)> {
+        let keys = std::mem::take(&mut *lock(&self.dirty));
+        let spend = lock(&self.spend);
+        keys.into_iter()
+            .filter_map(|k| spend.get(&k).cloned().map(|t| (k, t)))
+            .collect()
+    }
+
+    /// Puts rows back after a failed flush, so the next one writes them.
+    pub fn mark_dirty(&self, keys: impl IntoIterator<Item = SpendKey>) {
+        lock(&self.dirty).extend(keys);
+    }
+
+    /// Cost spent on `day` per budget: per service, and per service and category.
+    pub fn spent_by_budget(&self, day: &str) -> BTreeMap<BudgetKey, u64> {
+        let mut out = BTreeMap::new();
+        for (k, t) in lock(&self.spend).iter().filter(|(k, _)| k.day == day) {
+            *out.entry((k.service.clone(), None)).or_default() += t.cost_micros;
+            *out.entry((k.service.clone(), Some(k.category)))
+                .or_default() += t.cost_micros;
+        }
+        out
+    }
+
+    /// Spend rows of `day`, optionally of one service.
+    pub fn spend(&self, day: &str, service: Option<&str>) -> Vec<(SpendKey, SpendTotals)> {
+        lock(&self.spend)
+            .iter()
+            .filter(|(k, _)| k.day == day && service.is_none_or(|s| k.service == s))
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect()
+    }
+
+    /// Totals per service over every day.
+    pub fn totals(&self) -> BTreeMap<String, SpendTotals> {
+        let mut out: BTreeMap<String, SpendTotals> = BTreeMap::new();
+        for (k, t) in lock(&self.spend).iter() {
+            out.entry(k.service.clone()).or_default().add(t);
+        }
+        out
+    }
+
+    pub fn cache_totals(&self) -> BTreeMap<(String, Category), CacheTotals> {
+        lock(&self.cache).clone()
+    }
+
+    /// Drains the channel every `period` until every sender is gone; `today` names the budget
+    /// day events are counted on. Polling instead of a blocking receive means a worker's
+    /// `try_send` never has a sleeping thread to wake: the futex wake-up it would cost per
+    /// request showed in profiles of the request path.
+    pub fn consume(
+        &self,
+        events: UsageReceiver,
+        log_events: bool,
+        period: std::time::Duration,
+        today: impl Fn() -> String,
+    ) {
         loop {
+            let day = today();
             let disconnected = loop {
                 match events.try_recv() {
                     Ok(e) => {
@@ -82,7 +238,7 @@ impl Ledger {
                                 eprintln!("{line}");
                             }
                         }
-                        self.record(&e);
+                        self.record(&e, &day);
                     }
                     Err(crossbeam_channel::TryRecvError::Empty) => break false,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => break true,
@@ -93,13 +249,6 @@ impl Ledger {
             }
             std::thread::sleep(period);
         }
-    }
-
-    pub fn totals(&self) -> BTreeMap<String, ServiceTotals> {
-        self.services
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 
     pub fn summary(&self, dropped: u64) -> String {
@@ -166,6 +315,8 @@ mod tests {
             incomplete: false,
             cache: "",
             saved_micros: 0,
+            budget_downgraded: false,
+            refused_by: "",
             config_version: 1,
         }
     }
@@ -185,11 +336,13 @@ mod tests {
         stored.cache = "stored";
         tx.send(Box::new(stored)).unwrap();
         drop(tx);
-        ledger.consume(rx, false, std::time::Duration::from_millis(1));
+        ledger.consume(rx, false, std::time::Duration::from_millis(1), || {
+            "2026-11-27".into()
+        });
         let t = ledger.totals();
         assert_eq!(
             t["a"],
-            ServiceTotals {
+            SpendTotals {
                 requests: 2,
                 errors: 1,
                 prompt_tokens: 20,
@@ -197,6 +350,7 @@ mod tests {
                 cost_micros: 1_500_000,
                 cache_hits: 0,
                 saved_micros: 0,
+                estimated: 0,
             }
         );
         assert_eq!(t["b"].cost_micros, 14);

@@ -1,58 +1,389 @@
-//! The control plane: a tokio runtime that owns the configuration, publishes routing snapshots
-//! for the workers, drains their usage events, and runs shutdown.
-//! Must not: sit on the request path; workers only read the snapshot and `try_send` usage.
+//! The control plane: a tokio runtime that owns the configuration (live reloads included),
+//! spending and budgets, the data store and the admin API, publishes routing snapshots for the
+//! workers, drains their usage events, and runs shutdown.
+//! Must not: sit on the request path; workers only read snapshots, reserve from their own
+//! budget leases and `try_send` usage.
+//!
+//! Layout: `configs` (live configuration), `ledger` (spend), `metrics` (Prometheus), `store`
+//! (persistence), `api` (gRPC control API and `/metrics`), `client` (the CLI's side of the API).
 
+pub mod api;
+pub mod client;
+pub mod configs;
 pub mod ledger;
+pub mod metrics;
+pub mod store;
 
-use arc_swap::ArcSwap;
+use api::pb;
+use configs::{Configs, Overrides};
 use ledger::Ledger;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use store::Store;
+use switchyard_dataplane::budget::{BudgetBook, Limits};
 use switchyard_dataplane::server::{self, DataPlane};
-use switchyard_dataplane::snapshot::Snapshot;
 use switchyard_dataplane::usage::UsageSink;
-use switchyard_shared::routing::RoutingTable;
+use switchyard_shared::config;
 
 /// How often the ledger drains usage events; also the longest an event waits to be counted.
 const USAGE_DRAIN_PERIOD: Duration = Duration::from_millis(20);
+/// How often changed spend is committed to the store: the most a `kill -9` can lose.
+const FLUSH_PERIOD: Duration = Duration::from_millis(250);
+/// How often the config file is checked for changes, and the budget day for its end.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Everything the admin API and the background tasks work on.
+pub struct ControlPlane {
+    pub configs: Configs,
+    pub ledger: Ledger,
+    pub budgets: Arc<BudgetBook>,
+    pub store: Store,
+    /// The data plane in this process.
+    pub local: Option<DataPlane>,
+    started: Instant,
+    /// Per remote data plane: the last usage sequence counted, and the events it dropped.
+    remotes: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+impl ControlPlane {
+    /// The budget day now, in the configured time zone.
+    pub fn today(&self) -> String {
+        let snapshot = self.configs.snapshot().load();
+        snapshot.table.budgets.day_of(jiff::Timestamp::now())
+    }
+
+    /// Counts a remote data plane's batch; records it has sent before are skipped.
+    /// Returns (accepted, duplicates).
+    pub fn record_remote(&self, batch: pb::UsageBatch) -> Result<(u64, u64), String> {
+        let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, dropped) = remotes.entry(batch.data_plane).or_insert((0, 0));
+        *dropped = (*dropped).max(batch.dropped);
+        let mut counts = (0, 0);
+        let snapshot = self.configs.snapshot().load();
+        for (i, r) in batch.records.into_iter().enumerate() {
+            let sequence = batch.first_sequence + i as u64;
+            if sequence <= *last {
+                counts.1 += 1;
+                continue;
+            }
+            let at = jiff::Timestamp::from_millisecond(r.unix_ms)
+                .map_err(|e| format!("record {sequence}: time: {e}"))?;
+            let event = api::event_from_record(r).map_err(|e| format!("record {sequence}: {e}"))?;
+            self.ledger
+                .record(&event, &snapshot.table.budgets.day_of(at));
+            *last = sequence;
+            counts.0 += 1;
+        }
+        Ok(counts)
+    }
+
+    /// Every budget of today with what it has spent and holds.
+    pub fn budget_report(&self) -> pb::GetBudgetsReply {
+        let day = self.budgets.day();
+        let spent = self.ledger.spent_by_budget(&day);
+        let services = spent.keys().map(|(s, _)| s.clone()).collect::<Vec<_>>();
+        let budgets = self
+            .budgets
+            .views(services)
+            .into_iter()
+            .map(|v| {
+                let spent_micros = spent.get(&v.key).copied().unwrap_or(0);
+                pb::Budget {
+                    service: v.key.0,
+                    category: v.key.1.map_or("", |c| c.as_str()).to_string(),
+                    daily_micros: v.limit,
+                    spent_micros,
+                    reserved_micros: v.leased.saturating_sub(spent_micros),
+                    source: v.source.to_string(),
+                }
+            })
+            .collect();
+        let snapshot = self.configs.snapshot().load();
+        pb::GetBudgetsReply {
+            day,
+            time_zone: snapshot.table.budgets.time_zone_name.clone(),
+            budgets,
+        }
+    }
+
+    pub fn stats(&self) -> pb::Stats {
+        let snap = self.configs.snapshot().load();
+        let table = &snap.table;
+        let totals = self.ledger.totals();
+        let mut stats = pb::Stats {
+            config_version: table.version,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            requests: totals.values().map(|t| t.requests).sum(),
+            backends: table
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| pb::BackendStats {
+                    name: b.name.to_string(),
+                    healthy: snap.states.is_available(i),
+                    inflight: u64::from(snap.states.inflight(i)),
+                })
+                .collect(),
+            usage_events_dropped: self.remote_dropped(),
+            budget_downgraded: self.ledger.budget_downgrades(),
+            ..Default::default()
+        };
+        if let Some(dp) = &self.local {
+            stats.listen_address = dp.address.to_string();
+            stats.io_driver = dp.driver.to_string();
+            stats.workers = table.listener.workers as u32;
+            stats.inflight = dp.shared.inflight() as u64;
+            stats.usage_events_dropped += dp.shared.usage.dropped();
+            if let Some(c) = &dp.shared.cache {
+                stats.cache_entries = c.len() as u64;
+                stats.cache_bytes = c.bytes();
+                stats.cache_evictions = c.evictions();
+            }
+        }
+        stats.budget_rejected = self.ledger.budget_rejections();
+        stats
+    }
+
+    fn remote_dropped(&self) -> u64 {
+        let remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+        remotes.values().map(|(_, dropped)| dropped).sum()
+    }
+
+    /// The `/metrics` page: counters from the ledger, gauges read now.
+    pub fn scrape(&self) -> String {
+        let m = &self.ledger.metrics;
+        let stats = self.stats();
+        m.config_version.set(stats.config_version as i64);
+        m.inflight.set(stats.inflight as i64);
+        m.usage_dropped.set(stats.usage_events_dropped as i64);
+        m.cache_entries.set(stats.cache_entries as i64);
+        m.cache_bytes.set(stats.cache_bytes as i64);
+        m.cache_evictions.set(stats.cache_evictions as i64);
+        for b in &stats.backends {
+            let labels = metrics::BackendLabels {
+                backend: b.name.clone(),
+            };
+            m.backend_healthy
+                .get_or_create(&labels)
+                .set(i64::from(b.healthy));
+            m.backend_inflight
+                .get_or_create(&labels)
+                .set(b.inflight as i64);
+        }
+        for b in self.budget_report().budgets {
+            let labels = metrics::BudgetLabels {
+                service: b.service,
+                category: b.category,
+            };
+            m.budget_remaining
+                .get_or_create(&labels)
+                .set(b.daily_micros as i64 - b.spent_micros as i64);
+        }
+        m.encode()
+    }
+
+    /// Commits changed spend rows; on failure they stay marked for the next flush.
+    pub fn flush(&self) {
+        let rows = self.ledger.take_dirty();
+        if rows.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.save_spend(rows.iter().map(|(k, t)| (k, t))) {
+            eprintln!("switchyard: {e}; will retry");
+            self.ledger.mark_dirty(rows.into_iter().map(|(k, _)| k));
+        }
+    }
+
+    /// Starts a new budget day when midnight has passed in the budget time zone.
+    fn roll_day(&self) {
+        let today = self.today();
+        if today != self.budgets.day() {
+            let spent = self.ledger.spent_by_budget(&today);
+            self.budgets.start_day(today, spent);
+        }
+    }
+
+    /// Applies the config file again (SIGHUP, or the file changed).
+    fn reload(&self, path: &Path, source: &str) {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!(
+                    "switchyard: reload ({source}): cannot read {}: {e}",
+                    path.display()
+                );
+                return;
+            }
+        };
+        if text == self.configs.current().toml {
+            return;
+        }
+        match self.configs.apply(text, &path.display().to_string()) {
+            Ok(v) => eprintln!("switchyard: reload ({source}): config version {v} in effect"),
+            Err(errors) => {
+                eprintln!("switchyard: reload ({source}) refused; the running config stays:");
+                for e in errors {
+                    eprintln!("  {e}");
+                }
+            }
+        }
+    }
+}
+
+/// What `serve` starts from.
+pub struct Start {
+    pub toml: String,
+    /// A file path, or a label such as `<demo config>`.
+    pub source: String,
+    /// The config file to reload on SIGHUP and on change (none for the demo).
+    pub file: Option<PathBuf>,
+    pub overrides: Overrides,
+}
+
+/// Where the admin token came from, for the banner.
+pub enum TokenSource {
+    Env(String),
+    /// Generated (or found from an earlier run) in this file.
+    File(PathBuf),
+}
+
+/// What the banner shows once everything listens.
+pub struct Ready<'a> {
+    pub dataplane: &'a DataPlane,
+    pub config_version: u64,
+    pub admin: Option<(SocketAddr, TokenSource)>,
+}
+
+/// The admin token: from the environment variable the config names, else from (or newly
+/// written to) `<data_dir>/admin-token`, readable only by this user.
+pub fn admin_token(env_name: &str, data_dir: &Path) -> Result<(String, TokenSource), String> {
+    if let Some(t) = std::env::var(env_name).ok().filter(|t| !t.is_empty()) {
+        return Ok((t, TokenSource::Env(env_name.to_string())));
+    }
+    let path = data_dir.join("admin-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok((t.trim().to_string(), TokenSource::File(path)));
+        }
+    }
+    let mut bytes = [0u8; 24];
+    use std::io::Read as _;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("cannot read /dev/urandom for an admin token: {e}"))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(token.as_bytes()))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok((token, TokenSource::File(path)))
+}
 
 /// Runs both planes until SIGTERM/SIGINT; returns the process exit code.
-/// `on_ready` runs once the workers listen (the CLI prints its banner there).
-pub fn serve(table: RoutingTable, on_ready: impl FnOnce(&DataPlane)) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// `on_ready` runs once everything listens (the CLI prints its banner there).
+pub fn serve(start: Start, on_ready: impl FnOnce(&Ready)) -> i32 {
+    match run(start, on_ready) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            1
+        }
+    }
+}
+
+fn run(start: Start, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("switchyard-control")
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("switchyard: cannot start the control plane runtime: {e}");
-            return 1;
-        }
-    };
+        .map_err(|e| format!("cannot start the control plane runtime: {e}"))?;
+    let first = config::load_str(&start.toml, &start.source, &|n| std::env::var(n).ok())
+        .map_err(|errors| errors.join("\n"))?;
+    let store = Store::open(&first.data_dir)?;
+    let version = store.last_config()?.map_or(0, |r| r.version) + 1;
+    let configs = Configs::start(start.toml, &start.source, version, start.overrides)
+        .map_err(|errors| errors.join("\n"))?;
+    store.save_config(&configs.current())?;
+    let snapshot = configs.snapshot().clone();
+    let table = &snapshot.load().table;
+    let ledger = Ledger::with_spend(store.load_spend()?);
+    let today = table.budgets.day_of(jiff::Timestamp::now());
+    let budgets = Arc::new(BudgetBook::new(
+        today.clone(),
+        Limits::from_settings(&table.budgets),
+    ));
+    for (key, limit) in store.load_budgets()? {
+        budgets.set_override(key, Some(limit));
+    }
+    budgets.start_day(today.clone(), ledger.spent_by_budget(&today));
     let (usage, events) = UsageSink::channel(table.usage.channel_capacity);
     let log_events = table.usage.log_events;
     let drain_timeout = table.listener.drain_timeout;
-    let snapshot = match Snapshot::new(table) {
-        Ok(s) => Arc::new(ArcSwap::from_pointee(s)),
-        Err(e) => {
-            eprintln!("switchyard: {e}");
-            return 1;
+    let admin = table.admin.clone();
+    let data_dir = table.data_dir.clone();
+    let dataplane =
+        server::start(snapshot.clone(), usage, budgets.clone()).map_err(|e| e.to_string())?;
+    let cp = Arc::new(ControlPlane {
+        configs,
+        ledger,
+        budgets,
+        store,
+        local: Some(dataplane),
+        started: Instant::now(),
+        remotes: Mutex::default(),
+    });
+    let consumer = cp.clone();
+    // On blocking threads of the runtime: the channel is crossbeam, fed from non-tokio threads,
+    // and the store's commits wait for the disk.
+    runtime.spawn_blocking(move || {
+        let days = consumer.clone();
+        consumer
+            .ledger
+            .consume(events, log_events, USAGE_DRAIN_PERIOD, move || days.today())
+    });
+    let flusher = cp.clone();
+    runtime.spawn_blocking(move || loop {
+        std::thread::sleep(FLUSH_PERIOD);
+        flusher.flush();
+    });
+    let admin_info = match admin.address {
+        None => None,
+        Some(address) => {
+            let (token, token_source) = admin_token(&admin.token_env, &data_dir)?;
+            let listener = runtime
+                .block_on(tokio::net::TcpListener::bind(address))
+                .map_err(|e| format!("admin listener: cannot listen on {address}: {e}"))?;
+            let bound = listener.local_addr().map_err(|e| e.to_string())?;
+            let api_cp = cp.clone();
+            runtime.spawn(async move {
+                let never = std::future::pending::<()>();
+                if let Err(e) = api::serve(listener, api_cp, token.into(), never).await {
+                    eprintln!("switchyard: {e}");
+                }
+            });
+            Some((bound, token_source))
         }
     };
-    let dataplane = match server::start(snapshot, usage) {
-        Ok(dp) => dp,
-        Err(e) => {
-            eprintln!("switchyard: {e}");
-            return 1;
-        }
-    };
-    let ledger = Arc::new(Ledger::default());
-    let consumer = ledger.clone();
-    // On a blocking thread of the runtime: the channel is crossbeam, fed from non-tokio threads.
-    runtime.spawn_blocking(move || consumer.consume(events, log_events, USAGE_DRAIN_PERIOD));
-    on_ready(&dataplane);
+    runtime.spawn(follow_configs(cp.clone()));
+    runtime.spawn(tick(cp.clone(), start.file.clone()));
+    if let Some(file) = start.file {
+        runtime.spawn(reload_on_sighup(cp.clone(), file));
+    }
+    let dataplane = cp.local.as_ref().expect("started above");
+    on_ready(&Ready {
+        dataplane,
+        config_version: cp.configs.current().version,
+        admin: admin_info,
+    });
     runtime.block_on(async {
         wait_for_signal().await;
         eprintln!("switchyard: shutting down: draining requests in flight (up to {drain_timeout:?}; signal again to exit now)");
@@ -73,7 +404,8 @@ pub fn serve(table: RoutingTable, on_ready: impl FnOnce(&DataPlane)) -> i32 {
         // Let the consumer take the last events before the summary.
         tokio::time::sleep(Duration::from_millis(50)).await;
     });
-    eprintln!("{}", ledger.summary(dataplane.shared.usage.dropped()));
+    cp.flush();
+    eprintln!("{}", cp.ledger.summary(dataplane.shared.usage.dropped()));
     if let Some(cache) = &dataplane.shared.cache {
         eprintln!(
             "switchyard: response cache: {} entries, {} bytes, {} evicted",
@@ -84,7 +416,57 @@ pub fn serve(table: RoutingTable, on_ready: impl FnOnce(&DataPlane)) -> i32 {
     }
     // The consumer blocks on a channel the (still running) workers hold: do not wait for it.
     runtime.shutdown_background();
-    0
+    Ok(())
+}
+
+/// Each applied config: recorded in the store, its budget limits put in force.
+async fn follow_configs(cp: Arc<ControlPlane>) {
+    let mut changes = cp.configs.subscribe();
+    while changes.changed().await.is_ok() {
+        let record = changes.borrow_and_update().clone();
+        if let Err(e) = cp.store.save_config(&record) {
+            eprintln!("switchyard: config version {}: {e}", record.version);
+        }
+        let snapshot = cp.configs.snapshot().load();
+        cp.budgets
+            .set_limits(Limits::from_settings(&snapshot.table.budgets));
+        cp.roll_day();
+    }
+}
+
+/// Once a second: a new budget day after midnight, and a reload when the config file changed.
+async fn tick(cp: Arc<ControlPlane>, file: Option<PathBuf>) {
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = file.as_deref().and_then(stamp);
+    loop {
+        tokio::time::sleep(TICK).await;
+        cp.roll_day();
+        if let Some(path) = &file {
+            let now = stamp(path);
+            if now != seen {
+                seen = now;
+                let cp = cp.clone();
+                let path = path.clone();
+                let _ = tokio::task::spawn_blocking(move || cp.reload(&path, "file changed")).await;
+            }
+        }
+    }
+}
+
+async fn reload_on_sighup(cp: Arc<ControlPlane>, file: PathBuf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let cp = cp.clone();
+        let file = file.clone();
+        let _ = tokio::task::spawn_blocking(move || cp.reload(&file, "SIGHUP")).await;
+    }
 }
 
 async fn wait_for_signal() {

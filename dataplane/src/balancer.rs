@@ -183,6 +183,15 @@ impl BackendStates {
         }
     }
 
+    /// Takes traffic: healthy by its last verdict and not ejected (for status and metrics).
+    pub fn is_available(&self, backend: usize) -> bool {
+        self.states[backend].healthy.load(Relaxed) && !self.is_ejected(backend)
+    }
+
+    pub fn inflight(&self, backend: usize) -> u32 {
+        self.states[backend].inflight.load(Relaxed)
+    }
+
     pub fn is_ejected(&self, backend: usize) -> bool {
         self.states[backend].ejected_until_ms.load(Relaxed) > self.now_ms()
     }

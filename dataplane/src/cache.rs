@@ -135,6 +135,13 @@ impl ResponseCache {
             .insert((self.hash)(&entry.key), Arc::new(entry));
     }
 
+    /// Drops every entry (the control API's PurgeCache); returns the entries and bytes removed.
+    pub fn purge(&self) -> (u64, u64) {
+        let removed = (self.len() as u64, self.bytes());
+        self.entries.clear();
+        removed
+    }
+
     pub fn evictions(&self) -> u64 {
         self.evictions.0.load(Relaxed)
     }
@@ -220,5 +227,8 @@ mod tests {
         }
         assert!(c.len() < 500 && !c.is_empty());
         assert!(c.evictions() > 0 && c.evictions() + c.len() as u64 <= 500);
+        let (entries, bytes) = (c.len() as u64, c.bytes());
+        assert_eq!(c.purge(), (entries, bytes));
+        assert!(c.is_empty() && c.bytes() == 0);
     }
 }

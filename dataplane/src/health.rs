@@ -4,54 +4,59 @@
 
 use crate::balancer::Verdict;
 use crate::server::Worker;
+use crate::snapshot::Snapshot;
 use crate::upstream;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
 
+/// One round per interval over the backends of the snapshot in effect, so backends added by a
+/// reload are checked from the next round on.
 pub fn spawn_checks(worker: Rc<Worker>) {
-    let count = worker.snapshot().table.backends.len();
-    for backend in 0..count {
-        monoio::spawn(check_loop(worker.clone(), backend));
-    }
+    monoio::spawn(async move {
+        loop {
+            let snap = worker.snapshot();
+            let interval = snap.table.health.interval;
+            if interval.is_some() {
+                for backend in 0..snap.table.backends.len() {
+                    monoio::spawn(check(snap.clone(), backend));
+                }
+            }
+            drop(snap);
+            // Without checks, look again later: a reload may turn them on.
+            monoio::time::sleep(interval.unwrap_or(Duration::from_secs(1))).await;
+        }
+    });
 }
 
-async fn check_loop(worker: Rc<Worker>, backend: usize) {
-    loop {
-        let snap = worker.snapshot();
-        let table = &snap.table;
-        let Some(interval) = table.health.interval else {
-            return;
-        };
-        let Some(b) = table.backends.get(backend) else {
-            return;
-        };
-        let mut request = format!(
-            "GET {}{} HTTP/1.1\r\nhost: {}\r\n",
-            b.base_path, b.health_path, b.authority
-        )
-        .into_bytes();
-        if let Some(key) = &b.api_key {
-            request.extend_from_slice(format!("authorization: Bearer {key}\r\n").as_bytes());
-        }
-        request.extend_from_slice(b"connection: close\r\n\r\n");
-        // A fresh connection each time: a check must prove the backend accepts connections.
-        let fresh = upstream::Pool::default();
-        let probe = upstream::exchange(
-            &fresh,
-            table.version,
-            backend,
-            b,
-            snap.tls[backend].as_ref(),
-            request,
-            false,
-        );
-        let healthy = matches!(monoio::time::timeout(table.health.timeout, probe).await, Ok(Ok(r)) if (200..300).contains(&r.head.status));
-        if healthy {
-            snap.states.record(backend, Verdict::Success, &table.health);
-            snap.states.allow_probe_now(backend);
-        } else {
-            snap.states.record(backend, Verdict::Failure, &table.health);
-        }
-        drop(snap);
-        monoio::time::sleep(interval).await;
+async fn check(snap: Arc<Snapshot>, backend: usize) {
+    let table = &snap.table;
+    let b = &table.backends[backend];
+    let mut request = format!(
+        "GET {}{} HTTP/1.1\r\nhost: {}\r\n",
+        b.base_path, b.health_path, b.authority
+    )
+    .into_bytes();
+    if let Some(key) = &b.api_key {
+        request.extend_from_slice(format!("authorization: Bearer {key}\r\n").as_bytes());
+    }
+    request.extend_from_slice(b"connection: close\r\n\r\n");
+    // A fresh connection each time: a check must prove the backend accepts connections.
+    let fresh = upstream::Pool::default();
+    let probe = upstream::exchange(
+        &fresh,
+        table.version,
+        backend,
+        b,
+        snap.tls[backend].as_ref(),
+        request,
+        false,
+    );
+    let healthy = matches!(monoio::time::timeout(table.health.timeout, probe).await, Ok(Ok(r)) if (200..300).contains(&r.head.status));
+    if healthy {
+        snap.states.record(backend, Verdict::Success, &table.health);
+        snap.states.allow_probe_now(backend);
+    } else {
+        snap.states.record(backend, Verdict::Failure, &table.health);
     }
 }

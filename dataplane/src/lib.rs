@@ -4,9 +4,11 @@
 //!
 //! Layout: `codec` (bytes <-> HTTP, no I/O), `sse` (event filter, no I/O), `conn` (a client
 //! connection), `proxy` (request phases), `balancer` (backend state and choice), `upstream`
-//! (connections and pool), `health` (active checks), `server` (workers), `snapshot`, `usage`.
+//! (connections and pool), `health` (active checks), `server` (workers), `snapshot`, `usage`,
+//! `cache` and `coalesce` (response cache), `budget` (daily budgets: leases and reservations).
 
 pub mod balancer;
+pub mod budget;
 pub mod cache;
 pub mod coalesce;
 pub mod codec;

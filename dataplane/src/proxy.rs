@@ -5,6 +5,7 @@
 //! (upstream's pool does).
 
 use crate::balancer::{self, Slot, Verdict};
+use crate::budget::{Reservation, Reserve};
 use crate::cache::Entry;
 use crate::coalesce::{Lead, Role};
 use crate::codec::{self, BodyFraming, Head};
@@ -13,6 +14,7 @@ use crate::server::Worker;
 use crate::snapshot::Snapshot;
 use crate::sse::SseFilter;
 use crate::upstream::{self, AttemptError, Response};
+use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +25,7 @@ use switchyard_shared::openai::{
     completed_normally, estimate_tokens, parse_usage, Endpoint, RequestView, TokenUsage,
 };
 use switchyard_shared::routing::{
-    Backend, Decision, Priority, RequestFacts, RouteError, RoutingTable,
+    Backend, Decision, Price, Priority, RequestFacts, RouteError, RoutingTable,
 };
 use switchyard_shared::usage::UsageEvent;
 
@@ -35,6 +37,8 @@ const CLIENT_CLOSED: u16 = 499;
 /// Per-request facts gathered by the phases, read by `log`.
 struct Ctx<'r> {
     request_id: u64,
+    /// The routing snapshot's config version, for `x-switchyard-config-version`.
+    config_version: u64,
     service: &'r str,
     endpoint: Endpoint,
     started: Instant,
@@ -51,6 +55,12 @@ struct Ctx<'r> {
     cache: &'static str,
     /// Cost of the original call that a cache hit replays.
     saved_micros: u64,
+    /// Budget held for the current attempt; `log` settles it with the actual cost.
+    reservation: Cell<Option<Reservation>>,
+    /// The budget did not fit the routed tier, so this cheaper tier (rank) answers.
+    downgraded_to: Option<usize>,
+    /// Why the router refused the request itself (usage event `refused_by`).
+    refused_by: &'static str,
 }
 
 /// What the caller asked of the cache (`x-switchyard-cache`, `cache-control`).
@@ -93,6 +103,7 @@ pub async fn handle(
     let table = &snap.table;
     let mut ctx = Ctx {
         request_id: worker.next_request_id(),
+        config_version: table.version,
         service: head
             .header_str("x-switchyard-service")
             .filter(|s| !s.is_empty())
@@ -108,6 +119,9 @@ pub async fn handle(
         keep_alive,
         cache: "",
         saved_micros: 0,
+        reservation: Cell::new(None),
+        downgraded_to: None,
+        refused_by: "",
     };
     // request_filter
     let view = match RequestView::parse(endpoint, body) {
@@ -200,7 +214,19 @@ pub async fn handle(
     // the other waiters, instead of queueing behind each of them in turn.
     let mut waited = false;
     let mut last_error: Option<AttemptError> = None;
-    'groups: for group in table.groups(decision.plan) {
+    let mut plan_groups = table.groups(decision.plan);
+    // Once a reservation is refused: the ranks of the cheaper tiers, most capable first.
+    let mut cheaper: Option<std::iter::Rev<std::ops::Range<usize>>> = None;
+    let mut cheaper_rank = None;
+    'groups: loop {
+        let next = match &mut cheaper {
+            Some(ranks) => ranks.next().map(|rank| {
+                cheaper_rank = Some(rank);
+                table.tiers[rank].targets.as_slice()
+            }),
+            None => plan_groups.next(),
+        };
+        let Some(group) = next else { break };
         while ctx.attempts < table.max_attempts {
             let Some((target, slot)) = balancer::choose(table, &snap.states, group, &tried) else {
                 continue 'groups;
@@ -250,6 +276,28 @@ pub async fn handle(
                     }
                 }
             }
+            let worst = worst_case_micros(t.price, endpoint, body.len(), view.max_tokens, table);
+            match worker
+                .budgets
+                .reserve(&worker.shared.budgets, ctx.service, ctx.category, worst)
+            {
+                Reserve::Unlimited => {}
+                // Replacing an earlier attempt's reservation releases it.
+                Reserve::Granted(r) => ctx.reservation.set(Some(r)),
+                Reserve::Refused => {
+                    drop(slot);
+                    if cheaper.is_none() {
+                        let rank = table
+                            .tiers
+                            .iter()
+                            .position(|tier| tier.targets.contains(&target))
+                            .unwrap_or(table.tiers.len());
+                        cheaper = Some((0..rank).rev());
+                    }
+                    continue 'groups;
+                }
+            }
+            ctx.downgraded_to = cheaper_rank;
             if cache_mode == CacheMode::Bypass && worker.shared.cache.is_some() {
                 ctx.cache = "bypass";
             }
@@ -328,6 +376,23 @@ pub async fn handle(
             }
         }
         break;
+    }
+    if cheaper.is_some() && ctx.attempts == 0 {
+        ctx.refused_by = "budget";
+        let msg = format!(
+            "the daily budget of service `{}` has no room for this request on any tier",
+            ctx.service
+        );
+        return reject(
+            worker,
+            snap,
+            client,
+            &ctx,
+            ErrorKind::BudgetExceeded,
+            &msg,
+            None,
+        )
+        .await;
     }
     match last_error {
         Some(e) => reject(worker, snap, client, &ctx, e.kind, &e.message, None).await,
@@ -719,9 +784,12 @@ async fn relay(
     if framing == ClientFraming::Close {
         ctx.keep_alive = false;
     }
-    let tier = table
-        .tier_of_plan(decision.plan, target)
-        .map_or("", |t| &*t.name);
+    let tier = match ctx.downgraded_to {
+        Some(rank) => &*table.tiers[rank].name,
+        None => table
+            .tier_of_plan(decision.plan, target)
+            .map_or("", |t| &*t.name),
+    };
     // A cacheable 200 is read whole before anything is sent, so that `x-switchyard-cache` can
     // say truthfully whether it was stored.
     let buffer_whole = store.is_some()
@@ -1030,9 +1098,35 @@ fn explain(out: &mut Vec<u8>, ctx: &Ctx<'_>, tier: &str, backend: &str, model: &
         b"x-switchyard-attempts",
         itoa::Buffer::new().format(ctx.attempts).as_bytes(),
     );
+    header(
+        out,
+        b"x-switchyard-config-version",
+        itoa::Buffer::new().format(ctx.config_version).as_bytes(),
+    );
     if !ctx.cache.is_empty() {
         header(out, b"x-switchyard-cache", ctx.cache.as_bytes());
     }
+    if ctx.downgraded_to.is_some() {
+        header(out, b"x-switchyard-budget", b"downgraded");
+    }
+}
+
+/// The most an attempt can cost, reserved before it is sent. Every body byte counts as a
+/// prompt token (a byte-level BPE token is at least one byte, and the JSON around the text
+/// more than covers chat-template tokens); output is `max_tokens`, or the configured cap when
+/// the request sets none.
+fn worst_case_micros(
+    price: Price,
+    endpoint: Endpoint,
+    body_len: usize,
+    max_tokens: Option<u64>,
+    table: &RoutingTable,
+) -> u64 {
+    let output = match endpoint {
+        Endpoint::Embeddings => 0,
+        _ => max_tokens.unwrap_or(table.budgets.default_max_output_tokens),
+    };
+    price.cost_micros(body_len as u64, 0, output)
 }
 
 async fn reject(
@@ -1084,11 +1178,14 @@ fn log(
     let (tier, backend, model, price) = match target {
         Some(id) => {
             let t = &table.targets[id];
-            let tier = table
-                .tiers
-                .iter()
-                .find(|tier| tier.targets.contains(&id))
-                .map_or_else(|| Arc::from(""), |t| t.name.clone());
+            let tier = match ctx.downgraded_to {
+                Some(rank) => table.tiers[rank].name.clone(),
+                None => table
+                    .tiers
+                    .iter()
+                    .find(|tier| tier.targets.contains(&id))
+                    .map_or_else(|| Arc::from(""), |t| t.name.clone()),
+            };
             (
                 tier,
                 table.backends[t.backend].name.clone(),
@@ -1111,6 +1208,12 @@ fn log(
         },
     };
     let micros = |d: Duration| d.as_micros().min(u64::MAX as u128) as u64;
+    let cost_micros = price.map_or(0, |p| {
+        p.cost_micros(tokens.prompt, tokens.cached, tokens.completion)
+    });
+    if let Some(r) = ctx.reservation.take() {
+        r.settle(cost_micros);
+    }
     worker.shared.usage.send(UsageEvent {
         request_id: ctx.request_id,
         service: ctx.service.to_string(),
@@ -1123,9 +1226,9 @@ fn log(
         cached_tokens: tokens.cached,
         completion_tokens: tokens.completion,
         tokens_estimated: reached && usage.is_none(),
-        cost_micros: price.map_or(0, |p| {
-            p.cost_micros(tokens.prompt, tokens.cached, tokens.completion)
-        }),
+        cost_micros,
+        budget_downgraded: ctx.downgraded_to.is_some(),
+        refused_by: ctx.refused_by,
         first_byte_us: first_byte.map_or(0, |f| micros(f - ctx.started)),
         total_us: micros(ctx.started.elapsed()),
         status,

@@ -3,6 +3,7 @@
 //! driver, the accept loop, and drain on shutdown.
 //! Must not: parse HTTP (conn/codec do) or route (proxy does).
 
+use crate::budget::{BudgetBook, WorkerBudgets};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::upstream::Pool;
 use crate::usage::UsageSink;
@@ -27,6 +28,7 @@ pub struct Shared {
     pub usage: UsageSink,
     /// The response cache, `None` when `[cache] enabled = false`.
     pub cache: Option<crate::cache::ResponseCache>,
+    pub budgets: Arc<BudgetBook>,
     draining: AtomicBool,
     /// Requests in flight per worker (summed only by the drain loop).
     inflight: Box<[PaddedCounter]>,
@@ -49,6 +51,8 @@ pub struct Worker {
     pub pool: Pool,
     /// Cacheable misses being fetched by this worker, for coalescing.
     pub flights: crate::coalesce::Flights,
+    /// This worker's budget leases.
+    pub budgets: WorkerBudgets,
     seq: Cell<u64>,
     cache: RefCell<arc_swap::Cache<SharedSnapshot, Arc<Snapshot>>>,
 }
@@ -93,7 +97,11 @@ fn uring_available() -> bool {
 }
 
 /// Starts the workers and returns once every one is listening.
-pub fn start(snapshot: SharedSnapshot, usage: UsageSink) -> io::Result<DataPlane> {
+pub fn start(
+    snapshot: SharedSnapshot,
+    usage: UsageSink,
+    budgets: Arc<BudgetBook>,
+) -> io::Result<DataPlane> {
     let (mut address, workers, driver_setting, cache) = {
         let s = snapshot.load();
         let c = &s.table.cache;
@@ -128,6 +136,7 @@ pub fn start(snapshot: SharedSnapshot, usage: UsageSink) -> io::Result<DataPlane
         snapshot,
         usage,
         cache,
+        budgets,
         draining: AtomicBool::new(false),
         inflight: (0..workers).map(|_| PaddedCounter::default()).collect(),
     });
@@ -144,6 +153,7 @@ pub fn start(snapshot: SharedSnapshot, usage: UsageSink) -> io::Result<DataPlane
                     shared,
                     pool: Pool::default(),
                     flights: Default::default(),
+                    budgets: Default::default(),
                     seq: Cell::new(0),
                 });
                 let result = if use_uring {

@@ -5,7 +5,7 @@
 use crate::balancer::BackendStates;
 use arc_swap::ArcSwap;
 use std::sync::Arc;
-use switchyard_shared::routing::{RoutingTable, Scheme};
+use switchyard_shared::routing::{Backend, RoutingTable, Scheme};
 
 pub struct Snapshot {
     pub table: RoutingTable,
@@ -20,6 +20,29 @@ pub struct Snapshot {
 impl Snapshot {
     /// Fails only on TLS material that cannot be loaded.
     pub fn new(table: RoutingTable) -> Result<Snapshot, String> {
+        Snapshot::build(table, None)
+    }
+
+    /// The snapshot for a newly applied config. Backend health and in-flight counts carry over
+    /// when the backends are the same ones (same names and addresses, same order), so a reload
+    /// neither forgets an ejected backend nor resets concurrency caps under live traffic.
+    pub fn replacing(table: RoutingTable, previous: &Snapshot) -> Result<Snapshot, String> {
+        let old = &previous.table;
+        let same = |a: &Backend, b: &Backend| {
+            (&a.name, a.scheme, &a.host, a.port, &a.base_path)
+                == (&b.name, b.scheme, &b.host, b.port, &b.base_path)
+        };
+        let keep = old.backends.len() == table.backends.len()
+            && old.health.interval.is_some() == table.health.interval.is_some()
+            && old
+                .backends
+                .iter()
+                .zip(&table.backends)
+                .all(|(a, b)| same(a, b));
+        Snapshot::build(table, keep.then(|| previous.states.clone()))
+    }
+
+    fn build(table: RoutingTable, states: Option<Arc<BackendStates>>) -> Result<Snapshot, String> {
         let tls = table
             .backends
             .iter()
@@ -28,8 +51,10 @@ impl Snapshot {
                 Scheme::Http => Ok(None),
             })
             .collect::<Result<_, _>>()?;
-        let checks = table.health.interval.is_some();
-        let states = Arc::new(BackendStates::new(table.backends.len(), checks));
+        let states = states.unwrap_or_else(|| {
+            let checks = table.health.interval.is_some();
+            Arc::new(BackendStates::new(table.backends.len(), checks))
+        });
         let models_body = models_body(&table);
         Ok(Snapshot {
             table,

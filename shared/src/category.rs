@@ -21,7 +21,8 @@ pub enum Category {
 }
 
 impl Category {
-    pub const ALL: [Category; 10] = [
+    pub const COUNT: usize = 10;
+    pub const ALL: [Category; Category::COUNT] = [
         Category::Extraction,
         Category::Classification,
         Category::Summarisation,

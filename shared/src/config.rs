@@ -5,8 +5,9 @@
 use crate::category::Category;
 use crate::classifier::{Classifier, ClassifierConfig};
 use crate::routing::{
-    AliasRoute, Backend, CacheSettings, HealthSettings, Listener, MatchSet, Price, Priority,
-    RoutingTable, Rule, RuleAction, Scheme, Target, Tier, UnknownModel, UsageSettings,
+    AdminSettings, AliasRoute, Backend, BudgetSettings, CacheSettings, HealthSettings, Listener,
+    MatchSet, Price, Priority, RoutingTable, Rule, RuleAction, Scheme, ServiceBudget, Target, Tier,
+    UnknownModel, UsageSettings,
 };
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -40,6 +41,86 @@ pub struct ConfigFile {
     pub classifier: ClassifierConfig,
     #[serde(default)]
     pub cache: CacheFile,
+    #[serde(default)]
+    pub admin: AdminFile,
+    #[serde(default)]
+    pub storage: StorageFile,
+    #[serde(default)]
+    pub budgets: BudgetsFile,
+}
+
+/// `[budgets]`: daily spending limits that downgrade requests to cheaper tiers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetsFile {
+    /// IANA time zone whose midnight starts a new budget day.
+    pub time_zone: String,
+    /// Daily limit in USD for services without their own; absent: no limit.
+    pub default_daily_usd: Option<f64>,
+    /// Output tokens assumed for the worst case of a request without `max_tokens`.
+    pub default_max_output_tokens: u64,
+    /// Budget a worker takes from the shared pool at a time, in USD. Larger leases mean fewer
+    /// refills; unused lease is at most `workers * lease_usd` per budget held back from others.
+    pub lease_usd: f64,
+    /// service name -> its limits.
+    pub services: BTreeMap<String, ServiceBudgetFile>,
+}
+
+impl Default for BudgetsFile {
+    fn default() -> Self {
+        BudgetsFile {
+            time_zone: "UTC".into(),
+            default_daily_usd: None,
+            default_max_output_tokens: 4096,
+            lease_usd: 0.05,
+            services: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceBudgetFile {
+    pub daily_usd: Option<f64>,
+    /// category name -> daily USD, on top of the service's own limit.
+    pub categories: BTreeMap<String, f64>,
+}
+
+/// `[admin]`: the listener of the gRPC control API and `/metrics`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminFile {
+    pub enabled: bool,
+    /// Loopback by default: the admin API can change routing and read spend.
+    pub address: String,
+    /// Environment variable holding the admin bearer token. When it is unset, a random token
+    /// is generated and written to `<data_dir>/admin-token` (mode 0600).
+    pub token_env: String,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        AdminFile {
+            enabled: true,
+            address: "127.0.0.1:8081".into(),
+            token_env: "SWITCHYARD_ADMIN_TOKEN".into(),
+        }
+    }
+}
+
+/// `[storage]`: where spend, budgets, API keys and config versions are kept.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageFile {
+    pub data_dir: String,
+}
+
+impl Default for StorageFile {
+    fn default() -> Self {
+        StorageFile {
+            data_dir: "switchyard-data".into(),
+        }
+    }
 }
 
 /// `[cache]`: the exact response cache for deterministic requests.
@@ -336,6 +417,62 @@ fn price_micros(errs: &mut Errors, key: &str, usd_per_mtok: f64) -> u64 {
         return 0;
     }
     (usd_per_mtok * 1_000_000.0).round() as u64
+}
+
+fn usd_micros(errs: &mut Errors, key: &str, usd: f64) -> u64 {
+    if !usd.is_finite() || !(0.0..=1e9).contains(&usd) {
+        errs.push(key, format!("{usd} must be between 0 and 1000000000 USD"));
+        return 0;
+    }
+    (usd * 1_000_000.0).round() as u64
+}
+
+fn build_budgets(errs: &mut Errors, b: &BudgetsFile) -> BudgetSettings {
+    let time_zone = jiff::tz::TimeZone::get(&b.time_zone).unwrap_or_else(|e| {
+        errs.push("budgets.time_zone", format!("`{}`: {e}", b.time_zone));
+        jiff::tz::TimeZone::UTC
+    });
+    let default_daily = b
+        .default_daily_usd
+        .map(|usd| usd_micros(errs, "budgets.default_daily_usd", usd));
+    let mut services = BTreeMap::new();
+    for (name, s) in &b.services {
+        let daily = s
+            .daily_usd
+            .map(|usd| usd_micros(errs, &format!("budgets.services.{name}.daily_usd"), usd));
+        let mut categories = BTreeMap::new();
+        for (cat, usd) in &s.categories {
+            let key = format!("budgets.services.{name}.categories.{cat}");
+            match Category::parse(cat) {
+                Some(c) => {
+                    categories.insert(c, usd_micros(errs, &key, *usd));
+                }
+                None => errs.push(
+                    key,
+                    format!("unknown category; expected one of {}", category_names()),
+                ),
+            }
+        }
+        services.insert(name.clone(), ServiceBudget { daily, categories });
+    }
+    if b.default_max_output_tokens == 0 {
+        errs.push(
+            "budgets.default_max_output_tokens",
+            "must be greater than 0",
+        );
+    }
+    let lease_micros = usd_micros(errs, "budgets.lease_usd", b.lease_usd);
+    if lease_micros == 0 {
+        errs.push("budgets.lease_usd", "must be at least 0.000001");
+    }
+    BudgetSettings {
+        time_zone,
+        time_zone_name: b.time_zone.clone(),
+        default_daily,
+        services,
+        default_max_output_tokens: b.default_max_output_tokens,
+        lease_micros,
+    }
 }
 
 fn parse_backend_url(url: &str) -> Result<(Scheme, String, u16, String), String> {
@@ -764,6 +901,24 @@ fn build(
         category_ttl,
         share_across_services: c.share_across_services,
     };
+    let admin_address = match (file.admin.enabled, file.admin.address.parse()) {
+        (false, _) => None,
+        (true, Ok(a)) => Some(a),
+        (true, Err(_)) => {
+            errs.push(
+                "admin.address",
+                format!("`{}` is not an ip:port socket address", file.admin.address),
+            );
+            None
+        }
+    };
+    if file.admin.token_env.is_empty() {
+        errs.push("admin.token_env", "must name an environment variable");
+    }
+    if file.storage.data_dir.is_empty() {
+        errs.push("storage.data_dir", "must not be empty");
+    }
+    let budgets = build_budgets(&mut errs, &file.budgets);
     if file.usage.channel_capacity == 0 {
         errs.push("usage.channel_capacity", "must be greater than 0");
     }
@@ -791,6 +946,12 @@ fn build(
         aliases,
         models,
         rules,
+        admin: AdminSettings {
+            address: admin_address,
+            token_env: file.admin.token_env,
+        },
+        data_dir: file.storage.data_dir.into(),
+        budgets,
         max_attempts: file.routing.max_attempts,
         unknown_model: file.routing.unknown_model,
         health: HealthSettings {
@@ -1026,6 +1187,39 @@ targets = ["local/org/big:latest"]
         .unwrap();
         assert_eq!(t.tiers.len(), 3);
         assert_eq!(t.rules.len(), 2);
+    }
+
+    #[test]
+    fn budgets_admin_and_storage_are_validated() {
+        let t = load(&(MINIMAL.to_string()
+            + "[budgets]\ntime_zone = \"America/New_York\"\ndefault_daily_usd = 2.5\n[budgets.services.etl]\ncategories = { code = 0.5 }\n"))
+        .unwrap();
+        assert_eq!(t.budgets.default_daily, Some(2_500_000));
+        assert_eq!(
+            t.budgets.services["etl"],
+            crate::routing::ServiceBudget {
+                daily: None,
+                categories: BTreeMap::from([(Category::Code, 500_000)]),
+            }
+        );
+        // 2026-11-27 03:00 UTC is still the 26th in New York.
+        let at: jiff::Timestamp = "2026-11-27T03:00:00Z".parse().unwrap();
+        assert_eq!(t.budgets.day_of(at), "2026-11-26");
+        assert_eq!(t.admin.address, Some("127.0.0.1:8081".parse().unwrap()));
+        let err = load(&(MINIMAL.to_string()
+            + "[admin]\naddress = \"nowhere\"\n[storage]\ndata_dir = \"\"\n[budgets]\ntime_zone = \"Mars/Olympus\"\ndefault_daily_usd = -1.0\nlease_usd = 0.0\n[budgets.services.etl]\ncategories = { poetry = 1.0 }\n"))
+        .unwrap_err()
+        .join("\n");
+        for needle in [
+            "admin.address: `nowhere` is not an ip:port",
+            "storage.data_dir: must not be empty",
+            "budgets.time_zone: `Mars/Olympus`",
+            "budgets.default_daily_usd: -1 must be between 0",
+            "budgets.lease_usd: must be at least 0.000001",
+            "budgets.services.etl.categories.poetry: unknown category",
+        ] {
+            assert!(err.contains(needle), "{needle} not in {err}");
+        }
     }
 
     #[test]

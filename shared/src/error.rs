@@ -39,6 +39,8 @@ pub enum ErrorKind {
     UpstreamBroken,
     ClientTimeout,
     ShuttingDown,
+    /// No tier's worst-case cost fits the caller's remaining daily budget.
+    BudgetExceeded,
 }
 
 impl ErrorKind {
@@ -68,6 +70,7 @@ impl ErrorKind {
             UpstreamBroken => (502, "api_error", "upstream_stream_broken", Retry::No),
             ClientTimeout => (408, "invalid_request_error", "request_timeout", Retry::No),
             ShuttingDown => (503, "api_error", "shutting_down", Retry::No),
+            BudgetExceeded => (429, "insufficient_quota", "budget_exceeded", Retry::No),
         }
     }
 

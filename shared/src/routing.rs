@@ -5,6 +5,7 @@
 use crate::category::Category;
 use crate::classifier::Classifier;
 use crate::config::IoDriver;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +33,40 @@ pub struct RoutingTable {
     pub usage: UsageSettings,
     pub classifier: Classifier,
     pub cache: CacheSettings,
+    pub admin: AdminSettings,
+    pub data_dir: std::path::PathBuf,
+    pub budgets: BudgetSettings,
+}
+
+pub struct BudgetSettings {
+    pub time_zone: jiff::tz::TimeZone,
+    pub time_zone_name: String,
+    /// Micro-dollars per day for services without their own limit; `None`: unlimited.
+    pub default_daily: Option<u64>,
+    pub services: BTreeMap<String, ServiceBudget>,
+    pub default_max_output_tokens: u64,
+    pub lease_micros: u64,
+}
+
+impl BudgetSettings {
+    /// The budget day (YYYY-MM-DD in the configured zone) of a moment.
+    pub fn day_of(&self, at: jiff::Timestamp) -> String {
+        at.to_zoned(self.time_zone.clone()).date().to_string()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceBudget {
+    /// `None`: the default limit applies.
+    pub daily: Option<u64>,
+    pub categories: BTreeMap<Category, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// `None`: the admin listener is off.
+    pub address: Option<SocketAddr>,
+    pub token_env: String,
 }
 
 pub struct CacheSettings {

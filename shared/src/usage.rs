@@ -36,6 +36,10 @@ pub struct UsageEvent {
     pub cache: &'static str,
     /// For a cache hit: what the original upstream call cost (the hit itself costs 0).
     pub saved_micros: u64,
+    /// Answered by a cheaper tier than routed because the budget had no room.
+    pub budget_downgraded: bool,
+    /// Why the router itself refused the request: "budget", "rate_limit", "auth", or "".
+    pub refused_by: &'static str,
     pub config_version: u64,
 }
 

@@ -35,7 +35,13 @@ fn wait_listening(addr: SocketAddr, child: &mut Child) {
 pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
+    /// A router's control API and /metrics (token [`ADMIN_TOKEN`]).
+    pub admin: Option<SocketAddr>,
+    /// A router's working directory (its data directory is `switchyard-data` in it).
+    pub dir: Option<std::path::PathBuf>,
 }
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -92,7 +98,12 @@ pub fn sim_on(port: u16, name: &str, args: &[&str]) -> Proc {
         .spawn()
         .unwrap();
     wait_listening(addr, &mut child);
-    Proc { child, addr }
+    Proc {
+        child,
+        addr,
+        admin: None,
+        dir: None,
+    }
 }
 
 /// Starts the router with `config` (TOML) on two workers; its stderr is piped for the test.
@@ -110,22 +121,43 @@ pub fn router_on_workers(config: &str, workers: usize) -> Proc {
     let path = dir.join("switchyard.toml");
     std::fs::write(&path, config).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    start_router(&dir, &path, addr, workers)
+}
+
+/// Starts a router in `dir` (where its data directory lives) on `addr`.
+pub fn start_router(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    addr: SocketAddr,
+    workers: usize,
+) -> Proc {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args([
             "serve",
             "--config",
-            path.to_str().unwrap(),
+            config.to_str().unwrap(),
             "--listen",
             &addr.to_string(),
             "--workers",
             &workers.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
         ])
+        .current_dir(dir)
+        .env("SWITCHYARD_ADMIN_TOKEN", ADMIN_TOKEN)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     wait_listening(addr, &mut child);
-    Proc { child, addr }
+    wait_listening(admin, &mut child);
+    Proc {
+        child,
+        addr,
+        admin: Some(admin),
+        dir: Some(dir.to_path_buf()),
+    }
 }
 
 #[derive(Debug)]

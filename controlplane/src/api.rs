@@ -1,0 +1,398 @@
+//! The admin listener: the gRPC control API (`switchyard.control.v1.Control`, with server
+//! reflection for grpcurl) and the Prometheus `/metrics` page, all behind one bearer token.
+//! Must not: answer anything without the token.
+
+use crate::configs::ConfigRecord;
+use crate::ControlPlane;
+use std::pin::Pin;
+use std::sync::Arc;
+use switchyard_shared::category::Category;
+use switchyard_shared::openai::Endpoint;
+use switchyard_shared::usage::UsageEvent;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+pub mod pb {
+    tonic::include_proto!("switchyard.control.v1");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("control_descriptor");
+}
+
+use pb::control_server::{Control, ControlServer};
+
+/// Compares without an early exit, so the time taken says nothing about the token.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether an `authorization` header value carries the admin token.
+pub fn authorized(header: Option<&[u8]>, token: &str) -> bool {
+    header
+        .and_then(|h| h.strip_prefix(b"Bearer "))
+        .is_some_and(|given| same_secret(given, token.as_bytes()))
+}
+
+fn record(r: &ConfigRecord) -> pb::ConfigVersion {
+    pb::ConfigVersion {
+        version: r.version,
+        toml: r.toml.clone(),
+        source: r.source.clone(),
+        applied_unix_ms: r.applied_unix_ms,
+    }
+}
+
+fn source_or_api(source: String) -> String {
+    if source.is_empty() {
+        "api".into()
+    } else {
+        source
+    }
+}
+
+fn parse_category(name: &str) -> Result<Option<Category>, Status> {
+    match name {
+        "" => Ok(None),
+        n => Category::parse(n)
+            .map(Some)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown category `{n}`"))),
+    }
+}
+
+/// A usage record from a remote data plane, as the ledger's event.
+pub fn event_from_record(r: pb::UsageRecord) -> Result<UsageEvent, String> {
+    let endpoint = Endpoint::from_path(&r.endpoint)
+        .ok_or_else(|| format!("unknown endpoint `{}`", r.endpoint))?
+        .path();
+    let category =
+        Category::parse(&r.category).ok_or_else(|| format!("unknown category `{}`", r.category))?;
+    let cache = ["", "hit", "miss", "stored", "bypass"]
+        .into_iter()
+        .find(|c| *c == r.cache)
+        .ok_or_else(|| format!("unknown cache outcome `{}`", r.cache))?;
+    let request_id = u64::from_str_radix(&r.request_id, 16)
+        .map_err(|_| format!("request id `{}` is not hex", r.request_id))?;
+    Ok(UsageEvent {
+        request_id,
+        service: r.service,
+        endpoint,
+        category,
+        tier: r.tier.into(),
+        backend: r.backend.into(),
+        model: r.model.into(),
+        prompt_tokens: r.prompt_tokens,
+        cached_tokens: r.cached_tokens,
+        completion_tokens: r.completion_tokens,
+        tokens_estimated: r.tokens_estimated,
+        cost_micros: r.cost_micros,
+        first_byte_us: r.first_byte_us,
+        total_us: r.total_us,
+        status: u16::try_from(r.status).map_err(|_| format!("status {}", r.status))?,
+        attempts: r.attempts,
+        streamed: r.streamed,
+        incomplete: r.incomplete,
+        cache,
+        saved_micros: r.saved_micros,
+        budget_downgraded: r.budget_downgraded,
+        refused_by: ["", "budget", "rate_limit", "auth"]
+            .into_iter()
+            .find(|c| *c == r.refused_by)
+            .ok_or_else(|| format!("unknown refusal `{}`", r.refused_by))?,
+        config_version: r.config_version,
+    })
+}
+
+/// The usage record a data plane sends for an event that ended at `unix_ms`.
+pub fn record_from_event(e: &UsageEvent, unix_ms: i64) -> pb::UsageRecord {
+    pb::UsageRecord {
+        request_id: switchyard_shared::usage::format_request_id(e.request_id),
+        service: e.service.clone(),
+        endpoint: e.endpoint.to_string(),
+        category: e.category.as_str().to_string(),
+        tier: e.tier.to_string(),
+        backend: e.backend.to_string(),
+        model: e.model.to_string(),
+        prompt_tokens: e.prompt_tokens,
+        cached_tokens: e.cached_tokens,
+        completion_tokens: e.completion_tokens,
+        tokens_estimated: e.tokens_estimated,
+        cost_micros: e.cost_micros,
+        first_byte_us: e.first_byte_us,
+        total_us: e.total_us,
+        status: u32::from(e.status),
+        attempts: e.attempts,
+        streamed: e.streamed,
+        incomplete: e.incomplete,
+        cache: e.cache.to_string(),
+        saved_micros: e.saved_micros,
+        config_version: e.config_version,
+        budget_downgraded: e.budget_downgraded,
+        refused_by: e.refused_by.to_string(),
+        unix_ms,
+    }
+}
+
+pub struct Api(pub Arc<ControlPlane>);
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigVersion, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for Api {
+    async fn get_config(
+        &self,
+        request: Request<pb::GetConfigRequest>,
+    ) -> Result<Response<pb::ConfigVersion>, Status> {
+        let version = request.into_inner().version;
+        let cp = &self.0;
+        let found = if version == 0 {
+            Some(cp.configs.current())
+        } else {
+            match cp.configs.version(version) {
+                Some(r) => Some(r),
+                None => cp
+                    .store
+                    .config(version)
+                    .map_err(Status::internal)?
+                    .map(Arc::new),
+            }
+        };
+        found
+            .map(|r| Response::new(record(&r)))
+            .ok_or_else(|| Status::not_found(format!("no config version {version}")))
+    }
+
+    async fn validate_config(
+        &self,
+        request: Request<pb::ConfigText>,
+    ) -> Result<Response<pb::ValidateConfigReply>, Status> {
+        let r = request.into_inner();
+        let source = source_or_api(r.source);
+        let reply = match self.0.configs.validate(&r.toml, &source) {
+            Ok(table) => pb::ValidateConfigReply {
+                valid: true,
+                errors: vec![],
+                resolved: table.describe(),
+            },
+            Err(errors) => pb::ValidateConfigReply {
+                valid: false,
+                errors,
+                resolved: String::new(),
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn apply_config(
+        &self,
+        request: Request<pb::ConfigText>,
+    ) -> Result<Response<pb::ApplyConfigReply>, Status> {
+        let r = request.into_inner();
+        let source = source_or_api(r.source);
+        let configs = &self.0.configs;
+        let reply = match configs.apply(r.toml, &source) {
+            Ok(version) => pb::ApplyConfigReply {
+                applied: true,
+                version,
+                errors: vec![],
+            },
+            Err(errors) => pb::ApplyConfigReply {
+                applied: false,
+                version: configs.current().version,
+                errors,
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn get_snapshot_version(
+        &self,
+        _: Request<pb::GetSnapshotVersionRequest>,
+    ) -> Result<Response<pb::SnapshotVersion>, Status> {
+        Ok(Response::new(pb::SnapshotVersion {
+            version: self.0.configs.current().version,
+        }))
+    }
+
+    type WatchSnapshotsStream = WatchStream;
+
+    async fn watch_snapshots(
+        &self,
+        request: Request<pb::WatchSnapshotsRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let name = request.into_inner().data_plane;
+        eprintln!("switchyard: data plane `{name}` follows the config");
+        let stream = tokio_stream::wrappers::WatchStream::new(self.0.configs.subscribe())
+            .map(|r| Ok(record(&r)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn report_usage(
+        &self,
+        request: Request<Streaming<pb::UsageBatch>>,
+    ) -> Result<Response<pb::ReportUsageReply>, Status> {
+        let mut batches = request.into_inner();
+        let mut reply = pb::ReportUsageReply::default();
+        while let Some(batch) = batches.message().await? {
+            let (accepted, duplicates) = self
+                .0
+                .record_remote(batch)
+                .map_err(Status::invalid_argument)?;
+            reply.accepted += accepted;
+            reply.duplicates += duplicates;
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn get_spend(
+        &self,
+        request: Request<pb::GetSpendRequest>,
+    ) -> Result<Response<pb::GetSpendReply>, Status> {
+        let r = request.into_inner();
+        let day = if r.day.is_empty() {
+            self.0.budgets.day()
+        } else if jiff::civil::Date::strptime("%Y-%m-%d", &r.day).is_ok() {
+            r.day
+        } else {
+            return Err(Status::invalid_argument(format!(
+                "day `{}` is not YYYY-MM-DD",
+                r.day
+            )));
+        };
+        let service = (!r.service.is_empty()).then_some(r.service.as_str());
+        let rows = self
+            .0
+            .ledger
+            .spend(&day, service)
+            .into_iter()
+            .map(|(k, t)| pb::SpendRow {
+                day: k.day,
+                service: k.service,
+                category: k.category.as_str().to_string(),
+                tier: k.tier.to_string(),
+                model: k.model.to_string(),
+                requests: t.requests,
+                errors: t.errors,
+                prompt_tokens: t.prompt_tokens,
+                completion_tokens: t.completion_tokens,
+                cost_micros: t.cost_micros,
+                saved_micros: t.saved_micros,
+                estimated: t.estimated,
+            })
+            .collect();
+        Ok(Response::new(pb::GetSpendReply { day, rows }))
+    }
+
+    async fn get_budgets(
+        &self,
+        _: Request<pb::GetBudgetsRequest>,
+    ) -> Result<Response<pb::GetBudgetsReply>, Status> {
+        Ok(Response::new(self.0.budget_report()))
+    }
+
+    async fn set_budget(
+        &self,
+        request: Request<pb::SetBudgetRequest>,
+    ) -> Result<Response<pb::GetBudgetsReply>, Status> {
+        let r = request.into_inner();
+        if r.service.is_empty() {
+            return Err(Status::invalid_argument("service is required"));
+        }
+        let key = (r.service, parse_category(&r.category)?);
+        let limit = (!r.clear).then_some(r.daily_micros);
+        self.0
+            .store
+            .set_budget(&key, limit)
+            .map_err(Status::internal)?;
+        self.0.budgets.set_override(key, limit);
+        Ok(Response::new(self.0.budget_report()))
+    }
+
+    async fn get_stats(
+        &self,
+        _: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::Stats>, Status> {
+        Ok(Response::new(self.0.stats()))
+    }
+
+    async fn purge_cache(
+        &self,
+        _: Request<pb::PurgeCacheRequest>,
+    ) -> Result<Response<pb::PurgeCacheReply>, Status> {
+        let cache = self
+            .0
+            .local
+            .as_ref()
+            .and_then(|dp| dp.shared.cache.as_ref());
+        let (entries_removed, bytes_removed) = cache.map_or((0, 0), |c| c.purge());
+        Ok(Response::new(pb::PurgeCacheReply {
+            entries_removed,
+            bytes_removed,
+        }))
+    }
+}
+
+/// Serves the admin listener until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cp: Arc<ControlPlane>,
+    token: Arc<str>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let check = {
+        let token = token.clone();
+        move |request: Request<()>| {
+            let header = request
+                .metadata()
+                .get("authorization")
+                .map(|v| v.as_bytes());
+            if authorized(header, &token) {
+                Ok(request)
+            } else {
+                Err(Status::unauthenticated(
+                    "the control API needs `authorization: Bearer <admin token>`",
+                ))
+            }
+        }
+    };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("gRPC reflection: {e}"))?;
+    let routes = tonic::service::Routes::new(ControlServer::with_interceptor(
+        Api(cp.clone()),
+        check.clone(),
+    ))
+    .add_service(tonic::service::interceptor::InterceptedService::new(
+        reflection, check,
+    ));
+    let metrics = axum::routing::get(move |headers: axum::http::HeaderMap| {
+        let cp = cp.clone();
+        let token = token.clone();
+        async move {
+            use axum::http::{header, StatusCode};
+            let auth = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+            if !authorized(auth, &token) {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::CONTENT_TYPE, "text/plain")],
+                    "metrics need `authorization: Bearer <admin token>`\n".to_string(),
+                );
+            }
+            (
+                StatusCode::OK,
+                [(
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                cp.scrape(),
+            )
+        }
+    });
+    let router = routes.into_axum_router().route("/metrics", metrics);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .add_routes(tonic::service::Routes::from(router))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| format!("admin listener: {e}"))
+}

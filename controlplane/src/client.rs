@@ -1,0 +1,228 @@
+//! The command line's side of the control API: `switchyard status`, `spend`, `budgets`,
+//! `config validate|apply`, `cache purge`. Each call connects, sends the admin token, and renders the reply
+//! as text.
+//! Must not: read or change state except through the API.
+
+use crate::api::pb::{self, control_client::ControlClient};
+use std::fmt::Write as _;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+/// Where the control API is and how to prove we may use it.
+pub struct Admin {
+    /// e.g. `http://127.0.0.1:8081`
+    pub url: String,
+    pub token: String,
+}
+
+pub enum Command {
+    Status,
+    Spend {
+        service: String,
+        day: String,
+    },
+    Budgets,
+    SetBudget {
+        service: String,
+        category: String,
+        /// `None` clears the API-set limit.
+        daily_usd: Option<f64>,
+    },
+    ValidateConfig {
+        toml: String,
+        source: String,
+    },
+    ApplyConfig {
+        toml: String,
+        source: String,
+    },
+    PurgeCache,
+}
+
+fn usd(micros: u64) -> String {
+    format!("${}.{:06}", micros / 1_000_000, micros % 1_000_000)
+}
+
+/// Runs one command; `Err` carries what to print on stderr (and means a non-zero exit).
+pub fn run(admin: &Admin, command: Command) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    runtime.block_on(call(admin, command))
+}
+
+async fn call(admin: &Admin, command: Command) -> Result<String, String> {
+    let channel = Channel::from_shared(admin.url.clone())
+        .map_err(|e| format!("admin URL `{}`: {e}", admin.url))?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the control API at {}: {e}", admin.url))?;
+    let bearer: MetadataValue<_> = format!("Bearer {}", admin.token)
+        .parse()
+        .map_err(|_| "the admin token holds characters a header cannot carry".to_string())?;
+    let mut client = ControlClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", bearer.clone());
+        Ok(r)
+    });
+    let status = |s: tonic::Status| format!("control API: {}", s.message());
+    let mut out = String::new();
+    match command {
+        Command::Status => {
+            let s = client
+                .get_stats(pb::GetStatsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let _ = writeln!(
+                out,
+                "config version {}; up {} s; listening on {} ({} workers, {})",
+                s.config_version,
+                s.uptime_ms / 1000,
+                s.listen_address,
+                s.workers,
+                s.io_driver
+            );
+            let _ = writeln!(
+                out,
+                "requests {} ({} in flight); budget downgrades {}, rejections {}; rate limited {}; usage events dropped {}",
+                s.requests, s.inflight, s.budget_downgraded, s.budget_rejected, s.rate_limited, s.usage_events_dropped
+            );
+            let _ = writeln!(
+                out,
+                "cache: {} entries, {} bytes, {} evicted",
+                s.cache_entries, s.cache_bytes, s.cache_evictions
+            );
+            for b in s.backends {
+                let state = if b.healthy { "up" } else { "down" };
+                let _ = writeln!(out, "backend {}: {state}, {} in flight", b.name, b.inflight);
+            }
+        }
+        Command::Spend { service, day } => {
+            let r = client
+                .get_spend(pb::GetSpendRequest { service, day })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let _ = writeln!(
+                out,
+                "{:<10} {:<16} {:<14} {:<10} {:<24} {:>8} {:>10} {:>10} {:>14}",
+                "day",
+                "service",
+                "category",
+                "tier",
+                "model",
+                "requests",
+                "prompt",
+                "completion",
+                "cost"
+            );
+            let mut total = 0;
+            for row in r.rows {
+                total += row.cost_micros;
+                let _ = writeln!(
+                    out,
+                    "{:<10} {:<16} {:<14} {:<10} {:<24} {:>8} {:>10} {:>10} {:>14}",
+                    row.day,
+                    row.service,
+                    row.category,
+                    row.tier,
+                    row.model,
+                    row.requests,
+                    row.prompt_tokens,
+                    row.completion_tokens,
+                    usd(row.cost_micros)
+                );
+            }
+            let _ = writeln!(out, "total on {}: {}", r.day, usd(total));
+        }
+        Command::Budgets => {
+            let r = client
+                .get_budgets(pb::GetBudgetsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            render_budgets(&mut out, r);
+        }
+        Command::SetBudget {
+            service,
+            category,
+            daily_usd,
+        } => {
+            let daily_micros = match daily_usd {
+                Some(u) if u.is_finite() && (0.0..=1e9).contains(&u) => (u * 1e6).round() as u64,
+                Some(u) => return Err(format!("{u} is not a daily budget in USD")),
+                None => 0,
+            };
+            let r = client
+                .set_budget(pb::SetBudgetRequest {
+                    service,
+                    category,
+                    daily_micros,
+                    clear: daily_usd.is_none(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            render_budgets(&mut out, r);
+        }
+        Command::ValidateConfig { toml, source } => {
+            let r = client
+                .validate_config(pb::ConfigText { toml, source })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if !r.valid {
+                return Err(r.errors.join("\n"));
+            }
+            let _ = write!(out, "valid\n{}", r.resolved);
+        }
+        Command::ApplyConfig { toml, source } => {
+            let r = client
+                .apply_config(pb::ConfigText { toml, source })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if !r.applied {
+                return Err(format!(
+                    "not applied; version {} stays in effect:\n{}",
+                    r.version,
+                    r.errors.join("\n")
+                ));
+            }
+            let _ = writeln!(out, "applied: config version {} in effect", r.version);
+        }
+        Command::PurgeCache => {
+            let r = client
+                .purge_cache(pb::PurgeCacheRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let _ = writeln!(
+                out,
+                "purged {} entries ({} bytes)",
+                r.entries_removed, r.bytes_removed
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn render_budgets(out: &mut String, r: pb::GetBudgetsReply) {
+    let _ = writeln!(out, "budget day {} ({})", r.day, r.time_zone);
+    for b in r.budgets {
+        let scope = if b.category.is_empty() {
+            b.service
+        } else {
+            format!("{}/{}", b.service, b.category)
+        };
+        let _ = writeln!(
+            out,
+            "{scope}: {} of {} spent, {} reserved ({})",
+            usd(b.spent_micros),
+            usd(b.daily_micros),
+            usd(b.reserved_micros),
+            b.source
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! Prometheus metrics. Owns: the registry, the counters and histograms fed from usage events,
+//! and the gauges read from live state when scraped. Served at `/metrics` on the admin listener.
+//! Must not: be touched by the data plane (workers only send usage events).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use switchyard_shared::usage::UsageEvent;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    service: String,
+    category: String,
+    tier: String,
+    backend: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    service: String,
+    tier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpendLabels {
+    service: String,
+    category: String,
+    tier: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    service: String,
+    category: String,
+    tier: String,
+    model: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    service: String,
+    category: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    pub service: String,
+    pub category: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub service: String,
+    /// "requests" or "tokens".
+    pub limit: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. about 33 s: cache hits at the bottom, long generations at the top.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Every metric Switchyard exports. Counters are fed by [`Metrics::record`]; gauges are set by
+/// the scrape handler from live state just before encoding.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Histograms<LatencyLabels>,
+    first_byte: Histograms<LatencyLabels>,
+    tokens: Family<TokenLabels, Counter>,
+    cost: Family<SpendLabels, Counter>,
+    estimated: Family<ServiceLabels, Counter>,
+    cache: Family<CacheLabels, Counter>,
+    cache_saved: Family<ServiceLabels, Counter>,
+    pub budget_remaining: Family<BudgetLabels, Gauge>,
+    pub budget_downgrades: Family<ServiceLabels, Counter>,
+    pub budget_rejections: Family<ServiceLabels, Counter>,
+    pub rate_limited: Family<LimitLabels, Counter>,
+    pub backend_healthy: Family<BackendLabels, Gauge>,
+    pub backend_inflight: Family<BackendLabels, Gauge>,
+    pub usage_dropped: Gauge,
+    pub inflight: Gauge,
+    pub config_version: Gauge,
+    pub cache_entries: Gauge,
+    pub cache_bytes: Gauge,
+    pub cache_evictions: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("switchyard");
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            first_byte: Family::new_with_constructor(latency_histogram),
+            tokens: Family::default(),
+            cost: Family::default(),
+            estimated: Family::default(),
+            cache: Family::default(),
+            cache_saved: Family::default(),
+            budget_remaining: Family::default(),
+            budget_downgrades: Family::default(),
+            budget_rejections: Family::default(),
+            rate_limited: Family::default(),
+            backend_healthy: Family::default(),
+            backend_inflight: Family::default(),
+            usage_dropped: Gauge::default(),
+            inflight: Gauge::default(),
+            config_version: Gauge::default(),
+            cache_entries: Gauge::default(),
+            cache_bytes: Gauge::default(),
+            cache_evictions: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("requests", "Finished requests", m.requests.clone());
+        r.register(
+            "request_duration_seconds",
+            "Time from receiving a request to its last response byte",
+            m.duration.clone(),
+        );
+        r.register(
+            "first_byte_seconds",
+            "Time from receiving a request to its first response byte",
+            m.first_byte.clone(),
+        );
+        r.register(
+            "tokens",
+            "Tokens by kind (prompt, cached, completion)",
+            m.tokens.clone(),
+        );
+        r.register(
+            "cost_microdollars",
+            "Upstream cost charged, in micro-dollars",
+            m.cost.clone(),
+        );
+        r.register(
+            "estimated_usage_requests",
+            "Requests charged by estimate because the backend sent no usage",
+            m.estimated.clone(),
+        );
+        r.register(
+            "cache_requests",
+            "Response cache outcomes (hit, miss, stored, bypass)",
+            m.cache.clone(),
+        );
+        r.register(
+            "cache_saved_microdollars",
+            "What cache hits would have cost upstream",
+            m.cache_saved.clone(),
+        );
+        r.register(
+            "budget_remaining_microdollars",
+            "Today's budget left (negative when overspent)",
+            m.budget_remaining.clone(),
+        );
+        r.register(
+            "budget_downgrades",
+            "Requests moved to a cheaper tier to fit the budget",
+            m.budget_downgrades.clone(),
+        );
+        r.register(
+            "budget_rejections",
+            "Requests refused because no tier fits the budget",
+            m.budget_rejections.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests refused by a rate limit",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "backend_healthy",
+            "1 when the backend takes traffic, 0 when ejected",
+            m.backend_healthy.clone(),
+        );
+        r.register(
+            "backend_inflight",
+            "Requests in flight per backend",
+            m.backend_inflight.clone(),
+        );
+        r.register(
+            "usage_events_dropped",
+            "Usage events dropped because the channel was full",
+            m.usage_dropped.clone(),
+        );
+        r.register(
+            "inflight_requests",
+            "Requests in flight",
+            m.inflight.clone(),
+        );
+        r.register(
+            "config_version",
+            "Version of the config in effect",
+            m.config_version.clone(),
+        );
+        r.register(
+            "cache_entries",
+            "Response cache entries",
+            m.cache_entries.clone(),
+        );
+        r.register("cache_bytes", "Response cache size", m.cache_bytes.clone());
+        r.register(
+            "cache_evictions",
+            "Entries the response cache evicted to stay within its bound",
+            m.cache_evictions.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn record(&self, e: &UsageEvent) {
+        let category = e.category.as_str().to_string();
+        self.requests
+            .get_or_create(&RequestLabels {
+                service: e.service.clone(),
+                category: category.clone(),
+                tier: e.tier.to_string(),
+                backend: e.backend.to_string(),
+                status: e.status.to_string(),
+            })
+            .inc();
+        let latency = LatencyLabels {
+            service: e.service.clone(),
+            tier: e.tier.to_string(),
+        };
+        self.duration
+            .get_or_create(&latency)
+            .observe(e.total_us as f64 / 1e6);
+        self.first_byte
+            .get_or_create(&latency)
+            .observe(e.first_byte_us as f64 / 1e6);
+        let spend = SpendLabels {
+            service: e.service.clone(),
+            category: category.clone(),
+            tier: e.tier.to_string(),
+            model: e.model.to_string(),
+        };
+        for (kind, n) in [
+            ("prompt", e.prompt_tokens),
+            ("cached", e.cached_tokens),
+            ("completion", e.completion_tokens),
+        ] {
+            if n > 0 {
+                let labels = TokenLabels {
+                    service: spend.service.clone(),
+                    category: spend.category.clone(),
+                    tier: spend.tier.clone(),
+                    model: spend.model.clone(),
+                    kind,
+                };
+                self.tokens.get_or_create(&labels).inc_by(n);
+            }
+        }
+        self.cost.get_or_create(&spend).inc_by(e.cost_micros);
+        let service = ServiceLabels {
+            service: e.service.clone(),
+        };
+        if e.tokens_estimated {
+            self.estimated.get_or_create(&service).inc();
+        }
+        if e.budget_downgraded {
+            self.budget_downgrades.get_or_create(&service).inc();
+        }
+        match e.refused_by {
+            "budget" => {
+                self.budget_rejections.get_or_create(&service).inc();
+            }
+            "rate_limit" => {
+                let limit = LimitLabels {
+                    service: e.service.clone(),
+                    limit: "requests",
+                };
+                self.rate_limited.get_or_create(&limit).inc();
+            }
+            _ => {}
+        }
+        if !e.cache.is_empty() {
+            let labels = CacheLabels {
+                service: e.service.clone(),
+                category,
+                result: e.cache,
+            };
+            self.cache.get_or_create(&labels).inc();
+            self.cache_saved
+                .get_or_create(&service)
+                .inc_by(e.saved_micros);
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,551 @@
+//! Daily budgets, reserve then settle. Owns: the shared budget book (one pool per budget: a
+//! limit and what has been leased from it today), per-worker leases taken from the pools in
+//! chunks, and reservations made against a lease.
+//!
+//! A reservation is a worker-local operation: it only touches the worker's own lease. A worker
+//! takes a new chunk (`lease_micros`, or what the request needs) from the pool with one
+//! compare-and-swap when its lease runs short, and the pool never leases out more than its
+//! limit. So the money reserved by all workers together never exceeds the budget; spend goes
+//! over it only where a request's actual cost exceeds its worst-case reservation (an answer
+//! longer than the assumed output cap when the request sets no `max_tokens`).
+//! Must not: lock per request (the book's mutex is taken once per worker, service and
+//! generation), or let a lease outlive its generation (workers return it when the book changes).
+
+use ahash::AHashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use switchyard_shared::category::Category;
+use switchyard_shared::routing::BudgetSettings;
+
+/// One budget: a service's, or a service's within one category.
+#[derive(Debug, Default)]
+pub struct Pool {
+    limit: AtomicU64,
+    /// Micro-dollars handed to worker leases today (spent, reserved or idle in a lease).
+    leased: AtomicU64,
+}
+
+impl Pool {
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Relaxed)
+    }
+
+    pub fn leased(&self) -> u64 {
+        self.leased.load(Relaxed)
+    }
+
+    /// Takes `want` for a lease, or, when less is left, everything left if that covers
+    /// `need`. Returns what was taken.
+    fn take(&self, need: u64, want: u64) -> Option<u64> {
+        let mut leased = self.leased.load(Relaxed);
+        loop {
+            let left = self.limit().saturating_sub(leased);
+            let take = want.min(left);
+            if take < need {
+                return None;
+            }
+            match self
+                .leased
+                .compare_exchange_weak(leased, leased + take, Relaxed, Relaxed)
+            {
+                Ok(_) => return Some(take),
+                Err(now) => leased = now,
+            }
+        }
+    }
+
+    fn give_back(&self, amount: u64) {
+        let _ = self
+            .leased
+            .fetch_update(Relaxed, Relaxed, |l| Some(l.saturating_sub(amount)));
+    }
+}
+
+/// Which budget a pool is.
+pub type BudgetKey = (String, Option<Category>);
+
+struct BookState {
+    day: String,
+    settings: Limits,
+    /// Limits set through the control API; they win over the config.
+    overrides: BTreeMap<BudgetKey, u64>,
+    /// Spent earlier today (before a restart), per budget: a new pool starts from it.
+    spent_before: BTreeMap<BudgetKey, u64>,
+    pools: BTreeMap<BudgetKey, Arc<Pool>>,
+}
+
+/// The limits of the config in effect.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub default_daily: Option<u64>,
+    pub services: BTreeMap<String, (Option<u64>, BTreeMap<Category, u64>)>,
+    pub lease_micros: u64,
+    pub default_max_output_tokens: u64,
+}
+
+impl Limits {
+    fn any(&self) -> bool {
+        self.default_daily.is_some()
+            || self
+                .services
+                .values()
+                .any(|(daily, cats)| daily.is_some() || !cats.is_empty())
+    }
+
+    pub fn from_settings(b: &BudgetSettings) -> Limits {
+        Limits {
+            default_daily: b.default_daily,
+            services: b
+                .services
+                .iter()
+                .map(|(k, v)| (k.clone(), (v.daily, v.categories.clone())))
+                .collect(),
+            lease_micros: b.lease_micros,
+            default_max_output_tokens: b.default_max_output_tokens,
+        }
+    }
+}
+
+impl BookState {
+    fn limit(&self, key: &BudgetKey) -> Option<u64> {
+        if let Some(&l) = self.overrides.get(key) {
+            return Some(l);
+        }
+        let (service, category) = key;
+        let own = self.settings.services.get(service);
+        match category {
+            None => own
+                .and_then(|(daily, _)| *daily)
+                .or(self.settings.default_daily),
+            Some(c) => own.and_then(|(_, cats)| cats.get(c).copied()),
+        }
+    }
+
+    fn pool(&mut self, key: BudgetKey) -> Option<Arc<Pool>> {
+        let limit = self.limit(&key)?;
+        let spent = self.spent_before.get(&key).copied().unwrap_or(0);
+        let pool = self.pools.entry(key).or_insert_with(|| {
+            Arc::new(Pool {
+                limit: AtomicU64::new(0),
+                leased: AtomicU64::new(spent),
+            })
+        });
+        pool.limit.store(limit, Relaxed);
+        Some(pool.clone())
+    }
+}
+
+/// Every budget pool of the current day. Shared by the workers and the control plane.
+pub struct BudgetBook {
+    /// Changes whenever limits or the day change; workers then drop and return their leases.
+    generation: AtomicU64,
+    /// Any limit at all: without one, a request skips budgets entirely.
+    limited: AtomicBool,
+    state: Mutex<BookState>,
+}
+
+/// A budget as the control API reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetView {
+    pub key: BudgetKey,
+    pub limit: u64,
+    pub leased: u64,
+    /// "api", "config" or "default".
+    pub source: &'static str,
+}
+
+impl BudgetBook {
+    pub fn new(day: String, settings: Limits) -> BudgetBook {
+        BudgetBook {
+            generation: AtomicU64::new(1),
+            limited: AtomicBool::new(settings.any()),
+            state: Mutex::new(BookState {
+                day,
+                settings,
+                overrides: BTreeMap::new(),
+                spent_before: BTreeMap::new(),
+                pools: BTreeMap::new(),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, BookState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes a change of limits or day to the workers.
+    fn bump(&self, s: std::sync::MutexGuard<'_, BookState>) {
+        self.limited
+            .store(s.settings.any() || !s.overrides.is_empty(), Relaxed);
+        drop(s);
+        self.generation.fetch_add(1, Relaxed);
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Relaxed)
+    }
+
+    pub fn day(&self) -> String {
+        self.state().day.clone()
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.state().settings.clone()
+    }
+
+    /// A new config's limits; pools keep what they leased today.
+    pub fn set_limits(&self, settings: Limits) {
+        let mut s = self.state();
+        if s.settings != settings {
+            s.settings = settings;
+            self.bump(s);
+        }
+    }
+
+    /// A limit set (or, with `None`, cleared) through the control API.
+    pub fn set_override(&self, key: BudgetKey, limit: Option<u64>) {
+        let mut s = self.state();
+        match limit {
+            Some(l) => s.overrides.insert(key, l),
+            None => s.overrides.remove(&key),
+        };
+        self.bump(s);
+    }
+
+    pub fn overrides(&self) -> BTreeMap<BudgetKey, u64> {
+        self.state().overrides.clone()
+    }
+
+    /// Starts a new budget day: fresh pools, seeded with what was spent on it already (after a
+    /// restart within the day).
+    pub fn start_day(&self, day: String, spent_before: BTreeMap<BudgetKey, u64>) {
+        let mut s = self.state();
+        s.day = day;
+        s.spent_before = spent_before;
+        s.pools.clear();
+        self.bump(s);
+    }
+
+    /// Every budget that applies to a service seen today or named in the config.
+    pub fn views(&self, services: impl IntoIterator<Item = String>) -> Vec<BudgetView> {
+        let mut s = self.state();
+        let mut keys: Vec<BudgetKey> = s.pools.keys().cloned().collect();
+        keys.extend(s.overrides.keys().cloned());
+        for (name, (_, cats)) in &s.settings.services {
+            keys.push((name.clone(), None));
+            keys.extend(cats.keys().map(|c| (name.clone(), Some(*c))));
+        }
+        keys.extend(services.into_iter().map(|name| (name, None)));
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter_map(|key| {
+                let source = if s.overrides.contains_key(&key) {
+                    "api"
+                } else if s
+                    .settings
+                    .services
+                    .get(&key.0)
+                    .is_some_and(|(daily, cats)| {
+                        key.1.map_or(daily.is_some(), |c| cats.contains_key(&c))
+                    })
+                {
+                    "config"
+                } else {
+                    "default"
+                };
+                let pool = s.pool(key.clone())?;
+                Some(BudgetView {
+                    limit: pool.limit(),
+                    leased: pool.leased(),
+                    key,
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    fn leases_for(&self, service: &str) -> ServiceLeases {
+        let mut s = self.state();
+        let lease = |pool: Option<Arc<Pool>>| {
+            pool.map(|pool| {
+                Rc::new(Lease {
+                    pool,
+                    balance: Cell::new(0),
+                })
+            })
+        };
+        let own = lease(s.pool((service.to_string(), None)));
+        let categories = Category::ALL.map(|c| lease(s.pool((service.to_string(), Some(c)))));
+        let settings = &s.settings;
+        ServiceLeases {
+            own,
+            categories,
+            chunk: settings.lease_micros,
+        }
+    }
+}
+
+/// A worker's share of one pool: money it may reserve without asking anyone.
+struct Lease {
+    pool: Arc<Pool>,
+    /// May go below zero when a request cost more than it reserved.
+    balance: Cell<i64>,
+}
+
+impl Lease {
+    fn reserve(&self, amount: u64, chunk: u64) -> bool {
+        let short = amount as i64 - self.balance.get();
+        if short > 0 {
+            let Some(taken) = self.pool.take(short as u64, chunk.max(short as u64)) else {
+                return false;
+            };
+            self.balance.set(self.balance.get() + taken as i64);
+        }
+        self.balance.set(self.balance.get() - amount as i64);
+        true
+    }
+
+    fn settle(&self, reserved: u64, actual: u64) {
+        self.balance
+            .set(self.balance.get() + reserved as i64 - actual as i64);
+    }
+
+    fn give_back(&self) {
+        let left = self.balance.replace(0);
+        if left > 0 {
+            self.pool.give_back(left as u64);
+        }
+    }
+}
+
+struct ServiceLeases {
+    own: Option<Rc<Lease>>,
+    categories: [Option<Rc<Lease>>; Category::COUNT],
+    chunk: u64,
+}
+
+/// One worker's leases, per service, for the book's current generation.
+#[derive(Default)]
+pub struct WorkerBudgets {
+    generation: Cell<u64>,
+    services: RefCell<AHashMap<Box<str>, Rc<ServiceLeases>>>,
+}
+
+/// Money held for one attempt; `settle` replaces it with the actual cost. Dropped unsettled
+/// (the attempt never reached a backend), it is released in full.
+pub struct Reservation {
+    leases: [Option<Rc<Lease>>; 2],
+    amount: u64,
+}
+
+impl Reservation {
+    pub fn amount(&self) -> u64 {
+        self.amount
+    }
+
+    pub fn settle(mut self, actual: u64) {
+        for lease in self.leases.iter_mut().filter_map(Option::take) {
+            lease.settle(self.amount, actual);
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        for lease in self.leases.iter().flatten() {
+            lease.settle(self.amount, 0);
+        }
+    }
+}
+
+/// The answer to "may this attempt spend `amount`?".
+pub enum Reserve {
+    /// No budget applies to this service and category.
+    Unlimited,
+    Granted(Reservation),
+    Refused,
+}
+
+impl WorkerBudgets {
+    fn leases(&self, book: &BudgetBook, service: &str) -> Rc<ServiceLeases> {
+        let generation = book.generation();
+        let mut services = self.services.borrow_mut();
+        if self.generation.get() != generation {
+            for leases in services.values() {
+                leases.own.iter().for_each(|l| l.give_back());
+                leases
+                    .categories
+                    .iter()
+                    .flatten()
+                    .for_each(|l| l.give_back());
+            }
+            services.clear();
+            self.generation.set(generation);
+        }
+        if let Some(l) = services.get(service) {
+            return l.clone();
+        }
+        let leases = Rc::new(book.leases_for(service));
+        services.insert(service.into(), leases.clone());
+        leases
+    }
+
+    /// Reserves `amount` against the service's budget and its category's, both or neither.
+    pub fn reserve(
+        &self,
+        book: &BudgetBook,
+        service: &str,
+        category: Category,
+        amount: u64,
+    ) -> Reserve {
+        if !book.limited.load(Relaxed) {
+            return Reserve::Unlimited;
+        }
+        let leases = self.leases(book, service);
+        let applicable = [
+            leases.own.clone(),
+            leases.categories[category.index()].clone(),
+        ];
+        if applicable.iter().all(Option::is_none) {
+            return Reserve::Unlimited;
+        }
+        let mut granted: [Option<Rc<Lease>>; 2] = [None, None];
+        for (slot, lease) in granted.iter_mut().zip(applicable) {
+            let Some(lease) = lease else { continue };
+            if !lease.reserve(amount, leases.chunk) {
+                // Release what the other budget already granted (the Drop of this partial
+                // reservation settles it at zero).
+                drop(Reservation {
+                    leases: granted,
+                    amount,
+                });
+                return Reserve::Refused;
+            }
+            *slot = Some(lease);
+        }
+        Reserve::Granted(Reservation {
+            leases: granted,
+            amount,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn book(default: Option<u64>, lease: u64) -> BudgetBook {
+        BudgetBook::new(
+            "2026-11-27".into(),
+            Limits {
+                default_daily: default,
+                services: BTreeMap::from([(
+                    "etl".to_string(),
+                    (Some(1_000), BTreeMap::from([(Category::Code, 100)])),
+                )]),
+                lease_micros: lease,
+                default_max_output_tokens: 10,
+            },
+        )
+    }
+
+    fn granted(r: Reserve) -> Reservation {
+        match r {
+            Reserve::Granted(r) => r,
+            _ => panic!("expected a grant"),
+        }
+    }
+
+    #[test]
+    fn reservations_never_exceed_the_limit_across_workers() {
+        let book = book(None, 300);
+        let workers: Vec<WorkerBudgets> = (0..4).map(|_| WorkerBudgets::default()).collect();
+        let mut held = Vec::new();
+        let mut total = 0;
+        for round in 0..100 {
+            let w = &workers[round % 4];
+            if let Reserve::Granted(r) = w.reserve(&book, "etl", Category::Chat, 70) {
+                total += r.amount();
+                held.push(r);
+            }
+        }
+        assert!(total <= 1_000, "{total}");
+        assert!(
+            total >= 1_000 - 4 * 70,
+            "leases are used up, not stranded: {total}"
+        );
+        assert!(matches!(
+            workers[0].reserve(&book, "etl", Category::Chat, 70),
+            Reserve::Refused
+        ));
+        // Settling below the reservation frees the difference for later requests.
+        for r in held {
+            r.settle(10);
+        }
+        assert!(matches!(
+            workers[0].reserve(&book, "etl", Category::Chat, 50),
+            Reserve::Granted(_)
+        ));
+    }
+
+    #[test]
+    fn category_budget_and_service_budget_both_apply() {
+        let book = book(None, 1_000);
+        let w = WorkerBudgets::default();
+        let code = granted(w.reserve(&book, "etl", Category::Code, 80));
+        assert!(matches!(
+            w.reserve(&book, "etl", Category::Code, 30),
+            Reserve::Refused
+        ));
+        // The refused category reservation gave its service share back.
+        let chat = granted(w.reserve(&book, "etl", Category::Chat, 920));
+        drop((code, chat));
+        assert!(matches!(
+            w.reserve(&book, "other", Category::Chat, 1 << 40),
+            Reserve::Unlimited
+        ));
+    }
+
+    #[test]
+    fn the_default_applies_per_service_and_overrides_win() {
+        let book = book(Some(50), 10);
+        let w = WorkerBudgets::default();
+        assert!(matches!(
+            w.reserve(&book, "a", Category::Chat, 60),
+            Reserve::Refused
+        ));
+        let a = granted(w.reserve(&book, "a", Category::Chat, 50));
+        let b = granted(w.reserve(&book, "b", Category::Chat, 50));
+        a.settle(50);
+        b.settle(50);
+        book.set_override(("a".into(), None), Some(500));
+        granted(w.reserve(&book, "a", Category::Chat, 400)).settle(400);
+        assert!(matches!(
+            w.reserve(&book, "b", Category::Chat, 1),
+            Reserve::Refused
+        ));
+        let views = book.views([]);
+        let a = views.iter().find(|v| v.key.0 == "a").unwrap();
+        assert_eq!((a.limit, a.source), (500, "api"));
+        assert!(a.leased >= 450 && a.leased <= 500, "{a:?}");
+    }
+
+    #[test]
+    fn a_new_day_starts_from_what_was_spent_before_a_restart() {
+        let book = book(None, 100);
+        let w = WorkerBudgets::default();
+        book.start_day(
+            "2026-11-28".into(),
+            BTreeMap::from([(("etl".to_string(), None), 990)]),
+        );
+        assert!(matches!(
+            w.reserve(&book, "etl", Category::Chat, 20),
+            Reserve::Refused
+        ));
+        granted(w.reserve(&book, "etl", Category::Chat, 10)).settle(10);
+    }
+}

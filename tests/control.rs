@@ -1,0 +1,488 @@
+//! The control plane end to end: the admin API through the `switchyard` CLI, live reloads
+//! under traffic, budgets that downgrade and refuse, metrics, and spend that survives kill -9.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Runs `switchyard <command> --admin <router's admin> <rest>`; returns (success, stdout, stderr).
+fn cli_with_token(r: &Proc, token: &str, command: &str, rest: &[&str]) -> (bool, String, String) {
+    let admin = format!("http://{}", r.admin.unwrap());
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg(command)
+        .args(["--admin", &admin])
+        .args(rest)
+        .env("SWITCHYARD_ADMIN_TOKEN", token)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli(r: &Proc, command: &str, rest: &[&str]) -> (bool, String, String) {
+    cli_with_token(r, ADMIN_TOKEN, command, rest)
+}
+
+fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "switchyard-control-{}-{}-{name}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn config_version(r: &Response) -> u64 {
+    r.header("x-switchyard-config-version")
+        .expect("config version header")
+        .parse()
+        .unwrap()
+}
+
+fn metrics(admin: SocketAddr, token: Option<&str>) -> Response {
+    let mut c = Conn::open(admin);
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    c.send(format!("GET /metrics HTTP/1.1\r\nhost: test\r\n{auth}\r\n").as_bytes());
+    c.read_response().expect("a response")
+}
+
+#[test]
+fn apply_config_under_traffic_never_fails_a_request() {
+    let s = sim("s", &[]);
+    let base = config_for(&[("s", s.url())], "");
+    let r = router(&base);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Per client: every status seen, and the config version of its latest answer.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, seen, addr) = (stop.clone(), seen.clone(), r.addr);
+            std::thread::spawn(move || {
+                let mut last = 0;
+                let mut c = Conn::open(addr);
+                while !stop.load(Ordering::Relaxed) {
+                    c.send(&post_raw("/v1/chat/completions", &chat("hello"), ""));
+                    let resp = c.read_response().expect("an answer on the same connection");
+                    last = config_version(&resp);
+                    seen.lock().unwrap().push((resp.status, last));
+                }
+                last
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let bad = write_temp(
+        "bad.toml",
+        &(base.clone() + "[categories]\ncode = \"nope\"\n"),
+    );
+    let (ok, _, err) = cli(&r, "config", &["apply", bad.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("categories.code: unknown tier `nope`"),
+        "{err}"
+    );
+    assert!(err.contains("version 1 stays in effect"), "{err}");
+    let (ok, out, err) = cli(&r, "config", &["validate", bad.to_str().unwrap()]);
+    assert!(
+        !ok && out.is_empty() && err.contains("unknown tier"),
+        "{err}"
+    );
+    let moved = write_temp(
+        "moved.toml",
+        &(base.clone() + "[cache]\nmax_bytes = 1000000\n"),
+    );
+    let (ok, _, err) = cli(&r, "config", &["apply", moved.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("cache.max_bytes: cannot change while running"),
+        "{err}"
+    );
+
+    let good = write_temp(
+        "good.toml",
+        &(base.clone() + "[routing]\nmax_attempts = 2\n"),
+    );
+    let (ok, out, err) = cli(&r, "config", &["validate", good.to_str().unwrap()]);
+    assert!(ok && out.starts_with("valid"), "{out}{err}");
+    let (ok, out, err) = cli(&r, "config", &["apply", good.to_str().unwrap()]);
+    assert!(
+        ok && out.contains("config version 2 in effect"),
+        "{out}{err}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // New connections land on every worker: all of them serve the new version.
+    for _ in 0..8 {
+        let resp = post(r.addr, "/v1/chat/completions", &chat("hello"), "");
+        assert_eq!((resp.status, config_version(&resp)), (200, 2));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        assert_eq!(
+            c.join().unwrap(),
+            2,
+            "a kept-alive connection sees the new version"
+        );
+    }
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() > 20, "traffic flowed: {}", seen.len());
+    assert!(
+        seen.iter().all(|(status, _)| *status == 200),
+        "no request failed"
+    );
+    assert!(seen.iter().any(|(_, v)| *v == 1) && seen.iter().any(|(_, v)| *v == 2));
+    let (ok, out, _) = cli(&r, "status", &[]);
+    assert!(ok && out.contains("config version 2"), "{out}");
+}
+
+#[test]
+fn the_config_file_reloads_on_change_and_on_sighup() {
+    let s = sim("s", &[]);
+    let base = config_for(&[("s", s.url())], "");
+    let r = router(&base);
+    let path = r.dir.as_ref().unwrap().join("switchyard.toml");
+    let version = || {
+        let mut c = Conn::open(r.addr);
+        c.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
+        match c.read_response() {
+            Some(resp) => config_version(&resp),
+            None => {
+                let alive = std::path::Path::new(&format!("/proc/{}", r.child.id())).exists();
+                panic!("no response (router process alive: {alive})");
+            }
+        }
+    };
+    assert_eq!(version(), 1);
+    std::fs::write(&path, base.clone() + "[routing]\nmax_attempts = 2\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while version() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the changed file was not applied"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A broken file is refused and the running config stays.
+    let fixed = base.clone() + "[routing]\nmax_attempts = 3\n";
+    std::fs::write(&path, fixed.replace("[routing]", "[routing ")).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(version(), 2);
+    // Same length and modification time: only SIGHUP can notice this change.
+    let stamp = std::fs::metadata(&path).unwrap().modified().unwrap();
+    std::fs::write(&path, fixed).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(stamp)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(Command::new("kill")
+        .args(["-HUP", &r.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while version() != 3 {
+        assert!(Instant::now() < deadline, "SIGHUP did not apply the file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let err = stop_router(r);
+    assert!(err.contains("reload (file changed) refused"), "{err}");
+    assert!(
+        err.contains("reload (SIGHUP): config version 3 in effect"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_admin_api_and_metrics_need_the_token() {
+    let s = sim("s", &["--completion-tokens", "5"]);
+    let r = router(&config_for(&[("s", s.url())], ""));
+    let (ok, _, err) = cli_with_token(&r, "wrong", "status", &[]);
+    assert!(!ok && err.contains("Bearer"), "{err}");
+    assert_eq!(metrics(r.admin.unwrap(), None).status, 401);
+    assert_eq!(metrics(r.admin.unwrap(), Some("wrong")).status, 401);
+
+    for _ in 0..3 {
+        let resp = post(
+            r.addr,
+            "/v1/chat/completions",
+            &chat("Summarise: the meeting moved to Friday."),
+            "x-switchyard-service: billing\r\n",
+        );
+        assert_eq!(resp.status, 200);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let page = metrics(r.admin.unwrap(), Some(ADMIN_TOKEN));
+    assert_eq!(page.status, 200);
+    let text = page.text();
+    for needle in [
+        "switchyard_requests_total{service=\"billing\",category=\"summarisation\",tier=\"s\",backend=\"s\",status=\"200\"} 3",
+        "switchyard_tokens_total{service=\"billing\",category=\"summarisation\",tier=\"s\",model=\"s-model\",kind=\"completion\"} 15",
+        "switchyard_request_duration_seconds_count{service=\"billing\",tier=\"s\"} 3",
+        "switchyard_backend_healthy{backend=\"s\"} 1",
+        "switchyard_config_version 1",
+        "switchyard_usage_events_dropped 0",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+    let (ok, out, err) = cli(&r, "spend", &["--service", "billing"]);
+    assert!(ok, "{err}");
+    let row = out.lines().find(|l| l.contains("billing")).expect(&out);
+    assert!(
+        row.contains("summarisation") && row.contains("s-model"),
+        "{out}"
+    );
+    assert_eq!(row.split_whitespace().nth(5), Some("3"), "{out}");
+    let (ok, out, _) = cli(&r, "status", &[]);
+    assert!(
+        ok && out.contains("requests 3") && out.contains("backend s: up"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&r, "spend", &["--day", "yesterday"]);
+    assert!(!ok && out.is_empty());
+}
+
+/// Two tiers: `cheap` at 1 USD per 1M tokens and `big` at 100.
+fn priced_tiers(cheap: &Proc, big: &Proc, extra: &str) -> String {
+    format!(
+        r#"
+[[backends]]
+name = "cheap"
+url = "{}"
+models = [{{ name = "cheap-model", input_per_mtok = 1.0, output_per_mtok = 1.0 }}]
+[[backends]]
+name = "big"
+url = "{}"
+models = [{{ name = "big-model", input_per_mtok = 100.0, output_per_mtok = 100.0 }}]
+[[tiers]]
+name = "small"
+targets = ["cheap/cheap-model"]
+[[tiers]]
+name = "large"
+targets = ["big/big-model"]
+[usage]
+log_events = true
+{extra}"#,
+        cheap.url(),
+        big.url()
+    )
+}
+
+const BIG_REQUEST: &str = r#"{"model":"auto","max_tokens":100,"messages":[{"role":"user","content":"Prove that there are infinitely many primes."}]}"#;
+
+#[test]
+fn a_budget_downgrades_to_a_cheaper_tier_then_refuses() {
+    let (cheap, big) = (sim("cheap", &[]), sim("big", &[]));
+    // The big tier's worst case is (body bytes + 100) * 100 micro-dollars, about 0.022 USD.
+    let r = router(&priced_tiers(
+        &cheap,
+        &big,
+        "[budgets.services.etl]\ndaily_usd = 0.01\n[budgets.services.broke]\ndaily_usd = 0.0001\n",
+    ));
+    let send = |service: &str| {
+        post(
+            r.addr,
+            "/v1/chat/completions",
+            BIG_REQUEST,
+            &format!("x-switchyard-service: {service}\r\nx-switchyard-tier: large\r\n"),
+        )
+    };
+    let rich = send("rich");
+    assert_eq!(
+        (
+            rich.status,
+            rich.header("x-switchyard-tier"),
+            rich.header("x-switchyard-budget")
+        ),
+        (200, Some("large"), None)
+    );
+    let etl = send("etl");
+    assert_eq!(
+        (
+            etl.status,
+            etl.header("x-switchyard-tier"),
+            etl.header("x-switchyard-budget")
+        ),
+        (200, Some("small"), Some("downgraded")),
+        "{}",
+        etl.text()
+    );
+    assert_eq!(etl.header("x-switchyard-backend"), Some("cheap"));
+    let broke = send("broke");
+    broke.error(429);
+    assert!(broke.text().contains("budget_exceeded"), "{}", broke.text());
+    assert!(
+        broke.text().contains("insufficient_quota"),
+        "{}",
+        broke.text()
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let (ok, out, err) = cli(&r, "budgets", &[]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("etl: $0.0") && out.contains("of $0.010000 spent"),
+        "{out}"
+    );
+    // An API-set budget wins over the config's and is in force at once.
+    let (ok, out, err) = cli(&r, "budgets", &["set", "rich", "0.001"]);
+    assert!(
+        ok && out.contains("rich: ") && out.contains("of $0.001000") && out.contains("(api)"),
+        "{out}{err}"
+    );
+    assert_eq!(
+        send("rich").header("x-switchyard-budget"),
+        Some("downgraded")
+    );
+    let (ok, _, _) = cli(&r, "budgets", &["clear", "rich"]);
+    assert!(ok);
+    assert_eq!(send("rich").header("x-switchyard-tier"), Some("large"));
+    let (ok, _, err) = cli(
+        &r,
+        "budgets",
+        &["set", "rich", "1", "--category", "nonsense"],
+    );
+    assert!(!ok && err.contains("unknown category"), "{err}");
+    let err = stop_router(r);
+    let events = usage_events(&err);
+    let downgraded = events
+        .iter()
+        .filter(|e| e["budget_downgraded"] == true)
+        .count();
+    let refused = events
+        .iter()
+        .filter(|e| e["refused_by"] == "budget")
+        .count();
+    assert_eq!((downgraded, refused), (2, 1), "{err}");
+}
+
+#[test]
+fn concurrent_requests_never_spend_past_the_budget() {
+    let (cheap, big) = (
+        sim("cheap", &["--completion-tokens", "90"]),
+        sim("big", &["--completion-tokens", "90"]),
+    );
+    let limit_micros = 100_000;
+    let r = router(&priced_tiers(
+        &cheap,
+        &big,
+        "[budgets]\nlease_usd = 0.001\n[budgets.services.etl]\ndaily_usd = 0.1\n",
+    ));
+    let addr = r.addr;
+    // 64 at once, each slow enough that all are in flight together.
+    let answers: Vec<_> = (0..64)
+        .map(|_| {
+            std::thread::spawn(move || {
+                post(
+                    addr,
+                    "/v1/chat/completions",
+                    BIG_REQUEST,
+                    "x-switchyard-service: etl\r\nx-switchyard-tier: large\r\nx-sim-fault: slow-first-byte=300\r\n",
+                )
+                .status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = answers.into_iter().map(|a| a.join().unwrap()).collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        served > 0 && served < 64,
+        "the budget binds: {served} served"
+    );
+    let err = stop_router(r);
+    let spent: u64 = usage_events(&err)
+        .iter()
+        .filter(|e| e["service"] == "etl")
+        .map(|e| e["cost_micros"].as_u64().unwrap())
+        .sum();
+    assert!(
+        spent > 0 && spent <= limit_micros,
+        "spent {spent} of {limit_micros}"
+    );
+}
+
+#[test]
+fn spend_and_budgets_survive_kill_9() {
+    let s = sim("s", &["--completion-tokens", "5"]);
+    let config = config_for(&[("s", s.url())], "");
+    let r = router(&config);
+    for _ in 0..5 {
+        let resp = post(
+            r.addr,
+            "/v1/chat/completions",
+            &chat("hello"),
+            "x-switchyard-service: etl\r\n",
+        );
+        assert_eq!(resp.status, 200);
+    }
+    let (ok, _, err) = cli(&r, "budgets", &["set", "etl", "0.000001"]);
+    assert!(ok, "{err}");
+    // Settled (the ledger drains every 20 ms) ...
+    std::thread::sleep(Duration::from_millis(200));
+    let (_, before, _) = cli(&r, "spend", &["--service", "etl"]);
+    assert!(before.contains(" 5 "), "{before}");
+    // ... and more than a second before the kill: it must be on disk.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (dir, addr) = (r.dir.clone().unwrap(), r.addr);
+    let mut r = r;
+    r.child.kill().unwrap(); // SIGKILL: no drain, no final flush.
+    r.child.wait().unwrap();
+    drop(r);
+    let r = start_router(&dir, &dir.join("switchyard.toml"), addr, 2);
+    let (ok, after, err) = cli(&r, "spend", &["--service", "etl"]);
+    assert!(ok, "{err}");
+    assert_eq!(after, before);
+    assert!(after.contains("etl"), "{after}");
+    let (_, budgets, _) = cli(&r, "budgets", &[]);
+    assert!(
+        budgets.contains("etl: ") && budgets.contains("of $0.000001 spent"),
+        "{budgets}"
+    );
+    // The restored spend is over the restored budget: nothing more is spent today.
+    let refused = post(
+        r.addr,
+        "/v1/chat/completions",
+        &chat("hello"),
+        "x-switchyard-service: etl\r\n",
+    );
+    refused.error(429);
+    let resp = post(r.addr, "/v1/chat/completions", &chat("hello"), "");
+    assert_eq!(
+        config_version(&resp),
+        2,
+        "config versions continue across restarts"
+    );
+}
+
+#[test]
+fn purge_empties_the_response_cache() {
+    let s = sim("s", &[]);
+    let r = router(&config_for(&[("s", s.url())], ""));
+    let body = r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"Extract the date: 1 May"}]}"#;
+    assert_eq!(
+        post(r.addr, "/v1/chat/completions", body, "").header("x-switchyard-cache"),
+        Some("stored")
+    );
+    assert_eq!(
+        post(r.addr, "/v1/chat/completions", body, "").header("x-switchyard-cache"),
+        Some("hit")
+    );
+    let (ok, out, err) = cli(&r, "cache", &["purge"]);
+    assert!(ok && out.starts_with("purged 1 entries"), "{out}{err}");
+    assert_eq!(
+        post(r.addr, "/v1/chat/completions", body, "").header("x-switchyard-cache"),
+        Some("stored")
+    );
+}
