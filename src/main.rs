@@ -65,12 +65,35 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Create, list or revoke API keys (used when `auth.required` is on).
+    Keys {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: KeyAction,
+    },
     /// Manage the running router's response cache.
     Cache {
         #[command(flatten)]
         admin: AdminArgs,
         #[command(subcommand)]
         action: CacheAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Create a key for SERVICE; it is printed once and stored only as a hash.
+    Create {
+        service: String,
+        /// Let the key name any service in `x-switchyard-service`.
+        #[arg(long)]
+        any_service: bool,
+    },
+    List,
+    /// Revoke the key(s) whose id starts with ID (at least 6 hex digits).
+    Revoke {
+        id: String,
     },
 }
 
@@ -196,6 +219,20 @@ fn main() -> ExitCode {
             };
             admin_call(&admin, command)
         }
+        Some(Command::Keys { admin, action }) => admin_call(
+            &admin,
+            match action {
+                KeyAction::Create {
+                    service,
+                    any_service,
+                } => client::Command::CreateKey {
+                    service,
+                    any_service,
+                },
+                KeyAction::List => client::Command::ListKeys,
+                KeyAction::Revoke { id } => client::Command::RevokeKey { id },
+            },
+        ),
         Some(Command::Cache {
             admin,
             action: CacheAction::Purge,

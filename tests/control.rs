@@ -486,3 +486,142 @@ fn purge_empties_the_response_cache() {
         Some("stored")
     );
 }
+
+#[test]
+fn api_keys_decide_the_service_and_survive_a_restart() {
+    let s = sim("s", &[]);
+    let config = config_for(
+        &[("s", s.url())],
+        "[auth]\nrequired = true\n[usage]\nlog_events = true\n",
+    );
+    let r = router(&config);
+    let (ok, out, err) = cli(&r, "keys", &["create", "etl"]);
+    assert!(ok, "{err}");
+    let key = out.lines().next().unwrap().to_string();
+    assert!(key.starts_with("sy-") && key.len() > 40, "{out}");
+    let (ok, out, _) = cli(&r, "keys", &["create", "gateway", "--any-service"]);
+    assert!(ok);
+    let gateway = out.lines().next().unwrap().to_string();
+    let ask = |headers: &str| post(r.addr, "/v1/chat/completions", &chat("hello"), headers);
+
+    let missing = ask("x-switchyard-service: etl\r\n");
+    missing.error(401);
+    assert!(
+        missing.text().contains("invalid_api_key"),
+        "{}",
+        missing.text()
+    );
+    ask("authorization: Bearer sy-guess\r\n").error(401);
+    let mut models = Conn::open(r.addr);
+    models.send(b"GET /v1/models HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!(models.read_response().unwrap().status, 401);
+    models.send(
+        format!("GET /v1/models HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_eq!(models.read_response().unwrap().status, 200);
+
+    // The key decides the service; the header cannot dodge it.
+    let own = ask(&format!(
+        "authorization: Bearer {key}\r\nx-switchyard-service: someone-else\r\n"
+    ));
+    assert_eq!(own.status, 200, "{}", own.text());
+    let acting = ask(&format!(
+        "authorization: Bearer {gateway}\r\nx-switchyard-service: billing\r\n"
+    ));
+    assert_eq!(acting.status, 200);
+
+    let (ok, list, _) = cli(&r, "keys", &["list"]);
+    assert!(
+        ok && list.contains(" etl created") && list.contains("gateway (any service)"),
+        "{list}"
+    );
+    assert!(!list.contains(&key), "listings never show a key");
+    let gateway_id = list
+        .lines()
+        .find(|l| l.contains("gateway"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let (ok, out, _) = cli(&r, "keys", &["revoke", &gateway_id]);
+    assert!(ok && out.contains("revoked 1"), "{out}");
+    ask(&format!("authorization: Bearer {gateway}\r\n")).error(401);
+
+    let (dir, addr) = (r.dir.clone().unwrap(), r.addr);
+    let err = stop_router(r);
+    let mut services: Vec<String> = usage_events(&err)
+        .iter()
+        .filter(|e| e["status"] == 200)
+        .map(|e| e["service"].as_str().unwrap().to_string())
+        .collect();
+    services.sort();
+    assert_eq!(services, ["billing", "etl"], "{err}");
+    assert_eq!(
+        usage_events(&err)
+            .iter()
+            .filter(|e| e["refused_by"] == "auth")
+            .count(),
+        3
+    );
+    let r = start_router(&dir, &dir.join("switchyard.toml"), addr, 2);
+    let again = post(
+        r.addr,
+        "/v1/chat/completions",
+        &chat("hello"),
+        &format!("authorization: Bearer {key}\r\n"),
+    );
+    assert_eq!(again.status, 200, "keys are kept in the data directory");
+}
+
+#[test]
+fn rate_limits_refuse_with_retry_after_per_service() {
+    let s = sim("s", &[]);
+    let r = router(&config_for(
+        &[("s", s.url())],
+        "[rate_limits.services.etl]\nrequests_per_minute = 5\n[rate_limits.services.big]\ntokens_per_minute = 100\n",
+    ));
+    let ask = |service: &str, body: &str| {
+        post(
+            r.addr,
+            "/v1/chat/completions",
+            body,
+            &format!("x-switchyard-service: {service}\r\n"),
+        )
+    };
+    // Spread over several connections, so both workers take part.
+    for i in 0..5 {
+        assert_eq!(ask("etl", &chat("hello")).status, 200, "request {i}");
+    }
+    let refused = ask("etl", &chat("hello"));
+    refused.error(429);
+    assert!(
+        refused.text().contains("rate_limit_exceeded") && refused.text().contains("\"requests\"")
+    );
+    let wait: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=12).contains(&wait), "{wait}");
+    assert_eq!(
+        ask("other", &chat("hello")).status,
+        200,
+        "other services are not limited"
+    );
+    let greedy =
+        r#"{"model":"auto","max_tokens":500,"messages":[{"role":"user","content":"hello"}]}"#;
+    let refused = ask("big", greedy);
+    refused.error(429);
+    assert!(refused.text().contains("\"tokens\""), "{}", refused.text());
+    assert_eq!(ask("big", &chat("hello")).status, 200);
+    std::thread::sleep(Duration::from_millis(100));
+    let (_, status, _) = cli(&r, "status", &[]);
+    assert!(status.contains("rate limited 2"), "{status}");
+    let page = metrics(r.admin.unwrap(), Some(ADMIN_TOKEN)).text();
+    assert!(
+        page.contains("switchyard_rate_limited_total{service=\"etl\",limit=\"requests\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("switchyard_rate_limited_total{service=\"big\",limit=\"tokens\"} 1"),
+        "{page}"
+    );
+}

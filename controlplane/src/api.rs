@@ -3,9 +3,11 @@
 //! Must not: answer anything without the token.
 
 use crate::configs::ConfigRecord;
+use crate::store::StoredKey;
 use crate::ControlPlane;
 use std::pin::Pin;
 use std::sync::Arc;
+use switchyard_dataplane::auth::key_hash;
 use switchyard_shared::category::Category;
 use switchyard_shared::openai::Endpoint;
 use switchyard_shared::usage::UsageEvent;
@@ -93,10 +95,16 @@ pub fn event_from_record(r: pb::UsageRecord) -> Result<UsageEvent, String> {
         cache,
         saved_micros: r.saved_micros,
         budget_downgraded: r.budget_downgraded,
-        refused_by: ["", "budget", "rate_limit", "auth"]
-            .into_iter()
-            .find(|c| *c == r.refused_by)
-            .ok_or_else(|| format!("unknown refusal `{}`", r.refused_by))?,
+        refused_by: [
+            "",
+            "budget",
+            "rate_limit_requests",
+            "rate_limit_tokens",
+            "auth",
+        ]
+        .into_iter()
+        .find(|c| *c == r.refused_by)
+        .ok_or_else(|| format!("unknown refusal `{}`", r.refused_by))?,
         config_version: r.config_version,
     })
 }
@@ -328,6 +336,81 @@ impl Control for Api {
             bytes_removed,
         }))
     }
+
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyReply>, Status> {
+        let r = request.into_inner();
+        if r.service.is_empty() || r.service.len() > 200 {
+            return Err(Status::invalid_argument(
+                "service must be 1 to 200 characters",
+            ));
+        }
+        let key = format!("sy-{}", crate::random_hex(24).map_err(Status::internal)?);
+        let stored = StoredKey {
+            hash: key_hash(key.as_bytes()),
+            service: r.service,
+            any_service: r.any_service,
+            created_unix_ms: crate::configs::now_unix_ms(),
+        };
+        self.0.store.add_key(&stored).map_err(Status::internal)?;
+        self.0.publish_keys().map_err(Status::internal)?;
+        Ok(Response::new(pb::CreateKeyReply {
+            key,
+            id: key_id(&stored.hash),
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        _: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysReply>, Status> {
+        let keys = self.0.store.load_keys().map_err(Status::internal)?;
+        Ok(Response::new(pb::ListKeysReply {
+            keys: keys
+                .into_iter()
+                .map(|k| pb::KeyInfo {
+                    id: key_id(&k.hash),
+                    service: k.service,
+                    any_service: k.any_service,
+                    created_unix_ms: k.created_unix_ms,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::RevokeKeyReply>, Status> {
+        let id = request.into_inner().id.to_ascii_lowercase();
+        if id.len() < 6 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(
+                "a key id is at least 6 hex digits (see ListKeys)",
+            ));
+        }
+        let store = &self.0.store;
+        let matching: Vec<[u8; 32]> = store
+            .load_keys()
+            .map_err(Status::internal)?
+            .into_iter()
+            .map(|k| k.hash)
+            .filter(|h| key_id_full(h).starts_with(&id))
+            .collect();
+        let revoked = store.revoke_keys(&matching).map_err(Status::internal)? as u64;
+        self.0.publish_keys().map_err(Status::internal)?;
+        Ok(Response::new(pb::RevokeKeyReply { revoked }))
+    }
+}
+
+fn key_id_full(hash: &[u8; 32]) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How keys are named in listings: enough of the hash to tell them apart, nothing of the key.
+fn key_id(hash: &[u8; 32]) -> String {
+    key_id_full(hash)[..12].to_string()
 }
 
 /// Serves the admin listener until `shutdown` resolves.

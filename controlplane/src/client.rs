@@ -1,5 +1,5 @@
 //! The command line's side of the control API: `switchyard status`, `spend`, `budgets`,
-//! `config validate|apply`, `cache purge`. Each call connects, sends the admin token, and renders the reply
+//! `config validate|apply`, `cache purge`, `keys create|list|revoke`. Each call connects, sends the admin token, and renders the reply
 //! as text.
 //! Must not: read or change state except through the API.
 
@@ -37,6 +37,14 @@ pub enum Command {
         source: String,
     },
     PurgeCache,
+    CreateKey {
+        service: String,
+        any_service: bool,
+    },
+    ListKeys,
+    RevokeKey {
+        id: String,
+    },
 }
 
 fn usd(micros: u64) -> String {
@@ -191,6 +199,48 @@ async fn call(admin: &Admin, command: Command) -> Result<String, String> {
                 ));
             }
             let _ = writeln!(out, "applied: config version {} in effect", r.version);
+        }
+        Command::CreateKey {
+            service,
+            any_service,
+        } => {
+            let r = client
+                .create_key(pb::CreateKeyRequest {
+                    service,
+                    any_service,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let _ = writeln!(
+                out,
+                "{}\n(key id {}; this is the only time the key is shown)",
+                r.key, r.id
+            );
+        }
+        Command::ListKeys => {
+            let r = client
+                .list_keys(pb::ListKeysRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            for k in r.keys {
+                let created = jiff::Timestamp::from_millisecond(k.created_unix_ms)
+                    .map_or_else(|_| "?".to_string(), |t| t.to_string());
+                let scope = if k.any_service { " (any service)" } else { "" };
+                let _ = writeln!(out, "{} {}{scope} created {created}", k.id, k.service);
+            }
+        }
+        Command::RevokeKey { id } => {
+            let r = client
+                .revoke_key(pb::RevokeKeyRequest { id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if r.revoked == 0 {
+                return Err("no key has that id".into());
+            }
+            let _ = writeln!(out, "revoked {} key(s)", r.revoked);
         }
         Command::PurgeCache => {
             let r = client

@@ -109,6 +109,7 @@ pub struct Ledger {
     cache: Mutex<BTreeMap<(String, Category), CacheTotals>>,
     budget_downgrades: AtomicU64,
     budget_rejections: AtomicU64,
+    rate_limited: AtomicU64,
     pub metrics: Metrics,
 }
 
@@ -135,9 +136,11 @@ impl Ledger {
         if e.budget_downgraded {
             self.budget_downgrades.fetch_add(1, Relaxed);
         }
-        if e.refused_by == "budget" {
-            self.budget_rejections.fetch_add(1, Relaxed);
-        }
+        match e.refused_by {
+            "budget" => self.budget_rejections.fetch_add(1, Relaxed),
+            "rate_limit_requests" | "rate_limit_tokens" => self.rate_limited.fetch_add(1, Relaxed),
+            _ => 0,
+        };
         if !e.cache.is_empty() {
             let mut cache = lock(&self.cache);
             let c = cache.entry((e.service.clone(), e.category)).or_default();
@@ -160,6 +163,10 @@ impl Ledger {
 
     pub fn budget_rejections(&self) -> u64 {
         self.budget_rejections.load(Relaxed)
+    }
+
+    pub fn rate_limited(&self) -> u64 {
+        self.rate_limited.load(Relaxed)
     }
 
     /// Starts from spend loaded from the store.

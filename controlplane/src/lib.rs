@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::Store;
+use switchyard_dataplane::auth::{KeyGrant, KeyTable};
 use switchyard_dataplane::budget::{BudgetBook, Limits};
 use switchyard_dataplane::server::{self, DataPlane};
 use switchyard_dataplane::usage::UsageSink;
@@ -144,6 +145,7 @@ impl ControlPlane {
             }
         }
         stats.budget_rejected = self.ledger.budget_rejections();
+        stats.rate_limited = self.ledger.rate_limited();
         stats
     }
 
@@ -183,6 +185,15 @@ impl ControlPlane {
                 .set(b.daily_micros as i64 - b.spent_micros as i64);
         }
         m.encode()
+    }
+
+    /// Gives the data plane the stored keys (after one is created or revoked).
+    pub fn publish_keys(&self) -> Result<(), String> {
+        let keys = key_table(&self.store)?;
+        if let Some(dp) = &self.local {
+            dp.shared.keys.store(Arc::new(keys));
+        }
+        Ok(())
     }
 
     /// Commits changed spend rows; on failure they stay marked for the next flush.
@@ -269,12 +280,7 @@ pub fn admin_token(env_name: &str, data_dir: &Path) -> Result<(String, TokenSour
             return Ok((t.trim().to_string(), TokenSource::File(path)));
         }
     }
-    let mut bytes = [0u8; 24];
-    use std::io::Read as _;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| format!("cannot read /dev/urandom for an admin token: {e}"))?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = random_hex(24)?;
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::OpenOptions::new()
@@ -285,6 +291,26 @@ pub fn admin_token(env_name: &str, data_dir: &Path) -> Result<(String, TokenSour
         .and_then(|mut f| f.write_all(token.as_bytes()))
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok((token, TokenSource::File(path)))
+}
+
+/// `n` random bytes from the kernel, as hex: admin tokens and API keys.
+pub fn random_hex(n: usize) -> Result<String, String> {
+    use std::io::Read as _;
+    let mut bytes = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn key_table(store: &Store) -> Result<KeyTable, String> {
+    Ok(KeyTable::new(store.load_keys()?.into_iter().map(|k| {
+        let grant = KeyGrant {
+            service: k.service.into(),
+            any_service: k.any_service,
+        };
+        (k.hash, grant)
+    })))
 }
 
 /// Runs both planes until SIGTERM/SIGINT; returns the process exit code.
@@ -330,8 +356,12 @@ fn run(start: Start, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
     let drain_timeout = table.listener.drain_timeout;
     let admin = table.admin.clone();
     let data_dir = table.data_dir.clone();
+    let keys = key_table(&store)?;
+    if table.auth_required && keys.is_empty() {
+        eprintln!("switchyard: auth.required is on and no API key exists yet: create one with `switchyard keys create SERVICE`");
+    }
     let dataplane =
-        server::start(snapshot.clone(), usage, budgets.clone()).map_err(|e| e.to_string())?;
+        server::start(snapshot.clone(), usage, budgets.clone(), keys).map_err(|e| e.to_string())?;
     let cp = Arc::new(ControlPlane {
         configs,
         ledger,

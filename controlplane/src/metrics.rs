@@ -286,10 +286,10 @@ impl Metrics {
             "budget" => {
                 self.budget_rejections.get_or_create(&service).inc();
             }
-            "rate_limit" => {
+            "rate_limit_requests" | "rate_limit_tokens" => {
                 let limit = LimitLabels {
                     service: e.service.clone(),
-                    limit: "requests",
+                    limit: &e.refused_by["rate_limit_".len()..],
                 };
                 self.rate_limited.get_or_create(&limit).inc();
             }

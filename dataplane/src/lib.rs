@@ -5,8 +5,10 @@
 //! Layout: `codec` (bytes <-> HTTP, no I/O), `sse` (event filter, no I/O), `conn` (a client
 //! connection), `proxy` (request phases), `balancer` (backend state and choice), `upstream`
 //! (connections and pool), `health` (active checks), `server` (workers), `snapshot`, `usage`,
-//! `cache` and `coalesce` (response cache), `budget` (daily budgets: leases and reservations).
+//! `cache` and `coalesce` (response cache), `budget` (daily budgets: leases and reservations), `auth` (API keys),
+//! `ratelimit` (requests and tokens per minute).
 
+pub mod auth;
 pub mod balancer;
 pub mod budget;
 pub mod cache;
@@ -15,6 +17,7 @@ pub mod codec;
 pub mod conn;
 pub mod health;
 pub mod proxy;
+pub mod ratelimit;
 pub mod server;
 pub mod snapshot;
 pub mod sse;

@@ -4,12 +4,14 @@
 //! (exactly one usage event). Must not: parse HTTP framing (codec) or hold connections
 //! (upstream's pool does).
 
+use crate::auth;
 use crate::balancer::{self, Slot, Verdict};
 use crate::budget::{Reservation, Reserve};
 use crate::cache::Entry;
 use crate::coalesce::{Lead, Role};
 use crate::codec::{self, BodyFraming, Head};
 use crate::conn::{send_error, Client};
+use crate::ratelimit::TokenCharge;
 use crate::server::Worker;
 use crate::snapshot::Snapshot;
 use crate::sse::SseFilter;
@@ -61,6 +63,8 @@ struct Ctx<'r> {
     downgraded_to: Option<usize>,
     /// Why the router refused the request itself (usage event `refused_by`).
     refused_by: &'static str,
+    /// Tokens admitted under the service's tokens-per-minute limit; `log` settles them.
+    token_charge: Cell<Option<TokenCharge>>,
 }
 
 /// What the caller asked of the cache (`x-switchyard-cache`, `cache-control`).
@@ -101,13 +105,11 @@ pub async fn handle(
     keep_alive: bool,
 ) -> bool {
     let table = &snap.table;
+    let identity = auth::identify(&worker.shared.keys.load(), table.auth_required, head);
     let mut ctx = Ctx {
         request_id: worker.next_request_id(),
         config_version: table.version,
-        service: head
-            .header_str("x-switchyard-service")
-            .filter(|s| !s.is_empty())
-            .unwrap_or("default"),
+        service: identity.as_ref().map_or("unauthenticated", |s| s.as_str()),
         endpoint,
         started,
         category: Category::Other,
@@ -122,14 +124,64 @@ pub async fn handle(
         reservation: Cell::new(None),
         downgraded_to: None,
         refused_by: "",
+        token_charge: Cell::new(None),
     };
     // request_filter
+    if let Err(msg) = identity {
+        ctx.refused_by = "auth";
+        return reject(
+            worker,
+            snap,
+            client,
+            &ctx,
+            ErrorKind::InvalidApiKey,
+            msg,
+            None,
+        )
+        .await;
+    }
     let view = match RequestView::parse(endpoint, body) {
         Ok(v) => v,
         Err(e) => return reject(worker, snap, client, &ctx, e.kind, &e.message, e.param).await,
     };
     ctx.streamed = view.stream;
     ctx.prompt_chars = view.total_chars;
+    let admit_tokens = estimate_tokens(view.total_chars) + view.max_tokens.unwrap_or(0);
+    match worker
+        .limits
+        .admit(&snap.limits, table.version, ctx.service, admit_tokens)
+    {
+        Ok(charge) => ctx.token_charge.set(charge),
+        Err(refusal) => {
+            let (kind, what) = if refusal.tokens {
+                (ErrorKind::TokenRateLimited, "tokens")
+            } else {
+                (ErrorKind::RequestRateLimited, "requests")
+            };
+            ctx.refused_by = if refusal.tokens {
+                "rate_limit_tokens"
+            } else {
+                "rate_limit_requests"
+            };
+            let wait = refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            let msg = format!(
+                "rate limit of service `{}` reached ({what} per minute); retry in {wait} s",
+                ctx.service
+            );
+            let extra = format!("retry-after: {wait}\r\n");
+            return send_reject(
+                worker,
+                snap,
+                client,
+                &ctx,
+                kind,
+                &msg,
+                None,
+                Some(extra.as_bytes()),
+            )
+            .await;
+        }
+    }
     let (priority, category_override, cache_mode) = match caller_headers(head) {
         Ok(h) => h,
         Err(msg) => {
@@ -1213,6 +1265,9 @@ fn log(
     });
     if let Some(r) = ctx.reservation.take() {
         r.settle(cost_micros);
+    }
+    if let Some(c) = ctx.token_charge.take() {
+        c.settle(tokens.prompt + tokens.completion);
     }
     worker.shared.usage.send(UsageEvent {
         request_id: ctx.request_id,

@@ -3,10 +3,12 @@
 //! driver, the accept loop, and drain on shutdown.
 //! Must not: parse HTTP (conn/codec do) or route (proxy does).
 
+use crate::auth::KeyTable;
 use crate::budget::{BudgetBook, WorkerBudgets};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::upstream::Pool;
 use crate::usage::UsageSink;
+use arc_swap::ArcSwap;
 use monoio::net::{ListenerOpts, TcpListener};
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -29,6 +31,8 @@ pub struct Shared {
     /// The response cache, `None` when `[cache] enabled = false`.
     pub cache: Option<crate::cache::ResponseCache>,
     pub budgets: Arc<BudgetBook>,
+    /// Valid API keys, published by the control plane.
+    pub keys: ArcSwap<KeyTable>,
     draining: AtomicBool,
     /// Requests in flight per worker (summed only by the drain loop).
     inflight: Box<[PaddedCounter]>,
@@ -53,6 +57,8 @@ pub struct Worker {
     pub flights: crate::coalesce::Flights,
     /// This worker's budget leases.
     pub budgets: WorkerBudgets,
+    /// This worker's rate-limit leases.
+    pub limits: crate::ratelimit::WorkerLimits,
     seq: Cell<u64>,
     cache: RefCell<arc_swap::Cache<SharedSnapshot, Arc<Snapshot>>>,
 }
@@ -101,6 +107,7 @@ pub fn start(
     snapshot: SharedSnapshot,
     usage: UsageSink,
     budgets: Arc<BudgetBook>,
+    keys: KeyTable,
 ) -> io::Result<DataPlane> {
     let (mut address, workers, driver_setting, cache) = {
         let s = snapshot.load();
@@ -137,6 +144,7 @@ pub fn start(
         usage,
         cache,
         budgets,
+        keys: ArcSwap::from_pointee(keys),
         draining: AtomicBool::new(false),
         inflight: (0..workers).map(|_| PaddedCounter::default()).collect(),
     });
@@ -154,6 +162,7 @@ pub fn start(
                     pool: Pool::default(),
                     flights: Default::default(),
                     budgets: Default::default(),
+                    limits: Default::default(),
                     seq: Cell::new(0),
                 });
                 let result = if use_uring {

@@ -3,6 +3,7 @@
 //! Must not: be mutated after publication; a new config is a new snapshot.
 
 use crate::balancer::BackendStates;
+use crate::ratelimit::RateLimits;
 use arc_swap::ArcSwap;
 use std::sync::Arc;
 use switchyard_shared::routing::{Backend, RoutingTable, Scheme};
@@ -15,6 +16,8 @@ pub struct Snapshot {
     pub models_body: Vec<u8>,
     /// rustls client config per backend (`None` for plain http).
     pub tls: Vec<Option<Arc<rustls::ClientConfig>>>,
+    /// Rate-limit buckets of this config's limits.
+    pub limits: RateLimits,
 }
 
 impl Snapshot {
@@ -57,6 +60,7 @@ impl Snapshot {
         });
         let models_body = models_body(&table);
         Ok(Snapshot {
+            limits: RateLimits::new(table.rate_limits.clone()),
             table,
             states,
             models_body,

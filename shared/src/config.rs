@@ -5,9 +5,9 @@
 use crate::category::Category;
 use crate::classifier::{Classifier, ClassifierConfig};
 use crate::routing::{
-    AdminSettings, AliasRoute, Backend, BudgetSettings, CacheSettings, HealthSettings, Listener,
-    MatchSet, Price, Priority, RoutingTable, Rule, RuleAction, Scheme, ServiceBudget, Target, Tier,
-    UnknownModel, UsageSettings,
+    AdminSettings, AliasRoute, Backend, BudgetSettings, CacheSettings, HealthSettings, Limit,
+    Listener, MatchSet, Price, Priority, RateLimitSettings, RoutingTable, Rule, RuleAction, Scheme,
+    ServiceBudget, Target, Tier, UnknownModel, UsageSettings,
 };
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -47,6 +47,37 @@ pub struct ConfigFile {
     pub storage: StorageFile,
     #[serde(default)]
     pub budgets: BudgetsFile,
+    #[serde(default)]
+    pub auth: AuthFile,
+    #[serde(default)]
+    pub rate_limits: RateLimitsFile,
+}
+
+/// `[rate_limits]`: requests and tokens per minute, per service.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsFile {
+    /// For services without their own entry.
+    pub default: LimitFile,
+    pub services: BTreeMap<String, LimitFile>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitFile {
+    pub requests_per_minute: Option<u64>,
+    /// Admission counts the prompt estimate plus `max_tokens`; answers are then charged what
+    /// they really used.
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// `[auth]`: API keys (`switchyard keys create SERVICE`).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthFile {
+    /// Every request needs `Authorization: Bearer <key>`, and the key decides the service.
+    /// Off, `x-switchyard-service` names the service (trusted callers only).
+    pub required: bool,
 }
 
 /// `[budgets]`: daily spending limits that downgrade requests to cheaper tiers.
@@ -919,6 +950,37 @@ fn build(
         errs.push("storage.data_dir", "must not be empty");
     }
     let budgets = build_budgets(&mut errs, &file.budgets);
+    let mut limit = |key: String, l: &LimitFile| {
+        for (name, v) in [
+            ("requests_per_minute", l.requests_per_minute),
+            ("tokens_per_minute", l.tokens_per_minute),
+        ] {
+            if v == Some(0) {
+                errs.push(
+                    format!("{key}.{name}"),
+                    "must be greater than 0 (leave it out for no limit)",
+                );
+            }
+        }
+        Limit {
+            requests_per_minute: l.requests_per_minute,
+            tokens_per_minute: l.tokens_per_minute,
+        }
+    };
+    let rate_limits = RateLimitSettings {
+        default: limit("rate_limits.default".into(), &file.rate_limits.default),
+        services: file
+            .rate_limits
+            .services
+            .iter()
+            .map(|(name, l)| {
+                (
+                    name.clone(),
+                    limit(format!("rate_limits.services.{name}"), l),
+                )
+            })
+            .collect(),
+    };
     if file.usage.channel_capacity == 0 {
         errs.push("usage.channel_capacity", "must be greater than 0");
     }
@@ -952,6 +1014,8 @@ fn build(
         },
         data_dir: file.storage.data_dir.into(),
         budgets,
+        auth_required: file.auth.required,
+        rate_limits,
         max_attempts: file.routing.max_attempts,
         unknown_model: file.routing.unknown_model,
         health: HealthSettings {

@@ -41,6 +41,12 @@ pub enum ErrorKind {
     ShuttingDown,
     /// No tier's worst-case cost fits the caller's remaining daily budget.
     BudgetExceeded,
+    /// Auth is on and the request has no valid API key.
+    InvalidApiKey,
+    /// The service's requests-per-minute limit.
+    RequestRateLimited,
+    /// The service's tokens-per-minute limit.
+    TokenRateLimited,
 }
 
 impl ErrorKind {
@@ -71,6 +77,9 @@ impl ErrorKind {
             ClientTimeout => (408, "invalid_request_error", "request_timeout", Retry::No),
             ShuttingDown => (503, "api_error", "shutting_down", Retry::No),
             BudgetExceeded => (429, "insufficient_quota", "budget_exceeded", Retry::No),
+            InvalidApiKey => (401, "invalid_request_error", "invalid_api_key", Retry::No),
+            RequestRateLimited => (429, "requests", "rate_limit_exceeded", Retry::No),
+            TokenRateLimited => (429, "tokens", "rate_limit_exceeded", Retry::No),
         }
     }
 

@@ -36,6 +36,22 @@ pub struct RoutingTable {
     pub admin: AdminSettings,
     pub data_dir: std::path::PathBuf,
     pub budgets: BudgetSettings,
+    /// Requests need an API key, which decides their service.
+    pub auth_required: bool,
+    pub rate_limits: RateLimitSettings,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RateLimitSettings {
+    pub default: Limit,
+    pub services: BTreeMap<String, Limit>,
+}
+
+/// Per-minute limits; `None` is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limit {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
 }
 
 pub struct BudgetSettings {

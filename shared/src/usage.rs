@@ -38,7 +38,8 @@ pub struct UsageEvent {
     pub saved_micros: u64,
     /// Answered by a cheaper tier than routed because the budget had no room.
     pub budget_downgraded: bool,
-    /// Why the router itself refused the request: "budget", "rate_limit", "auth", or "".
+    /// Why the router itself refused the request: "budget", "rate_limit_requests",
+    /// "rate_limit_tokens", "auth", or "".
     pub refused_by: &'static str,
     pub config_version: u64,
 }

@@ -1,0 +1,158 @@
+//! Caller identity. Owns: the API key table the control plane publishes (SHA-256 of each key ->
+//! its service), checking `Authorization: Bearer <key>`, and deciding which service a request is
+//! charged to.
+//! Must not: keep or log a plain key; only hashes are held.
+
+use crate::codec::Head;
+use ahash::AHashMap;
+use std::sync::Arc;
+
+/// What a key may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyGrant {
+    pub service: Arc<str>,
+    /// May name another service in `x-switchyard-service` (gateways acting for many teams).
+    pub any_service: bool,
+}
+
+/// Every valid key, by the SHA-256 of the key.
+#[derive(Debug, Default)]
+pub struct KeyTable {
+    keys: AHashMap<[u8; 32], KeyGrant>,
+}
+
+pub fn key_hash(key: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key);
+    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+impl KeyTable {
+    pub fn new(keys: impl IntoIterator<Item = ([u8; 32], KeyGrant)>) -> KeyTable {
+        KeyTable {
+            keys: keys.into_iter().collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// The service a request is charged to.
+pub enum Service<'h> {
+    /// From `x-switchyard-service` (auth off, or a key allowed to act for any service).
+    Named(&'h str),
+    /// The service the caller's key belongs to.
+    Key(Arc<str>),
+}
+
+impl Service<'_> {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Service::Named(s) => s,
+            Service::Key(s) => s,
+        }
+    }
+}
+
+/// Who is calling. With `required` off, the header names the service (default "default").
+/// Errors are the message for a 401.
+pub fn identify<'h>(
+    keys: &KeyTable,
+    required: bool,
+    head: &'h Head,
+) -> Result<Service<'h>, &'static str> {
+    let named = head
+        .header_str("x-switchyard-service")
+        .filter(|s| !s.is_empty());
+    if !required {
+        return Ok(Service::Named(named.unwrap_or("default")));
+    }
+    let Some(auth) = head.header("authorization") else {
+        return Err("missing API key: send `Authorization: Bearer <key>`");
+    };
+    let key = auth
+        .strip_prefix(b"Bearer ")
+        .or_else(|| auth.strip_prefix(b"bearer "))
+        .ok_or("the Authorization header must be `Bearer <key>`")?;
+    let grant = keys
+        .keys
+        .get(&key_hash(key.trim_ascii()))
+        .ok_or("invalid API key")?;
+    Ok(match named {
+        Some(s) if grant.any_service => Service::Named(s),
+        _ => Service::Key(grant.service.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(headers: &str) -> Head {
+        let raw = format!("POST /v1/chat/completions HTTP/1.1\r\n{headers}\r\n");
+        crate::codec::parse_request(raw.as_bytes(), 8192)
+            .unwrap()
+            .expect("a complete head")
+            .0
+    }
+
+    fn table() -> KeyTable {
+        KeyTable::new([
+            (
+                key_hash(b"sy-etl"),
+                KeyGrant {
+                    service: "etl".into(),
+                    any_service: false,
+                },
+            ),
+            (
+                key_hash(b"sy-gateway"),
+                KeyGrant {
+                    service: "gateway".into(),
+                    any_service: true,
+                },
+            ),
+        ])
+    }
+
+    fn who(required: bool, headers: &str) -> Result<String, &'static str> {
+        let h = head(headers);
+        identify(&table(), required, &h).map(|s| s.as_str().to_string())
+    }
+
+    #[test]
+    fn keys_decide_the_service_when_required() {
+        assert_eq!(who(false, ""), Ok("default".into()));
+        assert_eq!(who(false, "x-switchyard-service: a\r\n"), Ok("a".into()));
+        assert!(who(true, "x-switchyard-service: a\r\n").is_err());
+        assert_eq!(
+            who(true, "authorization: Bearer nope\r\n"),
+            Err("invalid API key")
+        );
+        assert!(who(true, "authorization: Basic eHg=\r\n").is_err());
+        assert_eq!(
+            who(
+                true,
+                "authorization: Bearer sy-etl\r\nx-switchyard-service: billing\r\n"
+            ),
+            Ok("etl".into()),
+            "a plain key cannot act for another service"
+        );
+        assert_eq!(
+            who(
+                true,
+                "authorization: Bearer sy-gateway\r\nx-switchyard-service: billing\r\n"
+            ),
+            Ok("billing".into())
+        );
+        assert_eq!(
+            who(true, "authorization: Bearer sy-gateway\r\n"),
+            Ok("gateway".into())
+        );
+    }
+}

@@ -1,0 +1,288 @@
+//! Per-service rate limits: requests and tokens per minute. Owns: one shared bucket per service
+//! and unit (a GCRA "theoretical arrival time" in one atomic), per-worker leases taken from it in
+//! chunks of about 10 ms of allowance, and the admission check of a request.
+//!
+//! A worker admits from its own lease; only when the lease runs out does it take a chunk from
+//! the shared bucket with one compare-and-swap. A low-rate service gets chunks of one unit (so
+//! its limit is exact, and its few requests do not contend); a high-rate service touches the
+//! shared bucket once per chunk. What workers hold in leases, at most one chunk each, is the
+//! most a limit can be exceeded by. Buckets hold one minute of allowance (a burst of a full
+//! minute's limit is allowed after an idle minute).
+//! Must not: lock per request (the mutex is taken once per worker, service and config version).
+
+use ahash::AHashMap;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use switchyard_shared::routing::{Limit, RateLimitSettings};
+
+/// A token bucket as GCRA: `tat` is when the bucket would be full again, in nanoseconds
+/// since `epoch`.
+struct Bucket {
+    tat: AtomicU64,
+    /// Nanoseconds of allowance per unit.
+    interval: u64,
+    /// Units a chunk takes: about 10 ms of allowance, at least 1.
+    chunk: u64,
+}
+
+/// A minute of allowance can be banked.
+const WINDOW_NS: u64 = 60_000_000_000;
+
+impl Bucket {
+    fn new(per_minute: u64) -> Bucket {
+        let per_minute = per_minute.max(1);
+        Bucket {
+            tat: AtomicU64::new(0),
+            interval: WINDOW_NS / per_minute,
+            chunk: (per_minute / 6000).max(1),
+        }
+    }
+
+    /// Takes `units`, or says how long until they would fit.
+    fn take(&self, units: u64, now: u64) -> Result<(), Duration> {
+        let cost = units.saturating_mul(self.interval);
+        let mut tat = self.tat.load(Relaxed);
+        loop {
+            let new_tat = tat.max(now).saturating_add(cost);
+            let ahead = new_tat - now;
+            if ahead > WINDOW_NS {
+                return Err(Duration::from_nanos(ahead - WINDOW_NS));
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, new_tat, Relaxed, Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(seen) => tat = seen,
+            }
+        }
+    }
+}
+
+struct ServiceBuckets {
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
+}
+
+/// The rate-limit state of one config version, shared by the workers.
+pub struct RateLimits {
+    epoch: Instant,
+    settings: RateLimitSettings,
+    buckets: Mutex<AHashMap<String, Arc<ServiceBuckets>>>,
+}
+
+impl RateLimits {
+    pub fn new(settings: RateLimitSettings) -> RateLimits {
+        RateLimits {
+            epoch: Instant::now(),
+            settings,
+            buckets: Mutex::default(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn limited(&self) -> bool {
+        self.settings.default != Limit::default() || !self.settings.services.is_empty()
+    }
+
+    fn buckets(&self, service: &str) -> Arc<ServiceBuckets> {
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(service.to_string())
+            .or_insert_with(|| {
+                let limit = self
+                    .settings
+                    .services
+                    .get(service)
+                    .copied()
+                    .unwrap_or(self.settings.default);
+                Arc::new(ServiceBuckets {
+                    requests: limit.requests_per_minute.map(Bucket::new),
+                    tokens: limit.tokens_per_minute.map(Bucket::new),
+                })
+            })
+            .clone()
+    }
+}
+
+/// One worker's leases on one service's buckets.
+struct Lease {
+    shared: Arc<ServiceBuckets>,
+    requests: Cell<i64>,
+    /// Below zero when answers used more tokens than were admitted.
+    tokens: Cell<i64>,
+}
+
+/// Which limit refused a request, and when to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub tokens: bool,
+    pub retry_after: Duration,
+}
+
+/// Admitted tokens of one request; `settle` charges what it really used.
+pub struct TokenCharge {
+    lease: Rc<Lease>,
+    admitted: u64,
+}
+
+impl TokenCharge {
+    pub fn settle(self, used: u64) {
+        let t = &self.lease.tokens;
+        t.set(t.get() + self.admitted as i64 - used as i64);
+    }
+}
+
+/// Per-worker leases, for the config version they were taken under.
+#[derive(Default)]
+pub struct WorkerLimits {
+    version: Cell<u64>,
+    leases: RefCell<AHashMap<Box<str>, Rc<Lease>>>,
+}
+
+/// Takes from a lease, refilling it from the bucket by at least a chunk when short.
+fn draw(balance: &Cell<i64>, bucket: &Bucket, units: u64, now: u64) -> Result<(), Duration> {
+    let short = units as i64 - balance.get();
+    if short > 0 {
+        let want = bucket.chunk.max(short as u64);
+        // A whole chunk may not fit when a just-enough amount does.
+        if bucket.take(want, now).is_err() {
+            bucket.take(short as u64, now)?;
+            balance.set(balance.get() + short);
+        } else {
+            balance.set(balance.get() + want as i64);
+        }
+    }
+    balance.set(balance.get() - units as i64);
+    Ok(())
+}
+
+impl WorkerLimits {
+    /// Admits one request of about `tokens` tokens (prompt estimate plus `max_tokens`).
+    /// `Ok(None)`: the service has no token limit.
+    pub fn admit(
+        &self,
+        limits: &RateLimits,
+        version: u64,
+        service: &str,
+        tokens: u64,
+    ) -> Result<Option<TokenCharge>, Refusal> {
+        if !limits.limited() {
+            return Ok(None);
+        }
+        let mut leases = self.leases.borrow_mut();
+        if self.version.get() != version {
+            leases.clear();
+            self.version.set(version);
+        }
+        let lease = match leases.get(service) {
+            Some(l) => l.clone(),
+            None => {
+                let l = Rc::new(Lease {
+                    shared: limits.buckets(service),
+                    requests: Cell::new(0),
+                    tokens: Cell::new(0),
+                });
+                leases.insert(service.into(), l.clone());
+                l
+            }
+        };
+        drop(leases);
+        let now = limits.now();
+        if let Some(b) = &lease.shared.requests {
+            draw(&lease.requests, b, 1, now).map_err(|retry_after| Refusal {
+                tokens: false,
+                retry_after,
+            })?;
+        }
+        let Some(b) = &lease.shared.tokens else {
+            return Ok(None);
+        };
+        if let Err(retry_after) = draw(&lease.tokens, b, tokens, now) {
+            // The request was not admitted: its request unit goes back to the lease.
+            lease.requests.set(lease.requests.get() + 1);
+            return Err(Refusal {
+                tokens: true,
+                retry_after,
+            });
+        }
+        Ok(Some(TokenCharge {
+            lease,
+            admitted: tokens,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn limits(rpm: Option<u64>, tpm: Option<u64>) -> RateLimits {
+        RateLimits::new(RateLimitSettings {
+            default: Limit::default(),
+            services: BTreeMap::from([(
+                "etl".to_string(),
+                Limit {
+                    requests_per_minute: rpm,
+                    tokens_per_minute: tpm,
+                },
+            )]),
+        })
+    }
+
+    #[test]
+    fn a_minute_of_requests_then_refusals_shared_across_workers() {
+        let l = limits(Some(10), None);
+        let workers = [WorkerLimits::default(), WorkerLimits::default()];
+        let admitted = (0..30)
+            .filter(|i| workers[i % 2].admit(&l, 1, "etl", 0).is_ok())
+            .count();
+        assert_eq!(admitted, 10, "exact for a low rate");
+        let refusal = workers[0].admit(&l, 1, "etl", 0).err().unwrap();
+        assert!(!refusal.tokens);
+        assert!(refusal.retry_after <= Duration::from_secs(6), "{refusal:?}");
+        assert!(
+            workers[0].admit(&l, 1, "other", 0).is_ok(),
+            "unlimited service"
+        );
+    }
+
+    #[test]
+    fn tokens_are_admitted_by_estimate_and_settled_by_use() {
+        let l = limits(None, Some(1000));
+        let w = WorkerLimits::default();
+        let charge = w.admit(&l, 1, "etl", 600).unwrap().unwrap();
+        let refusal = w.admit(&l, 1, "etl", 600).err().unwrap();
+        assert!(refusal.tokens);
+        // Used less than estimated: the difference is available again.
+        charge.settle(100);
+        w.admit(&l, 1, "etl", 800).unwrap().unwrap().settle(800);
+        assert!(w.admit(&l, 1, "etl", 200).is_err());
+    }
+
+    #[test]
+    fn high_rates_take_chunks_and_stay_within_a_chunk_per_worker() {
+        let l = limits(Some(600_000), None);
+        let workers: Vec<_> = (0..4).map(|_| WorkerLimits::default()).collect();
+        let mut admitted = 0;
+        for i in 0..1_000_000 {
+            if workers[i % 4].admit(&l, 1, "etl", 0).is_ok() {
+                admitted += 1;
+            }
+        }
+        // One minute banked, plus what the test's own runtime refilled, plus a chunk per worker.
+        let elapsed_ns = l.now();
+        let refilled = elapsed_ns / (WINDOW_NS / 600_000);
+        let bound = 600_000 + refilled + 4 * 100;
+        assert!(
+            (600_000..=bound).contains(&admitted),
+            "{admitted} > {bound}"
+        );
+    }
+}
