@@ -18,6 +18,10 @@ sim_pid=$!
 cat > "$work/switchyard.toml" <<TOML
 [health]
 interval_ms = 0
+[admin]
+enabled = false
+[storage]
+data_dir = "$work/data"
 [[backends]]
 name = "sim"
 url = "http://127.0.0.1:$sim_port"

@@ -21,6 +21,10 @@ cat > "$work/switchyard.toml" <<TOML
 io_driver = "epoll"
 [health]
 interval_ms = 0
+[admin]
+enabled = false
+[storage]
+data_dir = "$work/data"
 [[backends]]
 name = "sim"
 url = "http://127.0.0.1:$sim_port"

@@ -156,6 +156,10 @@ start_switchyard() {
 io_driver = "$driver"
 [health]
 interval_ms = 0
+[admin]
+enabled = false
+[storage]
+data_dir = "$TMP/data-$tag"
 [[backends]]
 name = "sim"
 url = "http://127.0.0.1:$SIM_PORT"

@@ -2,7 +2,7 @@
 //! Must not: block the workers (they never wait on this side).
 
 use crate::metrics::Metrics;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -101,11 +101,30 @@ pub struct CacheTotals {
     pub saved_micros: u64,
 }
 
+/// A spend row within one day and service: (category, tier, model).
+type RowKey = (Category, Arc<str>, Arc<str>);
+
+#[derive(Default)]
+struct Row {
+    totals: SpendTotals,
+    /// Changed since the last flush to the store.
+    dirty: bool,
+}
+
+/// day -> service -> rows: nested, so counting an event looks up by `&str` without allocating.
+type Spend = HashMap<String, HashMap<String, HashMap<RowKey, Row>>>;
+
+/// The value at `key`, inserted empty first if missing (allocates only then).
+fn slot<'m, V: Default>(map: &'m mut HashMap<String, V>, key: &str) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
+}
+
 #[derive(Default)]
 pub struct Ledger {
-    spend: Mutex<BTreeMap<SpendKey, SpendTotals>>,
-    /// Rows changed since the last flush to the store.
-    dirty: Mutex<BTreeSet<SpendKey>>,
+    spend: Mutex<Spend>,
     cache: Mutex<BTreeMap<(String, Category), CacheTotals>>,
     budget_downgrades: AtomicU64,
     budget_rejections: AtomicU64,
@@ -120,18 +139,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Ledger {
     /// Counts one finished request on `day` (its budget day).
     pub fn record(&self, e: &UsageEvent, day: &str) {
-        let key = SpendKey {
-            day: day.to_string(),
-            service: e.service.clone(),
-            category: e.category,
-            tier: e.tier.clone(),
-            model: e.model.clone(),
-        };
-        lock(&self.spend)
-            .entry(key.clone())
-            .or_default()
-            .add(&SpendTotals::of(e));
-        lock(&self.dirty).insert(key);
+        let mut spend = lock(&self.spend);
+        let rows = slot(slot(&mut spend, day), &e.service);
+        let row = rows
+            .entry((e.category, e.tier.clone(), e.model.clone()))
+            .or_default();
+        row.totals.add(&SpendTotals::of(e));
+        row.dirty = true;
+        drop(spend);
         self.metrics.record(e);
         if e.budget_downgraded {
             self.budget_downgrades.fetch_add(1, Relaxed);
@@ -170,52 +185,86 @@ impl Ledger {
     }
 
     /// Starts from spend loaded from the store.
-    pub fn with_spend(spend: BTreeMap<SpendKey, SpendTotals>) -> Ledger {
+    pub fn with_spend(loaded: BTreeMap<SpendKey, SpendTotals>) -> Ledger {
+        let mut spend = Spend::default();
+        for (k, totals) in loaded {
+            let rows = slot(slot(&mut spend, &k.day), &k.service);
+            rows.insert(
+                (k.category, k.tier, k.model),
+                Row {
+                    totals,
+                    dirty: false,
+                },
+            );
+        }
         Ledger {
             spend: Mutex::new(spend),
             ..Ledger::default()
         }
     }
 
+    /// Every row that `keep` selects by day and service, as (key, totals).
+    fn rows(
+        &self,
+        mut keep: impl FnMut(&str, &str, &mut Row) -> bool,
+    ) -> Vec<(SpendKey, SpendTotals)> {
+        let mut out = Vec::new();
+        for (day, services) in lock(&self.spend).iter_mut() {
+            for (service, rows) in services.iter_mut() {
+                for ((category, tier, model), row) in rows.iter_mut() {
+                    if keep(day, service, row) {
+                        let key = SpendKey {
+                            day: day.clone(),
+                            service: service.clone(),
+                            category: *category,
+                            tier: tier.clone(),
+                            model: model.clone(),
+                        };
+                        out.push((key, row.totals.clone()));
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// The rows changed since the last call, with their totals now, for the store.
     pub fn take_dirty(&self) -> Vec<(SpendKey, SpendTotals)> {
-        let keys = std::mem::take(&mut *lock(&self.dirty));
-        let spend = lock(&self.spend);
-        keys.into_iter()
-            .filter_map(|k| spend.get(&k).cloned().map(|t| (k, t)))
-            .collect()
+        self.rows(|_, _, row| std::mem::take(&mut row.dirty))
     }
 
     /// Puts rows back after a failed flush, so the next one writes them.
     pub fn mark_dirty(&self, keys: impl IntoIterator<Item = SpendKey>) {
-        lock(&self.dirty).extend(keys);
+        let mut spend = lock(&self.spend);
+        for k in keys {
+            let rows = slot(slot(&mut spend, &k.day), &k.service);
+            if let Some(row) = rows.get_mut(&(k.category, k.tier, k.model)) {
+                row.dirty = true;
+            }
+        }
     }
 
     /// Cost spent on `day` per budget: per service, and per service and category.
     pub fn spent_by_budget(&self, day: &str) -> BTreeMap<BudgetKey, u64> {
         let mut out = BTreeMap::new();
-        for (k, t) in lock(&self.spend).iter().filter(|(k, _)| k.day == day) {
+        for (k, t) in self.spend(day, None) {
             *out.entry((k.service.clone(), None)).or_default() += t.cost_micros;
-            *out.entry((k.service.clone(), Some(k.category)))
-                .or_default() += t.cost_micros;
+            *out.entry((k.service, Some(k.category))).or_default() += t.cost_micros;
         }
         out
     }
 
     /// Spend rows of `day`, optionally of one service.
     pub fn spend(&self, day: &str, service: Option<&str>) -> Vec<(SpendKey, SpendTotals)> {
-        lock(&self.spend)
-            .iter()
-            .filter(|(k, _)| k.day == day && service.is_none_or(|s| k.service == s))
-            .map(|(k, t)| (k.clone(), t.clone()))
-            .collect()
+        self.rows(|d, s, _| d == day && service.is_none_or(|want| want == s))
     }
 
     /// Totals per service over every day.
     pub fn totals(&self) -> BTreeMap<String, SpendTotals> {
         let mut out: BTreeMap<String, SpendTotals> = BTreeMap::new();
-        for (k, t) in lock(&self.spend).iter() {
-            out.entry(k.service.clone()).or_default().add(t);
+        for (k, t) in self.rows(|_, _, _| true) {
+            out.entry(k.service).or_default().add(&t);
         }
         out
     }
@@ -361,6 +410,17 @@ mod tests {
             }
         );
         assert_eq!(t["b"].cost_micros, 14);
+        let dirty = ledger.take_dirty();
+        assert_eq!(dirty.len(), 2, "one row per day, service, category, tier, model");
+        assert!(ledger.take_dirty().is_empty(), "flushed rows are clean");
+        ledger.mark_dirty(dirty.into_iter().map(|(k, _)| k));
+        assert_eq!(ledger.take_dirty().len(), 2, "a failed flush is retried");
+        assert_eq!(ledger.spend("2026-11-27", Some("b")).len(), 1);
+        assert!(ledger.spend("2026-11-28", None).is_empty());
+        assert_eq!(
+            ledger.spent_by_budget("2026-11-27")[&("b".to_string(), Some(Category::Chat))],
+            14
+        );
         assert_eq!((t["b"].cache_hits, t["b"].saved_micros), (1, 7));
         let cache = ledger.cache_totals();
         assert_eq!(

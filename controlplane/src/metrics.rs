@@ -8,6 +8,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use switchyard_shared::category::Category;
 use switchyard_shared::usage::UsageEvent;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +77,32 @@ pub struct LimitLabels {
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// Every label an event's metrics carry, besides the service.
+type SeriesKey = (
+    Category,
+    Arc<str>,
+    Arc<str>,
+    Arc<str>,
+    u16,
+    &'static str,
+    &'static str,
+);
+
+/// The metric handles of one label combination (clones share the registered metric).
+struct Series {
+    requests: Counter,
+    duration: Histogram,
+    first_byte: Histogram,
+    /// prompt, cached, completion.
+    tokens: [Counter; 3],
+    cost: Counter,
+    estimated: Counter,
+    downgrades: Counter,
+    refusals: Option<Counter>,
+    /// Outcome counter and saved micro-dollars, for cacheable requests.
+    cache: Option<(Counter, Counter)>,
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. about 33 s: cache hits at the bottom, long generations at the top.
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
@@ -83,6 +112,8 @@ fn latency_histogram() -> Histogram {
 /// the scrape handler from live state just before encoding.
 pub struct Metrics {
     registry: Registry,
+    /// service -> label combination -> handles.
+    series: Mutex<HashMap<String, HashMap<SeriesKey, Series>>>,
     requests: Family<RequestLabels, Counter>,
     duration: Histograms<LatencyLabels>,
     first_byte: Histograms<LatencyLabels>,
@@ -130,6 +161,7 @@ impl Default for Metrics {
             cache_bytes: Gauge::default(),
             cache_evictions: Gauge::default(),
             registry: Registry::default(),
+            series: Mutex::default(),
         };
         let r = &mut registry;
         r.register("requests", "Finished requests", m.requests.clone());
@@ -229,82 +261,120 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one finished request. The metric handles of each label combination are found
+    /// once and kept, so a request costs a map lookup and atomic adds, not a dozen label strings.
     pub fn record(&self, e: &UsageEvent) {
+        let key: SeriesKey = (
+            e.category,
+            e.tier.clone(),
+            e.backend.clone(),
+            e.model.clone(),
+            e.status,
+            e.cache,
+            e.refused_by,
+        );
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let of_service = match series.get_mut(e.service.as_str()) {
+            Some(s) => s,
+            None => series.entry(e.service.clone()).or_default(),
+        };
+        let s = of_service
+            .entry(key)
+            .or_insert_with(|| self.series_of(e));
+        s.requests.inc();
+        s.duration.observe(e.total_us as f64 / 1e6);
+        s.first_byte.observe(e.first_byte_us as f64 / 1e6);
+        for (counter, n) in s.tokens.iter().zip([
+            e.prompt_tokens,
+            e.cached_tokens,
+            e.completion_tokens,
+        ]) {
+            counter.inc_by(n);
+        }
+        s.cost.inc_by(e.cost_micros);
+        if e.tokens_estimated {
+            s.estimated.inc();
+        }
+        if e.budget_downgraded {
+            s.downgrades.inc();
+        }
+        if let Some(refusals) = &s.refusals {
+            refusals.inc();
+        }
+        if let Some((outcomes, saved)) = &s.cache {
+            outcomes.inc();
+            saved.inc_by(e.saved_micros);
+        }
+    }
+
+    /// The handles an event with these labels updates.
+    fn series_of(&self, e: &UsageEvent) -> Series {
+        let service = e.service.clone();
         let category = e.category.as_str().to_string();
-        self.requests
-            .get_or_create(&RequestLabels {
-                service: e.service.clone(),
-                category: category.clone(),
-                tier: e.tier.to_string(),
-                backend: e.backend.to_string(),
-                status: e.status.to_string(),
-            })
-            .inc();
         let latency = LatencyLabels {
-            service: e.service.clone(),
+            service: service.clone(),
             tier: e.tier.to_string(),
         };
-        self.duration
-            .get_or_create(&latency)
-            .observe(e.total_us as f64 / 1e6);
-        self.first_byte
-            .get_or_create(&latency)
-            .observe(e.first_byte_us as f64 / 1e6);
         let spend = SpendLabels {
-            service: e.service.clone(),
+            service: service.clone(),
             category: category.clone(),
             tier: e.tier.to_string(),
             model: e.model.to_string(),
         };
-        for (kind, n) in [
-            ("prompt", e.prompt_tokens),
-            ("cached", e.cached_tokens),
-            ("completion", e.completion_tokens),
-        ] {
-            if n > 0 {
-                let labels = TokenLabels {
-                    service: spend.service.clone(),
-                    category: spend.category.clone(),
-                    tier: spend.tier.clone(),
-                    model: spend.model.clone(),
-                    kind,
-                };
-                self.tokens.get_or_create(&labels).inc_by(n);
-            }
-        }
-        self.cost.get_or_create(&spend).inc_by(e.cost_micros);
-        let service = ServiceLabels {
-            service: e.service.clone(),
+        let tokens = ["prompt", "cached", "completion"].map(|kind| {
+            let labels = TokenLabels {
+                service: service.clone(),
+                category: category.clone(),
+                tier: spend.tier.clone(),
+                model: spend.model.clone(),
+                kind,
+            };
+            self.tokens.get_or_create(&labels).clone()
+        });
+        let by_service = ServiceLabels {
+            service: service.clone(),
         };
-        if e.tokens_estimated {
-            self.estimated.get_or_create(&service).inc();
-        }
-        if e.budget_downgraded {
-            self.budget_downgrades.get_or_create(&service).inc();
-        }
-        match e.refused_by {
-            "budget" => {
-                self.budget_rejections.get_or_create(&service).inc();
-            }
+        let refusals = match e.refused_by {
+            "budget" => Some(self.budget_rejections.get_or_create(&by_service).clone()),
             "rate_limit_requests" | "rate_limit_tokens" => {
-                let limit = LimitLabels {
-                    service: e.service.clone(),
+                let labels = LimitLabels {
+                    service: service.clone(),
                     limit: &e.refused_by["rate_limit_".len()..],
                 };
-                self.rate_limited.get_or_create(&limit).inc();
+                Some(self.rate_limited.get_or_create(&labels).clone())
             }
-            _ => {}
-        }
-        if !e.cache.is_empty() {
+            _ => None,
+        };
+        let cache = (!e.cache.is_empty()).then(|| {
             let labels = CacheLabels {
-                service: e.service.clone(),
-                category,
+                service: service.clone(),
+                category: category.clone(),
                 result: e.cache,
             };
-            self.cache.get_or_create(&labels).inc();
-            self.cache_saved
-                .get_or_create(&service)
-                .inc_by(e.saved_micros);
+            (
+                self.cache.get_or_create(&labels).clone(),
+                self.cache_saved.get_or_create(&by_service).clone(),
+            )
+        });
+        Series {
+            requests: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    service: service.clone(),
+                    category,
+                    tier: e.tier.to_string(),
+                    backend: e.backend.to_string(),
+                    status: e.status.to_string(),
+                })
+                .clone(),
+            duration: self.duration.get_or_create(&latency).clone(),
+            first_byte: self.first_byte.get_or_create(&latency).clone(),
+            tokens,
+            cost: self.cost.get_or_create(&spend).clone(),
+            estimated: self.estimated.get_or_create(&by_service).clone(),
+            downgrades: self.budget_downgrades.get_or_create(&by_service).clone(),
+            refusals,
+            cache,
         }
     }
 
