@@ -411,7 +411,11 @@ mod tests {
         );
         assert_eq!(t["b"].cost_micros, 14);
         let dirty = ledger.take_dirty();
-        assert_eq!(dirty.len(), 2, "one row per day, service, category, tier, model");
+        assert_eq!(
+            dirty.len(),
+            2,
+            "one row per day, service, category, tier, model"
+        );
         assert!(ledger.take_dirty().is_empty(), "flushed rows are clean");
         ledger.mark_dirty(dirty.into_iter().map(|(k, _)| k));
         assert_eq!(ledger.take_dirty().len(), 2, "a failed flush is retried");

@@ -278,17 +278,15 @@ impl Metrics {
             Some(s) => s,
             None => series.entry(e.service.clone()).or_default(),
         };
-        let s = of_service
-            .entry(key)
-            .or_insert_with(|| self.series_of(e));
+        let s = of_service.entry(key).or_insert_with(|| self.series_of(e));
         s.requests.inc();
         s.duration.observe(e.total_us as f64 / 1e6);
         s.first_byte.observe(e.first_byte_us as f64 / 1e6);
-        for (counter, n) in s.tokens.iter().zip([
-            e.prompt_tokens,
-            e.cached_tokens,
-            e.completion_tokens,
-        ]) {
+        for (counter, n) in
+            s.tokens
+                .iter()
+                .zip([e.prompt_tokens, e.cached_tokens, e.completion_tokens])
+        {
             counter.inc_by(n);
         }
         s.cost.inc_by(e.cost_micros);

@@ -5,6 +5,7 @@
 
 use crate::codec::Head;
 use ahash::AHashMap;
+use arc_swap::ArcSwap;
 use std::sync::Arc;
 
 /// What a key may do.
@@ -62,7 +63,7 @@ impl Service<'_> {
 /// Who is calling. With `required` off, the header names the service (default "default").
 /// Errors are the message for a 401.
 pub fn identify<'h>(
-    keys: &KeyTable,
+    keys: &ArcSwap<KeyTable>,
     required: bool,
     head: &'h Head,
 ) -> Result<Service<'h>, &'static str> {
@@ -79,6 +80,7 @@ pub fn identify<'h>(
         .strip_prefix(b"Bearer ")
         .or_else(|| auth.strip_prefix(b"bearer "))
         .ok_or("the Authorization header must be `Bearer <key>`")?;
+    let keys = keys.load();
     let grant = keys
         .keys
         .get(&key_hash(key.trim_ascii()))
@@ -122,7 +124,7 @@ mod tests {
 
     fn who(required: bool, headers: &str) -> Result<String, &'static str> {
         let h = head(headers);
-        identify(&table(), required, &h).map(|s| s.as_str().to_string())
+        identify(&ArcSwap::from_pointee(table()), required, &h).map(|s| s.as_str().to_string())
     }
 
     #[test]

@@ -212,8 +212,8 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
     };
     let keep_alive = head.keep_alive && !worker.shared.is_draining();
     if path == "/v1/models" && local.is_some() {
-        let keys = worker.shared.keys.load();
-        if let Err(msg) = crate::auth::identify(&keys, snap.table.auth_required, &head) {
+        let keys = &worker.shared.keys;
+        if let Err(msg) = crate::auth::identify(keys, snap.table.auth_required, &head) {
             return send_error(
                 client,
                 ErrorKind::InvalidApiKey,

@@ -105,7 +105,7 @@ pub async fn handle(
     keep_alive: bool,
 ) -> bool {
     let table = &snap.table;
-    let identity = auth::identify(&worker.shared.keys.load(), table.auth_required, head);
+    let identity = auth::identify(&worker.shared.keys, table.auth_required, head);
     let mut ctx = Ctx {
         request_id: worker.next_request_id(),
         config_version: table.version,
