@@ -30,6 +30,10 @@ struct Cli {
 enum Command {
     /// Run the router (the default command).
     Serve(ServeArgs),
+    /// Run only the control plane (config, spend, budgets, keys, admin API) for remote data planes.
+    Control(ServeArgs),
+    /// Run only a data plane, following the control plane at --control.
+    Data(DataArgs),
     /// Classify JSONL from stdin: each line `{"id", "messages"}` or `{"id", "body"}`.
     Classify {
         /// Config whose classifier keywords and tiers to use; default: the demo config.
@@ -101,6 +105,28 @@ enum KeyAction {
 enum CacheAction {
     /// Drop every stored answer.
     Purge,
+}
+
+#[derive(Args, Clone)]
+struct DataArgs {
+    /// The control plane's admin API, e.g. http://10.0.0.5:8081 (token: $SWITCHYARD_ADMIN_TOKEN
+    /// or <--data-dir>/admin-token).
+    #[arg(long)]
+    control: String,
+    #[arg(long, default_value = "switchyard-data")]
+    data_dir: String,
+    /// Override `listener.address` of the control plane's config.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Override `listener.workers`.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// This data plane's name at the control plane; default: hostname and process id.
+    #[arg(long)]
+    name: Option<String>,
+    /// Usage records kept while the control plane is unreachable.
+    #[arg(long, default_value_t = 1_000_000)]
+    usage_buffer: usize,
 }
 
 #[derive(Subcommand)]
@@ -183,8 +209,10 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        None => serve(cli.serve),
-        Some(Command::Serve(args)) => serve(args),
+        None => serve(cli.serve, true),
+        Some(Command::Serve(args)) => serve(args, true),
+        Some(Command::Control(args)) => serve(args, false),
+        Some(Command::Data(args)) => data(args),
         Some(Command::CheckConfig { file }) => match config::load_file(&file) {
             Ok(table) => {
                 print!("{file}: OK\n{}", table.describe());
@@ -276,7 +304,90 @@ fn fail(errors: &[String]) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
+/// The command line's `--listen`, `--workers` and `--admin-listen`, applied to every config.
+fn overrides(
+    listen: Option<SocketAddr>,
+    workers: Option<usize>,
+    admin: Option<SocketAddr>,
+) -> Box<dyn Fn(&mut RoutingTable) + Send + Sync> {
+    Box::new(move |table: &mut RoutingTable| {
+        if let Some(addr) = listen {
+            table.listener.address = addr;
+        }
+        if let Some(n) = workers {
+            table.listener.workers = n.max(1);
+        }
+        if let (Some(addr), Some(_)) = (admin, table.admin.address) {
+            table.admin.address = Some(addr);
+        }
+    })
+}
+
+fn banner(ready: &switchyard_controlplane::Ready, demo: Option<&str>) {
+    if let Some(dp) = ready.dataplane {
+        println!(
+            "Switchyard {} listening on http://{} ({} workers, {} I/O driver, config version {})",
+            env!("CARGO_PKG_VERSION"),
+            dp.address,
+            dp.shared.snapshot.load().table.listener.workers,
+            dp.driver,
+            ready.config_version
+        );
+    } else {
+        println!(
+            "Switchyard {} control plane (config version {})",
+            env!("CARGO_PKG_VERSION"),
+            ready.config_version
+        );
+    }
+    match &ready.admin {
+        Some((addr, TokenSource::Env(name))) => {
+            println!("Control API (gRPC) and /metrics on http://{addr}; admin token from ${name}")
+        }
+        Some((addr, TokenSource::File(path))) => println!(
+            "Control API (gRPC) and /metrics on http://{addr}; admin token in {}",
+            path.display()
+        ),
+        None => {}
+    }
+    if let Some(d) = demo {
+        println!("{d}");
+    }
+    if let Some(dp) = ready.dataplane {
+        println!(
+            "Try it:\n  curl -s http://{}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"auto\",\"messages\":[{{\"role\":\"user\",\"content\":\"Summarise: the meeting moved to Friday.\"}}]}}' -i",
+            dp.address
+        );
+    }
+    let _ = std::io::stdout().flush();
+}
+
+fn data(args: DataArgs) -> ExitCode {
+    let admin = AdminArgs {
+        admin: Some(args.control.clone()),
+        data_dir: args.data_dir.clone(),
+    };
+    let control = match admin.resolve() {
+        Ok(a) => a,
+        Err(e) => return fail(&[e]),
+    };
+    let name = args.name.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "data-plane".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let start = switchyard_controlplane::remote::RemoteStart {
+        control,
+        name,
+        overrides: overrides(args.listen, args.workers, None),
+        buffer: args.usage_buffer,
+    };
+    let code = switchyard_controlplane::remote::serve_data(start, |ready| banner(ready, None));
+    ExitCode::from(code as u8)
+}
+
+fn serve(args: ServeArgs, local: bool) -> ExitCode {
     let (toml, source, file, demo) = match &args.config {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(text) => (text, path.clone(), Some(path.into()), None),
@@ -292,55 +403,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             Err(e) => return fail(&[format!("cannot start the demo backends: {e}")]),
         },
     };
-    let (listen, workers, admin) = (args.listen, args.workers, args.admin_listen);
-    let overrides = Box::new(move |table: &mut RoutingTable| {
-        if let Some(addr) = listen {
-            table.listener.address = addr;
-        }
-        if let Some(n) = workers {
-            table.listener.workers = n.max(1);
-        }
-        if let (Some(addr), Some(_)) = (admin, table.admin.address) {
-            table.admin.address = Some(addr);
-        }
-    });
     let start = switchyard_controlplane::Start {
         toml,
         source,
         file,
-        overrides,
+        overrides: overrides(args.listen, args.workers, args.admin_listen),
     };
-    let code = switchyard_controlplane::serve(start, |ready| {
-        let dp = ready.dataplane;
-        println!(
-            "Switchyard {} listening on http://{} ({} workers, {} I/O driver, config version {})",
-            env!("CARGO_PKG_VERSION"),
-            dp.address,
-            dp.shared.snapshot.load().table.listener.workers,
-            dp.driver,
-            ready.config_version
-        );
-        match &ready.admin {
-            Some((addr, TokenSource::Env(name))) => {
-                println!(
-                    "Control API (gRPC) and /metrics on http://{addr}; admin token from ${name}"
-                )
-            }
-            Some((addr, TokenSource::File(path))) => println!(
-                "Control API (gRPC) and /metrics on http://{addr}; admin token in {}",
-                path.display()
-            ),
-            None => println!("Control API off (admin.enabled = false)"),
-        }
-        if let Some(d) = &demo {
-            println!("{d}");
-        }
-        println!(
-            "Try it:\n  curl -s http://{}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"auto\",\"messages\":[{{\"role\":\"user\",\"content\":\"Summarise: the meeting moved to Friday.\"}}]}}' -i",
-            dp.address
-        );
-        let _ = std::io::stdout().flush();
-    });
+    let code = switchyard_controlplane::serve(start, local, |ready| banner(ready, demo.as_deref()));
     ExitCode::from(code as u8)
 }
 

@@ -402,6 +402,46 @@ impl Control for Api {
         self.0.publish_keys().map_err(Status::internal)?;
         Ok(Response::new(pb::RevokeKeyReply { revoked }))
     }
+
+    async fn lease_budget(
+        &self,
+        request: Request<pb::LeaseBudgetRequest>,
+    ) -> Result<Response<pb::LeaseBudgetReply>, Status> {
+        let r = request.into_inner();
+        let budgets = &self.0.budgets;
+        let day = budgets.day();
+        if r.day != day {
+            return Ok(Response::new(pb::LeaseBudgetReply {
+                granted_micros: 0,
+                unlimited: false,
+                day,
+            }));
+        }
+        let key = (r.service, parse_category(&r.category)?);
+        let granted = budgets.grant(key, r.micros);
+        Ok(Response::new(pb::LeaseBudgetReply {
+            granted_micros: granted.unwrap_or(0),
+            unlimited: granted.is_none(),
+            day,
+        }))
+    }
+
+    async fn get_key_hashes(
+        &self,
+        _: Request<pb::GetKeyHashesRequest>,
+    ) -> Result<Response<pb::GetKeyHashesReply>, Status> {
+        let keys = self.0.store.load_keys().map_err(Status::internal)?;
+        Ok(Response::new(pb::GetKeyHashesReply {
+            keys: keys
+                .into_iter()
+                .map(|k| pb::KeyHash {
+                    sha256: k.hash.to_vec(),
+                    service: k.service,
+                    any_service: k.any_service,
+                })
+                .collect(),
+        }))
+    }
 }
 
 fn key_id_full(hash: &[u8; 32]) -> String {

@@ -5,7 +5,8 @@
 
 use crate::api::pb::{self, control_client::ControlClient};
 use std::fmt::Write as _;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::Channel;
 
 /// Where the control API is and how to prove we may use it.
@@ -60,19 +61,41 @@ pub fn run(admin: &Admin, command: Command) -> Result<String, String> {
     runtime.block_on(call(admin, command))
 }
 
-async fn call(admin: &Admin, command: Command) -> Result<String, String> {
-    let channel = Channel::from_shared(admin.url.clone())
-        .map_err(|e| format!("admin URL `{}`: {e}", admin.url))?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach the control API at {}: {e}", admin.url))?;
-    let bearer: MetadataValue<_> = format!("Bearer {}", admin.token)
-        .parse()
-        .map_err(|_| "the admin token holds characters a header cannot carry".to_string())?;
-    let mut client = ControlClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-        r.metadata_mut().insert("authorization", bearer.clone());
+/// Adds the admin token to every call.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
         Ok(r)
-    });
+    }
+}
+
+pub type AuthedClient = ControlClient<InterceptedService<Channel, Bearer>>;
+
+impl Admin {
+    /// A client for the control API; with `lazy`, it connects (and reconnects) on use.
+    pub async fn client(&self, lazy: bool) -> Result<AuthedClient, String> {
+        let endpoint = Channel::from_shared(self.url.clone())
+            .map_err(|e| format!("admin URL `{}`: {e}", self.url))?;
+        let channel = if lazy {
+            endpoint.connect_lazy()
+        } else {
+            endpoint
+                .connect()
+                .await
+                .map_err(|e| format!("cannot reach the control API at {}: {e}", self.url))?
+        };
+        let bearer = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| "the admin token holds characters a header cannot carry".to_string())?;
+        Ok(ControlClient::with_interceptor(channel, Bearer(bearer)))
+    }
+}
+
+async fn call(admin: &Admin, command: Command) -> Result<String, String> {
+    let mut client = admin.client(false).await?;
     let status = |s: tonic::Status| format!("control API: {}", s.message());
     let mut out = String::new();
     match command {

@@ -100,9 +100,19 @@ impl Configs {
 
     /// Validates and publishes; returns the new version. On error the running config stays.
     pub fn apply(&self, toml: String, source: &str) -> Result<u64, Vec<String>> {
+        self.apply_as(toml, source, None)
+    }
+
+    /// `apply` with the version a remote control plane gave the config (`None`: the next one).
+    pub fn apply_as(
+        &self,
+        toml: String,
+        source: &str,
+        version: Option<u64>,
+    ) -> Result<u64, Vec<String>> {
         let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let mut table = self.validate(&toml, source)?;
-        let version = history.back().map_or(0, |r| r.version) + 1;
+        let version = version.unwrap_or_else(|| history.back().map_or(0, |r| r.version) + 1);
         table.version = version;
         let next = Snapshot::replacing(table, &self.snapshot.load()).map_err(|e| vec![e])?;
         self.snapshot.store(Arc::new(next));

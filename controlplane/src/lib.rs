@@ -5,13 +5,15 @@
 //! budget leases and `try_send` usage.
 //!
 //! Layout: `configs` (live configuration), `ledger` (spend), `metrics` (Prometheus), `store`
-//! (persistence), `api` (gRPC control API and `/metrics`), `client` (the CLI's side of the API).
+//! (persistence), `api` (gRPC control API and `/metrics`), `client` (the CLI's side of the API),
+//! `remote` (a data plane in its own process, following a control plane elsewhere).
 
 pub mod api;
 pub mod client;
 pub mod configs;
 pub mod ledger;
 pub mod metrics;
+pub mod remote;
 pub mod store;
 
 use api::pb;
@@ -197,12 +199,25 @@ impl ControlPlane {
     }
 
     /// Commits changed spend rows; on failure they stay marked for the next flush.
+    /// Remote data planes' sequences are committed in the same transaction as the spend they
+    /// produced, so a control plane restarted after a crash neither loses nor recounts a batch.
     pub fn flush(&self) {
-        let rows = self.ledger.take_dirty();
+        let (rows, sequences) = {
+            // Held while taking the rows: `record_remote` counts a batch under this lock.
+            let remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+            let sequences: Vec<(String, u64)> = remotes
+                .iter()
+                .map(|(name, (last, _))| (name.clone(), *last))
+                .collect();
+            (self.ledger.take_dirty(), sequences)
+        };
         if rows.is_empty() {
             return;
         }
-        if let Err(e) = self.store.save_spend(rows.iter().map(|(k, t)| (k, t))) {
+        if let Err(e) = self
+            .store
+            .save_spend(rows.iter().map(|(k, t)| (k, t)), &sequences)
+        {
             eprintln!("switchyard: {e}; will retry");
             self.ledger.mark_dirty(rows.into_iter().map(|(k, _)| k));
         }
@@ -263,7 +278,8 @@ pub enum TokenSource {
 
 /// What the banner shows once everything listens.
 pub struct Ready<'a> {
-    pub dataplane: &'a DataPlane,
+    /// `None` when this process runs only the control plane.
+    pub dataplane: Option<&'a DataPlane>,
     pub config_version: u64,
     pub admin: Option<(SocketAddr, TokenSource)>,
 }
@@ -313,10 +329,10 @@ fn key_table(store: &Store) -> Result<KeyTable, String> {
     })))
 }
 
-/// Runs both planes until SIGTERM/SIGINT; returns the process exit code.
-/// `on_ready` runs once everything listens (the CLI prints its banner there).
-pub fn serve(start: Start, on_ready: impl FnOnce(&Ready)) -> i32 {
-    match run(start, on_ready) {
+/// Runs both planes (`local`) or only the control plane until SIGTERM/SIGINT; returns the
+/// process exit code. `on_ready` runs once everything listens (the CLI prints its banner there).
+pub fn serve(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> i32 {
+    match run(start, local, on_ready) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("switchyard: {e}");
@@ -325,13 +341,18 @@ pub fn serve(start: Start, on_ready: impl FnOnce(&Ready)) -> i32 {
     }
 }
 
-fn run(start: Start, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// The control plane's tokio runtime: one thread is plenty for its work.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("switchyard-control")
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the control plane runtime: {e}"))?;
+        .map_err(|e| format!("cannot start the control plane runtime: {e}"))
+}
+
+fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
+    let runtime = runtime()?;
     let first = config::load_str(&start.toml, &start.source, &|n| std::env::var(n).ok())
         .map_err(|errors| errors.join("\n"))?;
     let store = Store::open(&first.data_dir)?;
@@ -351,7 +372,6 @@ fn run(start: Start, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
         budgets.set_override(key, Some(limit));
     }
     budgets.start_day(today.clone(), ledger.spent_by_budget(&today));
-    let (usage, events) = UsageSink::channel(table.usage.channel_capacity);
     let log_events = table.usage.log_events;
     let drain_timeout = table.listener.drain_timeout;
     let admin = table.admin.clone();
@@ -360,27 +380,41 @@ fn run(start: Start, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
     if table.auth_required && keys.is_empty() {
         eprintln!("switchyard: auth.required is on and no API key exists yet: create one with `switchyard keys create SERVICE`");
     }
-    let dataplane =
-        server::start(snapshot.clone(), usage, budgets.clone(), keys).map_err(|e| e.to_string())?;
+    let (dataplane, events) = if local {
+        let (usage, events) = UsageSink::channel(table.usage.channel_capacity);
+        let dp = server::start(snapshot.clone(), usage, budgets.clone(), keys)
+            .map_err(|e| e.to_string())?;
+        (Some(dp), Some(events))
+    } else {
+        (None, None)
+    };
+    let remotes = store
+        .load_sequences()?
+        .into_iter()
+        .map(|(name, last)| (name, (last, 0)))
+        .collect();
     let cp = Arc::new(ControlPlane {
         configs,
         ledger,
         budgets,
         store,
-        local: Some(dataplane),
+        local: dataplane,
         started: Instant::now(),
-        remotes: Mutex::default(),
+        remotes: Mutex::new(remotes),
     });
-    let consumer = cp.clone();
-    // On blocking threads of the runtime: the channel is crossbeam, fed from non-tokio threads,
-    // and the store's commits wait for the disk.
-    runtime.spawn_blocking(move || {
-        let days = consumer.clone();
-        consumer
-            .ledger
-            .consume(events, log_events, USAGE_DRAIN_PERIOD, move || days.today())
-    });
+    if let Some(events) = events {
+        let consumer = cp.clone();
+        // On a blocking thread of the runtime: the channel is crossbeam, fed from non-tokio
+        // threads.
+        runtime.spawn_blocking(move || {
+            let days = consumer.clone();
+            consumer
+                .ledger
+                .consume(events, log_events, USAGE_DRAIN_PERIOD, move || days.today())
+        });
+    }
     let flusher = cp.clone();
+    // The store's commits wait for the disk: a blocking thread too.
     runtime.spawn_blocking(move || loop {
         std::thread::sleep(FLUSH_PERIOD);
         flusher.flush();
@@ -408,35 +442,16 @@ fn run(start: Start, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
     if let Some(file) = start.file {
         runtime.spawn(reload_on_sighup(cp.clone(), file));
     }
-    let dataplane = cp.local.as_ref().expect("started above");
     on_ready(&Ready {
-        dataplane,
+        dataplane: cp.local.as_ref(),
         config_version: cp.configs.current().version,
         admin: admin_info,
     });
-    runtime.block_on(async {
-        wait_for_signal().await;
-        eprintln!("switchyard: shutting down: draining requests in flight (up to {drain_timeout:?}; signal again to exit now)");
-        dataplane.begin_drain();
-        tokio::spawn(async {
-            wait_for_signal().await;
-            eprintln!("switchyard: second signal: exiting now");
-            std::process::exit(130);
-        });
-        let deadline = Instant::now() + drain_timeout;
-        while dataplane.shared.inflight() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let left = dataplane.shared.inflight();
-        if left > 0 {
-            eprintln!("switchyard: drain deadline passed with {left} requests in flight");
-        }
-        // Let the consumer take the last events before the summary.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    });
+    runtime.block_on(drain_on_signal(cp.local.as_ref(), drain_timeout));
     cp.flush();
-    eprintln!("{}", cp.ledger.summary(dataplane.shared.usage.dropped()));
-    if let Some(cache) = &dataplane.shared.cache {
+    let dropped = cp.local.as_ref().map_or(0, |dp| dp.shared.usage.dropped());
+    eprintln!("{}", cp.ledger.summary(dropped));
+    if let Some(cache) = cp.local.as_ref().and_then(|dp| dp.shared.cache.as_ref()) {
         eprintln!(
             "switchyard: response cache: {} entries, {} bytes, {} evicted",
             cache.len(),
@@ -447,6 +462,33 @@ fn run(start: Start, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
     // The consumer blocks on a channel the (still running) workers hold: do not wait for it.
     runtime.shutdown_background();
     Ok(())
+}
+
+/// Waits for SIGTERM/SIGINT, then lets the data plane's requests in flight finish (up to
+/// `drain_timeout`); a second signal exits at once.
+pub(crate) async fn drain_on_signal(dataplane: Option<&DataPlane>, drain_timeout: Duration) {
+    wait_for_signal().await;
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("switchyard: second signal: exiting now");
+        std::process::exit(130);
+    });
+    let Some(dataplane) = dataplane else {
+        eprintln!("switchyard: shutting down");
+        return;
+    };
+    eprintln!("switchyard: shutting down: draining requests in flight (up to {drain_timeout:?}; signal again to exit now)");
+    dataplane.begin_drain();
+    let deadline = Instant::now() + drain_timeout;
+    while dataplane.shared.inflight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = dataplane.shared.inflight();
+    if left > 0 {
+        eprintln!("switchyard: drain deadline passed with {left} requests in flight");
+    }
+    // Let the usage consumer take the last events.
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 /// Each applied config: recorded in the store, its budget limits put in force.
@@ -514,5 +556,77 @@ async fn wait_for_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control_plane(dir: &Path) -> ControlPlane {
+        let toml = format!(
+            "[storage]\ndata_dir = \"{}\"\n[[backends]]\nname = \"b\"\nurl = \"http://127.0.0.1:9\"\nmodels = [{{ name = \"m\" }}]\n[[tiers]]\nname = \"small\"\ntargets = [\"b/m\"]\n",
+            dir.display()
+        );
+        let store = Store::open(dir).unwrap();
+        let remotes = store
+            .load_sequences()
+            .unwrap()
+            .into_iter()
+            .map(|(name, last)| (name, (last, 0)))
+            .collect();
+        ControlPlane {
+            configs: Configs::start(toml, "test", 1, Box::new(|_| {})).unwrap(),
+            ledger: Ledger::with_spend(store.load_spend().unwrap()),
+            budgets: Arc::new(BudgetBook::new("2026-11-27".into(), Limits::default())),
+            store,
+            local: None,
+            started: Instant::now(),
+            remotes: Mutex::new(remotes),
+        }
+    }
+
+    fn batch(first_sequence: u64, n: usize) -> pb::UsageBatch {
+        let record = pb::UsageRecord {
+            request_id: "01".into(),
+            service: "etl".into(),
+            endpoint: "/v1/chat/completions".into(),
+            category: "chat".into(),
+            status: 200,
+            cost_micros: 10,
+            unix_ms: jiff::Timestamp::now().as_millisecond(),
+            ..Default::default()
+        };
+        pb::UsageBatch {
+            data_plane: "dp1".into(),
+            first_sequence,
+            records: vec![record; n],
+            dropped: 0,
+        }
+    }
+
+    #[test]
+    fn a_resent_batch_is_counted_once_even_across_a_restart() {
+        let dir = std::env::temp_dir().join(format!("switchyard-remote-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let cp = control_plane(&dir);
+            assert_eq!(cp.record_remote(batch(1, 3)), Ok((3, 0)));
+            assert_eq!(cp.record_remote(batch(1, 3)), Ok((0, 3)), "resent");
+            assert_eq!(cp.record_remote(batch(3, 2)), Ok((1, 1)), "overlapping");
+            cp.flush();
+        }
+        let cp = control_plane(&dir);
+        assert_eq!(cp.record_remote(batch(1, 4)), Ok((0, 4)), "after a restart");
+        assert_eq!(cp.ledger.totals()["etl"].requests, 4);
+        let bad = pb::UsageBatch {
+            records: vec![pb::UsageRecord::default()],
+            ..batch(5, 0)
+        };
+        assert!(cp
+            .record_remote(bad)
+            .unwrap_err()
+            .contains("unknown endpoint"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -20,6 +20,8 @@ const BUDGETS: TableDefinition<(&str, &str), u64> = TableDefinition::new("budget
 const CONFIGS: TableDefinition<u64, (&str, &str, i64)> = TableDefinition::new("configs");
 /// SHA-256 of an API key -> (service, may act for other services, created unix ms).
 const API_KEYS: TableDefinition<[u8; 32], (&str, bool, i64)> = TableDefinition::new("api_keys");
+/// remote data plane name -> the last usage sequence counted from it.
+const SEQUENCES: TableDefinition<&str, u64> = TableDefinition::new("sequences");
 
 pub struct Store {
     db: Database,
@@ -52,16 +54,25 @@ impl Store {
         txn.open_table(BUDGETS).map_err(err)?;
         txn.open_table(CONFIGS).map_err(err)?;
         txn.open_table(API_KEYS).map_err(err)?;
+        txn.open_table(SEQUENCES).map_err(err)?;
         txn.commit().map_err(err)?;
         Ok(store)
     }
 
-    /// Writes the given spend rows (whole totals, so writing a row twice is harmless).
+    /// Writes the given spend rows (whole totals, so writing a row twice is harmless) and,
+    /// in the same transaction, the remote data planes' usage sequences they include.
     pub fn save_spend<'a>(
         &self,
         rows: impl IntoIterator<Item = (&'a SpendKey, &'a SpendTotals)>,
+        sequences: &[(String, u64)],
     ) -> Result<(), String> {
         let txn = self.db.begin_write().map_err(err)?;
+        {
+            let mut t = txn.open_table(SEQUENCES).map_err(err)?;
+            for (name, last) in sequences {
+                t.insert(name.as_str(), *last).map_err(err)?;
+            }
+        }
         {
             let mut t = txn.open_table(SPEND).map_err(err)?;
             for (k, v) in rows {
@@ -98,6 +109,17 @@ impl Store {
                 },
                 SpendTotals::from_array(v.value()),
             );
+        }
+        Ok(out)
+    }
+
+    pub fn load_sequences(&self) -> Result<Vec<(String, u64)>, String> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(SEQUENCES).map_err(err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            out.push((k.value().to_string(), v.value()));
         }
         Ok(out)
     }
@@ -264,7 +286,8 @@ mod tests {
         };
         {
             let s = Store::open(&d).unwrap();
-            s.save_spend([(&key, &totals)]).unwrap();
+            s.save_spend([(&key, &totals)], &[("dp1".into(), 41)])
+                .unwrap();
             s.set_budget(&("etl".into(), Some(Category::Code)), Some(5))
                 .unwrap();
             s.set_budget(&("etl".into(), None), Some(6)).unwrap();
@@ -274,6 +297,7 @@ mod tests {
         }
         let s = Store::open(&d).unwrap();
         assert_eq!(s.load_spend().unwrap(), BTreeMap::from([(key, totals)]));
+        assert_eq!(s.load_sequences().unwrap(), vec![("dp1".to_string(), 41)]);
         assert_eq!(
             s.load_budgets().unwrap(),
             BTreeMap::from([(("etl".to_string(), Some(Category::Code)), 5)])

@@ -75,6 +75,9 @@ struct BookState {
     /// Spent earlier today (before a restart), per budget: a new pool starts from it.
     spent_before: BTreeMap<BudgetKey, u64>,
     pools: BTreeMap<BudgetKey, Arc<Pool>>,
+    /// A remote data plane's book: a pool's limit is what the control plane has granted it
+    /// today, not the configured limit.
+    granted: bool,
 }
 
 /// The limits of the config in effect.
@@ -133,7 +136,9 @@ impl BookState {
                 leased: AtomicU64::new(spent),
             })
         });
-        pool.limit.store(limit, Relaxed);
+        if !self.granted {
+            pool.limit.store(limit, Relaxed);
+        }
         Some(pool.clone())
     }
 }
@@ -159,6 +164,15 @@ pub struct BudgetView {
 
 impl BudgetBook {
     pub fn new(day: String, settings: Limits) -> BudgetBook {
+        BudgetBook::build(day, settings, false)
+    }
+
+    /// The book of a data plane whose budgets the control plane grants (`add_grant`).
+    pub fn granted(day: String, settings: Limits) -> BudgetBook {
+        BudgetBook::build(day, settings, true)
+    }
+
+    fn build(day: String, settings: Limits, granted: bool) -> BudgetBook {
         BudgetBook {
             generation: AtomicU64::new(1),
             limited: AtomicBool::new(settings.any()),
@@ -168,8 +182,32 @@ impl BudgetBook {
                 overrides: BTreeMap::new(),
                 spent_before: BTreeMap::new(),
                 pools: BTreeMap::new(),
+                granted,
             }),
         }
+    }
+
+    /// Leases up to `want` of a budget to a remote data plane. `None`: no limit applies.
+    pub fn grant(&self, key: BudgetKey, want: u64) -> Option<u64> {
+        let pool = self.state().pool(key)?;
+        Some(pool.take(1, want).unwrap_or(0))
+    }
+
+    /// Adds what the control plane granted to a remote data plane's pool.
+    pub fn add_grant(&self, key: BudgetKey, amount: u64) {
+        if let Some(pool) = self.state().pool(key) {
+            pool.limit.fetch_add(amount, Relaxed);
+        }
+    }
+
+    /// Pools with less than `low_water` left to lease: a remote data plane asks for more.
+    pub fn running_low(&self, low_water: u64) -> Vec<BudgetKey> {
+        let s = self.state();
+        s.pools
+            .iter()
+            .filter(|(_, p)| p.limit().saturating_sub(p.leased()) < low_water)
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, BookState> {
@@ -532,6 +570,37 @@ mod tests {
         let a = views.iter().find(|v| v.key.0 == "a").unwrap();
         assert_eq!((a.limit, a.source), (500, "api"));
         assert!(a.leased >= 450 && a.leased <= 500, "{a:?}");
+    }
+
+    #[test]
+    fn a_remote_book_spends_only_what_the_control_plane_granted() {
+        let control = book(None, 100);
+        let remote = BudgetBook::granted("2026-11-27".into(), control.limits());
+        let w = WorkerBudgets::default();
+        let etl = ("etl".to_string(), None);
+        assert!(matches!(
+            w.reserve(&remote, "etl", Category::Chat, 10),
+            Reserve::Refused
+        ));
+        assert_eq!(
+            remote.running_low(50),
+            vec![etl.clone(), ("etl".to_string(), Some(Category::Code))]
+        );
+        assert_eq!(control.grant(etl.clone(), 600), Some(600));
+        remote.add_grant(etl.clone(), 600);
+        granted(w.reserve(&remote, "etl", Category::Chat, 500)).settle(500);
+        assert!(matches!(
+            w.reserve(&remote, "etl", Category::Chat, 200),
+            Reserve::Refused
+        ));
+        // The control plane grants only what its own limit has left.
+        assert_eq!(control.grant(etl.clone(), 600), Some(400));
+        assert_eq!(control.grant(etl, 600), Some(0));
+        assert_eq!(
+            control.grant(("other".into(), None), 600),
+            None,
+            "unlimited"
+        );
     }
 
     #[test]

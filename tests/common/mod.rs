@@ -16,7 +16,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn wait_listening(addr: SocketAddr, child: &mut Child) {
+pub fn wait_listening(addr: SocketAddr, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(addr).is_err() {
         if let Ok(Some(status)) = child.try_wait() {

@@ -1,0 +1,376 @@
+//! A data plane in its own process (`switchyard data --control URL`), following a control plane
+//! elsewhere. Owns: the first snapshot and every later one (WatchSnapshots, reconnecting with
+//! back-off), streaming usage to the control plane (ReportUsage) from a bounded buffer, budget
+//! leases granted by the control plane, and the API keys it publishes.
+//! A data plane that loses its control plane keeps serving on its last snapshot, keys and
+//! leases; usage waits in the buffer (drops counted when full) and is sent on reconnect. Batches
+//! carry sequence numbers, so a batch resent after a lost reply is counted once.
+//! Must not: serve before it has a snapshot.
+
+use crate::api::{pb, record_from_event};
+use crate::client::{Admin, AuthedClient};
+use crate::configs::{Configs, Overrides};
+use crate::{drain_on_signal, runtime, Ready};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use switchyard_dataplane::auth::{KeyGrant, KeyTable};
+use switchyard_dataplane::budget::{BudgetBook, Limits};
+use switchyard_dataplane::server::{self, DataPlane};
+use switchyard_dataplane::usage::{UsageReceiver, UsageSink};
+use switchyard_shared::category::Category;
+
+/// Records sent per ReportUsage call.
+const BATCH: usize = 1000;
+/// How often buffered usage is sent.
+const REPORT_PERIOD: Duration = Duration::from_millis(200);
+/// How often API keys and API-set budgets are fetched.
+const SYNC_PERIOD: Duration = Duration::from_secs(2);
+/// How often budget pools are checked for a new lease.
+const LEASE_PERIOD: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub struct RemoteStart {
+    pub control: Admin,
+    /// Names this data plane to the control plane (its usage sequences are per name).
+    pub name: String,
+    pub overrides: Overrides,
+    /// Usage records kept while the control plane is unreachable; more are dropped and counted.
+    pub buffer: usize,
+}
+
+/// Usage waiting to be reported, with the sequence number of the first record.
+struct Outbox {
+    records: VecDeque<pb::UsageRecord>,
+    first_sequence: u64,
+    capacity: usize,
+}
+
+struct Remote {
+    name: String,
+    configs: Configs,
+    budgets: Arc<BudgetBook>,
+    dataplane: DataPlane,
+    outbox: Mutex<Outbox>,
+    dropped: AtomicU64,
+}
+
+pub fn serve_data(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> i32 {
+    match run(start, on_ready) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            1
+        }
+    }
+}
+
+async fn first_snapshot(
+    client: &mut AuthedClient,
+    name: &str,
+) -> Result<(tonic::Streaming<pb::ConfigVersion>, pb::ConfigVersion), tonic::Status> {
+    let mut watch = client
+        .watch_snapshots(pb::WatchSnapshotsRequest {
+            data_plane: name.to_string(),
+        })
+        .await?
+        .into_inner();
+    match watch.message().await? {
+        Some(first) => Ok((watch, first)),
+        None => Err(tonic::Status::unavailable("the snapshot stream ended")),
+    }
+}
+
+fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
+    let runtime = runtime()?;
+    let mut client = runtime.block_on(start.control.client(true))?;
+    let name = start.name;
+    // Nothing to serve without a first snapshot: wait for the control plane, saying why.
+    let (watch, first) = runtime.block_on(async {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match first_snapshot(&mut client, &name).await {
+                Ok(got) => return got,
+                Err(e) => {
+                    eprintln!(
+                        "switchyard: waiting for the control plane at {}: {}",
+                        start.control.url,
+                        e.message()
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    });
+    let source = format!("{} (version {})", start.control.url, first.version);
+    let configs = Configs::start(first.toml, &source, first.version, start.overrides)
+        .map_err(|errors| errors.join("\n"))?;
+    let snapshot = configs.snapshot().clone();
+    let table = &snapshot.load().table;
+    let today = table.budgets.day_of(jiff::Timestamp::now());
+    let budgets = Arc::new(BudgetBook::granted(
+        today,
+        Limits::from_settings(&table.budgets),
+    ));
+    let keys = runtime
+        .block_on(fetch_keys(&mut client))
+        .unwrap_or_else(|e| {
+            eprintln!("switchyard: cannot fetch API keys yet ({e}); retrying");
+            KeyTable::default()
+        });
+    let (usage, events) = UsageSink::channel(table.usage.channel_capacity);
+    let drain_timeout = table.listener.drain_timeout;
+    let dataplane =
+        server::start(snapshot.clone(), usage, budgets.clone(), keys).map_err(|e| e.to_string())?;
+    let remote = Arc::new(Remote {
+        name,
+        configs,
+        budgets,
+        dataplane,
+        outbox: Mutex::new(Outbox {
+            records: VecDeque::new(),
+            first_sequence: 1,
+            capacity: start.buffer.max(1),
+        }),
+        dropped: AtomicU64::new(0),
+    });
+    // Creates the pools of every configured budget, so their leases are fetched right away.
+    remote.budgets.views([]);
+    let consumer = remote.clone();
+    runtime.spawn_blocking(move || consumer.collect(events));
+    runtime.spawn(remote.clone().follow(client.clone(), watch));
+    runtime.spawn(remote.clone().report(client.clone()));
+    runtime.spawn(remote.clone().sync(client.clone()));
+    runtime.spawn(remote.clone().lease(client.clone()));
+    on_ready(&Ready {
+        dataplane: Some(&remote.dataplane),
+        config_version: remote.configs.current().version,
+        admin: None,
+    });
+    runtime.block_on(async {
+        drain_on_signal(Some(&remote.dataplane), drain_timeout).await;
+        // The events of the drained requests reach the outbox within a poll period.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let left = remote.send_all(&mut client).await;
+        if left > 0 {
+            eprintln!("switchyard: {left} usage records could not be reported before exit");
+        }
+    });
+    runtime.shutdown_background();
+    Ok(())
+}
+
+async fn fetch_keys(client: &mut AuthedClient) -> Result<KeyTable, String> {
+    let reply = client
+        .get_key_hashes(pb::GetKeyHashesRequest {})
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    Ok(KeyTable::new(reply.keys.into_iter().filter_map(|k| {
+        let hash: [u8; 32] = k.sha256.try_into().ok()?;
+        let grant = KeyGrant {
+            service: k.service.into(),
+            any_service: k.any_service,
+        };
+        Some((hash, grant))
+    })))
+}
+
+impl Remote {
+    /// Moves usage events from the workers' channel into the outbox, stamped with the time.
+    fn collect(&self, events: UsageReceiver) {
+        loop {
+            let disconnected = loop {
+                match events.try_recv() {
+                    Ok(e) => {
+                        let record = record_from_event(&e, jiff::Timestamp::now().as_millisecond());
+                        let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+                        if outbox.records.len() < outbox.capacity {
+                            outbox.records.push_back(record);
+                        } else {
+                            self.dropped.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => break false,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => break true,
+                }
+            };
+            if disconnected {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends the oldest batch; on success it leaves the outbox. Returns whether one was sent.
+    async fn send_batch(&self, client: &mut AuthedClient) -> Result<bool, tonic::Status> {
+        let batch = {
+            let outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+            if outbox.records.is_empty() {
+                return Ok(false);
+            }
+            pb::UsageBatch {
+                data_plane: self.name.clone(),
+                first_sequence: outbox.first_sequence,
+                records: outbox.records.iter().take(BATCH).cloned().collect(),
+                dropped: self.dropped.load(Relaxed) + self.dataplane.shared.usage.dropped(),
+            }
+        };
+        let sent = batch.records.len();
+        client.report_usage(tokio_stream::iter([batch])).await?;
+        let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        outbox.records.drain(..sent);
+        outbox.first_sequence += sent as u64;
+        Ok(true)
+    }
+
+    /// Reports until the outbox is empty or the control plane fails; returns what is left.
+    async fn send_all(&self, client: &mut AuthedClient) -> usize {
+        while let Ok(true) = self.send_batch(client).await {}
+        let outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        outbox.records.len()
+    }
+
+    async fn report(self: Arc<Self>, mut client: AuthedClient) {
+        let mut backoff = REPORT_PERIOD;
+        loop {
+            tokio::time::sleep(backoff).await;
+            match self.send_batch(&mut client).await {
+                Ok(_) => backoff = REPORT_PERIOD,
+                Err(e) => {
+                    if backoff == REPORT_PERIOD {
+                        eprintln!(
+                            "switchyard: cannot report usage ({}); buffering",
+                            e.message()
+                        );
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Applies every snapshot the control plane publishes; reconnects when the stream breaks.
+    async fn follow(
+        self: Arc<Self>,
+        mut client: AuthedClient,
+        mut watch: tonic::Streaming<pb::ConfigVersion>,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match watch.message().await {
+                Ok(Some(record)) => {
+                    backoff = Duration::from_millis(100);
+                    self.apply(record);
+                }
+                Ok(None) | Err(_) => {
+                    eprintln!("switchyard: lost the control plane; serving on config version {} and reconnecting", self.configs.current().version);
+                    loop {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        if let Ok((w, first)) = first_snapshot(&mut client, &self.name).await {
+                            watch = w;
+                            self.apply(first);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&self, record: pb::ConfigVersion) {
+        if record.version == self.configs.current().version {
+            return;
+        }
+        let source = format!("control plane (version {})", record.version);
+        match self
+            .configs
+            .apply_as(record.toml, &source, Some(record.version))
+        {
+            Ok(v) => {
+                let snapshot = self.configs.snapshot().load();
+                self.budgets
+                    .set_limits(Limits::from_settings(&snapshot.table.budgets));
+                eprintln!("switchyard: config version {v} in effect");
+            }
+            Err(errors) => {
+                eprintln!(
+                    "switchyard: config version {} refused here:",
+                    record.version
+                );
+                for e in errors {
+                    eprintln!("  {e}");
+                }
+            }
+        }
+    }
+
+    /// API keys and API-set budgets, and the budget day.
+    async fn sync(self: Arc<Self>, mut client: AuthedClient) {
+        loop {
+            if let Ok(keys) = fetch_keys(&mut client).await {
+                self.dataplane.shared.keys.store(Arc::new(keys));
+            }
+            if let Ok(reply) = client.get_budgets(pb::GetBudgetsRequest {}).await {
+                let reply = reply.into_inner();
+                let wanted: BTreeMap<_, _> = reply
+                    .budgets
+                    .into_iter()
+                    .filter(|b| b.source == "api")
+                    .filter_map(|b| {
+                        let category = match b.category.as_str() {
+                            "" => None,
+                            c => Some(Category::parse(c)?),
+                        };
+                        Some(((b.service, category), b.daily_micros))
+                    })
+                    .collect();
+                let have = self.budgets.overrides();
+                for key in have.keys().filter(|k| !wanted.contains_key(*k)) {
+                    self.budgets.set_override(key.clone(), None);
+                }
+                for (key, limit) in wanted {
+                    if have.get(&key) != Some(&limit) {
+                        self.budgets.set_override(key, Some(limit));
+                    }
+                }
+                if reply.day != self.budgets.day() {
+                    self.budgets.start_day(reply.day, BTreeMap::new());
+                }
+            }
+            tokio::time::sleep(SYNC_PERIOD).await;
+        }
+    }
+
+    /// Keeps every budget pool this data plane uses stocked with a lease from the control
+    /// plane: a few leases' worth per worker, fetched when it runs below one lease per worker.
+    async fn lease(self: Arc<Self>, mut client: AuthedClient) {
+        loop {
+            tokio::time::sleep(LEASE_PERIOD).await;
+            let (lease, workers) = {
+                let snapshot = self.configs.snapshot().load();
+                let t = &snapshot.table;
+                (t.budgets.lease_micros, t.listener.workers as u64)
+            };
+            for key in self.budgets.running_low(lease * workers) {
+                let request = pb::LeaseBudgetRequest {
+                    data_plane: self.name.clone(),
+                    service: key.0.clone(),
+                    category: key.1.map_or("", Category::as_str).to_string(),
+                    micros: lease * workers * 4,
+                    day: self.budgets.day(),
+                };
+                let Ok(reply) = client.lease_budget(request).await else {
+                    break; // Unreachable: serve on what is held, ask again later.
+                };
+                let reply = reply.into_inner();
+                if reply.granted_micros > 0 {
+                    self.budgets.add_grant(key, reply.granted_micros);
+                }
+            }
+        }
+    }
+}
