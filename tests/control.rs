@@ -154,8 +154,13 @@ fn the_config_file_reloads_on_change_and_on_sighup() {
         match c.read_response() {
             Some(resp) => config_version(&resp),
             None => {
-                let alive = std::path::Path::new(&format!("/proc/{}", r.child.id())).exists();
-                panic!("no response (router process alive: {alive})");
+                // The router's stderr so far, through its pipe (Linux /proc).
+                let err = Command::new("timeout")
+                    .args(["1", "cat", &format!("/proc/{}/fd/2", r.child.id())])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                panic!("no response; router stderr:\n{err}");
             }
         }
     };
@@ -492,7 +497,7 @@ fn api_keys_decide_the_service_and_survive_a_restart() {
     let s = sim("s", &[]);
     let config = config_for(
         &[("s", s.url())],
-        "[auth]\nrequired = true\n[usage]\nlog_events = true\n",
+        "[auth]\nrequired = true\n[usage]\nlog_events = true\n[budgets.services.broke]\ndaily_usd = 0.000001\n",
     );
     let r = router(&config);
     let (ok, out, err) = cli(&r, "keys", &["create", "etl"]);
@@ -530,6 +535,15 @@ fn api_keys_decide_the_service_and_survive_a_restart() {
         "authorization: Bearer {gateway}\r\nx-switchyard-service: billing\r\n"
     ));
     assert_eq!(acting.status, 200);
+
+    // A key of a service without budget cannot spend another's: its service is its key's.
+    let (ok, out, _) = cli(&r, "keys", &["create", "broke"]);
+    assert!(ok);
+    let broke = out.lines().next().unwrap().to_string();
+    ask(&format!(
+        "authorization: Bearer {broke}\r\nx-switchyard-service: etl\r\n"
+    ))
+    .error(429);
 
     let (ok, list, _) = cli(&r, "keys", &["list"]);
     assert!(
@@ -623,5 +637,130 @@ fn rate_limits_refuse_with_retry_after_per_service() {
     assert!(
         page.contains("switchyard_rate_limited_total{service=\"big\",limit=\"tokens\"} 1"),
         "{page}"
+    );
+}
+
+#[test]
+fn rate_limited_requests_are_accepted_again_after_the_window() {
+    let s = sim("s", &["--completion-tokens", "100"]);
+    let r = router(&config_for(
+        &[("s", s.url())],
+        "[rate_limits.services.etl]\nrequests_per_minute = 60\n[rate_limits.services.big]\ntokens_per_minute = 12000\n",
+    ));
+    let mut c = Conn::open(r.addr);
+    let mut ask = |service: &str, body: &str| {
+        c.send(&post_raw(
+            "/v1/chat/completions",
+            body,
+            &format!("x-switchyard-service: {service}\r\n"),
+        ));
+        c.read_response().unwrap()
+    };
+    // A minute's allowance of requests, then a refusal that says to wait a second.
+    let mut served = 0;
+    let refused = loop {
+        let resp = ask("etl", &chat("hello"));
+        if resp.status != 200 {
+            break resp;
+        }
+        served += 1;
+        assert!(served <= 62, "the limit never bit");
+    };
+    assert!((60..=62).contains(&served), "{served}");
+    refused.error(429);
+    let wait: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert_eq!(wait, 1);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        ask("etl", &chat("hello")).status,
+        200,
+        "accepted after Retry-After"
+    );
+    // Tokens: each request admits about 100 + prompt, and is charged what it used.
+    let body =
+        r#"{"model":"auto","max_tokens":100,"messages":[{"role":"user","content":"hello"}]}"#;
+    let mut served = 0;
+    let refused = loop {
+        let resp = ask("big", body);
+        if resp.status != 200 {
+            break resp;
+        }
+        served += 1;
+        assert!(served <= 200, "the token limit never bit");
+    };
+    assert!(served >= 50, "{served}");
+    assert!(refused.text().contains("\"tokens\""), "{}", refused.text());
+    let wait: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    std::thread::sleep(Duration::from_secs(wait) + Duration::from_millis(100));
+    assert_eq!(ask("big", body).status, 200, "accepted after Retry-After");
+}
+
+/// Micro-dollars of a `$0.000135`-style amount.
+fn micros(usd: &str) -> u64 {
+    let (whole, frac) = usd.trim_start_matches('$').split_once('.').unwrap();
+    whole.parse::<u64>().unwrap() * 1_000_000 + frac.parse::<u64>().unwrap()
+}
+
+#[test]
+fn kill_9_during_traffic_keeps_the_spend_clients_saw() {
+    let s = sim("s", &["--completion-tokens", "7"]);
+    let r = router(&config_for(&[("s", s.url())], ""));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Per answered request: when it was answered and what it cost, from the usage it carried.
+    // config_for prices: 1 USD/1M input, 2 USD/1M output => prompt + 2 * completion micros.
+    let answered = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, answered, addr) = (stop.clone(), answered.clone(), r.addr);
+            std::thread::spawn(move || {
+                let mut c = Conn::open(addr);
+                while !stop.load(Ordering::Relaxed) {
+                    c.send(&post_raw(
+                        "/v1/chat/completions",
+                        &chat("hello"),
+                        "x-switchyard-service: etl\r\n",
+                    ));
+                    let Some(resp) = c.read_response() else { break };
+                    let u = &resp.json()["usage"];
+                    let cost = u["prompt_tokens"].as_u64().unwrap()
+                        + 2 * u["completion_tokens"].as_u64().unwrap();
+                    answered.lock().unwrap().push((Instant::now(), cost));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    let (dir, addr) = (r.dir.clone().unwrap(), r.addr);
+    let mut r = r;
+    let killed_at = Instant::now();
+    r.child.kill().unwrap(); // SIGKILL, with requests in flight
+    r.child.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    drop(r);
+    let answered = answered.lock().unwrap();
+    let settled_before: u64 = answered
+        .iter()
+        .filter(|(at, _)| *at + Duration::from_secs(1) < killed_at)
+        .map(|(_, cost)| cost)
+        .sum();
+    let all: u64 = answered.iter().map(|(_, cost)| cost).sum();
+    assert!(answered.len() > 100, "traffic flowed: {}", answered.len());
+    let r = start_router(&dir, &dir.join("switchyard.toml"), addr, 2);
+    let (ok, out, err) = cli(&r, "spend", &["--service", "etl"]);
+    assert!(ok, "{err}");
+    let stored = micros(
+        out.lines()
+            .last()
+            .unwrap()
+            .split_whitespace()
+            .last()
+            .unwrap(),
+    );
+    assert!(
+        stored >= settled_before && stored <= all,
+        "stored {stored}, settled a second before the kill {settled_before}, observed {all}"
     );
 }

@@ -220,18 +220,31 @@ async fn run_worker(
     if worker.id == 0 {
         crate::health::spawn_checks(worker.clone());
     }
-    while !worker.shared.is_draining() {
-        // The timeout only lets an idle worker notice a drain; a busy one never waits on it.
-        match monoio::time::timeout(Duration::from_millis(100), listener.accept()).await {
-            Ok(Ok((stream, _))) => {
+    'accepting: while !worker.shared.is_draining() {
+        // One accept op stays armed until it completes: dropping an in-flight io_uring accept
+        // (a timeout around it) can lose a connection the kernel already accepted. The timer
+        // beside it only lets an idle worker notice a drain.
+        let accept = listener.accept();
+        let mut accept = std::pin::pin!(accept);
+        let accepted = loop {
+            monoio::select! {
+                r = &mut accept => break r,
+                _ = monoio::time::sleep(Duration::from_millis(100)) => {
+                    if worker.shared.is_draining() {
+                        break 'accepting;
+                    }
+                }
+            }
+        };
+        match accepted {
+            Ok((stream, _)) => {
                 monoio::spawn(crate::conn::serve(worker.clone(), stream));
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 eprintln!("switchyard: worker {} accept failed: {e}", worker.id);
                 monoio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(_) => {}
         }
     }
     drop(listener);
