@@ -240,13 +240,16 @@ impl Control for Api {
         let mut batches = request.into_inner();
         let mut reply = pb::ReportUsageReply::default();
         while let Some(batch) = batches.message().await? {
-            let (accepted, duplicates) = self
-                .0
-                .record_remote(batch)
-                .map_err(Status::invalid_argument)?;
-            reply.accepted += accepted;
-            reply.duplicates += duplicates;
+            let r = self.0.record_remote(batch);
+            reply.accepted += r.accepted;
+            reply.duplicates += r.duplicates;
+            reply.rejected += r.rejected;
         }
+        // Acknowledged only once committed: a data plane forgets what was acknowledged.
+        let cp = self.0.clone();
+        tokio::task::spawn_blocking(move || cp.flush())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(reply))
     }
 

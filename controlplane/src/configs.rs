@@ -160,6 +160,14 @@ fn restart_only_changes(old: &RoutingTable, new: &RoutingTable, source: &str) ->
             "usage.channel_capacity",
             old.usage.channel_capacity == new.usage.channel_capacity,
         ),
+        (
+            "usage.log_events",
+            old.usage.log_events == new.usage.log_events,
+        ),
+        (
+            "listener.drain_timeout_ms",
+            old.listener.drain_timeout == new.listener.drain_timeout,
+        ),
         ("admin", old.admin == new.admin),
         ("storage.data_dir", old.data_dir == new.data_dir),
     ];

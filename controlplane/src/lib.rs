@@ -49,6 +49,7 @@ pub struct ControlPlane {
     started: Instant,
     /// Per remote data plane: the last usage sequence counted, and the events it dropped.
     remotes: Mutex<HashMap<String, (u64, u64)>>,
+    flushing: Mutex<()>,
 }
 
 impl ControlPlane {
@@ -58,29 +59,41 @@ impl ControlPlane {
         snapshot.table.budgets.day_of(jiff::Timestamp::now())
     }
 
-    /// Counts a remote data plane's batch; records it has sent before are skipped.
-    /// Returns (accepted, duplicates).
-    pub fn record_remote(&self, batch: pb::UsageBatch) -> Result<(u64, u64), String> {
+    /// Counts a remote data plane's batch; records it has sent before are skipped, and records
+    /// that cannot be read are logged and skipped for good (a resend would fail the same way).
+    pub fn record_remote(&self, batch: pb::UsageBatch) -> pb::ReportUsageReply {
         let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
-        let (last, dropped) = remotes.entry(batch.data_plane).or_insert((0, 0));
+        let source = format!("{}/{}", batch.data_plane, batch.instance);
+        let (last, dropped) = remotes.entry(source).or_insert((0, 0));
         *dropped = (*dropped).max(batch.dropped);
-        let mut counts = (0, 0);
+        let mut reply = pb::ReportUsageReply::default();
         let snapshot = self.configs.snapshot().load();
         for (i, r) in batch.records.into_iter().enumerate() {
-            let sequence = batch.first_sequence + i as u64;
+            let sequence = batch.first_sequence.saturating_add(i as u64);
             if sequence <= *last {
-                counts.1 += 1;
+                reply.duplicates += 1;
                 continue;
             }
-            let at = jiff::Timestamp::from_millisecond(r.unix_ms)
-                .map_err(|e| format!("record {sequence}: time: {e}"))?;
-            let event = api::event_from_record(r).map_err(|e| format!("record {sequence}: {e}"))?;
-            self.ledger
-                .record(&event, &snapshot.table.budgets.day_of(at));
             *last = sequence;
-            counts.0 += 1;
+            let read = jiff::Timestamp::from_millisecond(r.unix_ms)
+                .map_err(|e| format!("time: {e}"))
+                .and_then(|at| Ok((at, api::event_from_record(r)?)));
+            match read {
+                Ok((at, event)) => {
+                    self.ledger
+                        .record(&event, &snapshot.table.budgets.day_of(at));
+                    reply.accepted += 1;
+                }
+                Err(e) => {
+                    eprintln!(
+                        "switchyard: usage record {sequence} from `{}` skipped: {e}",
+                        batch.data_plane
+                    );
+                    reply.rejected += 1;
+                }
+            }
         }
-        Ok(counts)
+        reply
     }
 
     /// Every budget of today with what it has spent and holds.
@@ -202,6 +215,8 @@ impl ControlPlane {
     /// Remote data planes' sequences are committed in the same transaction as the spend they
     /// produced, so a control plane restarted after a crash neither loses nor recounts a batch.
     pub fn flush(&self) {
+        // One flush at a time: two overlapping ones could commit older totals last.
+        let _flushing = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         let (rows, sequences) = {
             // Held while taking the rows: `record_remote` counts a batch under this lock.
             let remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
@@ -401,6 +416,7 @@ fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), S
         local: dataplane,
         started: Instant::now(),
         remotes: Mutex::new(remotes),
+        flushing: Mutex::default(),
     });
     if let Some(events) = events {
         let consumer = cp.clone();
@@ -422,6 +438,9 @@ fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), S
     let admin_info = match admin.address {
         None => None,
         Some(address) => {
+            if !address.ip().is_loopback() {
+                eprintln!("switchyard: warning: the admin API on {address} is reachable from the network and speaks plaintext: keep it on a private network (its token can change routing and budgets)");
+            }
             let (token, token_source) = admin_token(&admin.token_env, &data_dir)?;
             let listener = runtime
                 .block_on(tokio::net::TcpListener::bind(address))
@@ -583,10 +602,11 @@ mod tests {
             local: None,
             started: Instant::now(),
             remotes: Mutex::new(remotes),
+            flushing: Mutex::default(),
         }
     }
 
-    fn batch(first_sequence: u64, n: usize) -> pb::UsageBatch {
+    fn batch(instance: &str, first_sequence: u64, n: usize) -> pb::UsageBatch {
         let record = pb::UsageRecord {
             request_id: "01".into(),
             service: "etl".into(),
@@ -599,10 +619,15 @@ mod tests {
         };
         pb::UsageBatch {
             data_plane: "dp1".into(),
+            instance: instance.into(),
             first_sequence,
             records: vec![record; n],
             dropped: 0,
         }
+    }
+
+    fn counts(r: pb::ReportUsageReply) -> (u64, u64, u64) {
+        (r.accepted, r.duplicates, r.rejected)
     }
 
     #[test]
@@ -611,22 +636,36 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         {
             let cp = control_plane(&dir);
-            assert_eq!(cp.record_remote(batch(1, 3)), Ok((3, 0)));
-            assert_eq!(cp.record_remote(batch(1, 3)), Ok((0, 3)), "resent");
-            assert_eq!(cp.record_remote(batch(3, 2)), Ok((1, 1)), "overlapping");
+            assert_eq!(counts(cp.record_remote(batch("a", 1, 3))), (3, 0, 0));
+            assert_eq!(
+                counts(cp.record_remote(batch("a", 1, 3))),
+                (0, 3, 0),
+                "resent"
+            );
+            assert_eq!(
+                counts(cp.record_remote(batch("a", 3, 2))),
+                (1, 1, 0),
+                "overlapping"
+            );
             cp.flush();
         }
         let cp = control_plane(&dir);
-        assert_eq!(cp.record_remote(batch(1, 4)), Ok((0, 4)), "after a restart");
-        assert_eq!(cp.ledger.totals()["etl"].requests, 4);
-        let bad = pb::UsageBatch {
-            records: vec![pb::UsageRecord::default()],
-            ..batch(5, 0)
-        };
-        assert!(cp
-            .record_remote(bad)
-            .unwrap_err()
-            .contains("unknown endpoint"));
+        assert_eq!(
+            counts(cp.record_remote(batch("a", 1, 4))),
+            (0, 4, 0),
+            "after a restart"
+        );
+        // The same data plane restarted: a new instance counts from 1 again.
+        assert_eq!(counts(cp.record_remote(batch("b", 1, 2))), (2, 0, 0));
+        assert_eq!(cp.ledger.totals()["etl"].requests, 6);
+        let mut bad = batch("b", 3, 2);
+        bad.records[0] = pb::UsageRecord::default();
+        assert_eq!(
+            counts(cp.record_remote(bad)),
+            (1, 0, 1),
+            "skipped, not blocking"
+        );
+        assert_eq!(counts(cp.record_remote(batch("b", 3, 2))), (0, 2, 0));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

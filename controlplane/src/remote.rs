@@ -49,6 +49,8 @@ struct Outbox {
 
 struct Remote {
     name: String,
+    /// Random per process: the control plane counts sequences per (name, instance).
+    instance: String,
     configs: Configs,
     budgets: Arc<BudgetBook>,
     dataplane: DataPlane,
@@ -126,6 +128,7 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
         server::start(snapshot.clone(), usage, budgets.clone(), keys).map_err(|e| e.to_string())?;
     let remote = Arc::new(Remote {
         name,
+        instance: crate::random_hex(8)?,
         configs,
         budgets,
         dataplane,
@@ -213,6 +216,7 @@ impl Remote {
             }
             pb::UsageBatch {
                 data_plane: self.name.clone(),
+                instance: self.instance.clone(),
                 first_sequence: outbox.first_sequence,
                 records: outbox.records.iter().take(BATCH).cloned().collect(),
                 dropped: self.dropped.load(Relaxed) + self.dataplane.shared.usage.dropped(),
@@ -339,6 +343,8 @@ impl Remote {
                 }
                 if reply.day != self.budgets.day() {
                     self.budgets.start_day(reply.day, BTreeMap::new());
+                    // The configured budgets' leases are fetched before their first request.
+                    self.budgets.views([]);
                 }
             }
             tokio::time::sleep(SYNC_PERIOD).await;

@@ -47,15 +47,24 @@ impl KeyTable {
 pub enum Service<'h> {
     /// From `x-switchyard-service` (auth off, or a key allowed to act for any service).
     Named(&'h str),
-    /// The service the caller's key belongs to.
-    Key(Arc<str>),
+    /// The service the caller's key belongs to; `trusted` for keys that may act for any.
+    Key { service: Arc<str>, trusted: bool },
 }
 
 impl Service<'_> {
     pub fn as_str(&self) -> &str {
         match self {
             Service::Named(s) => s,
-            Service::Key(s) => s,
+            Service::Key { service, .. } => service,
+        }
+    }
+
+    /// May the caller's headers decide what a key would otherwise (the category, so a
+    /// category budget cannot be dodged)?
+    pub fn trusted(&self) -> bool {
+        match self {
+            Service::Named(_) => true,
+            Service::Key { trusted, .. } => *trusted,
         }
     }
 }
@@ -87,7 +96,10 @@ pub fn identify<'h>(
         .ok_or("invalid API key")?;
     Ok(match named {
         Some(s) if grant.any_service => Service::Named(s),
-        _ => Service::Key(grant.service.clone()),
+        _ => Service::Key {
+            service: grant.service.clone(),
+            trusted: grant.any_service,
+        },
     })
 }
 

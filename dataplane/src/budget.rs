@@ -5,9 +5,12 @@
 //! A reservation is a worker-local operation: it only touches the worker's own lease. A worker
 //! takes a new chunk (`lease_micros`, or what the request needs) from the pool with one
 //! compare-and-swap when its lease runs short, and the pool never leases out more than its
-//! limit. So the money reserved by all workers together never exceeds the budget; spend goes
-//! over it only where a request's actual cost exceeds its worst-case reservation (an answer
-//! longer than the assumed output cap when the request sets no `max_tokens`).
+//! limit. So the money reserved by all workers together never exceeds the budget. Spend goes
+//! over it only where a request's actual cost exceeds its worst-case reservation: an answer
+//! longer than the assumed output cap when the request sets no `max_tokens`, or image and
+//! audio parts that cost more tokens than their bytes. The overrun is charged to the pool, so
+//! later requests see it. (Across processes, see `BudgetBook::grant`: a control plane restarted
+//! mid-day does not know what it granted remote data planes before.)
 //! Must not: lock per request (the book's mutex is taken once per worker, service and
 //! generation), or let a lease outlive its generation (workers return it when the book changes).
 
@@ -57,10 +60,16 @@ impl Pool {
         }
     }
 
-    fn give_back(&self, amount: u64) {
-        let _ = self
-            .leased
-            .fetch_update(Relaxed, Relaxed, |l| Some(l.saturating_sub(amount)));
+    /// Returns unused money (`delta` > 0) or charges an overrun (`delta` < 0).
+    fn settle(&self, delta: i64) {
+        let amount = delta.unsigned_abs();
+        if delta < 0 {
+            self.leased.fetch_add(amount, Relaxed);
+        } else {
+            let _ = self
+                .leased
+                .fetch_update(Relaxed, Relaxed, |l| Some(l.saturating_sub(amount)));
+        }
     }
 }
 
@@ -86,7 +95,6 @@ pub struct Limits {
     pub default_daily: Option<u64>,
     pub services: BTreeMap<String, (Option<u64>, BTreeMap<Category, u64>)>,
     pub lease_micros: u64,
-    pub default_max_output_tokens: u64,
 }
 
 impl Limits {
@@ -107,7 +115,6 @@ impl Limits {
                 .map(|(k, v)| (k.clone(), (v.daily, v.categories.clone())))
                 .collect(),
             lease_micros: b.lease_micros,
-            default_max_output_tokens: b.default_max_output_tokens,
         }
     }
 }
@@ -187,10 +194,13 @@ impl BudgetBook {
         }
     }
 
-    /// Leases up to `want` of a budget to a remote data plane. `None`: no limit applies.
+    /// Leases up to `want` of a budget to a remote data plane, but never more than half of
+    /// what is left, so one data plane cannot hold a budget the others need. `None`: no limit
+    /// applies.
     pub fn grant(&self, key: BudgetKey, want: u64) -> Option<u64> {
         let pool = self.state().pool(key)?;
-        Some(pool.take(1, want).unwrap_or(0))
+        let half = (pool.limit().saturating_sub(pool.leased()) / 2).max(1);
+        Some(pool.take(1, want.min(half)).unwrap_or(0))
     }
 
     /// Adds what the control plane granted to a remote data plane's pool.
@@ -230,10 +240,6 @@ impl BudgetBook {
         self.state().day.clone()
     }
 
-    pub fn limits(&self) -> Limits {
-        self.state().settings.clone()
-    }
-
     /// A new config's limits; pools keep what they leased today.
     pub fn set_limits(&self, settings: Limits) {
         let mut s = self.state();
@@ -246,11 +252,13 @@ impl BudgetBook {
     /// A limit set (or, with `None`, cleared) through the control API.
     pub fn set_override(&self, key: BudgetKey, limit: Option<u64>) {
         let mut s = self.state();
-        match limit {
+        let before = match limit {
             Some(l) => s.overrides.insert(key, l),
             None => s.overrides.remove(&key),
         };
-        self.bump(s);
+        if before != limit {
+            self.bump(s);
+        }
     }
 
     pub fn overrides(&self) -> BTreeMap<BudgetKey, u64> {
@@ -313,6 +321,7 @@ impl BudgetBook {
                 Rc::new(Lease {
                     pool,
                     balance: Cell::new(0),
+                    detached: Cell::new(false),
                 })
             })
         };
@@ -327,11 +336,17 @@ impl BudgetBook {
     }
 }
 
+/// Larger amounts (a saturated worst case from an absurd `max_tokens`) are refused outright,
+/// so lease arithmetic in `i64` can never wrap.
+const MAX_AMOUNT: u64 = 1 << 60;
+
 /// A worker's share of one pool: money it may reserve without asking anyone.
 struct Lease {
     pool: Arc<Pool>,
     /// May go below zero when a request cost more than it reserved.
     balance: Cell<i64>,
+    /// Returned to the pool (the book changed): reservations still out settle with the pool.
+    detached: Cell<bool>,
 }
 
 impl Lease {
@@ -348,15 +363,18 @@ impl Lease {
     }
 
     fn settle(&self, reserved: u64, actual: u64) {
-        self.balance
-            .set(self.balance.get() + reserved as i64 - actual as i64);
+        let delta = reserved as i64 - actual.min(MAX_AMOUNT) as i64;
+        if self.detached.get() {
+            self.pool.settle(delta);
+        } else {
+            self.balance.set(self.balance.get() + delta);
+        }
     }
 
-    fn give_back(&self) {
-        let left = self.balance.replace(0);
-        if left > 0 {
-            self.pool.give_back(left as u64);
-        }
+    /// Settles the lease with its pool: an unused balance is returned, a debt is charged.
+    fn detach(&self) {
+        self.detached.set(true);
+        self.pool.settle(self.balance.replace(0));
     }
 }
 
@@ -414,12 +432,8 @@ impl WorkerBudgets {
         let mut services = self.services.borrow_mut();
         if self.generation.get() != generation {
             for leases in services.values() {
-                leases.own.iter().for_each(|l| l.give_back());
-                leases
-                    .categories
-                    .iter()
-                    .flatten()
-                    .for_each(|l| l.give_back());
+                leases.own.iter().for_each(|l| l.detach());
+                leases.categories.iter().flatten().for_each(|l| l.detach());
             }
             services.clear();
             self.generation.set(generation);
@@ -451,6 +465,9 @@ impl WorkerBudgets {
         if applicable.iter().all(Option::is_none) {
             return Reserve::Unlimited;
         }
+        if amount > MAX_AMOUNT {
+            return Reserve::Refused;
+        }
         let mut granted: [Option<Rc<Lease>>; 2] = [None, None];
         for (slot, lease) in granted.iter_mut().zip(applicable) {
             let Some(lease) = lease else { continue };
@@ -476,19 +493,19 @@ impl WorkerBudgets {
 mod tests {
     use super::*;
 
+    fn limits(default: Option<u64>, lease: u64) -> Limits {
+        Limits {
+            default_daily: default,
+            services: BTreeMap::from([(
+                "etl".to_string(),
+                (Some(1_000), BTreeMap::from([(Category::Code, 100)])),
+            )]),
+            lease_micros: lease,
+        }
+    }
+
     fn book(default: Option<u64>, lease: u64) -> BudgetBook {
-        BudgetBook::new(
-            "2026-11-27".into(),
-            Limits {
-                default_daily: default,
-                services: BTreeMap::from([(
-                    "etl".to_string(),
-                    (Some(1_000), BTreeMap::from([(Category::Code, 100)])),
-                )]),
-                lease_micros: lease,
-                default_max_output_tokens: 10,
-            },
-        )
+        BudgetBook::new("2026-11-27".into(), limits(default, lease))
     }
 
     fn granted(r: Reserve) -> Reservation {
@@ -575,7 +592,7 @@ mod tests {
     #[test]
     fn a_remote_book_spends_only_what_the_control_plane_granted() {
         let control = book(None, 100);
-        let remote = BudgetBook::granted("2026-11-27".into(), control.limits());
+        let remote = BudgetBook::granted("2026-11-27".into(), limits(None, 100));
         let w = WorkerBudgets::default();
         let etl = ("etl".to_string(), None);
         assert!(matches!(
@@ -586,21 +603,52 @@ mod tests {
             remote.running_low(50),
             vec![etl.clone(), ("etl".to_string(), Some(Category::Code))]
         );
-        assert_eq!(control.grant(etl.clone(), 600), Some(600));
-        remote.add_grant(etl.clone(), 600);
+        // At most half of what is left at a time.
+        assert_eq!(control.grant(etl.clone(), 600), Some(500));
+        remote.add_grant(etl.clone(), 500);
         granted(w.reserve(&remote, "etl", Category::Chat, 500)).settle(500);
         assert!(matches!(
             w.reserve(&remote, "etl", Category::Chat, 200),
             Reserve::Refused
         ));
-        // The control plane grants only what its own limit has left.
-        assert_eq!(control.grant(etl.clone(), 600), Some(400));
-        assert_eq!(control.grant(etl, 600), Some(0));
+        assert_eq!(control.grant(etl.clone(), 600), Some(250));
+        assert_eq!(control.grant(etl.clone(), 100), Some(100));
+        for _ in 0..20 {
+            control.grant(etl.clone(), 600);
+        }
+        assert_eq!(control.grant(etl, 600), Some(0), "all granted");
         assert_eq!(
             control.grant(("other".into(), None), 600),
             None,
             "unlimited"
         );
+    }
+
+    #[test]
+    fn reservations_out_when_the_book_changes_settle_with_the_pool() {
+        let book = book(None, 500);
+        let w = WorkerBudgets::default();
+        let out = granted(w.reserve(&book, "etl", Category::Chat, 300));
+        let over = granted(w.reserve(&book, "etl", Category::Chat, 100));
+        // A config change: the worker returns its idle lease; the two requests still run.
+        book.set_override(("etl".into(), None), Some(1_000));
+        assert!(matches!(
+            w.reserve(&book, "etl", Category::Chat, 1),
+            Reserve::Granted(_)
+        ));
+        out.settle(50);
+        over.settle(150);
+        let etl = book
+            .views([])
+            .into_iter()
+            .find(|v| v.key == ("etl".into(), None))
+            .unwrap();
+        // 50 + 150 spent, plus the new worker lease of one chunk (500), is all that is out.
+        assert_eq!(etl.leased, 700, "{etl:?}");
+        assert!(matches!(
+            w.reserve(&book, "etl", Category::Chat, 1 << 62),
+            Reserve::Refused
+        ));
     }
 
     #[test]

@@ -146,11 +146,9 @@ pub async fn handle(
     };
     ctx.streamed = view.stream;
     ctx.prompt_chars = view.total_chars;
-    let admit_tokens = estimate_tokens(view.total_chars) + view.max_tokens.unwrap_or(0);
-    match worker
-        .limits
-        .admit(&snap.limits, table.version, ctx.service, admit_tokens)
-    {
+    let admit_tokens = estimate_tokens(view.total_chars)
+        .saturating_add(view.max_tokens.unwrap_or(0).saturating_mul(view.choices));
+    match worker.limits.admit(&snap.limits, ctx.service, admit_tokens) {
         Ok(charge) => ctx.token_charge.set(charge),
         Err(refusal) => {
             let (kind, what) = if refusal.tokens {
@@ -182,7 +180,8 @@ pub async fn handle(
             .await;
         }
     }
-    let (priority, category_override, cache_mode) = match caller_headers(head) {
+    let trusted = identity.as_ref().is_ok_and(auth::Service::trusted);
+    let (priority, category_override, cache_mode) = match caller_headers(head, trusted) {
         Ok(h) => h,
         Err(msg) => {
             return reject(
@@ -328,22 +327,29 @@ pub async fn handle(
                     }
                 }
             }
-            let worst = worst_case_micros(t.price, endpoint, body.len(), view.max_tokens, table);
+            let worst = worst_case_micros(t.price, endpoint, body.len(), &view, table);
+            // An earlier attempt's reservation is released before this one is made.
+            drop(ctx.reservation.take());
             match worker
                 .budgets
                 .reserve(&worker.shared.budgets, ctx.service, ctx.category, worst)
             {
                 Reserve::Unlimited => {}
-                // Replacing an earlier attempt's reservation releases it.
                 Reserve::Granted(r) => ctx.reservation.set(Some(r)),
                 Reserve::Refused => {
                     drop(slot);
                     if cheaper.is_none() {
-                        let rank = table
-                            .tiers
-                            .iter()
-                            .position(|tier| tier.targets.contains(&target))
-                            .unwrap_or(table.tiers.len());
+                        // The tiers cheaper than the target's cheapest. A target in no tier
+                        // (an explicitly requested model) and embeddings (another model kind)
+                        // have no cheaper stand-in: they are refused instead.
+                        let rank = match endpoint {
+                            Endpoint::Embeddings => 0,
+                            _ => table
+                                .tiers
+                                .iter()
+                                .position(|tier| tier.targets.contains(&target))
+                                .unwrap_or(0),
+                        };
                         cheaper = Some((0..rank).rev());
                     }
                     continue 'groups;
@@ -474,7 +480,10 @@ pub async fn handle(
 /// The caller's routing headers: `x-switchyard-priority`, `x-switchyard-category` and the
 /// cache controls. A value that names nothing is the caller's mistake, reported rather than
 /// ignored.
-fn caller_headers(head: &Head) -> Result<(Priority, Option<Category>, CacheMode), String> {
+fn caller_headers(
+    head: &Head,
+    trusted: bool,
+) -> Result<(Priority, Option<Category>, CacheMode), String> {
     let priority = match head.header_str("x-switchyard-priority") {
         None => Priority::Normal,
         Some(p) => Priority::parse(p).ok_or_else(|| {
@@ -484,6 +493,8 @@ fn caller_headers(head: &Head) -> Result<(Priority, Option<Category>, CacheMode)
         })?,
     };
     let category = match head.header_str("x-switchyard-category") {
+        // A key's caller cannot pick the category its budget is charged to.
+        _ if !trusted => None,
         None => None,
         Some(name) => Some(
             Category::parse(name)
@@ -1165,18 +1176,21 @@ fn explain(out: &mut Vec<u8>, ctx: &Ctx<'_>, tier: &str, backend: &str, model: &
 
 /// The most an attempt can cost, reserved before it is sent. Every body byte counts as a
 /// prompt token (a byte-level BPE token is at least one byte, and the JSON around the text
-/// more than covers chat-template tokens); output is `max_tokens`, or the configured cap when
-/// the request sets none.
+/// more than covers chat-template tokens); output is `max_tokens` (or the configured cap when
+/// the request sets none) for each of the `n` answers.
 fn worst_case_micros(
     price: Price,
     endpoint: Endpoint,
     body_len: usize,
-    max_tokens: Option<u64>,
+    view: &RequestView<'_>,
     table: &RoutingTable,
 ) -> u64 {
     let output = match endpoint {
         Endpoint::Embeddings => 0,
-        _ => max_tokens.unwrap_or(table.budgets.default_max_output_tokens),
+        _ => view
+            .max_tokens
+            .unwrap_or(table.budgets.default_max_output_tokens)
+            .saturating_mul(view.choices),
     };
     price.cost_micros(body_len as u64, 0, output)
 }

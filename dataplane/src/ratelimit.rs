@@ -8,7 +8,7 @@
 //! shared bucket once per chunk. What workers hold in leases, at most one chunk each, is the
 //! most a limit can be exceeded by. Buckets hold one minute of allowance (a burst of a full
 //! minute's limit is allowed after an idle minute).
-//! Must not: lock per request (the mutex is taken once per worker, service and config version).
+//! Must not: lock per request (the mutex is taken once per worker, service and set of limits).
 
 use ahash::AHashMap;
 use std::cell::{Cell, RefCell};
@@ -30,6 +30,8 @@ struct Bucket {
 
 /// A minute of allowance can be banked.
 const WINDOW_NS: u64 = 60_000_000_000;
+/// Admission sizes above this are refused without arithmetic.
+const MAX_UNITS: u64 = 1 << 40;
 
 impl Bucket {
     fn new(per_minute: u64) -> Bucket {
@@ -67,8 +69,11 @@ struct ServiceBuckets {
     tokens: Option<Bucket>,
 }
 
-/// The rate-limit state of one config version, shared by the workers.
+/// The rate-limit state of one set of limits, shared by the workers (and by successive configs
+/// that leave the limits alone).
 pub struct RateLimits {
+    /// Tells worker leases which `RateLimits` they were taken from.
+    id: u64,
     epoch: Instant,
     settings: RateLimitSettings,
     buckets: Mutex<AHashMap<String, Arc<ServiceBuckets>>>,
@@ -76,7 +81,9 @@ pub struct RateLimits {
 
 impl RateLimits {
     pub fn new(settings: RateLimitSettings) -> RateLimits {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         RateLimits {
+            id: NEXT_ID.fetch_add(1, Relaxed),
             epoch: Instant::now(),
             settings,
             buckets: Mutex::default(),
@@ -134,14 +141,14 @@ pub struct TokenCharge {
 impl TokenCharge {
     pub fn settle(self, used: u64) {
         let t = &self.lease.tokens;
-        t.set(t.get() + self.admitted as i64 - used as i64);
+        t.set(t.get() + self.admitted as i64 - used.min(MAX_UNITS) as i64);
     }
 }
 
-/// Per-worker leases, for the config version they were taken under.
+/// Per-worker leases, for the `RateLimits` they were taken from.
 #[derive(Default)]
 pub struct WorkerLimits {
-    version: Cell<u64>,
+    limits_id: Cell<u64>,
     leases: RefCell<AHashMap<Box<str>, Rc<Lease>>>,
 }
 
@@ -168,7 +175,6 @@ impl WorkerLimits {
     pub fn admit(
         &self,
         limits: &RateLimits,
-        version: u64,
         service: &str,
         tokens: u64,
     ) -> Result<Option<TokenCharge>, Refusal> {
@@ -176,9 +182,9 @@ impl WorkerLimits {
             return Ok(None);
         }
         let mut leases = self.leases.borrow_mut();
-        if self.version.get() != version {
+        if self.limits_id.get() != limits.id {
             leases.clear();
-            self.version.set(version);
+            self.limits_id.set(limits.id);
         }
         let lease = match leases.get(service) {
             Some(l) => l.clone(),
@@ -203,7 +209,14 @@ impl WorkerLimits {
         let Some(b) = &lease.shared.tokens else {
             return Ok(None);
         };
-        if let Err(retry_after) = draw(&lease.tokens, b, tokens, now) {
+        // More than a minute's allowance can never be admitted (and keeps `i64` math sound).
+        let never = Duration::from_secs(60);
+        let drawn = if tokens > MAX_UNITS {
+            Err(never)
+        } else {
+            draw(&lease.tokens, b, tokens, now)
+        };
+        if let Err(retry_after) = drawn {
             // The request was not admitted: its request unit goes back to the lease.
             lease.requests.set(lease.requests.get() + 1);
             return Err(Refusal {
@@ -241,14 +254,14 @@ mod tests {
         let l = limits(Some(10), None);
         let workers = [WorkerLimits::default(), WorkerLimits::default()];
         let admitted = (0..30)
-            .filter(|i| workers[i % 2].admit(&l, 1, "etl", 0).is_ok())
+            .filter(|i| workers[i % 2].admit(&l, "etl", 0).is_ok())
             .count();
         assert_eq!(admitted, 10, "exact for a low rate");
-        let refusal = workers[0].admit(&l, 1, "etl", 0).err().unwrap();
+        let refusal = workers[0].admit(&l, "etl", 0).err().unwrap();
         assert!(!refusal.tokens);
         assert!(refusal.retry_after <= Duration::from_secs(6), "{refusal:?}");
         assert!(
-            workers[0].admit(&l, 1, "other", 0).is_ok(),
+            workers[0].admit(&l, "other", 0).is_ok(),
             "unlimited service"
         );
     }
@@ -257,13 +270,13 @@ mod tests {
     fn tokens_are_admitted_by_estimate_and_settled_by_use() {
         let l = limits(None, Some(1000));
         let w = WorkerLimits::default();
-        let charge = w.admit(&l, 1, "etl", 600).unwrap().unwrap();
-        let refusal = w.admit(&l, 1, "etl", 600).err().unwrap();
+        let charge = w.admit(&l, "etl", 600).unwrap().unwrap();
+        let refusal = w.admit(&l, "etl", 600).err().unwrap();
         assert!(refusal.tokens);
         // Used less than estimated: the difference is available again.
         charge.settle(100);
-        w.admit(&l, 1, "etl", 800).unwrap().unwrap().settle(800);
-        assert!(w.admit(&l, 1, "etl", 200).is_err());
+        w.admit(&l, "etl", 800).unwrap().unwrap().settle(800);
+        assert!(w.admit(&l, "etl", 200).is_err());
     }
 
     #[test]
@@ -272,7 +285,7 @@ mod tests {
         let workers: Vec<_> = (0..4).map(|_| WorkerLimits::default()).collect();
         let mut admitted = 0;
         for i in 0..1_000_000 {
-            if workers[i % 4].admit(&l, 1, "etl", 0).is_ok() {
+            if workers[i % 4].admit(&l, "etl", 0).is_ok() {
                 admitted += 1;
             }
         }

@@ -16,14 +16,14 @@ pub struct Snapshot {
     pub models_body: Vec<u8>,
     /// rustls client config per backend (`None` for plain http).
     pub tls: Vec<Option<Arc<rustls::ClientConfig>>>,
-    /// Rate-limit buckets of this config's limits.
-    pub limits: RateLimits,
+    /// Rate-limit buckets of this config's limits (kept across reloads that leave them alone).
+    pub limits: Arc<RateLimits>,
 }
 
 impl Snapshot {
     /// Fails only on TLS material that cannot be loaded.
     pub fn new(table: RoutingTable) -> Result<Snapshot, String> {
-        Snapshot::build(table, None)
+        Snapshot::build(table, None, None)
     }
 
     /// The snapshot for a newly applied config. Backend health and in-flight counts carry over
@@ -42,10 +42,15 @@ impl Snapshot {
                 .iter()
                 .zip(&table.backends)
                 .all(|(a, b)| same(a, b));
-        Snapshot::build(table, keep.then(|| previous.states.clone()))
+        let limits = (old.rate_limits == table.rate_limits).then(|| previous.limits.clone());
+        Snapshot::build(table, keep.then(|| previous.states.clone()), limits)
     }
 
-    fn build(table: RoutingTable, states: Option<Arc<BackendStates>>) -> Result<Snapshot, String> {
+    fn build(
+        table: RoutingTable,
+        states: Option<Arc<BackendStates>>,
+        limits: Option<Arc<RateLimits>>,
+    ) -> Result<Snapshot, String> {
         let tls = table
             .backends
             .iter()
@@ -60,7 +65,7 @@ impl Snapshot {
         });
         let models_body = models_body(&table);
         Ok(Snapshot {
-            limits: RateLimits::new(table.rate_limits.clone()),
+            limits: limits.unwrap_or_else(|| Arc::new(RateLimits::new(table.rate_limits.clone()))),
             table,
             states,
             models_body,

@@ -146,6 +146,8 @@ pub struct RequestView<'a> {
     pub has_tools: bool,
     pub json_output: bool,
     pub max_tokens: Option<u64>,
+    /// `n`: how many answers the backend generates (and charges for).
+    pub choices: u64,
     pub total_chars: usize,
     /// `temperature` explicitly 0 (or `top_k` 1) and `n` absent or 1: the same request gets
     /// the same answer, so it may be cached.
@@ -238,6 +240,7 @@ impl<'a> RequestView<'a> {
             }
         }
         view.max_tokens = top.max_completion_tokens.or(top.max_tokens);
+        view.choices = top.n.unwrap_or(1).max(1);
         view.deterministic = (top.temperature == Some(0.0) || top.top_k == Some(1.0))
             && top.n.is_none_or(|n| n == 1);
         let required = match endpoint {
