@@ -96,69 +96,78 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
     std::fs::write(dir.join("switchyard.toml"), &base).unwrap();
     let admin = addr();
     let c = control(&dir, admin);
-    let data_dir = dir.join("dp");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let listen = addr();
-    let dp = spawn(
-        &data_dir,
-        &[
+    let data_plane = |name: &str| {
+        let data_dir = dir.join(name);
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let listen = addr();
+        let control = format!("http://{admin}");
+        let args = [
             "data",
             "--control",
-            &format!("http://{admin}"),
+            &control,
             "--listen",
             &listen.to_string(),
             "--workers",
             "2",
             "--name",
-            "dp1",
-        ],
-        listen,
-    );
-    let ask = |service: &str| {
+            name,
+        ];
+        spawn(&data_dir, &args, listen)
+    };
+    let (dp1, dp2) = (data_plane("dp1"), data_plane("dp2"));
+    let ask = |dp: &Proc, service: &str| {
         post(
-            listen,
+            dp.addr,
             "/v1/chat/completions",
             &chat("hello"),
             &format!("x-switchyard-service: {service}\r\n"),
         )
     };
     // Budgets come from leases the control plane grants.
-    eventually("the etl budget lease arrives", || ask("etl").status == 200);
-    for _ in 0..4 {
-        let r = ask("etl");
-        assert_eq!(
-            (r.status, r.header("x-switchyard-config-version")),
-            (200, Some("1"))
-        );
+    for dp in [&dp1, &dp2] {
+        eventually("the etl budget lease arrives", || {
+            ask(dp, "etl").status == 200
+        });
+        for _ in 0..4 {
+            let r = ask(dp, "etl");
+            assert_eq!(
+                (r.status, r.header("x-switchyard-config-version")),
+                (200, Some("1"))
+            );
+        }
+        ask(dp, "tight").error(429);
     }
-    ask("tight").error(429);
-    eventually("usage reaches the control plane", || {
-        spent_requests(admin, "etl") >= 5
+    // Spend from both data planes adds up at the control plane.
+    eventually("usage of both reaches the control plane", || {
+        spent_requests(admin, "etl") >= 10
     });
 
-    // A new config reaches the data plane.
+    // A new config reaches both data planes.
     let changed = dir.join("v2.toml");
     std::fs::write(&changed, base.clone() + "[routing]\nmax_attempts = 2\n").unwrap();
     cli(admin, "config", &["apply", changed.to_str().unwrap()]);
-    eventually("version 2 reaches the data plane", || {
-        ask("other").header("x-switchyard-config-version") == Some("2")
-    });
-    // Reported (every 200 ms) and on disk (every 250 ms) before the kill.
+    for dp in [&dp1, &dp2] {
+        eventually("version 2 reaches every data plane", || {
+            ask(dp, "other").header("x-switchyard-config-version") == Some("2")
+        });
+    }
+    // Reported (every 200 ms) and committed before the kill.
     std::thread::sleep(Duration::from_millis(1200));
     let before = spent_requests(admin, "etl");
     let other_before = spent_requests(admin, "other");
 
-    // The control plane dies: the data plane serves on, buffering its usage.
+    // The control plane dies: the data planes serve on, buffering their usage.
     drop(c);
     for _ in 0..5 {
-        assert_eq!(ask("etl").status, 200);
+        assert_eq!(ask(&dp1, "etl").status, 200);
+        assert_eq!(ask(&dp2, "etl").status, 200);
     }
     let c = control(&dir, admin);
     eventually("buffered usage arrives after the reconnect", || {
-        spent_requests(admin, "etl") >= before + 5
+        spent_requests(admin, "etl") >= before + 10
     });
     std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(spent_requests(admin, "etl"), before + 5, "counted once");
+    assert_eq!(spent_requests(admin, "etl"), before + 10, "counted once");
     assert_eq!(spent_requests(admin, "other"), other_before);
-    drop((dp, c));
+    drop((dp1, dp2, c));
 }
