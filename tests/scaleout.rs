@@ -91,7 +91,7 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
     std::fs::create_dir_all(&dir).unwrap();
     let base = config_for(
         &[("s", s.url())],
-        "[budgets.services.etl]\ndaily_usd = 1.0\n[budgets.services.tight]\ndaily_usd = 0.000001\n",
+        "[budgets.services.etl]\ndaily_usd = 1.0\n[budgets.services.tight]\ndaily_usd = 0.000001\n[rate_limits.services.capped]\nrequests_per_minute = 4\n",
     );
     std::fs::write(dir.join("switchyard.toml"), &base).unwrap();
     let admin = addr();
@@ -137,6 +137,19 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
         }
         ask(dp, "tight").error(429);
     }
+    // A rate limit holds across data planes: the control plane grants its allowance, plus
+    // the first request of each data plane on credit.
+    let mut served = 0;
+    for _ in 0..6 {
+        for dp in [&dp1, &dp2] {
+            served += usize::from(ask(dp, "capped").status == 200);
+        }
+        std::thread::sleep(Duration::from_millis(120));
+    }
+    assert!(
+        (4..=6).contains(&served),
+        "{served} of 12 served at 4 per minute"
+    );
     // Spend from both data planes adds up at the control plane.
     eventually("usage of both reaches the control plane", || {
         spent_requests(admin, "etl") >= 10

@@ -429,6 +429,19 @@ impl Control for Api {
         }))
     }
 
+    async fn lease_rate(
+        &self,
+        request: Request<pb::LeaseRateRequest>,
+    ) -> Result<Response<pb::LeaseRateReply>, Status> {
+        let r = request.into_inner();
+        let snapshot = self.0.configs.snapshot().load();
+        let granted = snapshot.limits.lease(&r.service, r.tokens, r.units);
+        Ok(Response::new(pb::LeaseRateReply {
+            granted: granted.unwrap_or(0),
+            unlimited: granted.is_none(),
+        }))
+    }
+
     async fn get_key_hashes(
         &self,
         _: Request<pb::GetKeyHashesRequest>,

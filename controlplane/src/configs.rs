@@ -41,17 +41,19 @@ pub fn now_unix_ms() -> i64 {
 
 impl Configs {
     /// Loads the first config. `version` continues the numbering of earlier runs.
+    /// `granted_limits`: a remote data plane's (rate-limit allowance is granted, not timed).
     pub fn start(
         toml: String,
         source: &str,
         version: u64,
         overrides: Overrides,
+        granted_limits: bool,
     ) -> Result<Configs, Vec<String>> {
         let mut table = load(&toml, source)?;
         overrides(&mut table);
         table.version = version;
         let snapshot = Arc::new(ArcSwap::from_pointee(
-            Snapshot::new(table).map_err(|e| vec![e])?,
+            Snapshot::new(table, granted_limits).map_err(|e| vec![e])?,
         ));
         let record = Arc::new(ConfigRecord {
             version,
@@ -201,6 +203,7 @@ targets = ["b/m"]
             "test.toml",
             7,
             Box::new(|t| t.listener.workers = 3),
+            false,
         )
         .unwrap()
     }

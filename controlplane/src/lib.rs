@@ -372,7 +372,7 @@ fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), S
         .map_err(|errors| errors.join("\n"))?;
     let store = Store::open(&first.data_dir)?;
     let version = store.last_config()?.map_or(0, |r| r.version) + 1;
-    let configs = Configs::start(start.toml, &start.source, version, start.overrides)
+    let configs = Configs::start(start.toml, &start.source, version, start.overrides, false)
         .map_err(|errors| errors.join("\n"))?;
     store.save_config(&configs.current())?;
     let snapshot = configs.snapshot().clone();
@@ -595,7 +595,7 @@ mod tests {
             .map(|(name, last)| (name, (last, 0)))
             .collect();
         ControlPlane {
-            configs: Configs::start(toml, "test", 1, Box::new(|_| {})).unwrap(),
+            configs: Configs::start(toml, "test", 1, Box::new(|_| {}), false).unwrap(),
             ledger: Ledger::with_spend(store.load_spend().unwrap()),
             budgets: Arc::new(BudgetBook::new("2026-11-27".into(), Limits::default())),
             store,

@@ -107,7 +107,7 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
         }
     });
     let source = format!("{} (version {})", start.control.url, first.version);
-    let configs = Configs::start(first.toml, &source, first.version, start.overrides)
+    let configs = Configs::start(first.toml, &source, first.version, start.overrides, true)
         .map_err(|errors| errors.join("\n"))?;
     let snapshot = configs.snapshot().clone();
     let table = &snapshot.load().table;
@@ -351,11 +351,28 @@ impl Remote {
         }
     }
 
-    /// Keeps every budget pool this data plane uses stocked with a lease from the control
-    /// plane: a few leases' worth per worker, fetched when it runs below one lease per worker.
+    /// Keeps every budget pool and rate-limit bucket this data plane uses stocked with a lease
+    /// from the control plane: budgets a few leases' worth per worker, fetched when below one
+    /// lease per worker; rate limits about 200 ms of allowance.
     async fn lease(self: Arc<Self>, mut client: AuthedClient) {
         loop {
             tokio::time::sleep(LEASE_PERIOD).await;
+            let limits = self.configs.snapshot().load().limits.clone();
+            for (service, tokens, units) in limits.running_low() {
+                let request = pb::LeaseRateRequest {
+                    data_plane: self.name.clone(),
+                    service: service.clone(),
+                    tokens,
+                    units,
+                };
+                let Ok(reply) = client.lease_rate(request).await else {
+                    break;
+                };
+                let granted = reply.into_inner().granted;
+                if granted > 0 {
+                    limits.add_grant(&service, tokens, granted);
+                }
+            }
             let (lease, workers) = {
                 let snapshot = self.configs.snapshot().load();
                 let t = &snapshot.table;

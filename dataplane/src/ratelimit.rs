@@ -19,13 +19,16 @@ use std::time::{Duration, Instant};
 use switchyard_shared::routing::{Limit, RateLimitSettings};
 
 /// A token bucket as GCRA: `tat` is when the bucket would be full again, in nanoseconds
-/// since `epoch`.
+/// since `epoch`. On a remote data plane the allowance is not the clock's but what the control
+/// plane granted (`granted`).
 struct Bucket {
     tat: AtomicU64,
     /// Nanoseconds of allowance per unit.
     interval: u64,
     /// Units a chunk takes: about 10 ms of allowance, at least 1.
     chunk: u64,
+    /// Units granted by the control plane and not yet taken (remote data planes only).
+    granted: Option<AtomicU64>,
 }
 
 /// A minute of allowance can be banked.
@@ -34,17 +37,27 @@ const WINDOW_NS: u64 = 60_000_000_000;
 const MAX_UNITS: u64 = 1 << 40;
 
 impl Bucket {
-    fn new(per_minute: u64) -> Bucket {
+    fn new(per_minute: u64, granted: bool) -> Bucket {
         let per_minute = per_minute.max(1);
+        let chunk = (per_minute / 6000).max(1);
         Bucket {
             tat: AtomicU64::new(0),
             interval: WINDOW_NS / per_minute,
-            chunk: (per_minute / 6000).max(1),
+            chunk,
+            // A first chunk on credit, so a service's first request does not wait for a lease.
+            granted: granted.then(|| AtomicU64::new(chunk)),
         }
     }
 
     /// Takes `units`, or says how long until they would fit.
     fn take(&self, units: u64, now: u64) -> Result<(), Duration> {
+        if let Some(granted) = &self.granted {
+            return granted
+                .fetch_update(Relaxed, Relaxed, |g| g.checked_sub(units))
+                .map(drop)
+                // About when the control plane's bucket has refilled that much.
+                .map_err(|_| Duration::from_nanos(units.saturating_mul(self.interval)));
+        }
         let cost = units.saturating_mul(self.interval);
         let mut tat = self.tat.load(Relaxed);
         loop {
@@ -62,6 +75,31 @@ impl Bucket {
             }
         }
     }
+
+    /// Takes as many of `want` units as fit now (for a remote data plane's lease).
+    fn take_upto(&self, want: u64, now: u64) -> u64 {
+        let mut tat = self.tat.load(Relaxed);
+        loop {
+            let start = tat.max(now);
+            let room = (WINDOW_NS - (start - now).min(WINDOW_NS)) / self.interval;
+            let n = want.min(room);
+            if n == 0 {
+                return 0;
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, start + n * self.interval, Relaxed, Relaxed)
+            {
+                Ok(_) => return n,
+                Err(seen) => tat = seen,
+            }
+        }
+    }
+
+    /// What a remote data plane asks for when its grant runs low: about 200 ms of allowance.
+    fn lease_size(&self) -> u64 {
+        (200_000_000 / self.interval).max(self.chunk)
+    }
 }
 
 struct ServiceBuckets {
@@ -74,16 +112,19 @@ struct ServiceBuckets {
 pub struct RateLimits {
     /// Tells worker leases which `RateLimits` they were taken from.
     id: u64,
+    /// A remote data plane's: allowance comes from the control plane's grants.
+    granted: bool,
     epoch: Instant,
     settings: RateLimitSettings,
     buckets: Mutex<AHashMap<String, Arc<ServiceBuckets>>>,
 }
 
 impl RateLimits {
-    pub fn new(settings: RateLimitSettings) -> RateLimits {
+    pub fn new(settings: RateLimitSettings, granted: bool) -> RateLimits {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         RateLimits {
             id: NEXT_ID.fetch_add(1, Relaxed),
+            granted,
             epoch: Instant::now(),
             settings,
             buckets: Mutex::default(),
@@ -108,12 +149,62 @@ impl RateLimits {
                     .get(service)
                     .copied()
                     .unwrap_or(self.settings.default);
+                let bucket = |per_minute: u64| Bucket::new(per_minute, self.granted);
                 Arc::new(ServiceBuckets {
-                    requests: limit.requests_per_minute.map(Bucket::new),
-                    tokens: limit.tokens_per_minute.map(Bucket::new),
+                    requests: limit.requests_per_minute.map(bucket),
+                    tokens: limit.tokens_per_minute.map(bucket),
                 })
             })
             .clone()
+    }
+
+    pub fn is_granted(&self) -> bool {
+        self.granted
+    }
+
+    /// Control plane: takes up to `want` of a service's allowance for a remote data plane
+    /// (`tokens` picks the bucket). `None`: no such limit.
+    pub fn lease(&self, service: &str, tokens: bool, want: u64) -> Option<u64> {
+        let buckets = self.buckets(service);
+        let bucket = if tokens {
+            buckets.tokens.as_ref()
+        } else {
+            buckets.requests.as_ref()
+        }?;
+        Some(bucket.take_upto(want, self.now()))
+    }
+
+    /// Remote data plane: the buckets whose grant is below a lease, with the lease to ask
+    /// for: (service, tokens, units).
+    pub fn running_low(&self) -> Vec<(String, bool, u64)> {
+        let map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (service, b) in map.iter() {
+            for (tokens, bucket) in [(false, &b.requests), (true, &b.tokens)] {
+                let Some(bucket) = bucket else { continue };
+                let Some(granted) = &bucket.granted else {
+                    continue;
+                };
+                let size = bucket.lease_size();
+                if granted.load(Relaxed) < size {
+                    out.push((service.clone(), tokens, size));
+                }
+            }
+        }
+        out
+    }
+
+    /// Remote data plane: adds what the control plane granted.
+    pub fn add_grant(&self, service: &str, tokens: bool, units: u64) {
+        let buckets = self.buckets(service);
+        let bucket = if tokens {
+            &buckets.tokens
+        } else {
+            &buckets.requests
+        };
+        if let Some(granted) = bucket.as_ref().and_then(|b| b.granted.as_ref()) {
+            granted.fetch_add(units, Relaxed);
+        }
     }
 }
 
@@ -236,8 +327,8 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn limits(rpm: Option<u64>, tpm: Option<u64>) -> RateLimits {
-        RateLimits::new(RateLimitSettings {
+    fn settings(rpm: Option<u64>, tpm: Option<u64>) -> RateLimitSettings {
+        RateLimitSettings {
             default: Limit::default(),
             services: BTreeMap::from([(
                 "etl".to_string(),
@@ -246,7 +337,30 @@ mod tests {
                     tokens_per_minute: tpm,
                 },
             )]),
-        })
+        }
+    }
+
+    #[test]
+    fn a_remote_data_plane_admits_what_the_control_plane_granted() {
+        let control = limits(Some(60), None);
+        let remote = RateLimits::new(settings(Some(60), None), true);
+        let w = WorkerLimits::default();
+        // One on credit, then nothing until a grant.
+        assert!(w.admit(&remote, "etl", 0).is_ok());
+        assert!(w.admit(&remote, "etl", 0).is_err());
+        assert_eq!(remote.running_low(), vec![("etl".to_string(), false, 1)]);
+        // 60 per minute: the control plane's bucket holds 60, and grants what fits.
+        assert_eq!(control.lease("etl", false, 50), Some(50));
+        assert_eq!(control.lease("etl", false, 50), Some(10));
+        assert_eq!(control.lease("etl", false, 50), Some(0));
+        assert_eq!(control.lease("etl", true, 50), None, "no token limit");
+        remote.add_grant("etl", false, 3);
+        assert!((0..3).all(|_| w.admit(&remote, "etl", 0).is_ok()));
+        assert!(w.admit(&remote, "etl", 0).is_err());
+    }
+
+    fn limits(rpm: Option<u64>, tpm: Option<u64>) -> RateLimits {
+        RateLimits::new(settings(rpm, tpm), false)
     }
 
     #[test]

@@ -21,9 +21,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Fails only on TLS material that cannot be loaded.
-    pub fn new(table: RoutingTable) -> Result<Snapshot, String> {
-        Snapshot::build(table, None, None)
+    /// Fails only on TLS material that cannot be loaded. `granted_limits`: rate-limit
+    /// allowance comes from a control plane's grants (a remote data plane).
+    pub fn new(table: RoutingTable, granted_limits: bool) -> Result<Snapshot, String> {
+        let limits = Arc::new(RateLimits::new(table.rate_limits.clone(), granted_limits));
+        Snapshot::build(table, None, limits)
     }
 
     /// The snapshot for a newly applied config. Backend health and in-flight counts carry over
@@ -42,14 +44,19 @@ impl Snapshot {
                 .iter()
                 .zip(&table.backends)
                 .all(|(a, b)| same(a, b));
-        let limits = (old.rate_limits == table.rate_limits).then(|| previous.limits.clone());
+        let limits = if old.rate_limits == table.rate_limits {
+            previous.limits.clone()
+        } else {
+            let granted = previous.limits.is_granted();
+            Arc::new(RateLimits::new(table.rate_limits.clone(), granted))
+        };
         Snapshot::build(table, keep.then(|| previous.states.clone()), limits)
     }
 
     fn build(
         table: RoutingTable,
         states: Option<Arc<BackendStates>>,
-        limits: Option<Arc<RateLimits>>,
+        limits: Arc<RateLimits>,
     ) -> Result<Snapshot, String> {
         let tls = table
             .backends
@@ -65,7 +72,7 @@ impl Snapshot {
         });
         let models_body = models_body(&table);
         Ok(Snapshot {
-            limits: limits.unwrap_or_else(|| Arc::new(RateLimits::new(table.rate_limits.clone()))),
+            limits,
             table,
             states,
             models_body,
