@@ -10,22 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Runs `switchyard <command> --admin <router's admin> <rest>`; returns (success, stdout, stderr).
 fn cli_with_token(r: &Proc, token: &str, command: &str, rest: &[&str]) -> (bool, String, String) {
-    let admin = format!("http://{}", r.admin.unwrap());
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg(command)
-        .args(["--admin", &admin])
-        .args(rest)
-        .env("SWITCHYARD_ADMIN_TOKEN", token)
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    admin_cli(r.admin.unwrap(), token, command, rest)
 }
 
 fn cli(r: &Proc, command: &str, rest: &[&str]) -> (bool, String, String) {

@@ -6,35 +6,15 @@ mod common;
 use common::*;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn addr() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
 }
 
-/// Runs `switchyard <args>` in `dir` and waits until `port` listens.
-fn spawn(dir: &Path, args: &[&str], port: SocketAddr) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
-        .current_dir(dir)
-        .env("SWITCHYARD_ADMIN_TOKEN", ADMIN_TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_listening(port, &mut child);
-    Proc {
-        child,
-        addr: port,
-        admin: None,
-        dir: Some(dir.to_path_buf()),
-    }
-}
-
 fn control(dir: &Path, admin: SocketAddr) -> Proc {
     let config = dir.join("switchyard.toml");
-    spawn(
+    spawn_switchyard(
         dir,
         &[
             "control",
@@ -43,24 +23,14 @@ fn control(dir: &Path, admin: SocketAddr) -> Proc {
             "--admin-listen",
             &admin.to_string(),
         ],
-        admin,
+        &[admin],
     )
 }
 
 fn cli(admin: SocketAddr, command: &str, rest: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg(command)
-        .args(["--admin", &format!("http://{admin}")])
-        .args(rest)
-        .env("SWITCHYARD_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let (ok, out, err) = admin_cli(admin, ADMIN_TOKEN, command, rest);
+    assert!(ok, "{err}");
+    out
 }
 
 /// Requests of `service` in today's spend, summed over its rows.
@@ -112,7 +82,7 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
             "--name",
             name,
         ];
-        spawn(&data_dir, &args, listen)
+        spawn_switchyard(&data_dir, &args, &[listen])
     };
     let (dp1, dp2) = (data_plane("dp1"), data_plane("dp2"));
     let ask = |dp: &Proc, service: &str| {

@@ -84,28 +84,34 @@ async fn first_snapshot(
     }
 }
 
+/// Subscribes to the snapshots, retrying with back-off until the control plane answers.
+async fn subscribe(
+    client: &mut AuthedClient,
+    name: &str,
+    url: &str,
+) -> (tonic::Streaming<pb::ConfigVersion>, pb::ConfigVersion) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match first_snapshot(client, name).await {
+            Ok(got) => return got,
+            Err(e) => {
+                eprintln!(
+                    "switchyard: waiting for the control plane at {url}: {}",
+                    e.message()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
 fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
     let runtime = runtime()?;
     let mut client = runtime.block_on(start.control.client(true))?;
     let name = start.name;
     // Nothing to serve without a first snapshot: wait for the control plane, saying why.
-    let (watch, first) = runtime.block_on(async {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match first_snapshot(&mut client, &name).await {
-                Ok(got) => return got,
-                Err(e) => {
-                    eprintln!(
-                        "switchyard: waiting for the control plane at {}: {}",
-                        start.control.url,
-                        e.message()
-                    );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
-        }
-    });
+    let (watch, first) = runtime.block_on(subscribe(&mut client, &name, &start.control.url));
     let source = format!("{} (version {})", start.control.url, first.version);
     let configs = Configs::start(first.toml, &source, first.version, start.overrides, true)
         .map_err(|errors| errors.join("\n"))?;
@@ -143,7 +149,11 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
     remote.budgets.views([]);
     let consumer = remote.clone();
     runtime.spawn_blocking(move || consumer.collect(events));
-    runtime.spawn(remote.clone().follow(client.clone(), watch));
+    runtime.spawn(
+        remote
+            .clone()
+            .follow(client.clone(), start.control.url.clone(), watch),
+    );
     runtime.spawn(remote.clone().report(client.clone()));
     runtime.spawn(remote.clone().sync(client.clone()));
     runtime.spawn(remote.clone().lease(client.clone()));
@@ -260,26 +270,17 @@ impl Remote {
     async fn follow(
         self: Arc<Self>,
         mut client: AuthedClient,
+        url: String,
         mut watch: tonic::Streaming<pb::ConfigVersion>,
     ) {
-        let mut backoff = Duration::from_millis(100);
         loop {
             match watch.message().await {
-                Ok(Some(record)) => {
-                    backoff = Duration::from_millis(100);
-                    self.apply(record);
-                }
+                Ok(Some(record)) => self.apply(record),
                 Ok(None) | Err(_) => {
                     eprintln!("switchyard: lost the control plane; serving on config version {} and reconnecting", self.configs.current().version);
-                    loop {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        if let Ok((w, first)) = first_snapshot(&mut client, &self.name).await {
-                            watch = w;
-                            self.apply(first);
-                            break;
-                        }
-                    }
+                    let (w, first) = subscribe(&mut client, &self.name, &url).await;
+                    watch = w;
+                    self.apply(first);
                 }
             }
         }

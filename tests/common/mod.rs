@@ -16,7 +16,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn wait_listening(addr: SocketAddr, child: &mut Child) {
+fn wait_listening(addr: SocketAddr, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(addr).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
@@ -132,32 +132,65 @@ pub fn start_router(
     workers: usize,
 ) -> Proc {
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let args = [
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        &addr.to_string(),
+        "--workers",
+        &workers.to_string(),
+        "--admin-listen",
+        &admin.to_string(),
+    ];
+    let mut r = spawn_switchyard(dir, &args, &[addr, admin]);
+    r.admin = Some(admin);
+    r
+}
+
+/// Runs `switchyard <args>` in `dir` with the test admin token, and waits until the first of
+/// `listening` (its `addr`) and the others listen.
+pub fn spawn_switchyard(dir: &std::path::Path, args: &[&str], listening: &[SocketAddr]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            &addr.to_string(),
-            "--workers",
-            &workers.to_string(),
-            "--admin-listen",
-            &admin.to_string(),
-        ])
+        .args(args)
         .current_dir(dir)
         .env("SWITCHYARD_ADMIN_TOKEN", ADMIN_TOKEN)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_listening(addr, &mut child);
-    wait_listening(admin, &mut child);
+    for addr in listening {
+        wait_listening(*addr, &mut child);
+    }
     Proc {
         child,
-        addr,
-        admin: Some(admin),
+        addr: listening[0],
+        admin: None,
         dir: Some(dir.to_path_buf()),
     }
+}
+
+/// Runs `switchyard <command> --admin http://<admin> <rest>` with `token`; returns (success,
+/// stdout, stderr).
+pub fn admin_cli(
+    admin: SocketAddr,
+    token: &str,
+    command: &str,
+    rest: &[&str],
+) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg(command)
+        .args(["--admin", &format!("http://{admin}")])
+        .args(rest)
+        .env("SWITCHYARD_ADMIN_TOKEN", token)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[derive(Debug)]
