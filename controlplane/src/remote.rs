@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchyard_dataplane::auth::{KeyGrant, KeyTable};
-use switchyard_dataplane::budget::{BudgetBook, Limits};
+use switchyard_dataplane::budget::{BudgetBook, BudgetKey, Limits};
 use switchyard_dataplane::server::{self, DataPlane};
 use switchyard_dataplane::usage::{UsageReceiver, UsageSink};
 use switchyard_shared::category::Category;
@@ -356,6 +356,9 @@ impl Remote {
     /// from the control plane: budgets a few leases' worth per worker, fetched when below one
     /// lease per worker; rate limits about 200 ms of allowance.
     async fn lease(self: Arc<Self>, mut client: AuthedClient) {
+        // Budgets the control plane had nothing left of: asked again only after a pause (a
+        // budget refills only when raised), while rate limits refill by the second.
+        let mut spent_out: BTreeMap<BudgetKey, tokio::time::Instant> = BTreeMap::new();
         loop {
             tokio::time::sleep(LEASE_PERIOD).await;
             let limits = self.configs.snapshot().load().limits.clone();
@@ -379,7 +382,12 @@ impl Remote {
                 let t = &snapshot.table;
                 (t.budgets.lease_micros, t.listener.workers as u64)
             };
+            let now = tokio::time::Instant::now();
+            spent_out.retain(|_, until| *until > now);
             for key in self.budgets.running_low(lease * workers) {
+                if spent_out.contains_key(&key) {
+                    continue;
+                }
                 let request = pb::LeaseBudgetRequest {
                     data_plane: self.name.clone(),
                     service: key.0.clone(),
@@ -393,6 +401,8 @@ impl Remote {
                 let reply = reply.into_inner();
                 if reply.granted_micros > 0 {
                     self.budgets.add_grant(key, reply.granted_micros);
+                } else {
+                    spent_out.insert(key, now + SYNC_PERIOD);
                 }
             }
         }
