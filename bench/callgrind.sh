@@ -7,6 +7,8 @@
 #
 #   bash bench/callgrind.sh            # prints "instructions per request: N"
 #   KEEP=1 bash bench/callgrind.sh     # also keeps callgrind.out.* for callgrind_annotate
+#   HIT=1 bash bench/callgrind.sh      # a deterministic request: every one after the first is
+#                                      # a response-cache hit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
@@ -37,15 +39,15 @@ run() {
     valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out.$1" \
         target/release/switchyard serve --config "$work/switchyard.toml" --listen 127.0.0.1:$router_port --workers 1 >"$work/log.$1" 2>&1 &
     local vg=$!
-    python3 - "$1" "$router_port" <<'PY'
+    python3 - "$1" "$router_port" "${HIT:-}" <<'PY'
 import socket, sys, time
-n, port = int(sys.argv[1]), int(sys.argv[2])
+n, port, hit = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 for _ in range(200):
     try:
         s = socket.create_connection(("127.0.0.1", port)); break
     except OSError:
         time.sleep(0.1)
-body = b'{"model":"auto","messages":[{"role":"user","content":"Summarise: the meeting moved to Friday."}]}'
+body = b'{"model":"auto",%s"messages":[{"role":"user","content":"Summarise: the meeting moved to Friday."}]}' % (b'"temperature":0,' if hit else b"")
 req = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 for _ in range(n):
     s.sendall(req)

@@ -284,23 +284,38 @@ pub async fn handle(
             };
             let t = &table.targets[target];
             // The key names the resolved target model, so it is known only once a target is.
-            let store =
-                cache_key_for(worker, table, &ctx, &view, body, cache_mode, &t.model).map(|key| {
-                    Store {
-                        key,
-                        ttl: decision
-                            .cache_ttl
-                            .unwrap_or(table.cache.category_ttl[ctx.category.index()]),
-                    }
-                });
+            let scope = cache_scope(worker, table, &ctx, &view, cache_mode, &t.model);
             let replay = Replay {
                 caller_wants_usage: view.caller_wants_usage,
                 client_minor_version: head.minor_version,
             };
+            // A request seen before byte for byte finds its answer without canonicalising.
+            let request_key = scope
+                .as_ref()
+                .filter(|_| cache_mode == CacheMode::Use)
+                .map(|s| cache_key::request_key(s, body));
+            if let (Some(cache), Some(request_key)) = (&worker.shared.cache, &request_key) {
+                if let Some(hit) = cache.get_aliased(request_key, Instant::now()) {
+                    drop(slot);
+                    return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay).await;
+                }
+            }
+            let embeddings = ctx.endpoint == Endpoint::Embeddings;
+            let store = scope
+                .and_then(|s| cache_key::key(&s, body, embeddings))
+                .map(|key| Store {
+                    key,
+                    ttl: decision
+                        .cache_ttl
+                        .unwrap_or(table.cache.category_ttl[ctx.category.index()]),
+                });
             if let (Some(cache), Some(store), CacheMode::Use) =
                 (&worker.shared.cache, &store, cache_mode)
             {
                 if let Some(hit) = cache.get(&store.key, Instant::now()) {
+                    if let Some(request_key) = request_key {
+                        cache.put_alias(request_key, &store.key);
+                    }
                     drop(slot);
                     return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay).await;
                 }
@@ -520,17 +535,16 @@ fn caller_headers(
     Ok((priority, category, cache))
 }
 
-/// The cache key of this request for `target_model`, when it may be looked up or stored:
-/// cache on, not bypassed, and deterministic. Streamed and whole answers have different keys.
-fn cache_key_for(
+/// The scope of this request's cache keys for `target_model`, when it may be looked up or
+/// stored: cache on, not bypassed, and deterministic.
+fn cache_scope<'a>(
     worker: &Worker,
     table: &RoutingTable,
-    ctx: &Ctx<'_>,
+    ctx: &Ctx<'a>,
     view: &RequestView<'_>,
-    body: &[u8],
     mode: CacheMode,
-    target_model: &str,
-) -> Option<Vec<u8>> {
+    target_model: &'a str,
+) -> Option<KeyScope<'a>> {
     let embeddings = ctx.endpoint == Endpoint::Embeddings;
     if worker.shared.cache.is_none()
         || mode == CacheMode::Bypass
@@ -543,12 +557,11 @@ fn cache_key_for(
     } else {
         ctx.service
     };
-    let scope = KeyScope {
+    Some(KeyScope {
         service,
         endpoint: ctx.endpoint.path(),
         target_model,
-    };
-    cache_key::key(&scope, body, embeddings)
+    })
 }
 
 /// Answers from the cache: the stored body, `age`, and a usage event that costs nothing

@@ -3,8 +3,10 @@
 //! flag, and every body field but a short list that cannot change the output).
 //! Must not: hash (the cache does) or look at responses.
 
-use serde_json::Value;
-use std::io::Write;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt;
 
 /// Body fields left out of the key: they cannot change the model's output.
 /// `model` is replaced by the resolved target model, which is in the key on its own.
@@ -18,27 +20,84 @@ pub struct KeyScope<'a> {
     pub target_model: &'a str,
 }
 
+/// An object's members in source order, keys decoded, values left as raw JSON.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(entry) = map.next_entry::<Cow<'de, str>, &'de RawValue>()? {
+                    out.push(entry);
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'a> Members<'a> {
+    /// Sorted by key; `None` when a key repeats (backends disagree on which one wins, so such
+    /// a body is never cached).
+    fn sorted(mut self) -> Option<Vec<(Cow<'a, str>, &'a RawValue)>> {
+        self.0.sort_by(|a, b| a.0.cmp(&b.0));
+        if self.0.windows(2).any(|w| w[0].0 == w[1].0) {
+            return None;
+        }
+        Some(self.0)
+    }
+}
+
+fn as_f64(raw: Option<&&RawValue>) -> Option<f64> {
+    raw.and_then(|r| r.get().parse().ok())
+}
+
+/// The exact request bytes in their scope: a request sent again byte for byte finds its
+/// canonical key through this without canonicalising (see the response cache's aliases).
+pub fn request_key(scope: &KeyScope<'_>, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 64);
+    for part in [
+        &b"raw"[..],
+        scope.service.as_bytes(),
+        scope.endpoint.as_bytes(),
+        scope.target_model.as_bytes(),
+    ] {
+        out.extend_from_slice(part);
+        out.push(0);
+    }
+    out.extend_from_slice(body);
+    out
+}
+
 /// The canonical key bytes for `body`, or `None` when the request is not deterministic:
 /// `temperature` must be explicitly 0 (or `top_k` 1) and `n` absent or 1. Embeddings are
 /// deterministic by nature.
 pub fn key(scope: &KeyScope<'_>, body: &[u8], embeddings: bool) -> Option<Vec<u8>> {
-    let Value::Object(fields) = serde_json::from_slice::<Value>(body).ok()? else {
-        return None;
+    let fields = serde_json::from_slice::<Members<'_>>(body).ok()?.sorted()?;
+    let get = |name: &str| {
+        fields
+            .binary_search_by(|(k, _)| (**k).cmp(name))
+            .ok()
+            .map(|i| &fields[i].1)
     };
-    let zero_temperature = fields.get("temperature").and_then(Value::as_f64) == Some(0.0);
-    let top_k_one = fields.get("top_k").and_then(Value::as_f64) == Some(1.0);
-    let single = fields.get("n").is_none_or(|n| n.as_f64() == Some(1.0));
+    let zero_temperature = as_f64(get("temperature")) == Some(0.0);
+    let top_k_one = as_f64(get("top_k")) == Some(1.0);
+    let single = get("n").is_none_or(|n| as_f64(Some(n)) == Some(1.0));
     if !(embeddings || (zero_temperature || top_k_one) && single) {
         return None;
     }
-    let stream = fields
-        .get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let stream = get("stream").is_some_and(|s| s.get() == "true");
     let mut out = Vec::with_capacity(body.len() + 64);
     // NUL separators: none of these parts can contain a NUL that JSON would not escape.
     for part in [
-        &b"v1"[..],
+        &b"v2"[..],
         scope.service.as_bytes(),
         scope.endpoint.as_bytes(),
         scope.target_model.as_bytes(),
@@ -47,53 +106,54 @@ pub fn key(scope: &KeyScope<'_>, body: &[u8], embeddings: bool) -> Option<Vec<u8
         out.extend_from_slice(part);
         out.push(0);
     }
-    let mut keys: Vec<&String> = fields
-        .keys()
-        .filter(|k| !IGNORED_FIELDS.contains(&k.as_str()))
-        .collect();
-    keys.sort();
-    out.push(b'{');
-    for (i, k) in keys.into_iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_canonical(&mut out, &Value::String(k.clone()));
-        out.push(b':');
-        write_canonical(&mut out, &fields[k.as_str()]);
-    }
-    out.push(b'}');
+    let kept = fields
+        .into_iter()
+        .filter(|(k, _)| !IGNORED_FIELDS.contains(&&**k));
+    write_members(&mut out, kept)?;
     Some(out)
 }
 
-/// Compact JSON with object keys sorted at every depth, whatever order the map keeps.
-fn write_canonical(out: &mut Vec<u8>, v: &Value) {
-    match v {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push(b'{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical(out, &Value::String(k.clone()));
-                out.push(b':');
-                write_canonical(out, &map[k.as_str()]);
-            }
-            out.push(b'}');
+fn write_members<'a>(
+    out: &mut Vec<u8>,
+    members: impl Iterator<Item = (Cow<'a, str>, &'a RawValue)>,
+) -> Option<()> {
+    out.push(b'{');
+    for (i, (k, v)) in members.enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        Value::Array(items) => {
+        serde_json::to_writer(&mut *out, &k).ok()?;
+        out.push(b':');
+        write_canonical(out, v)?;
+    }
+    out.push(b'}');
+    Some(())
+}
+
+/// Compact JSON with object keys sorted at every depth. Strings and numbers keep their source
+/// spelling: two spellings of one value only miss the cache, they never share an answer.
+fn write_canonical(out: &mut Vec<u8>, v: &RawValue) -> Option<()> {
+    let text = v.get();
+    match text.as_bytes().first()? {
+        b'{' => {
+            let members = serde_json::from_str::<Members<'_>>(text).ok()?.sorted()?;
+            write_members(out, members.into_iter())
+        }
+        b'[' => {
+            let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
             out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
+            for (i, item) in items.into_iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_canonical(out, item);
+                write_canonical(out, item)?;
             }
             out.push(b']');
+            Some(())
         }
-        scalar => {
-            let _ = out.write_all(scalar.to_string().as_bytes());
+        _ => {
+            out.extend_from_slice(text.as_bytes());
+            Some(())
         }
     }
 }
@@ -196,6 +256,19 @@ mod tests {
         assert_ne!(base, key_for("b", "/v1/chat/completions", "m"));
         assert_ne!(base, key_for("a", "/v1/completions", "m"));
         assert_ne!(base, key_for("a", "/v1/chat/completions", "m2"));
+    }
+
+    #[test]
+    fn repeated_keys_and_other_spellings_never_share_an_answer() {
+        assert!(k(&with(r#""seed":1,"seed":2"#)).is_none(), "repeated key");
+        assert!(
+            k(&with(r#""response_format":{"type":"a","type":"b"}"#)).is_none(),
+            "repeated nested key"
+        );
+        // Another spelling of the same value is a miss, not a wrong hit.
+        assert_ne!(k(&with(r#""seed":1"#)), k(&with(r#""seed":1.0"#)));
+        // Escaped keys are decoded before they are compared or left out.
+        assert_eq!(k(BASE), k(&with(r#""\u0075ser":"x""#)));
     }
 
     #[test]
