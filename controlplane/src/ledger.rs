@@ -2,7 +2,8 @@
 //! Must not: block the workers (they never wait on this side).
 
 use crate::metrics::Metrics;
-use std::collections::{BTreeMap, HashMap};
+use ahash::AHashMap as HashMap;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};

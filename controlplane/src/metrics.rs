@@ -2,13 +2,13 @@
 //! and the gauges read from live state when scraped. Served at `/metrics` on the admin listener.
 //! Must not: be touched by the data plane (workers only send usage events).
 
+use ahash::AHashMap as HashMap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use switchyard_shared::category::Category;
 use switchyard_shared::usage::UsageEvent;
