@@ -34,10 +34,6 @@ impl KeyTable {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }

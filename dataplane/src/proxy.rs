@@ -151,15 +151,15 @@ pub async fn handle(
     match worker.limits.admit(&snap.limits, ctx.service, admit_tokens) {
         Ok(charge) => ctx.token_charge.set(charge),
         Err(refusal) => {
-            let (kind, what) = if refusal.tokens {
-                (ErrorKind::TokenRateLimited, "tokens")
+            let (kind, what);
+            (kind, what, ctx.refused_by) = if refusal.tokens {
+                (ErrorKind::TokenRateLimited, "tokens", "rate_limit_tokens")
             } else {
-                (ErrorKind::RequestRateLimited, "requests")
-            };
-            ctx.refused_by = if refusal.tokens {
-                "rate_limit_tokens"
-            } else {
-                "rate_limit_requests"
+                (
+                    ErrorKind::RequestRateLimited,
+                    "requests",
+                    "rate_limit_requests",
+                )
             };
             let wait = refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64;
             let msg = format!(
