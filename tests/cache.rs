@@ -281,7 +281,8 @@ fn upstream_calls(sim: &Proc) -> u64 {
 /// cache headers, and how many reached the upstream.
 fn burst(sim_args: &[&str], extra_header: &str) -> (Vec<(u16, Option<String>)>, u64) {
     let s = sim("s", sim_args);
-    let r = router_on_workers(&config_for(&[("s", s.url())], ""), 1);
+    // Two workers: the ten connections spread over both, so coalescing must work across them.
+    let r = router_on_workers(&config_for(&[("s", s.url())], ""), 2);
     let addr = r.addr;
     let threads: Vec<_> = (0..10)
         .map(|_| {

@@ -1,25 +1,23 @@
-//! Coalescing of identical cacheable misses within a worker. Owns: the in-flight map from a
+//! Coalescing of identical cacheable misses across all workers. Owns: the in-flight map from a
 //! cache key to the one request fetching it; the others wait, then read the cache.
-//! Must not: cross threads. Waiters and leader run on one worker's runtime, so wakers are
-//! local and nothing here is atomic; identical misses on different workers each go upstream.
+//! Must not: be touched by requests that are not cacheable misses (the map has a lock).
+//!
+//! Waiters on other workers cannot be woken from the leader's thread (monoio runs without
+//! cross-thread wakers), so they look at the flight's flag every `POLL`: a few milliseconds
+//! against an upstream call of hundreds.
 
-use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
-use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-#[derive(Default)]
-struct Flight {
-    done: Cell<bool>,
-    waiters: RefCell<Vec<Waker>>,
-}
+/// How often a waiter checks whether its leader is done.
+const POLL: Duration = Duration::from_millis(2);
 
-/// The keys this worker is fetching from upstream right now.
+/// The keys being fetched from upstream right now, by any worker.
 #[derive(Default)]
 pub struct Flights {
-    in_flight: RefCell<HashMap<Vec<u8>, Rc<Flight>>>,
+    in_flight: Mutex<HashMap<Vec<u8>, Arc<AtomicBool>>>,
 }
 
 /// Held by the request that fetches a key; dropping it (answer stored, failed, or the client
@@ -31,43 +29,46 @@ pub struct Lead<'a> {
 
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
-        if let Some(flight) = self.flights.in_flight.borrow_mut().remove(&self.key) {
-            flight.done.set(true);
-            for waker in flight.waiters.take() {
-                waker.wake();
-            }
+        let mut in_flight = self.flights.lock();
+        if let Some(done) = in_flight.remove(&self.key) {
+            done.store(true, Ordering::Release);
         }
-    }
-}
-
-/// Resolves when the leader of a key is done.
-pub struct Wait(Rc<Flight>);
-
-impl Future for Wait {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0.done.get() {
-            return Poll::Ready(());
-        }
-        self.0.waiters.borrow_mut().push(cx.waker().clone());
-        Poll::Pending
     }
 }
 
 pub enum Role<'a> {
     /// Nobody is fetching this key: fetch it, and hold the lead until the answer is stored.
     Lead(Lead<'a>),
-    /// Another request is fetching it: wait for it.
-    Wait(Wait),
+    /// Another request is fetching it: await this, then read the cache.
+    Wait(Waiter),
+}
+
+/// Resolves once the leader of a key is done.
+pub struct Waiter(Arc<AtomicBool>);
+
+impl Waiter {
+    pub fn is_done(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub async fn wait(self) {
+        while !self.is_done() {
+            monoio::time::sleep(POLL).await;
+        }
+    }
 }
 
 impl Flights {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Arc<AtomicBool>>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn join(&self, key: &[u8]) -> Role<'_> {
-        let mut in_flight = self.in_flight.borrow_mut();
-        if let Some(flight) = in_flight.get(key) {
-            return Role::Wait(Wait(flight.clone()));
+        let mut in_flight = self.lock();
+        if let Some(done) = in_flight.get(key) {
+            return Role::Wait(Waiter(done.clone()));
         }
-        in_flight.insert(key.to_vec(), Rc::default());
+        in_flight.insert(key.to_vec(), Arc::default());
         Role::Lead(Lead {
             flights: self,
             key: key.to_vec(),
@@ -78,40 +79,28 @@ impl Flights {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-    use std::task::Wake;
-
-    struct Count(std::sync::atomic::AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
 
     #[test]
-    fn one_leads_the_others_wait_until_it_is_done() {
+    fn one_leads_the_others_wait_until_it_is_done_on_any_thread() {
         let flights = Flights::default();
         let Role::Lead(lead) = flights.join(b"k") else {
             panic!("first caller leads")
         };
-        let Role::Wait(mut wait) = flights.join(b"k") else {
-            panic!("second caller waits")
-        };
+        let waiter = std::thread::scope(|s| {
+            s.spawn(|| match flights.join(b"k") {
+                Role::Wait(w) => w,
+                Role::Lead(_) => panic!("a caller on another thread waits too"),
+            })
+            .join()
+            .unwrap()
+        });
         assert!(
             matches!(flights.join(b"other"), Role::Lead(_)),
             "other keys are independent"
         );
-        let count = Arc::new(Count(Default::default()));
-        let waker = Waker::from(count.clone());
-        let mut cx = Context::from_waker(&waker);
-        assert!(Pin::new(&mut wait).poll(&mut cx).is_pending());
+        assert!(!waiter.is_done());
         drop(lead);
-        assert_eq!(
-            count.0.load(std::sync::atomic::Ordering::Relaxed),
-            1,
-            "the waiter was woken"
-        );
-        assert!(Pin::new(&mut wait).poll(&mut cx).is_ready());
+        assert!(waiter.is_done(), "released when the leader is done");
         assert!(
             matches!(flights.join(b"k"), Role::Lead(_)),
             "the key is free again"

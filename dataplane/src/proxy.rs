@@ -320,16 +320,16 @@ pub async fn handle(
                     return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay).await;
                 }
             }
-            // Identical misses on this worker wait for the one fetching the answer.
+            // Identical misses, on any worker, wait for the one fetching the answer.
             if let (Some(cache), Some(store), None, false) =
                 (&worker.shared.cache, &store, &lead, waited)
             {
-                match worker.flights.join(&store.key) {
+                match worker.shared.flights.join(&store.key) {
                     Role::Lead(l) => lead = Some(l),
                     Role::Wait(wait) => {
                         drop(slot);
                         waited = true;
-                        if watch_client(&client.stream, wait).await.is_none() {
+                        if watch_client(&client.stream, wait.wait()).await.is_none() {
                             log(worker, snap, &ctx, None, CLIENT_CLOSED, None, 0, None, true);
                             return false;
                         }

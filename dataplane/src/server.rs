@@ -31,6 +31,8 @@ pub struct Shared {
     /// The response cache, `None` when `[cache] enabled = false`.
     pub cache: Option<crate::cache::ResponseCache>,
     pub budgets: Arc<BudgetBook>,
+    /// Cacheable misses being fetched by any worker, for coalescing.
+    pub flights: crate::coalesce::Flights,
     /// Valid API keys, published by the control plane.
     pub keys: ArcSwap<KeyTable>,
     draining: AtomicBool,
@@ -53,8 +55,6 @@ pub struct Worker {
     pub id: usize,
     pub shared: Arc<Shared>,
     pub pool: Pool,
-    /// Cacheable misses being fetched by this worker, for coalescing.
-    pub flights: crate::coalesce::Flights,
     /// This worker's budget leases.
     pub budgets: WorkerBudgets,
     /// This worker's rate-limit leases.
@@ -144,6 +144,7 @@ pub fn start(
         usage,
         cache,
         budgets,
+        flights: Default::default(),
         keys: ArcSwap::from_pointee(keys),
         draining: AtomicBool::new(false),
         inflight: (0..workers).map(|_| PaddedCounter::default()).collect(),
@@ -160,7 +161,6 @@ pub fn start(
                     cache: RefCell::new(arc_swap::Cache::new(shared.snapshot.clone())),
                     shared,
                     pool: Pool::default(),
-                    flights: Default::default(),
                     budgets: Default::default(),
                     limits: Default::default(),
                     seq: Cell::new(0),
