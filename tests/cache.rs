@@ -335,3 +335,44 @@ fn when_the_coalesced_call_fails_each_waiter_goes_on_its_own() {
     );
     assert_eq!(calls, 10, "nobody was served another request's failure");
 }
+
+#[test]
+fn a_repeated_request_takes_its_shortcut_with_the_same_answer_and_headers() {
+    let (s, r) = cached_router("[rate_limits.services.etl]\nrequests_per_minute = 4\n");
+    let ask = |extra: &str| {
+        post(
+            r.addr,
+            "/v1/chat/completions",
+            DETERMINISTIC,
+            &format!("x-switchyard-service: etl\r\n{extra}"),
+        )
+    };
+    assert_eq!(ask("").header("x-switchyard-cache"), Some("stored"));
+    // The first hit is found by the canonical key, the second by the shortcut it left.
+    let (first, second) = (ask(""), ask(""));
+    for name in [
+        "x-switchyard-cache",
+        "x-switchyard-category",
+        "x-switchyard-rule",
+        "x-switchyard-tier",
+        "x-switchyard-backend",
+        "x-switchyard-model",
+        "x-switchyard-config-version",
+    ] {
+        assert_eq!(first.header(name), second.header(name), "{name}");
+    }
+    assert_eq!(second.header("x-switchyard-cache"), Some("hit"));
+    assert_eq!(first.body, second.body);
+    // Shortcuts still count against the rate limit (4 a minute).
+    assert_eq!(ask("").header("x-switchyard-cache"), Some("hit"));
+    ask("").error(429);
+    assert_eq!(upstream_calls(&s), 1);
+    let err = stop_router(r);
+    let hits: Vec<_> = usage_events(&err)
+        .into_iter()
+        .filter(|e| e["cache"] == "hit")
+        .collect();
+    assert_eq!(hits.len(), 3, "{err}");
+    assert_eq!(hits[0]["saved_micros"], hits[1]["saved_micros"]);
+    assert_eq!(hits[0]["category"], hits[1]["category"]);
+}

@@ -86,9 +86,18 @@ fn hot_path(c: &mut Criterion) {
     };
     let cache = switchyard_dataplane::cache::ResponseCache::new(64 << 20);
     let key = switchyard_shared::cache_key::key(&scope, cached_body.as_bytes(), false).unwrap();
-    cache.put_alias(
-        switchyard_shared::cache_key::request_key(&scope, cached_body.as_bytes()),
+    let request_parts: [&[u8]; 3] = [b"svc", b"/v1/chat/completions", b"1"];
+    cache.put_shortcut(
+        switchyard_shared::cache_key::request_key(&request_parts, cached_body.as_bytes()),
         &key,
+        0,
+        switchyard_shared::category::Category::Extraction,
+        "rule",
+        None,
+        false,
+        false,
+        cached_body.len(),
+        0,
     );
     cache.put(switchyard_dataplane::cache::Entry::new(
         key,
@@ -111,15 +120,15 @@ fn hot_path(c: &mut Criterion) {
             cache.get(&key, std::time::Instant::now()).is_some()
         })
     });
-    // The same request again, byte for byte: found through its alias, not canonicalised.
+    // The same request again, byte for byte: found through its shortcut, not canonicalised.
     group.bench_function("lookup_repeat_2kib_body", |b| {
         b.iter(|| {
             let request = switchyard_shared::cache_key::request_key(
-                &scope,
+                &request_parts,
                 black_box(cached_body.as_bytes()),
             );
             cache
-                .get_aliased(&request, std::time::Instant::now())
+                .get_shortcut(&request, std::time::Instant::now())
                 .is_some()
         })
     });

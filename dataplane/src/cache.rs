@@ -9,6 +9,7 @@ use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchyard_shared::category::Category;
 use switchyard_shared::openai::TokenUsage;
 
 /// One stored answer and what is needed to replay and account for it.
@@ -78,32 +79,44 @@ impl Lifecycle<u64, Arc<Entry>> for CountEvictions {
     }
 }
 
-/// A request seen before, byte for byte, and the canonical key its answer is stored under.
-struct Alias {
+/// A request answered from the cache before, byte for byte and routed the same way (see
+/// `cache_key::request_key`): where its answer is and what routing decided, so the same
+/// request again skips parsing, classifying, routing and canonicalising.
+pub struct Shortcut {
+    /// The request key: compared on every use.
     request: Box<[u8]>,
-    canonical: Box<[u8]>,
+    pub canonical: Box<[u8]>,
+    pub target: usize,
+    pub category: Category,
+    pub rule: Box<str>,
+    pub classifier_rule: Option<&'static str>,
+    pub streamed: bool,
+    pub caller_wants_usage: bool,
+    pub prompt_chars: usize,
+    /// Tokens its rate-limit admission counts.
+    pub admit_tokens: u64,
 }
 
 #[derive(Clone)]
-struct AliasBytes;
+struct ShortcutBytes;
 
-impl Weighter<u64, Arc<Alias>> for AliasBytes {
-    fn weight(&self, _: &u64, a: &Arc<Alias>) -> u64 {
-        (a.request.len() + a.canonical.len()) as u64 + ENTRY_OVERHEAD
+impl Weighter<u64, Arc<Shortcut>> for ShortcutBytes {
+    fn weight(&self, _: &u64, s: &Arc<Shortcut>) -> u64 {
+        (s.request.len() + s.canonical.len() + s.rule.len()) as u64 + ENTRY_OVERHEAD
     }
 }
 
-/// Share of `max_bytes` kept for aliases.
-const ALIAS_SHARE: u64 = 8;
+/// Share of `max_bytes` kept for shortcuts.
+const SHORTCUT_SHARE: u64 = 8;
 
 /// One cache for all workers: a shared cache keeps the hit rate of the whole process, which
 /// matters more than its lookup cost, since a miss is an LLM call (field notes: 58% vs 45%
 /// hit rate against per-core caches on a skewed workload).
 pub struct ResponseCache {
     entries: Cache<u64, Arc<Entry>, ByBytes, DefaultHashBuilder, CountEvictions>,
-    /// Exact request bytes -> canonical key, so a repeated request skips canonicalisation
-    /// (the costliest part of a hit). Bounded on its own, by `max_bytes / ALIAS_SHARE`.
-    aliases: Cache<u64, Arc<Alias>, AliasBytes>,
+    /// Exact requests -> their answer's key and routing. Bounded on its own, by
+    /// `max_bytes / SHORTCUT_SHARE`.
+    shortcuts: Cache<u64, Arc<Shortcut>, ShortcutBytes>,
     hash: fn(&[u8]) -> u64,
     evictions: CountEvictions,
 }
@@ -123,40 +136,66 @@ impl ResponseCache {
     pub fn with_hash(max_bytes: u64, hash: fn(&[u8]) -> u64) -> ResponseCache {
         let estimated_items = (max_bytes / 4096).clamp(16, 1 << 20) as usize;
         let evictions = CountEvictions::default();
-        let alias_bytes = max_bytes / ALIAS_SHARE;
+        let shortcut_bytes = max_bytes / SHORTCUT_SHARE;
         let entries = Cache::with(
             estimated_items,
-            max_bytes - alias_bytes,
+            max_bytes - shortcut_bytes,
             ByBytes,
             DefaultHashBuilder::default(),
             evictions.clone(),
         );
-        let aliases = Cache::with_weighter(estimated_items, alias_bytes, AliasBytes);
+        let shortcuts = Cache::with_weighter(estimated_items, shortcut_bytes, ShortcutBytes);
         ResponseCache {
             entries,
-            aliases,
+            shortcuts,
             hash,
             evictions,
         }
     }
 
-    /// The live entry that `request` (from `cache_key::request_key`) was answered from before.
-    pub fn get_aliased(&self, request: &[u8], now: Instant) -> Option<Arc<Entry>> {
-        let alias = self.aliases.get(&(self.hash)(request))?;
-        if *alias.request != *request {
+    /// The shortcut of exactly `request` and the live entry it leads to.
+    pub fn get_shortcut(
+        &self,
+        request: &[u8],
+        now: Instant,
+    ) -> Option<(Arc<Shortcut>, Arc<Entry>)> {
+        let shortcut = self.shortcuts.get(&(self.hash)(request))?;
+        if *shortcut.request != *request {
             return None;
         }
-        self.get(&alias.canonical, now)
+        let entry = self.get(&shortcut.canonical, now)?;
+        Some((shortcut, entry))
     }
 
-    /// Remembers that `request` is answered by the entry under `canonical`.
-    pub fn put_alias(&self, request: Vec<u8>, canonical: &[u8]) {
-        let alias = Alias {
+    /// Remembers how `request` was routed and where its answer is.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put_shortcut(
+        &self,
+        request: Vec<u8>,
+        canonical: &[u8],
+        target: usize,
+        category: Category,
+        rule: &str,
+        classifier_rule: Option<&'static str>,
+        streamed: bool,
+        caller_wants_usage: bool,
+        prompt_chars: usize,
+        admit_tokens: u64,
+    ) {
+        let shortcut = Shortcut {
             request: request.into(),
             canonical: canonical.into(),
+            target,
+            category,
+            rule: rule.into(),
+            classifier_rule,
+            streamed,
+            caller_wants_usage,
+            prompt_chars,
+            admit_tokens,
         };
-        self.aliases
-            .insert((self.hash)(&alias.request), Arc::new(alias));
+        self.shortcuts
+            .insert((self.hash)(&shortcut.request), Arc::new(shortcut));
     }
 
     /// The live entry for exactly `key`, if any.
@@ -182,7 +221,7 @@ impl ResponseCache {
     pub fn purge(&self) -> (u64, u64) {
         let removed = (self.len() as u64, self.bytes());
         self.entries.clear();
-        self.aliases.clear();
+        self.shortcuts.clear();
         removed
     }
 
@@ -261,26 +300,39 @@ mod tests {
     }
 
     #[test]
-    fn an_alias_finds_the_live_entry_and_only_for_its_exact_request() {
+    fn a_shortcut_finds_the_live_entry_and_only_for_its_exact_request() {
         let c = ResponseCache::with_hash(1 << 20, |_| 9);
+        let remember = |c: &ResponseCache| {
+            c.put_shortcut(
+                b"request bytes".to_vec(),
+                b"canonical",
+                3,
+                Category::Extraction,
+                "rule",
+                Some("kw:extraction"),
+                false,
+                false,
+                20,
+                5,
+            )
+        };
         c.put(entry("canonical", "answer", Duration::from_secs(60)));
-        c.put_alias(b"request bytes".to_vec(), b"canonical");
+        remember(&c);
         let now = Instant::now();
-        assert_eq!(
-            &*c.get_aliased(b"request bytes", now).unwrap().body,
-            b"answer"
-        );
+        let (shortcut, hit) = c.get_shortcut(b"request bytes", now).unwrap();
+        assert_eq!((&*hit.body, shortcut.target), (&b"answer"[..], 3));
         assert!(
-            c.get_aliased(b"other request", now).is_none(),
+            c.get_shortcut(b"other request", now).is_none(),
             "verified, not hashed"
         );
         assert!(c
-            .get_aliased(b"request bytes", now + Duration::from_secs(61))
+            .get_shortcut(b"request bytes", now + Duration::from_secs(61))
             .is_none());
         c.put(entry("canonical", "answer", Duration::from_secs(60)));
+        remember(&c);
         c.purge();
         c.put(entry("canonical", "answer", Duration::from_secs(60)));
-        assert!(c.get_aliased(b"request bytes", now).is_none(), "purged");
+        assert!(c.get_shortcut(b"request bytes", now).is_none(), "purged");
     }
 
     #[test]

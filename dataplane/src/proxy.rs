@@ -106,6 +106,24 @@ pub async fn handle(
 ) -> bool {
     let table = &snap.table;
     let identity = auth::identify(&worker.shared.keys, table.auth_required, head);
+    let trusted = identity.as_ref().is_ok_and(auth::Service::trusted);
+    let headers = caller_headers(head, trusted);
+    // A request answered from the cache before, byte for byte, takes its shortcut.
+    let mut shortcut_key = match (&identity, &headers, &worker.shared.cache) {
+        (Ok(service), Ok((_, _, CacheMode::Use)), Some(_)) => shortcut_key(
+            service.as_str(),
+            endpoint,
+            table.version,
+            head,
+            trusted,
+            body,
+        ),
+        _ => None,
+    };
+    let shortcut = shortcut_key
+        .as_ref()
+        .zip(worker.shared.cache.as_ref())
+        .and_then(|(key, cache)| cache.get_shortcut(key, Instant::now()));
     let mut ctx = Ctx {
         request_id: worker.next_request_id(),
         config_version: table.version,
@@ -140,6 +158,21 @@ pub async fn handle(
         )
         .await;
     }
+    if let Some((shortcut, hit)) = &shortcut {
+        ctx.streamed = shortcut.streamed;
+        ctx.prompt_chars = shortcut.prompt_chars;
+        if let Some(keep) = admit(worker, snap, client, &mut ctx, shortcut.admit_tokens).await {
+            return keep;
+        }
+        ctx.category = shortcut.category;
+        ctx.rule = &shortcut.rule;
+        ctx.classifier_rule = shortcut.classifier_rule;
+        let replay = Replay {
+            caller_wants_usage: shortcut.caller_wants_usage,
+            client_minor_version: head.minor_version,
+        };
+        return serve_hit(worker, snap, client, &mut ctx, shortcut.target, hit, replay).await;
+    }
     let view = match RequestView::parse(endpoint, body) {
         Ok(v) => v,
         Err(e) => return reject(worker, snap, client, &ctx, e.kind, &e.message, e.param).await,
@@ -148,40 +181,10 @@ pub async fn handle(
     ctx.prompt_chars = view.total_chars;
     let admit_tokens = estimate_tokens(view.total_chars)
         .saturating_add(view.max_tokens.unwrap_or(0).saturating_mul(view.choices));
-    match worker.limits.admit(&snap.limits, ctx.service, admit_tokens) {
-        Ok(charge) => ctx.token_charge.set(charge),
-        Err(refusal) => {
-            let (kind, what);
-            (kind, what, ctx.refused_by) = if refusal.tokens {
-                (ErrorKind::TokenRateLimited, "tokens", "rate_limit_tokens")
-            } else {
-                (
-                    ErrorKind::RequestRateLimited,
-                    "requests",
-                    "rate_limit_requests",
-                )
-            };
-            let wait = refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            let msg = format!(
-                "rate limit of service `{}` reached ({what} per minute); retry in {wait} s",
-                ctx.service
-            );
-            let extra = format!("retry-after: {wait}\r\n");
-            return send_reject(
-                worker,
-                snap,
-                client,
-                &ctx,
-                kind,
-                &msg,
-                None,
-                Some(extra.as_bytes()),
-            )
-            .await;
-        }
+    if let Some(keep) = admit(worker, snap, client, &mut ctx, admit_tokens).await {
+        return keep;
     }
-    let trusted = identity.as_ref().is_ok_and(auth::Service::trusted);
-    let (priority, category_override, cache_mode) = match caller_headers(head, trusted) {
+    let (priority, category_override, cache_mode) = match headers {
         Ok(h) => h,
         Err(msg) => {
             return reject(
@@ -289,17 +292,6 @@ pub async fn handle(
                 caller_wants_usage: view.caller_wants_usage,
                 client_minor_version: head.minor_version,
             };
-            // A request seen before byte for byte finds its answer without canonicalising.
-            let request_key = scope
-                .as_ref()
-                .filter(|_| cache_mode == CacheMode::Use)
-                .map(|s| cache_key::request_key(s, body));
-            if let (Some(cache), Some(request_key)) = (&worker.shared.cache, &request_key) {
-                if let Some(hit) = cache.get_aliased(request_key, Instant::now()) {
-                    drop(slot);
-                    return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay).await;
-                }
-            }
             let embeddings = ctx.endpoint == Endpoint::Embeddings;
             let store = scope
                 .and_then(|s| cache_key::key(&s, body, embeddings))
@@ -313,8 +305,19 @@ pub async fn handle(
                 (&worker.shared.cache, &store, cache_mode)
             {
                 if let Some(hit) = cache.get(&store.key, Instant::now()) {
-                    if let Some(request_key) = request_key {
-                        cache.put_alias(request_key, &store.key);
+                    if let Some(key) = shortcut_key.take() {
+                        cache.put_shortcut(
+                            key,
+                            &store.key,
+                            target,
+                            ctx.category,
+                            ctx.rule,
+                            ctx.classifier_rule,
+                            view.stream,
+                            view.caller_wants_usage,
+                            view.total_chars,
+                            admit_tokens,
+                        );
                     }
                     drop(slot);
                     return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay).await;
@@ -490,6 +493,93 @@ pub async fn handle(
             .await
         }
     }
+}
+
+/// Admits the request under its service's rate limits; when refused, answers 429 with
+/// Retry-After and returns whether the connection stays open.
+async fn admit(
+    worker: &Worker,
+    snap: &Snapshot,
+    client: &mut Client,
+    ctx: &mut Ctx<'_>,
+    tokens: u64,
+) -> Option<bool> {
+    let refusal = match worker.limits.admit(&snap.limits, ctx.service, tokens) {
+        Ok(charge) => {
+            ctx.token_charge.set(charge);
+            return None;
+        }
+        Err(refusal) => refusal,
+    };
+    let (kind, what);
+    (kind, what, ctx.refused_by) = if refusal.tokens {
+        (ErrorKind::TokenRateLimited, "tokens", "rate_limit_tokens")
+    } else {
+        (
+            ErrorKind::RequestRateLimited,
+            "requests",
+            "rate_limit_requests",
+        )
+    };
+    let wait = refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let msg = format!(
+        "rate limit of service `{}` reached ({what} per minute); retry in {wait} s",
+        ctx.service
+    );
+    let extra = format!("retry-after: {wait}\r\n");
+    Some(
+        send_reject(
+            worker,
+            snap,
+            client,
+            ctx,
+            kind,
+            &msg,
+            None,
+            Some(extra.as_bytes()),
+        )
+        .await,
+    )
+}
+
+/// The key of a request's cache shortcut: its exact bytes with everything else that routes
+/// it (service, endpoint, config version, the steering headers). `None` when the request
+/// cannot be cacheable: a chat or completion body that does not name `temperature` or `top_k`
+/// is never deterministic, and skips the copy.
+fn shortcut_key(
+    service: &str,
+    endpoint: Endpoint,
+    version: u64,
+    head: &Head,
+    trusted: bool,
+    body: &[u8],
+) -> Option<Vec<u8>> {
+    if endpoint != Endpoint::Embeddings
+        && memchr::memmem::find(body, b"\"temperature\"").is_none()
+        && memchr::memmem::find(body, b"\"top_k\"").is_none()
+    {
+        return None;
+    }
+    let steering = |name| head.header(name).unwrap_or_default();
+    let version = itoa::Buffer::new().format(version).as_bytes().to_vec();
+    let parts = [
+        service.as_bytes(),
+        endpoint.path().as_bytes(),
+        &version,
+        steering("x-switchyard-tier"),
+        steering("x-switchyard-priority"),
+        // Untrusted callers' category header is ignored, so it cannot tell requests apart.
+        if trusted {
+            steering("x-switchyard-category")
+        } else {
+            b""
+        },
+    ];
+    // A NUL inside a header would blur the separators: such a request takes no shortcut.
+    if parts.iter().any(|p| p.contains(&0)) {
+        return None;
+    }
+    Some(cache_key::request_key(&parts, body))
 }
 
 /// The caller's routing headers: `x-switchyard-priority`, `x-switchyard-category` and the

@@ -59,16 +59,13 @@ fn as_f64(raw: Option<&&RawValue>) -> Option<f64> {
     raw.and_then(|r| r.get().parse().ok())
 }
 
-/// The exact request bytes in their scope: a request sent again byte for byte finds its
-/// canonical key through this without canonicalising (see the response cache's aliases).
-pub fn request_key(scope: &KeyScope<'_>, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 64);
-    for part in [
-        &b"raw"[..],
-        scope.service.as_bytes(),
-        scope.endpoint.as_bytes(),
-        scope.target_model.as_bytes(),
-    ] {
+/// The exact request bytes with everything else that decides its route (`parts`, which must
+/// not contain NUL): a request sent again byte for byte finds its answer through this without
+/// being parsed, classified or canonicalised (see the response cache's shortcuts).
+pub fn request_key(parts: &[&[u8]], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 128);
+    out.extend_from_slice(b"raw\0");
+    for part in parts {
         out.extend_from_slice(part);
         out.push(0);
     }
