@@ -141,6 +141,21 @@ pub fn record_from_event(e: &UsageEvent, unix_ms: i64) -> pb::UsageRecord {
 
 pub struct Api(pub Arc<ControlPlane>);
 
+impl Api {
+    /// Runs store writes on a blocking thread: a redb commit waits for the disk, and the
+    /// runtime's one worker thread also answers the data planes' lease and usage calls.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&ControlPlane) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, Status> {
+        let cp = self.0.clone();
+        tokio::task::spawn_blocking(move || work(&cp))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::internal)
+    }
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigVersion, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -309,11 +324,12 @@ impl Control for Api {
         }
         let key = (r.service, parse_category(&r.category)?);
         let limit = (!r.clear).then_some(r.daily_micros);
-        self.0
-            .store
-            .set_budget(&key, limit)
-            .map_err(Status::internal)?;
-        self.0.budgets.set_override(key, limit);
+        self.blocking(move |cp| {
+            cp.store.set_budget(&key, limit)?;
+            cp.budgets.set_override(key, limit);
+            Ok(())
+        })
+        .await?;
         Ok(Response::new(self.0.budget_report()))
     }
 
@@ -357,12 +373,13 @@ impl Control for Api {
             any_service: r.any_service,
             created_unix_ms: crate::configs::now_unix_ms(),
         };
-        self.0.store.add_key(&stored).map_err(Status::internal)?;
-        self.0.publish_keys().map_err(Status::internal)?;
-        Ok(Response::new(pb::CreateKeyReply {
-            key,
-            id: key_id(&stored.hash),
-        }))
+        let id = key_id(&stored.hash);
+        self.blocking(move |cp| {
+            cp.store.add_key(&stored)?;
+            cp.publish_keys()
+        })
+        .await?;
+        Ok(Response::new(pb::CreateKeyReply { key, id }))
     }
 
     async fn list_keys(
@@ -393,16 +410,20 @@ impl Control for Api {
                 "a key id is at least 6 hex digits (see ListKeys)",
             ));
         }
-        let store = &self.0.store;
-        let matching: Vec<[u8; 32]> = store
-            .load_keys()
-            .map_err(Status::internal)?
-            .into_iter()
-            .map(|k| k.hash)
-            .filter(|h| key_id_full(h).starts_with(&id))
-            .collect();
-        let revoked = store.revoke_keys(&matching).map_err(Status::internal)? as u64;
-        self.0.publish_keys().map_err(Status::internal)?;
+        let revoked = self
+            .blocking(move |cp| {
+                let matching: Vec<[u8; 32]> = cp
+                    .store
+                    .load_keys()?
+                    .into_iter()
+                    .map(|k| k.hash)
+                    .filter(|h| key_id_full(h).starts_with(&id))
+                    .collect();
+                let revoked = cp.store.revoke_keys(&matching)?;
+                cp.publish_keys()?;
+                Ok(revoked as u64)
+            })
+            .await?;
         Ok(Response::new(pb::RevokeKeyReply { revoked }))
     }
 

@@ -515,8 +515,10 @@ async fn follow_configs(cp: Arc<ControlPlane>) {
     let mut changes = cp.configs.subscribe();
     while changes.changed().await.is_ok() {
         let record = changes.borrow_and_update().clone();
-        if let Err(e) = cp.store.save_config(&record) {
-            eprintln!("switchyard: config version {}: {e}", record.version);
+        let store = cp.clone();
+        let saved = tokio::task::spawn_blocking(move || store.store.save_config(&record)).await;
+        if let Ok(Err(e)) = saved {
+            eprintln!("switchyard: config: {e}");
         }
         let snapshot = cp.configs.snapshot().load();
         cp.budgets
