@@ -109,8 +109,8 @@ enum CacheAction {
 
 #[derive(Args, Clone)]
 struct DataArgs {
-    /// The control plane's admin API, e.g. http://10.0.0.5:8081 (token: $SWITCHYARD_ADMIN_TOKEN
-    /// or <--data-dir>/admin-token).
+    /// The control plane's admin API, e.g. http://10.0.0.5:8081 (token:
+    /// $SWITCHYARD_DATA_PLANE_TOKEN, else $SWITCHYARD_ADMIN_TOKEN or <--data-dir>/admin-token).
     #[arg(long)]
     control: String,
     #[arg(long, default_value = "switchyard-data")]
@@ -367,9 +367,16 @@ fn data(args: DataArgs) -> ExitCode {
         admin: Some(args.control.clone()),
         data_dir: args.data_dir.clone(),
     };
-    let control = match admin.resolve() {
-        Ok(a) => a,
-        Err(e) => return fail(&[e]),
+    // A data plane needs only the data-plane token, when the control plane has one.
+    let control = match std::env::var("SWITCHYARD_DATA_PLANE_TOKEN") {
+        Ok(token) if !token.is_empty() => client::Admin {
+            url: args.control.clone(),
+            token,
+        },
+        _ => match admin.resolve() {
+            Ok(a) => a,
+            Err(e) => return fail(&[e]),
+        },
     };
     let name = args.name.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

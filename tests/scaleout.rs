@@ -85,6 +85,12 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
         spawn_switchyard(&data_dir, &args, &[listen])
     };
     let (dp1, dp2) = (data_plane("dp1"), data_plane("dp2"));
+    // The data planes hold only the data-plane token: it cannot change anything.
+    let (ok, _, err) = admin_cli(admin, DATA_PLANE_TOKEN, "status", &[]);
+    assert!(!ok && err.contains("admin token"), "{err}");
+    let (ok, _, err) = admin_cli(admin, DATA_PLANE_TOKEN, "budgets", &["set", "etl", "100"]);
+    assert!(!ok && err.contains("admin token"), "{err}");
+    assert!(admin_cli(admin, DATA_PLANE_TOKEN, "budgets", &[]).0);
     let ask = |dp: &Proc, service: &str| {
         post(
             dp.addr,

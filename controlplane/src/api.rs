@@ -490,55 +490,85 @@ fn key_id(hash: &[u8; 32]) -> String {
     key_id_full(hash)[..12].to_string()
 }
 
+/// The calls a data-plane token may make: what a remote data plane needs, nothing that
+/// changes configuration, budgets or keys.
+const DATA_PLANE_CALLS: [&str; 6] = [
+    "WatchSnapshots",
+    "ReportUsage",
+    "LeaseBudget",
+    "LeaseRate",
+    "GetKeyHashes",
+    "GetBudgets",
+];
+
+/// The tokens the admin listener accepts.
+pub struct Tokens {
+    /// Everything.
+    pub admin: Arc<str>,
+    /// Only `DATA_PLANE_CALLS` (for remote data planes, so they need not hold the admin token).
+    pub data_plane: Option<Arc<str>>,
+}
+
+impl Tokens {
+    /// Whether `authorization` allows a request for `path`.
+    fn allow(&self, authorization: Option<&[u8]>, path: &str) -> bool {
+        if authorized(authorization, &self.admin) {
+            return true;
+        }
+        let call = path.strip_prefix("/switchyard.control.v1.Control/");
+        self.data_plane
+            .as_deref()
+            .is_some_and(|t| authorized(authorization, t))
+            && call.is_some_and(|c| DATA_PLANE_CALLS.contains(&c))
+    }
+}
+
+/// Every request on the admin listener (gRPC, reflection, `/metrics`) passes here first.
+async fn guard(
+    axum::extract::State(tokens): axum::extract::State<Arc<Tokens>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let path = request.uri().path();
+    if tokens.allow(authorization, path) {
+        return next.run(request).await;
+    }
+    if path == "/metrics" {
+        let text = "metrics need `authorization: Bearer <admin token>`\n";
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "text/plain")],
+            text,
+        )
+            .into_response();
+    }
+    Status::unauthenticated("this call needs `authorization: Bearer <admin token>`").into_http()
+}
+
 /// Serves the admin listener until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     cp: Arc<ControlPlane>,
-    token: Arc<str>,
+    tokens: Tokens,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let check = {
-        let token = token.clone();
-        move |request: Request<()>| {
-            let header = request
-                .metadata()
-                .get("authorization")
-                .map(|v| v.as_bytes());
-            if authorized(header, &token) {
-                Ok(request)
-            } else {
-                Err(Status::unauthenticated(
-                    "the control API needs `authorization: Bearer <admin token>`",
-                ))
-            }
-        }
-    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| format!("gRPC reflection: {e}"))?;
-    let routes = tonic::service::Routes::new(ControlServer::with_interceptor(
-        Api(cp.clone()),
-        check.clone(),
-    ))
-    .add_service(tonic::service::interceptor::InterceptedService::new(
-        reflection, check,
-    ));
-    let metrics = axum::routing::get(move |headers: axum::http::HeaderMap| {
+    let routes =
+        tonic::service::Routes::new(ControlServer::new(Api(cp.clone()))).add_service(reflection);
+    let metrics = axum::routing::get(move || {
         let cp = cp.clone();
-        let token = token.clone();
         async move {
-            use axum::http::{header, StatusCode};
-            let auth = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-            if !authorized(auth, &token) {
-                return (
-                    StatusCode::UNAUTHORIZED,
-                    [(header::CONTENT_TYPE, "text/plain")],
-                    "metrics need `authorization: Bearer <admin token>`\n".to_string(),
-                );
-            }
+            use axum::http::header;
             (
-                StatusCode::OK,
                 [(
                     header::CONTENT_TYPE,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -547,7 +577,9 @@ pub async fn serve(
             )
         }
     });
-    let router = routes.into_axum_router().route("/metrics", metrics);
+    let router = routes.into_axum_router().route("/metrics", metrics).layer(
+        axum::middleware::from_fn_with_state(Arc::new(tokens), guard),
+    );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .accept_http1(true)

@@ -447,9 +447,16 @@ fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), S
                 .map_err(|e| format!("admin listener: cannot listen on {address}: {e}"))?;
             let bound = listener.local_addr().map_err(|e| e.to_string())?;
             let api_cp = cp.clone();
+            let tokens = api::Tokens {
+                admin: token.into(),
+                data_plane: std::env::var(&admin.data_plane_token_env)
+                    .ok()
+                    .filter(|t| !t.is_empty())
+                    .map(Into::into),
+            };
             runtime.spawn(async move {
                 let never = std::future::pending::<()>();
-                if let Err(e) = api::serve(listener, api_cp, token.into(), never).await {
+                if let Err(e) = api::serve(listener, api_cp, tokens, never).await {
                     eprintln!("switchyard: {e}");
                 }
             });

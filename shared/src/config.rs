@@ -127,6 +127,9 @@ pub struct AdminFile {
     /// Environment variable holding the admin bearer token. When it is unset, a random token
     /// is generated and written to `<data_dir>/admin-token` (mode 0600).
     pub token_env: String,
+    /// Environment variable holding a token that allows only what remote data planes need
+    /// (snapshots, usage reports, leases, key hashes); unset: no such token.
+    pub data_plane_token_env: String,
 }
 
 impl Default for AdminFile {
@@ -135,6 +138,7 @@ impl Default for AdminFile {
             enabled: true,
             address: "127.0.0.1:8081".into(),
             token_env: "SWITCHYARD_ADMIN_TOKEN".into(),
+            data_plane_token_env: "SWITCHYARD_DATA_PLANE_TOKEN".into(),
         }
     }
 }
@@ -1011,6 +1015,7 @@ fn build(
         admin: AdminSettings {
             address: admin_address,
             token_env: file.admin.token_env,
+            data_plane_token_env: file.admin.data_plane_token_env,
         },
         data_dir: file.storage.data_dir.into(),
         budgets,

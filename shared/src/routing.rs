@@ -83,6 +83,7 @@ pub struct AdminSettings {
     /// `None`: the admin listener is off.
     pub address: Option<SocketAddr>,
     pub token_env: String,
+    pub data_plane_token_env: String,
 }
 
 pub struct CacheSettings {

@@ -42,6 +42,8 @@ pub struct Proc {
 }
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// Allows only what remote data planes need.
+pub const DATA_PLANE_TOKEN: &str = "test-data-plane-token";
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -148,13 +150,15 @@ pub fn start_router(
     r
 }
 
-/// Runs `switchyard <args>` in `dir` with the test admin token, and waits until the first of
-/// `listening` (its `addr`) and the others listen.
+/// Runs `switchyard <args>` in `dir` with the test admin and data-plane tokens (a data plane
+/// uses the latter), and waits until the first of `listening` (its `addr`) and the others
+/// listen.
 pub fn spawn_switchyard(dir: &std::path::Path, args: &[&str], listening: &[SocketAddr]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)
         .current_dir(dir)
         .env("SWITCHYARD_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SWITCHYARD_DATA_PLANE_TOKEN", DATA_PLANE_TOKEN)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
