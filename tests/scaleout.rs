@@ -61,7 +61,7 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
     std::fs::create_dir_all(&dir).unwrap();
     let base = config_for(
         &[("s", s.url())],
-        "[budgets.services.etl]\ndaily_usd = 1.0\n[budgets.services.tight]\ndaily_usd = 0.000001\n[rate_limits.services.capped]\nrequests_per_minute = 4\n",
+        "[budgets]\ndefault_daily_usd = 1.0\n[budgets.services.etl]\ndaily_usd = 1.0\n[budgets.services.tight]\ndaily_usd = 0.000001\n[rate_limits.services.capped]\nrequests_per_minute = 4\n",
     );
     std::fs::write(dir.join("switchyard.toml"), &base).unwrap();
     let admin = addr();
@@ -99,6 +99,14 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
             &format!("x-switchyard-service: {service}\r\n"),
         )
     };
+    // A service with only the default budget: its first request waits for the lease, not 429.
+    let first = ask(&dp1, "fresh");
+    assert_eq!(
+        (first.status, first.header("x-switchyard-budget")),
+        (200, None),
+        "{}",
+        first.text()
+    );
     // Budgets come from leases the control plane grants.
     for dp in [&dp1, &dp2] {
         eventually("the etl budget lease arrives", || {

@@ -398,12 +398,11 @@ impl Remote {
                 let Ok(reply) = client.lease_budget(request).await else {
                     break; // Unreachable: serve on what is held, ask again later.
                 };
-                let reply = reply.into_inner();
-                if reply.granted_micros > 0 {
-                    self.budgets.add_grant(key, reply.granted_micros);
-                } else {
-                    spent_out.insert(key, now + SYNC_PERIOD);
+                let granted = reply.into_inner().granted_micros;
+                if granted == 0 {
+                    spent_out.insert(key.clone(), now + SYNC_PERIOD);
                 }
+                self.budgets.add_grant(key, granted);
             }
         }
     }

@@ -29,6 +29,8 @@ pub struct Pool {
     limit: AtomicU64,
     /// Micro-dollars handed to worker leases today (spent, reserved or idle in a lease).
     leased: AtomicU64,
+    /// A remote data plane's pool: the control plane has answered a lease request for it.
+    answered: AtomicBool,
 }
 
 impl Pool {
@@ -141,6 +143,7 @@ impl BookState {
             Arc::new(Pool {
                 limit: AtomicU64::new(0),
                 leased: AtomicU64::new(spent),
+                answered: AtomicBool::new(false),
             })
         });
         if !self.granted {
@@ -156,6 +159,8 @@ pub struct BudgetBook {
     generation: AtomicU64,
     /// Any limit at all: without one, a request skips budgets entirely.
     limited: AtomicBool,
+    /// A remote data plane's book (see `BookState::granted`).
+    granted: AtomicBool,
     state: Mutex<BookState>,
 }
 
@@ -183,6 +188,7 @@ impl BudgetBook {
         BudgetBook {
             generation: AtomicU64::new(1),
             limited: AtomicBool::new(settings.any()),
+            granted: AtomicBool::new(granted),
             state: Mutex::new(BookState {
                 day,
                 settings,
@@ -203,10 +209,11 @@ impl BudgetBook {
         Some(pool.take(1, want.min(half)).unwrap_or(0))
     }
 
-    /// Adds what the control plane granted to a remote data plane's pool.
+    /// Adds what the control plane granted to a remote data plane's pool (perhaps nothing).
     pub fn add_grant(&self, key: BudgetKey, amount: u64) {
         if let Some(pool) = self.state().pool(key) {
             pool.limit.fetch_add(amount, Relaxed);
+            pool.answered.store(true, Relaxed);
         }
     }
 
@@ -446,6 +453,21 @@ impl WorkerBudgets {
         leases
     }
 
+    /// On a remote data plane: a budget of this service and category has not had its first
+    /// lease from the control plane yet (a request then waits briefly instead of being refused
+    /// for want of a lease nobody asked for before).
+    pub fn awaiting_lease(&self, book: &BudgetBook, service: &str, category: Category) -> bool {
+        if !book.limited.load(Relaxed) || !book.granted.load(Relaxed) {
+            return false;
+        }
+        let leases = self.leases(book, service);
+        let waiting = [&leases.own, &leases.categories[category.index()]]
+            .into_iter()
+            .flatten()
+            .any(|l| !l.pool.answered.load(Relaxed));
+        waiting
+    }
+
     /// Reserves `amount` against the service's budget and its category's, both or neither.
     pub fn reserve(
         &self,
@@ -595,6 +617,11 @@ mod tests {
         let remote = BudgetBook::granted("2026-11-27".into(), limits(None, 100));
         let w = WorkerBudgets::default();
         let etl = ("etl".to_string(), None);
+        assert!(w.awaiting_lease(&remote, "etl", Category::Chat));
+        assert!(
+            !w.awaiting_lease(&control, "etl", Category::Chat),
+            "only remote books wait"
+        );
         assert!(matches!(
             w.reserve(&remote, "etl", Category::Chat, 10),
             Reserve::Refused
@@ -606,6 +633,12 @@ mod tests {
         // At most half of what is left at a time.
         assert_eq!(control.grant(etl.clone(), 600), Some(500));
         remote.add_grant(etl.clone(), 500);
+        remote.add_grant(("etl".to_string(), Some(Category::Code)), 0);
+        assert!(!w.awaiting_lease(&remote, "etl", Category::Chat));
+        assert!(
+            !w.awaiting_lease(&remote, "etl", Category::Code),
+            "answered, if with nothing"
+        );
         granted(w.reserve(&remote, "etl", Category::Chat, 500)).settle(500);
         assert!(matches!(
             w.reserve(&remote, "etl", Category::Chat, 200),

@@ -90,6 +90,9 @@ struct Store {
     ttl: Duration,
 }
 
+/// How many 10 ms waits a request on a remote data plane gives a budget's first lease.
+const LEASE_WAIT_STEPS: usize = 30;
+
 /// Larger answers are relayed as they arrive and not stored.
 const MAX_CACHED_BODY: u64 = 4 * 1024 * 1024;
 
@@ -259,6 +262,15 @@ pub async fn handle(
         .rule
         .starts_with("category")
         .then_some(classifier_rule);
+    // A remote data plane may not hold this budget's first lease yet: it is on its way (the
+    // control plane is asked within 50 ms), so wait for it rather than refuse.
+    for _ in 0..LEASE_WAIT_STEPS {
+        let budgets = &worker.budgets;
+        if !budgets.awaiting_lease(&worker.shared.budgets, ctx.service, ctx.category) {
+            break;
+        }
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
     // upstream
     let inject_usage = view.needs_injected_usage(endpoint);
     let mut tried: Vec<usize> = Vec::with_capacity(4);
