@@ -461,11 +461,9 @@ impl WorkerBudgets {
             return false;
         }
         let leases = self.leases(book, service);
-        let waiting = [&leases.own, &leases.categories[category.index()]]
-            .into_iter()
-            .flatten()
-            .any(|l| !l.pool.answered.load(Relaxed));
-        waiting
+        let waiting =
+            |l: &Option<Rc<Lease>>| l.as_ref().is_some_and(|l| !l.pool.answered.load(Relaxed));
+        waiting(&leases.own) || waiting(&leases.categories[category.index()])
     }
 
     /// Reserves `amount` against the service's budget and its category's, both or neither.
