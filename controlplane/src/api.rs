@@ -442,7 +442,13 @@ impl Control for Api {
             }));
         }
         let key = (r.service, parse_category(&r.category)?);
-        let granted = budgets.grant(key, r.micros);
+        let granted = budgets.grant(key.clone(), r.micros);
+        if let Some(amount @ 1..) = granted {
+            // Recorded before the data plane hears of it: a restarted control plane knows it.
+            let day = day.clone();
+            self.blocking(move |cp| cp.store.add_granted(&day, &key, amount))
+                .await?;
+        }
         Ok(Response::new(pb::LeaseBudgetReply {
             granted_micros: granted.unwrap_or(0),
             unlimited: granted.is_none(),

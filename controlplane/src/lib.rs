@@ -19,6 +19,7 @@ pub mod store;
 use api::pb;
 use configs::{Configs, Overrides};
 use ledger::Ledger;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::Store;
 use switchyard_dataplane::auth::{KeyGrant, KeyTable};
-use switchyard_dataplane::budget::{BudgetBook, Limits};
+use switchyard_dataplane::budget::{BudgetBook, BudgetKey, Limits};
 use switchyard_dataplane::server::{self, DataPlane};
 use switchyard_dataplane::usage::UsageSink;
 use switchyard_shared::config;
@@ -242,8 +243,10 @@ impl ControlPlane {
     fn roll_day(&self) {
         let today = self.today();
         if today != self.budgets.day() {
-            let spent = self.ledger.spent_by_budget(&today);
-            self.budgets.start_day(today, spent);
+            match already_out(&self.ledger, &self.store, &today) {
+                Ok(out) => self.budgets.start_day(today, out),
+                Err(e) => eprintln!("switchyard: new budget day: {e}"),
+            }
         }
     }
 
@@ -324,6 +327,21 @@ pub fn admin_token(env_name: &str, data_dir: &Path) -> Result<(String, TokenSour
     Ok((token, TokenSource::File(path)))
 }
 
+/// What each budget has already given out on `day`: the spend settled so far, or what it
+/// granted remote data planes when that is more (a grant is spent, or held, by them).
+fn already_out(
+    ledger: &Ledger,
+    store: &Store,
+    day: &str,
+) -> Result<BTreeMap<BudgetKey, u64>, String> {
+    let mut out = ledger.spent_by_budget(day);
+    for (key, granted) in store.granted_on(day)? {
+        let spent = out.entry(key).or_default();
+        *spent = (*spent).max(granted);
+    }
+    Ok(out)
+}
+
 /// `n` random bytes from the kernel, as hex: admin tokens and API keys.
 pub fn random_hex(n: usize) -> Result<String, String> {
     use std::io::Read as _;
@@ -386,7 +404,7 @@ fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), S
     for (key, limit) in store.load_budgets()? {
         budgets.set_override(key, Some(limit));
     }
-    budgets.start_day(today.clone(), ledger.spent_by_budget(&today));
+    budgets.start_day(today.clone(), already_out(&ledger, &store, &today)?);
     let log_events = table.usage.log_events;
     let drain_timeout = table.listener.drain_timeout;
     let admin = table.admin.clone();

@@ -20,6 +20,9 @@ const BUDGETS: TableDefinition<(&str, &str), u64> = TableDefinition::new("budget
 const CONFIGS: TableDefinition<u64, (&str, &str, i64)> = TableDefinition::new("configs");
 /// SHA-256 of an API key -> (service, may act for other services, created unix ms).
 const API_KEYS: TableDefinition<[u8; 32], (&str, bool, i64)> = TableDefinition::new("api_keys");
+/// (day, service, category or "") -> micro-dollars of that budget granted to remote data
+/// planes that day, so a restarted control plane does not grant them again.
+const GRANTS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("grants");
 /// remote data plane name -> the last usage sequence counted from it.
 const SEQUENCES: TableDefinition<&str, u64> = TableDefinition::new("sequences");
 
@@ -55,6 +58,7 @@ impl Store {
         txn.open_table(CONFIGS).map_err(err)?;
         txn.open_table(API_KEYS).map_err(err)?;
         txn.open_table(SEQUENCES).map_err(err)?;
+        txn.open_table(GRANTS).map_err(err)?;
         txn.commit().map_err(err)?;
         Ok(store)
     }
@@ -109,6 +113,41 @@ impl Store {
                 },
                 SpendTotals::from_array(v.value()),
             );
+        }
+        Ok(out)
+    }
+
+    /// Adds `amount` to what `key` granted remote data planes on `day`.
+    pub fn add_granted(&self, day: &str, key: &BudgetKey, amount: u64) -> Result<(), String> {
+        let txn = self.db.begin_write().map_err(err)?;
+        {
+            let mut t = txn.open_table(GRANTS).map_err(err)?;
+            let k = (day, key.0.as_str(), key.1.map_or("", Category::as_str));
+            let before = t.get(k).map_err(err)?.map_or(0, |v| v.value());
+            t.insert(k, before.saturating_add(amount)).map_err(err)?;
+        }
+        txn.commit().map_err(err)
+    }
+
+    /// What each budget granted remote data planes on `day`.
+    pub fn granted_on(&self, day: &str) -> Result<BTreeMap<BudgetKey, u64>, String> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(GRANTS).map_err(err)?;
+        let mut out = BTreeMap::new();
+        for row in t.range((day, "", "")..).map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            let (d, service, category) = k.value();
+            if d != day {
+                break;
+            }
+            let category = match category {
+                "" => None,
+                c => match Category::parse(c) {
+                    Some(c) => Some(c),
+                    None => continue,
+                },
+            };
+            out.insert((service.to_string(), category), v.value());
         }
         Ok(out)
     }
@@ -298,6 +337,14 @@ mod tests {
         let s = Store::open(&d).unwrap();
         assert_eq!(s.load_spend().unwrap(), BTreeMap::from([(key, totals)]));
         assert_eq!(s.load_sequences().unwrap(), vec![("dp1".to_string(), 41)]);
+        let etl = ("etl".to_string(), None);
+        s.add_granted("2026-11-27", &etl, 5).unwrap();
+        s.add_granted("2026-11-27", &etl, 7).unwrap();
+        s.add_granted("2026-11-28", &etl, 100).unwrap();
+        assert_eq!(
+            s.granted_on("2026-11-27").unwrap(),
+            BTreeMap::from([(etl, 12)])
+        );
         assert_eq!(
             s.load_budgets().unwrap(),
             BTreeMap::from([(("etl".to_string(), Some(Category::Code)), 5)])
