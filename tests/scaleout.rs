@@ -163,7 +163,10 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
     // The restarted control plane remembers what it granted: the data planes' leases still
     // count against the etl budget.
     let budgets = cli(admin, "budgets", &[]);
-    let etl = budgets.lines().find(|l| l.starts_with("etl: ")).expect(&budgets);
+    let etl = budgets
+        .lines()
+        .find(|l| l.starts_with("etl: "))
+        .expect(&budgets);
     let reserved = etl.split(", ").nth(1).unwrap().split(' ').next().unwrap();
     assert_ne!(reserved, "$0.000000", "{budgets}");
     eventually("buffered usage arrives after the reconnect", || {

@@ -9,8 +9,8 @@
 //! over it only where a request's actual cost exceeds its worst-case reservation: an answer
 //! longer than the assumed output cap when the request sets no `max_tokens`, or image and
 //! audio parts that cost more tokens than their bytes. The overrun is charged to the pool, so
-//! later requests see it. (Across processes, see `BudgetBook::grant`: a control plane restarted
-//! mid-day does not know what it granted remote data planes before.)
+//! later requests see it. Remote data planes reserve from grants (`BudgetBook::grant`), which
+//! the control plane records before sending, so a restart does not grant the same money twice.
 //! Must not: lock per request (the book's mutex is taken once per worker, service and
 //! generation), or let a lease outlive its generation (workers return it when the book changes).
 
