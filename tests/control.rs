@@ -342,6 +342,8 @@ fn a_budget_downgrades_to_a_cheaper_tier_then_refuses() {
         &["set", "rich", "1", "--category", "nonsense"],
     );
     assert!(!ok && err.contains("unknown category"), "{err}");
+    let (ok, _, err) = cli(&r, "budgets", &["set", "a b", "1"]);
+    assert!(!ok && err.contains("1 to 128"), "{err}");
     let err = stop_router(r);
     let events = usage_events(&err);
     let downgraded = events

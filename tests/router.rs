@@ -301,6 +301,17 @@ fn bad_input_gets_clear_errors() {
     let (resp, mut c) = raw(b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n");
     resp.error(400);
     assert!(c.is_closed(), "malformed HTTP closes the connection");
+    // Service names label spend and metrics: short and printable only.
+    for name in ["has spaces", &"x".repeat(129)] {
+        let resp = post(
+            r.addr,
+            "/v1/chat/completions",
+            &chat("hi"),
+            &format!("x-switchyard-service: {name}\r\n"),
+        );
+        resp.error(400);
+        assert!(resp.text().contains("1 to 128"), "{}", resp.text());
+    }
     let (resp, _) = raw(format!(
         "GET /healthz HTTP/1.1\r\nx-big: {}\r\n\r\n",
         "a".repeat(4000)

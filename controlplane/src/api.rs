@@ -10,7 +10,7 @@ use std::sync::Arc;
 use switchyard_dataplane::auth::key_hash;
 use switchyard_shared::category::Category;
 use switchyard_shared::openai::Endpoint;
-use switchyard_shared::usage::UsageEvent;
+use switchyard_shared::usage::{is_valid_service, UsageEvent, SERVICE_NAME_RULE};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -319,8 +319,8 @@ impl Control for Api {
         request: Request<pb::SetBudgetRequest>,
     ) -> Result<Response<pb::GetBudgetsReply>, Status> {
         let r = request.into_inner();
-        if r.service.is_empty() {
-            return Err(Status::invalid_argument("service is required"));
+        if !is_valid_service(&r.service) {
+            return Err(Status::invalid_argument(SERVICE_NAME_RULE));
         }
         let key = (r.service, parse_category(&r.category)?);
         let limit = (!r.clear).then_some(r.daily_micros);
@@ -361,10 +361,8 @@ impl Control for Api {
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyReply>, Status> {
         let r = request.into_inner();
-        if r.service.is_empty() || r.service.len() > 200 {
-            return Err(Status::invalid_argument(
-                "service must be 1 to 200 characters",
-            ));
+        if !is_valid_service(&r.service) {
+            return Err(Status::invalid_argument(SERVICE_NAME_RULE));
         }
         let key = format!("sy-{}", crate::random_hex(24).map_err(Status::internal)?);
         let stored = StoredKey {

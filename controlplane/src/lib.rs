@@ -385,6 +385,8 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
+    // Taken now, before anything can edit the file after it was read.
+    let file_stamp = start.file.as_deref().and_then(stamp);
     let runtime = runtime()?;
     let first = config::load_str(&start.toml, &start.source, &|n| std::env::var(n).ok())
         .map_err(|errors| errors.join("\n"))?;
@@ -482,7 +484,7 @@ fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), S
         }
     };
     runtime.spawn(follow_configs(cp.clone()));
-    runtime.spawn(tick(cp.clone(), start.file.clone()));
+    runtime.spawn(tick(cp.clone(), start.file.clone(), file_stamp));
     if let Some(file) = start.file {
         runtime.spawn(reload_on_sighup(cp.clone(), file));
     }
@@ -553,13 +555,17 @@ async fn follow_configs(cp: Arc<ControlPlane>) {
 }
 
 /// Once a second: a new budget day after midnight, and a reload when the config file changed.
-async fn tick(cp: Arc<ControlPlane>, file: Option<PathBuf>) {
-    let stamp = |p: &Path| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len()))
-    };
-    let mut seen = file.as_deref().and_then(stamp);
+/// What tells a changed config file: its modification time and length.
+type FileStamp = Option<(Option<std::time::SystemTime>, u64)>;
+
+fn stamp(path: &Path) -> FileStamp {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().ok(), m.len()))
+}
+
+/// `seen`: the file's stamp when the config in effect was read from it.
+async fn tick(cp: Arc<ControlPlane>, file: Option<PathBuf>, mut seen: FileStamp) {
     loop {
         tokio::time::sleep(TICK).await;
         cp.roll_day();

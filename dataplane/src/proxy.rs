@@ -29,7 +29,7 @@ use switchyard_shared::openai::{
 use switchyard_shared::routing::{
     Backend, Decision, Price, Priority, RequestFacts, RouteError, RoutingTable,
 };
-use switchyard_shared::usage::UsageEvent;
+use switchyard_shared::usage::{is_valid_service, UsageEvent, SERVICE_NAME_RULE};
 
 /// Non-streamed bodies up to this size are kept to read `usage` from; larger ones are estimated.
 const USAGE_SCAN_LIMIT: usize = 4 * 1024 * 1024;
@@ -127,10 +127,17 @@ pub async fn handle(
         .as_ref()
         .zip(worker.shared.cache.as_ref())
         .and_then(|(key, cache)| cache.get_shortcut(key, Instant::now()));
+    let service_ok = identity
+        .as_ref()
+        .map_or(true, |s| is_valid_service(s.as_str()));
     let mut ctx = Ctx {
         request_id: worker.next_request_id(),
         config_version: table.version,
-        service: identity.as_ref().map_or("unauthenticated", |s| s.as_str()),
+        service: match &identity {
+            Err(_) => "unauthenticated",
+            Ok(_) if !service_ok => "invalid-service",
+            Ok(s) => s.as_str(),
+        },
         endpoint,
         started,
         category: Category::Other,
@@ -160,6 +167,11 @@ pub async fn handle(
             None,
         )
         .await;
+    }
+    if !service_ok {
+        let msg = format!("x-switchyard-service: {SERVICE_NAME_RULE}");
+        let kind = ErrorKind::InvalidRequest;
+        return reject(worker, snap, client, &ctx, kind, &msg, None).await;
     }
     if let Some((shortcut, hit)) = &shortcut {
         ctx.streamed = shortcut.streamed;

@@ -472,6 +472,12 @@ fn build_budgets(errs: &mut Errors, b: &BudgetsFile) -> BudgetSettings {
         .map(|usd| usd_micros(errs, "budgets.default_daily_usd", usd));
     let mut services = BTreeMap::new();
     for (name, s) in &b.services {
+        if !crate::usage::is_valid_service(name) {
+            errs.push(
+                format!("budgets.services.{name}"),
+                crate::usage::SERVICE_NAME_RULE,
+            );
+        }
         let daily = s
             .daily_usd
             .map(|usd| usd_micros(errs, &format!("budgets.services.{name}.daily_usd"), usd));
@@ -985,6 +991,14 @@ fn build(
             })
             .collect(),
     };
+    for name in file.rate_limits.services.keys() {
+        if !crate::usage::is_valid_service(name) {
+            errs.push(
+                format!("rate_limits.services.{name}"),
+                crate::usage::SERVICE_NAME_RULE,
+            );
+        }
+    }
     if file.usage.channel_capacity == 0 {
         errs.push("usage.channel_capacity", "must be greater than 0");
     }
@@ -1276,7 +1290,7 @@ targets = ["local/org/big:latest"]
         assert_eq!(t.budgets.day_of(at), "2026-11-26");
         assert_eq!(t.admin.address, Some("127.0.0.1:8081".parse().unwrap()));
         let err = load(&(MINIMAL.to_string()
-            + "[admin]\naddress = \"nowhere\"\n[storage]\ndata_dir = \"\"\n[budgets]\ntime_zone = \"Mars/Olympus\"\ndefault_daily_usd = -1.0\nlease_usd = 0.0\n[budgets.services.etl]\ncategories = { poetry = 1.0 }\n"))
+            + "[admin]\naddress = \"nowhere\"\n[storage]\ndata_dir = \"\"\n[budgets]\ntime_zone = \"Mars/Olympus\"\ndefault_daily_usd = -1.0\nlease_usd = 0.0\n[budgets.services.etl]\ncategories = { poetry = 1.0 }\n[budgets.services.\"a b\"]\ndaily_usd = 1.0\n"))
         .unwrap_err()
         .join("\n");
         for needle in [
@@ -1286,6 +1300,7 @@ targets = ["local/org/big:latest"]
             "budgets.default_daily_usd: -1 must be between 0",
             "budgets.lease_usd: must be at least 0.000001",
             "budgets.services.etl.categories.poetry: unknown category",
+            "budgets.services.a b: a service name is 1 to 128",
         ] {
             assert!(err.contains(needle), "{needle} not in {err}");
         }

@@ -44,6 +44,20 @@ pub struct UsageEvent {
     pub config_version: u64,
 }
 
+/// Service names (from `x-switchyard-service`, keys and budgets) are 1 to 128 ASCII letters,
+/// digits and `. - _ : / @`: they label spend, metrics and limits, so they must stay short and
+/// printable.
+pub fn is_valid_service(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:/@".contains(&b))
+}
+
+/// What a caller sees when a service name is refused.
+pub const SERVICE_NAME_RULE: &str =
+    "a service name is 1 to 128 ASCII letters, digits and . - _ : / @";
+
 /// Request ids are shown as 16 hex digits, as in `x-switchyard-request-id`.
 pub fn format_request_id(id: u64) -> String {
     format!("{id:016x}")
