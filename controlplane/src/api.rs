@@ -444,8 +444,13 @@ impl Control for Api {
         if let Some(amount @ 1..) = granted {
             // Recorded before the data plane hears of it: a restarted control plane knows it.
             let day = day.clone();
-            self.blocking(move |cp| cp.store.add_granted(&day, &key, amount))
-                .await?;
+            self.blocking(move |cp| {
+                cp.store.add_granted(&day, &key, amount).inspect_err(|_| {
+                    // Not delivered: the money goes back to the budget.
+                    cp.budgets.return_grant(key, amount);
+                })
+            })
+            .await?;
         }
         Ok(Response::new(pb::LeaseBudgetReply {
             granted_micros: granted.unwrap_or(0),

@@ -18,7 +18,9 @@ use ahash::AHashMap;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::{Arc, Mutex};
 use switchyard_shared::category::Category;
 use switchyard_shared::routing::BudgetSettings;
@@ -209,11 +211,19 @@ impl BudgetBook {
         Some(pool.take(1, want.min(half)).unwrap_or(0))
     }
 
+    /// Takes back a grant that could not be delivered.
+    pub fn return_grant(&self, key: BudgetKey, amount: u64) {
+        if let Some(pool) = self.state().pool(key) {
+            pool.settle(amount as i64);
+        }
+    }
+
     /// Adds what the control plane granted to a remote data plane's pool (perhaps nothing).
     pub fn add_grant(&self, key: BudgetKey, amount: u64) {
         if let Some(pool) = self.state().pool(key) {
             pool.limit.fetch_add(amount, Relaxed);
-            pool.answered.store(true, Relaxed);
+            // Release: a worker that sees the answer sees the grant with it.
+            pool.answered.store(true, Release);
         }
     }
 
@@ -462,7 +472,7 @@ impl WorkerBudgets {
         }
         let leases = self.leases(book, service);
         let waiting =
-            |l: &Option<Rc<Lease>>| l.as_ref().is_some_and(|l| !l.pool.answered.load(Relaxed));
+            |l: &Option<Rc<Lease>>| l.as_ref().is_some_and(|l| !l.pool.answered.load(Acquire));
         waiting(&leases.own) || waiting(&leases.categories[category.index()])
     }
 

@@ -51,8 +51,10 @@ impl Waiter {
         self.0.load(Ordering::Acquire)
     }
 
-    pub async fn wait(self) {
-        while !self.is_done() {
+    /// Waits until the leader is done or `ready` says the answer is there (a leader keeps the
+    /// lead while it writes to a slow client; its answer is stored before that).
+    pub async fn wait(self, ready: impl Fn() -> bool) {
+        while !self.is_done() && !ready() {
             monoio::time::sleep(POLL).await;
         }
     }

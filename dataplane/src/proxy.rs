@@ -126,7 +126,9 @@ pub async fn handle(
     let shortcut = shortcut_key
         .as_ref()
         .zip(worker.shared.cache.as_ref())
-        .and_then(|(key, cache)| cache.get_shortcut(key, Instant::now()));
+        .and_then(|(key, cache)| cache.get_shortcut(key, Instant::now()))
+        // A reused config version (a reset control plane) must not index past the table.
+        .filter(|(s, _)| s.target < table.targets.len());
     let service_ok = identity
         .as_ref()
         .map_or(true, |s| is_valid_service(s.as_str()));
@@ -329,7 +331,10 @@ pub async fn handle(
                 (&worker.shared.cache, &store, cache_mode)
             {
                 if let Some(hit) = cache.get(&store.key, Instant::now()) {
-                    if let Some(key) = shortcut_key.take() {
+                    // Only the plan's own first choice is remembered, not a failover's or a
+                    // budget downgrade's.
+                    let first_choice = tried.is_empty() && cheaper.is_none();
+                    if let Some(key) = shortcut_key.take().filter(|_| first_choice) {
                         cache.put_shortcut(
                             key,
                             &store.key,
@@ -356,7 +361,12 @@ pub async fn handle(
                     Role::Wait(wait) => {
                         drop(slot);
                         waited = true;
-                        if watch_client(&client.stream, wait.wait()).await.is_none() {
+                        // Released when the leader is done, or as soon as its answer is stored.
+                        let stored = || cache.get(&store.key, Instant::now()).is_some();
+                        if watch_client(&client.stream, wait.wait(stored))
+                            .await
+                            .is_none()
+                        {
                             log(worker, snap, &ctx, None, CLIENT_CLOSED, None, 0, None, true);
                             return false;
                         }
@@ -585,6 +595,18 @@ fn shortcut_key(
         return None;
     }
     let steering = |name| head.header(name).unwrap_or_default();
+    // Present but empty is an error on the full path (an unknown tier); absent is not.
+    let steering_names = [
+        "x-switchyard-tier",
+        "x-switchyard-priority",
+        "x-switchyard-category",
+    ];
+    if steering_names
+        .iter()
+        .any(|h| head.header_str(h) == Some(""))
+    {
+        return None;
+    }
     let version = itoa::Buffer::new().format(version).as_bytes().to_vec();
     let parts = [
         service.as_bytes(),

@@ -29,6 +29,8 @@ struct Bucket {
     chunk: u64,
     /// Units granted by the control plane and not yet taken (remote data planes only).
     granted: Option<AtomicU64>,
+    /// The largest take a grant could not cover: the next lease asks for at least this.
+    wanted: AtomicU64,
 }
 
 /// A minute of allowance can be banked.
@@ -42,8 +44,9 @@ impl Bucket {
         let chunk = (per_minute / 6000).max(1);
         Bucket {
             tat: AtomicU64::new(0),
-            interval: WINDOW_NS / per_minute,
+            interval: (WINDOW_NS / per_minute).max(1),
             chunk,
+            wanted: AtomicU64::new(0),
             // A first chunk on credit, so a service's first request does not wait for a lease.
             granted: granted.then(|| AtomicU64::new(chunk)),
         }
@@ -55,8 +58,11 @@ impl Bucket {
             return granted
                 .fetch_update(Relaxed, Relaxed, |g| g.checked_sub(units))
                 .map(drop)
-                // About when the control plane's bucket has refilled that much.
-                .map_err(|_| Duration::from_nanos(units.saturating_mul(self.interval)));
+                .map_err(|_| {
+                    self.wanted.fetch_max(units, Relaxed);
+                    // About when the control plane's bucket has refilled that much.
+                    Duration::from_nanos(units.saturating_mul(self.interval))
+                });
         }
         let cost = units.saturating_mul(self.interval);
         let mut tat = self.tat.load(Relaxed);
@@ -96,9 +102,13 @@ impl Bucket {
         }
     }
 
-    /// What a remote data plane asks for when its grant runs low: about 200 ms of allowance.
+    /// What a remote data plane asks for when its grant runs low: about 200 ms of allowance, or
+    /// what a refused request needed, up to a minute's allowance.
     fn lease_size(&self) -> u64 {
-        (200_000_000 / self.interval).max(self.chunk)
+        let usual = (200_000_000 / self.interval).max(self.chunk);
+        usual
+            .max(self.wanted.load(Relaxed))
+            .min(WINDOW_NS / self.interval)
     }
 }
 
@@ -202,8 +212,11 @@ impl RateLimits {
         } else {
             &buckets.requests
         };
-        if let Some(granted) = bucket.as_ref().and_then(|b| b.granted.as_ref()) {
-            granted.fetch_add(units, Relaxed);
+        if let Some(b) = bucket {
+            if let Some(granted) = &b.granted {
+                granted.fetch_add(units, Relaxed);
+                b.wanted.store(0, Relaxed);
+            }
         }
     }
 }
@@ -357,6 +370,15 @@ mod tests {
         remote.add_grant("etl", false, 3);
         assert!((0..3).all(|_| w.admit(&remote, "etl", 0).is_ok()));
         assert!(w.admit(&remote, "etl", 0).is_err());
+        // A request larger than a usual lease makes the next lease big enough for it.
+        let tokens = RateLimits::new(settings(None, Some(600_000)), true);
+        assert!(w.admit(&tokens, "etl", 50_000).is_err());
+        assert_eq!(
+            tokens.running_low(),
+            vec![("etl".to_string(), true, 50_000)]
+        );
+        tokens.add_grant("etl", true, 50_000);
+        assert!(w.admit(&tokens, "etl", 50_000).is_ok());
     }
 
     fn limits(rpm: Option<u64>, tpm: Option<u64>) -> RateLimits {

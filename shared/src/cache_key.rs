@@ -8,6 +8,38 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
 
+/// Bodies nested deeper than this are never cached. Each level is parsed again for its
+/// members, so the depth bounds the work per byte as well as the recursion.
+const MAX_DEPTH: usize = 32;
+
+/// Whether JSON text nests objects and arrays deeper than `max` (one pass, strings skipped).
+fn nests_deeper_than(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Body fields left out of the key: they cannot change the model's output.
 /// `model` is replaced by the resolved target model, which is in the key on its own.
 pub const IGNORED_FIELDS: [&str; 3] = ["model", "user", "stream_options"];
@@ -77,6 +109,9 @@ pub fn request_key(parts: &[&[u8]], body: &[u8]) -> Vec<u8> {
 /// `temperature` must be explicitly 0 (or `top_k` 1) and `n` absent or 1. Embeddings are
 /// deterministic by nature.
 pub fn key(scope: &KeyScope<'_>, body: &[u8], embeddings: bool) -> Option<Vec<u8>> {
+    if nests_deeper_than(body, MAX_DEPTH) {
+        return None;
+    }
     let fields = serde_json::from_slice::<Members<'_>>(body).ok()?.sorted()?;
     let get = |name: &str| {
         fields
@@ -106,13 +141,14 @@ pub fn key(scope: &KeyScope<'_>, body: &[u8], embeddings: bool) -> Option<Vec<u8
     let kept = fields
         .into_iter()
         .filter(|(k, _)| !IGNORED_FIELDS.contains(&&**k));
-    write_members(&mut out, kept)?;
+    write_members(&mut out, kept, 0)?;
     Some(out)
 }
 
 fn write_members<'a>(
     out: &mut Vec<u8>,
     members: impl Iterator<Item = (Cow<'a, str>, &'a RawValue)>,
+    depth: usize,
 ) -> Option<()> {
     out.push(b'{');
     for (i, (k, v)) in members.enumerate() {
@@ -121,7 +157,7 @@ fn write_members<'a>(
         }
         serde_json::to_writer(&mut *out, &k).ok()?;
         out.push(b':');
-        write_canonical(out, v)?;
+        write_canonical(out, v, depth + 1)?;
     }
     out.push(b'}');
     Some(())
@@ -129,12 +165,16 @@ fn write_members<'a>(
 
 /// Compact JSON with object keys sorted at every depth. Strings and numbers keep their source
 /// spelling: two spellings of one value only miss the cache, they never share an answer.
-fn write_canonical(out: &mut Vec<u8>, v: &RawValue) -> Option<()> {
+fn write_canonical(out: &mut Vec<u8>, v: &RawValue, depth: usize) -> Option<()> {
+    // Checked up front by `key`; kept here so the recursion is bounded on its own.
+    if depth > MAX_DEPTH {
+        return None;
+    }
     let text = v.get();
     match text.as_bytes().first()? {
         b'{' => {
             let members = serde_json::from_str::<Members<'_>>(text).ok()?.sorted()?;
-            write_members(out, members.into_iter())
+            write_members(out, members.into_iter(), depth)
         }
         b'[' => {
             let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
@@ -143,7 +183,7 @@ fn write_canonical(out: &mut Vec<u8>, v: &RawValue) -> Option<()> {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_canonical(out, item)?;
+                write_canonical(out, item, depth + 1)?;
             }
             out.push(b']');
             Some(())
@@ -266,6 +306,17 @@ mod tests {
         assert_ne!(k(&with(r#""seed":1"#)), k(&with(r#""seed":1.0"#)));
         // Escaped keys are decoded before they are compared or left out.
         assert_eq!(k(BASE), k(&with(r#""\u0075ser":"x""#)));
+    }
+
+    #[test]
+    fn absurd_nesting_is_not_cached_and_does_not_overflow() {
+        let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(k(&with(&format!(r#""tools":{deep}"#))).is_none());
+        let fine = format!("{}1{}", "[".repeat(20), "]".repeat(20));
+        assert!(k(&with(&format!(r#""tools":{fine}"#))).is_some());
+        // Brackets inside strings are text, not nesting.
+        let text = format!(r#""stop":["{}\"{}"]"#, "[".repeat(100), "{".repeat(100));
+        assert!(k(&with(&text)).is_some());
     }
 
     #[test]
