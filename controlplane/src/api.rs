@@ -52,12 +52,8 @@ fn source_or_api(source: String) -> String {
 }
 
 fn parse_category(name: &str) -> Result<Option<Category>, Status> {
-    match name {
-        "" => Ok(None),
-        n => Category::parse(n)
-            .map(Some)
-            .ok_or_else(|| Status::invalid_argument(format!("unknown category `{n}`"))),
-    }
+    Category::parse_scope(name)
+        .ok_or_else(|| Status::invalid_argument(format!("unknown category `{name}`")))
 }
 
 /// A usage record from a remote data plane, as the ledger's event.

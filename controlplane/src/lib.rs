@@ -30,6 +30,7 @@ use switchyard_dataplane::auth::{KeyGrant, KeyTable};
 use switchyard_dataplane::budget::{BudgetBook, BudgetKey, Limits};
 use switchyard_dataplane::server::{self, DataPlane};
 use switchyard_dataplane::usage::UsageSink;
+use switchyard_shared::category::Category;
 use switchyard_shared::config;
 
 /// How often the ledger drains usage events; also the longest an event waits to be counted.
@@ -110,7 +111,7 @@ impl ControlPlane {
                 let spent_micros = spent.get(&v.key).copied().unwrap_or(0);
                 pb::Budget {
                     service: v.key.0,
-                    category: v.key.1.map_or("", |c| c.as_str()).to_string(),
+                    category: Category::scope_name(v.key.1).to_string(),
                     daily_micros: v.limit,
                     spent_micros,
                     reserved_micros: v.leased.saturating_sub(spent_micros),

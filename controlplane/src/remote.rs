@@ -326,10 +326,7 @@ impl Remote {
                     .into_iter()
                     .filter(|b| b.source == "api")
                     .filter_map(|b| {
-                        let category = match b.category.as_str() {
-                            "" => None,
-                            c => Some(Category::parse(c)?),
-                        };
+                        let category = Category::parse_scope(&b.category)?;
                         Some(((b.service, category), b.daily_micros))
                     })
                     .collect();
@@ -391,7 +388,7 @@ impl Remote {
                 let request = pb::LeaseBudgetRequest {
                     data_plane: self.name.clone(),
                     service: key.0.clone(),
-                    category: key.1.map_or("", Category::as_str).to_string(),
+                    category: Category::scope_name(key.1).to_string(),
                     micros: lease * workers * 4,
                     day: self.budgets.day(),
                 };

@@ -122,7 +122,7 @@ impl Store {
         let txn = self.db.begin_write().map_err(err)?;
         {
             let mut t = txn.open_table(GRANTS).map_err(err)?;
-            let k = (day, key.0.as_str(), key.1.map_or("", Category::as_str));
+            let k = (day, key.0.as_str(), Category::scope_name(key.1));
             let before = t.get(k).map_err(err)?.map_or(0, |v| v.value());
             t.insert(k, before.saturating_add(amount)).map_err(err)?;
         }
@@ -140,14 +140,9 @@ impl Store {
             if d != day {
                 break;
             }
-            let category = match category {
-                "" => None,
-                c => match Category::parse(c) {
-                    Some(c) => Some(c),
-                    None => continue,
-                },
-            };
-            out.insert((service.to_string(), category), v.value());
+            if let Some(category) = Category::parse_scope(category) {
+                out.insert((service.to_string(), category), v.value());
+            }
         }
         Ok(out)
     }
@@ -167,7 +162,7 @@ impl Store {
         let txn = self.db.begin_write().map_err(err)?;
         {
             let mut t = txn.open_table(BUDGETS).map_err(err)?;
-            let k = (key.0.as_str(), key.1.map_or("", Category::as_str));
+            let k = (key.0.as_str(), Category::scope_name(key.1));
             match limit {
                 Some(l) => t.insert(k, l).map(drop),
                 None => t.remove(k).map(drop),
@@ -184,14 +179,9 @@ impl Store {
         for row in t.iter().map_err(err)? {
             let (k, v) = row.map_err(err)?;
             let (service, category) = k.value();
-            let category = match category {
-                "" => None,
-                c => match Category::parse(c) {
-                    Some(c) => Some(c),
-                    None => continue,
-                },
-            };
-            out.insert((service.to_string(), category), v.value());
+            if let Some(category) = Category::parse_scope(category) {
+                out.insert((service.to_string(), category), v.value());
+            }
         }
         Ok(out)
     }

@@ -50,6 +50,20 @@ impl Category {
         }
     }
 
+    /// How a budget's category scope is written in the store and the control API: the
+    /// category's name, or "" for the whole service.
+    pub fn scope_name(scope: Option<Category>) -> &'static str {
+        scope.map_or("", Category::as_str)
+    }
+
+    /// The inverse of `scope_name`; `None` when the name is no category.
+    pub fn parse_scope(name: &str) -> Option<Option<Category>> {
+        match name {
+            "" => Some(None),
+            n => Category::parse(n).map(Some),
+        }
+    }
+
     /// Parses a category name; accepts the American `summarization` spelling too,
     /// since callers set `x-switchyard-category` by hand.
     pub fn parse(name: &str) -> Option<Category> {
