@@ -389,9 +389,11 @@ fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), S
     // Taken now, before anything can edit the file after it was read.
     let file_stamp = start.file.as_deref().and_then(stamp);
     let runtime = runtime()?;
-    let first = config::load_str(&start.toml, &start.source, &|n| std::env::var(n).ok())
-        .map_err(|errors| errors.join("\n"))?;
-    let store = Store::open(&first.data_dir)?;
+    // Read once for the store's place, then dropped: it holds its own classifier (~1.3 MB).
+    let data_dir = config::load_str(&start.toml, &start.source, &|n| std::env::var(n).ok())
+        .map_err(|errors| errors.join("\n"))?
+        .data_dir;
+    let store = Store::open(&data_dir)?;
     let version = store.last_config()?.map_or(0, |r| r.version) + 1;
     let configs = Configs::start(start.toml, &start.source, version, start.overrides, false)
         .map_err(|errors| errors.join("\n"))?;
@@ -411,7 +413,6 @@ fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), S
     let log_events = table.usage.log_events;
     let drain_timeout = table.listener.drain_timeout;
     let admin = table.admin.clone();
-    let data_dir = table.data_dir.clone();
     let keys = key_table(&store)?;
     if table.auth_required && keys.is_empty() {
         eprintln!("switchyard: auth.required is on and no API key exists yet: create one with `switchyard keys create SERVICE`");

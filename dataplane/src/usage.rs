@@ -5,23 +5,27 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use switchyard_shared::usage::UsageEvent;
 
-/// Events travel boxed: a bounded crossbeam channel allocates and touches every slot up
-/// front, and 65,536 unboxed events would hold ~16 MiB of resident memory while idle.
+/// Events travel boxed, on a list channel bounded by a length check: an array channel
+/// touches every slot up front (1 MiB resident for the default 65,536 boxed events, while
+/// idle); a list channel holds memory only for the events in it. The check and the send are
+/// not one step, so concurrent senders may pass the bound by at most one event each.
 pub type UsageReceiver = crossbeam_channel::Receiver<Box<UsageEvent>>;
 
 #[derive(Clone)]
 pub struct UsageSink {
     tx: crossbeam_channel::Sender<Box<UsageEvent>>,
+    capacity: usize,
     dropped: Arc<AtomicU64>,
 }
 
 impl UsageSink {
-    /// A bounded channel of `capacity` events and its receiving end.
+    /// A channel of at most `capacity` events and its receiving end.
     pub fn channel(capacity: usize) -> (UsageSink, UsageReceiver) {
-        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        let (tx, rx) = crossbeam_channel::unbounded();
         (
             UsageSink {
                 tx,
+                capacity,
                 dropped: Arc::new(AtomicU64::new(0)),
             },
             rx,
@@ -29,12 +33,60 @@ impl UsageSink {
     }
 
     pub fn send(&self, event: UsageEvent) {
-        if self.tx.try_send(Box::new(event)).is_err() {
+        if self.tx.len() >= self.capacity || self.tx.send(Box::new(event)).is_err() {
             self.dropped.fetch_add(1, Relaxed);
         }
     }
 
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_shared::category::Category;
+
+    fn event() -> UsageEvent {
+        UsageEvent {
+            request_id: 1,
+            service: "svc".to_owned(),
+            endpoint: "chat",
+            category: Category::Other,
+            tier: "".into(),
+            backend: "".into(),
+            model: "".into(),
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            tokens_estimated: false,
+            cost_micros: 0,
+            first_byte_us: 0,
+            total_us: 0,
+            status: 200,
+            attempts: 1,
+            streamed: false,
+            incomplete: false,
+            cache: "",
+            saved_micros: 0,
+            budget_downgraded: false,
+            refused_by: "",
+            config_version: 1,
+        }
+    }
+
+    #[test]
+    fn a_full_channel_drops_and_counts_instead_of_growing() {
+        let (sink, events) = UsageSink::channel(2);
+        for _ in 0..5 {
+            sink.send(event());
+        }
+        assert_eq!(events.len(), 2);
+        assert_eq!(sink.dropped(), 3);
+        events.recv().unwrap();
+        sink.send(event());
+        assert_eq!(events.len(), 2);
+        assert_eq!(sink.dropped(), 3);
     }
 }
