@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Cache benchmark: the simulator answering directly vs Switchyard answering the same
 # deterministic request from its cache, interleaved in one run (wrk, 64 connections), plus the
-# CPU per request of each. Target: cache hits at >= 1.5x the simulator's direct throughput.
+# CPU per request of each (user and system). Target: cache hits at >= 1.5x the simulator's
+# direct throughput. wrk shares the cores, so the script also prints requests per core-second
+# (the inverse ratio of CPU per request), the capacity a machine with spare cores would see.
 #
 #   bash bench/cache.sh                # DURATION [8] ROUNDS [3] CONNS [64] WORKERS [1]
 set -euo pipefail
@@ -40,20 +42,30 @@ LUA
 sleep 1
 curl -s -o /dev/null -D - -H 'content-type: application/json' --data "$(sed -n "s/^wrk.body = '\(.*\)'$/\1/p" "$work/post.lua")" \
     http://127.0.0.1:$sy_port/v1/chat/completions | grep -i '^x-switchyard-cache' >&2
-cpu() { awk '{print $14+$15}' /proc/$1/task/*/stat | paste -sd+ | bc; }
+# utime and stime of every thread, in clock ticks.
+cpu() { awk '{u += $14; s += $15} END {print u, s}' /proc/$1/task/*/stat; }
 tck=$(getconf CLK_TCK)
-echo "| round | target | req/s | p50 | p99 | CPU us/req of the answering process |"
-echo "|---:|---|---:|---:|---:|---:|"
+per_req() { echo "scale=2; ($1) * 1000000 / $tck / $reqs" | bc -l; }
+echo "| round | target | req/s | p50 | p99 | user us/req | system us/req | CPU us/req |"
+echo "|---:|---|---:|---:|---:|---:|---:|---:|"
+results="$work/results"
 for round in $(seq "$ROUNDS"); do
     for target in direct cache-hit; do
         if [ $target = direct ]; then url=http://127.0.0.1:$sim_port; pid=$sim_pid; else url=http://127.0.0.1:$sy_port; pid=$sy_pid; fi
-        before=$(cpu $pid)
+        read -r u0 s0 < <(cpu $pid)
         out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -s "$work/post.lua" $url/v1/chat/completions)
-        after=$(cpu $pid)
+        read -r u1 s1 < <(cpu $pid)
         reqs=$(echo "$out" | awk '/requests in/{print $1}')
         rps=$(echo "$out" | awk '/Requests\/sec/{printf "%d", $2}')
         p50=$(echo "$out" | awk '$1=="50%"{print $2}'); p99=$(echo "$out" | awk '$1=="99%"{print $2}')
-        us=$(echo "($after-$before)*1000000/$tck/$reqs" | bc -l)
-        printf "| %s | %s | %s | %s | %s | %.1f |\n" "$round" "$target" "$rps" "$p50" "$p99" "$us"
+        user=$(per_req "$u1-$u0"); sys=$(per_req "$s1-$s0"); total=$(per_req "$u1-$u0+$s1-$s0")
+        printf "| %s | %s | %s | %s | %s | %.2f | %.2f | %.2f |\n" "$round" "$target" "$rps" "$p50" "$p99" "$user" "$sys" "$total"
+        echo "$round $target $rps $total" >> "$results"
     done
 done
+# Per round: hits' req/s over the simulator's, and the simulator's CPU per request over a
+# hit's (how many more requests one core answers from the cache than the simulator does).
+echo
+echo "| round | throughput, cache hit / direct | requests per core-second, cache hit / direct |"
+echo "|---:|---:|---:|"
+awk '$2=="direct"{r[$1]=$3; c[$1]=$4} $2=="cache-hit"{printf "| %s | %.2fx | %.2fx |\n", $1, $3/r[$1], c[$1]/$4}' "$results"

@@ -157,9 +157,16 @@ pub fn spawn(config: SimConfig) -> io::Result<SocketAddr> {
                     last_request,
                     received,
                 });
-                let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                    .enable_timer()
-                    .build()
+                // The router's ring setup, so that a comparison with the router measures the
+                // work each does, not how their rings are set up.
+                let build = |setup| {
+                    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                        .uring_builder(setup)
+                        .enable_timer()
+                        .build()
+                };
+                let mut rt = match build(switchyard_dataplane::server::ring_setup())
+                    .or_else(|_| build(io_uring::IoUring::builder()))
                 {
                     Ok(rt) => rt,
                     Err(e) => {
