@@ -33,8 +33,10 @@ use switchyard_dataplane::usage::UsageSink;
 use switchyard_shared::category::Category;
 use switchyard_shared::config;
 
-/// How often the ledger drains usage events; also the longest an event waits to be counted.
-const USAGE_DRAIN_PERIOD: Duration = Duration::from_millis(20);
+/// How often the ledger drains usage events while they come, and once they stopped; the
+/// second is also the longest an event waits to be counted.
+const USAGE_DRAIN_PERIODS: (Duration, Duration) =
+    (Duration::from_millis(2), Duration::from_millis(20));
 /// How often changed spend is committed to the store: the most a `kill -9` can lose.
 const FLUSH_PERIOD: Duration = Duration::from_millis(250);
 /// How often the config file is checked for changes, and the budget day for its end.
@@ -448,7 +450,9 @@ fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), S
             let days = consumer.clone();
             consumer
                 .ledger
-                .consume(events, log_events, USAGE_DRAIN_PERIOD, move || days.today())
+                .consume(events, log_events, USAGE_DRAIN_PERIODS, move || {
+                    days.today()
+                })
         });
     }
     let flusher = cp.clone();
