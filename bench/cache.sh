@@ -5,10 +5,14 @@
 # direct throughput. wrk shares the cores, so the script also prints requests per core-second
 # (the inverse ratio of CPU per request), the capacity a machine with spare cores would see.
 #
-#   bash bench/cache.sh                # DURATION [8] ROUNDS [3] CONNS [64] WORKERS [1]
+#   bash bench/cache.sh                # DURATION [8] ROUNDS [3] CONNS [64] WORKERS [1] THREADS [1]
+#
+# THREADS is wrk's thread count. One by default: with one worker answering, wrk's thread and
+# the worker then have a core each on a 2-core box; two wrk threads make three busy threads on
+# two cores, and the preempted wrk thread caps the faster target (cache hits) most.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DURATION=${DURATION:-8}; ROUNDS=${ROUNDS:-3}; CONNS=${CONNS:-64}; WORKERS=${WORKERS:-1}
+DURATION=${DURATION:-8}; ROUNDS=${ROUNDS:-3}; CONNS=${CONNS:-64}; WORKERS=${WORKERS:-1}; THREADS=${THREADS:-1}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 [ -x target/release/switchyard ] && [ -x target/release/switchyard-sim ] || cargo build --release --bins
 work=$(mktemp -d)
@@ -53,7 +57,7 @@ for round in $(seq "$ROUNDS"); do
     for target in direct cache-hit; do
         if [ $target = direct ]; then url=http://127.0.0.1:$sim_port; pid=$sim_pid; else url=http://127.0.0.1:$sy_port; pid=$sy_pid; fi
         read -r u0 s0 < <(cpu $pid)
-        out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -s "$work/post.lua" $url/v1/chat/completions)
+        out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s "$work/post.lua" $url/v1/chat/completions)
         read -r u1 s1 < <(cpu $pid)
         reqs=$(echo "$out" | awk '/requests in/{print $1}')
         rps=$(echo "$out" | awk '/Requests\/sec/{printf "%d", $2}')

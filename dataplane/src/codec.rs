@@ -4,6 +4,7 @@
 //! on byte slices split at every offset.
 
 use switchyard_shared::error::ErrorKind;
+use switchyard_shared::finder;
 
 /// Headers beyond this many are a 431 (httparse needs a fixed array; 100 is nginx's order).
 pub const MAX_HEADERS: usize = 100;
@@ -406,7 +407,7 @@ impl ChunkedDecoder {
                     at += 2;
                     self.state = ChunkState::Size;
                 }
-                ChunkState::Trailers => match memchr::memmem::find(rest, b"\r\n") {
+                ChunkState::Trailers => match finder!(b"\r\n").find(rest) {
                     // An empty line ends the trailer section; trailer fields are dropped.
                     Some(0) => {
                         at += 2;

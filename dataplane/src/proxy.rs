@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use switchyard_shared::cache_key::{self, KeyScope};
 use switchyard_shared::category::Category;
 use switchyard_shared::error::{ErrorKind, Retry};
+use switchyard_shared::finder;
 use switchyard_shared::openai::{
     completed_normally, estimate_tokens, parse_usage, Endpoint, RequestView, TokenUsage,
 };
@@ -589,8 +590,8 @@ fn shortcut_key(
     body: &[u8],
 ) -> Option<Vec<u8>> {
     if endpoint != Endpoint::Embeddings
-        && memchr::memmem::find(body, b"\"temperature\"").is_none()
-        && memchr::memmem::find(body, b"\"top_k\"").is_none()
+        && finder!(b"\"temperature\"").find(body).is_none()
+        && finder!(b"\"top_k\"").find(body).is_none()
     {
         return None;
     }
@@ -1075,7 +1076,7 @@ async fn relay(
             if resp.body.is_done() {
                 f.finish(&mut events);
             }
-            sse_events += memchr::memmem::find_iter(&events, b"data:").count() as u64;
+            sse_events += finder!(b"data:").find_iter(&events).count() as u64;
             frame(&mut wire, framing, &events);
         } else {
             if resp.body.is_done() && kept.is_empty() {

@@ -3,6 +3,7 @@
 //! usage-only chunk the router asked for on the caller's behalf.
 //! Must not: delay an event once its terminating blank line has arrived, or alter an event.
 
+use switchyard_shared::finder;
 use switchyard_shared::openai::{parse_usage, TokenUsage};
 
 #[derive(Debug, Default)]
@@ -78,10 +79,10 @@ impl SseFilter {
                     self.finished_otherwise = true;
                 }
             }
-            if memchr::memmem::find(data, b"\"usage\"").is_some() {
+            if finder!(b"\"usage\"").find(data).is_some() {
                 if let Some(u) = parse_usage(data) {
                     self.usage = Some(u);
-                    let usage_only = memchr::memmem::find(data, b"\"choices\":[]").is_some();
+                    let usage_only = finder!(b"\"choices\":[]").find(data).is_some();
                     keep = !(self.hide_usage_chunk && usage_only);
                 }
             }
@@ -98,7 +99,7 @@ impl SseFilter {
 
 /// The string value of the first `"finish_reason"` in an event payload (`None` when absent or null).
 fn finish_reason(data: &[u8]) -> Option<&[u8]> {
-    let at = memchr::memmem::find(data, b"\"finish_reason\"")?;
+    let at = finder!(b"\"finish_reason\"").find(data)?;
     let rest = data[at + 15..]
         .trim_ascii_start()
         .strip_prefix(b":")?

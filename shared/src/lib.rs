@@ -7,6 +7,7 @@ pub mod category;
 pub mod classifier;
 pub mod config;
 pub mod error;
+pub mod needle;
 pub mod openai;
 pub mod routing;
 pub mod usage;

@@ -448,11 +448,7 @@ struct PromptDetails {
 pub fn parse_usage(json: &[u8]) -> Option<TokenUsage> {
     let mut end = json.len();
     let value = loop {
-        static KEY: std::sync::OnceLock<memchr::memmem::FinderRev<'static>> =
-            std::sync::OnceLock::new();
-        let at = KEY
-            .get_or_init(|| memchr::memmem::FinderRev::new(b"\"usage\""))
-            .rfind(&json[..end])?;
+        let at = crate::finder!(rev b"\"usage\"").rfind(&json[..end])?;
         let rest = json[at + 7..].trim_ascii_start();
         if at > 0 && json[at - 1] == b'\\' || rest.first() != Some(&b':') {
             end = at;
