@@ -173,7 +173,12 @@ pub fn start(
                             .build()
                     };
                     build(ring_setup())
-                        .or_else(|_| build(io_uring::IoUring::builder()))
+                        .or_else(|e| {
+                            if id == 0 {
+                                eprintln!("switchyard: io_uring: the kernel refused a single-issuer, cooperative ring ({e}); using plain rings");
+                            }
+                            build(io_uring::IoUring::builder())
+                        })
                         .map(|mut rt| rt.block_on(run_worker(worker, address, ready.clone())))
                 } else {
                     monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()

@@ -10,8 +10,8 @@ pub use memchr::memmem as __memmem;
 #[macro_export]
 macro_rules! finder {
     (@ $kind:ident, $needle:expr) => {{
-        static FINDER: std::sync::LazyLock<$crate::needle::__memmem::$kind<'static>> =
-            std::sync::LazyLock::new(|| $crate::needle::__memmem::$kind::new($needle));
+        static FINDER: ::std::sync::LazyLock<$crate::needle::__memmem::$kind<'static>> =
+            ::std::sync::LazyLock::new(|| $crate::needle::__memmem::$kind::new($needle));
         &*FINDER
     }};
     (rev $needle:expr) => {
