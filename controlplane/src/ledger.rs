@@ -126,7 +126,8 @@ fn slot<'m, V: Default>(map: &'m mut HashMap<String, V>, key: &str) -> &'m mut V
 #[derive(Default)]
 pub struct Ledger {
     spend: Mutex<Spend>,
-    cache: Mutex<BTreeMap<(String, Category), CacheTotals>>,
+    /// service -> category: nested like `spend`, so a cache event allocates nothing.
+    cache: Mutex<HashMap<String, BTreeMap<Category, CacheTotals>>>,
     budget_downgrades: AtomicU64,
     budget_rejections: AtomicU64,
     rate_limited: AtomicU64,
@@ -159,7 +160,7 @@ impl Ledger {
         };
         if !e.cache.is_empty() {
             let mut cache = lock(&self.cache);
-            let c = cache.entry((e.service.clone(), e.category)).or_default();
+            let c = slot(&mut cache, &e.service).entry(e.category).or_default();
             match e.cache {
                 "hit" => c.hits += 1,
                 "stored" => {
@@ -271,7 +272,13 @@ impl Ledger {
     }
 
     pub fn cache_totals(&self) -> BTreeMap<(String, Category), CacheTotals> {
-        lock(&self.cache).clone()
+        let cache = lock(&self.cache);
+        let per_service = cache.iter().flat_map(|(service, categories)| {
+            categories
+                .iter()
+                .map(move |(category, c)| ((service.clone(), *category), c.clone()))
+        });
+        per_service.collect()
     }
 
     /// Drains the channel until every sender is gone, every `busy` period while events come
