@@ -371,21 +371,14 @@ mod tests {
             backend: "b".into(),
             model: "m".into(),
             prompt_tokens: 10,
-            cached_tokens: 0,
             completion_tokens: 5,
-            tokens_estimated: false,
             cost_micros: cost,
             first_byte_us: 1,
             total_us: 2,
             status,
             attempts: 1,
-            streamed: false,
-            incomplete: false,
-            cache: "",
-            saved_micros: 0,
-            budget_downgraded: false,
-            refused_by: "",
             config_version: 1,
+            ..UsageEvent::default()
         }
     }
 

@@ -46,46 +46,17 @@ impl UsageSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_shared::category::Category;
-
-    fn event() -> UsageEvent {
-        UsageEvent {
-            request_id: 1,
-            service: "svc".to_owned(),
-            endpoint: "chat",
-            category: Category::Other,
-            tier: "".into(),
-            backend: "".into(),
-            model: "".into(),
-            prompt_tokens: 0,
-            cached_tokens: 0,
-            completion_tokens: 0,
-            tokens_estimated: false,
-            cost_micros: 0,
-            first_byte_us: 0,
-            total_us: 0,
-            status: 200,
-            attempts: 1,
-            streamed: false,
-            incomplete: false,
-            cache: "",
-            saved_micros: 0,
-            budget_downgraded: false,
-            refused_by: "",
-            config_version: 1,
-        }
-    }
 
     #[test]
     fn a_full_channel_drops_and_counts_instead_of_growing() {
         let (sink, events) = UsageSink::channel(2);
         for _ in 0..5 {
-            sink.send(event());
+            sink.send(UsageEvent::default());
         }
         assert_eq!(events.len(), 2);
         assert_eq!(sink.dropped(), 3);
         events.recv().unwrap();
-        sink.send(event());
+        sink.send(UsageEvent::default());
         assert_eq!(events.len(), 2);
         assert_eq!(sink.dropped(), 3);
     }

@@ -5,7 +5,9 @@ use std::fmt;
 
 /// What a request asks the model to do. The set is fixed: config maps each one to a tier,
 /// and usage events and response headers carry its `as_str` name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Default, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Category {
     Extraction,
@@ -17,6 +19,7 @@ pub enum Category {
     Creative,
     Reasoning,
     Code,
+    #[default]
     Other,
 }
 

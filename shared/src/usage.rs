@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 /// Names come from the routing table as `Arc<str>`, so building an event allocates only for
 /// the caller's service name.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct UsageEvent {
     #[serde(serialize_with = "hex_id")]
     pub request_id: u64,
