@@ -98,6 +98,44 @@ fn a_stored_answer_is_served_without_the_upstream() {
 }
 
 #[test]
+fn the_query_string_and_forwarded_headers_split_the_key() {
+    let (_s, r) = cached_router("");
+    let cache_of = |path: &str, headers: &str| {
+        let resp = post(r.addr, path, DETERMINISTIC, headers);
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.header("x-switchyard-cache").map(str::to_owned)
+    };
+    let path = "/v1/chat/completions";
+    assert_eq!(cache_of(path, "").as_deref(), Some("stored"));
+    // Both reach the backend and may change its answer (Azure's api-version, beta features).
+    assert_eq!(
+        cache_of("/v1/chat/completions?api-version=2", "").as_deref(),
+        Some("stored")
+    );
+    assert_eq!(
+        cache_of(path, "OpenAI-Beta: assistants=v2\r\n").as_deref(),
+        Some("stored")
+    );
+    // Tracing, client identification and the SDK's retry count cannot: still the same answer.
+    assert_eq!(
+        cache_of(
+            path,
+            "user-agent: other/1.0\r\nx-stainless-retry-count: 2\r\ntraceparent: 00-1-2-01\r\n"
+        )
+        .as_deref(),
+        Some("hit")
+    );
+    assert_eq!(
+        cache_of("/v1/chat/completions?api-version=2", "").as_deref(),
+        Some("hit")
+    );
+    assert_eq!(
+        cache_of(path, "openai-beta: assistants=v2\r\n").as_deref(),
+        Some("hit")
+    );
+}
+
+#[test]
 fn only_deterministic_complete_successes_are_stored() {
     let (_s, r) = cached_router("");
     let sampled = DETERMINISTIC.replace("\"temperature\":0", "\"temperature\":0.7");

@@ -83,6 +83,7 @@ fn hot_path(c: &mut Criterion) {
         service: "etl",
         endpoint: "/v1/chat/completions",
         target_model: "m",
+        variant: b"",
     };
     let cache = switchyard_dataplane::cache::ResponseCache::new(64 << 20);
     let key = switchyard_shared::cache_key::key(&scope, cached_body.as_bytes(), false).unwrap();

@@ -112,6 +112,10 @@ pub async fn handle(
     let identity = auth::identify(&worker.shared.keys, table.auth_required, head);
     let trusted = identity.as_ref().is_ok_and(auth::Service::trusted);
     let headers = caller_headers(head, trusted);
+    let variant = match &worker.shared.cache {
+        Some(_) => request_variant(head),
+        None => Vec::new(),
+    };
     // A request answered from the cache before, byte for byte, takes its shortcut.
     let mut shortcut_key = match (&identity, &headers, &worker.shared.cache) {
         (Ok(service), Ok((_, _, CacheMode::Use)), Some(_)) => shortcut_key(
@@ -120,6 +124,7 @@ pub async fn handle(
             table.version,
             head,
             trusted,
+            &variant,
             body,
         ),
         _ => None,
@@ -299,6 +304,8 @@ pub async fn handle(
     // Once a reservation is refused: the ranks of the cheaper tiers, most capable first.
     let mut cheaper: Option<std::iter::Rev<std::ops::Range<usize>>> = None;
     let mut cheaper_rank = None;
+    // Groups taken so far: the plan's first is 1.
+    let mut groups_taken = 0;
     'groups: loop {
         let next = match &mut cheaper {
             Some(ranks) => ranks.next().map(|rank| {
@@ -308,13 +315,14 @@ pub async fn handle(
             None => plan_groups.next(),
         };
         let Some(group) = next else { break };
+        groups_taken += 1;
         while ctx.attempts < table.max_attempts {
             let Some((target, slot)) = balancer::choose(table, &snap.states, group, &tried) else {
                 continue 'groups;
             };
             let t = &table.targets[target];
             // The key names the resolved target model, so it is known only once a target is.
-            let scope = cache_scope(worker, table, &ctx, &view, cache_mode, &t.model);
+            let scope = cache_scope(worker, table, &ctx, &view, cache_mode, &t.model, &variant);
             let replay = Replay {
                 caller_wants_usage: view.caller_wants_usage,
                 client_minor_version: head.minor_version,
@@ -332,9 +340,9 @@ pub async fn handle(
                 (&worker.shared.cache, &store, cache_mode)
             {
                 if let Some(hit) = cache.get(&store.key, Instant::now()) {
-                    // Only the plan's own first choice is remembered, not a failover's or a
-                    // budget downgrade's.
-                    let first_choice = tried.is_empty() && cheaper.is_none();
+                    // Only the plan's own first choice is remembered, not a failover's, a
+                    // fallback group's (the first was full or ejected) or a budget downgrade's.
+                    let first_choice = groups_taken == 1 && tried.is_empty() && cheaper.is_none();
                     if let Some(key) = shortcut_key.take().filter(|_| first_choice) {
                         cache.put_shortcut(
                             key,
@@ -353,9 +361,10 @@ pub async fn handle(
                     return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay).await;
                 }
             }
-            // Identical misses, on any worker, wait for the one fetching the answer.
-            if let (Some(cache), Some(store), None, false) =
-                (&worker.shared.cache, &store, &lead, waited)
+            // Identical misses, on any worker, wait for the one fetching the answer. A refresh
+            // neither waits (it would be served the entry it means to replace) nor leads.
+            if let (Some(cache), Some(store), None, false, CacheMode::Use) =
+                (&worker.shared.cache, &store, &lead, waited, cache_mode)
             {
                 match worker.shared.flights.join(&store.key) {
                     Role::Lead(l) => lead = Some(l),
@@ -587,6 +596,7 @@ fn shortcut_key(
     version: u64,
     head: &Head,
     trusted: bool,
+    variant: &[u8],
     body: &[u8],
 ) -> Option<Vec<u8>> {
     if endpoint != Endpoint::Embeddings
@@ -621,6 +631,7 @@ fn shortcut_key(
         } else {
             b""
         },
+        variant,
     ];
     // A NUL inside a header would blur the separators: such a request takes no shortcut.
     if parts.iter().any(|p| p.contains(&0)) {
@@ -681,6 +692,7 @@ fn cache_scope<'a>(
     view: &RequestView<'_>,
     mode: CacheMode,
     target_model: &'a str,
+    variant: &'a [u8],
 ) -> Option<KeyScope<'a>> {
     let embeddings = ctx.endpoint == Endpoint::Embeddings;
     if worker.shared.cache.is_none()
@@ -698,6 +710,7 @@ fn cache_scope<'a>(
         service,
         endpoint: ctx.endpoint.path(),
         target_model,
+        variant,
     })
 }
 
@@ -849,6 +862,69 @@ async fn client_gone(stream: &monoio::net::TcpStream) {
     }
 }
 
+/// Whether a caller's header goes on to the backend. Dropped: hop-by-hop, framing we
+/// recompute, the caller's credentials (they are for the router, not the backend), compression
+/// (we read usage from the body), our own headers.
+fn is_forwarded(name: &[u8]) -> bool {
+    const DROPPED: [&[u8]; 6] = [
+        b"host",
+        b"content-length",
+        b"authorization",
+        b"expect",
+        b"accept-encoding",
+        b"x-api-key",
+    ];
+    !(codec::is_hop_by_hop(name)
+        || DROPPED.iter().any(|h| h.eq_ignore_ascii_case(name))
+        || is_switchyard_header(name))
+}
+
+/// Forwarded headers that cannot change a backend's answer, left out of cache keys: content
+/// negotiation the router answers itself, tracing, proxies' client addresses, and the OpenAI
+/// SDKs' telemetry (`x-stainless-*`, whose retry count changes on every retry).
+fn is_output_neutral(name: &[u8]) -> bool {
+    const NEUTRAL: [&[u8]; 12] = [
+        b"accept",
+        b"content-type",
+        b"user-agent",
+        b"traceparent",
+        b"tracestate",
+        b"baggage",
+        b"x-request-id",
+        b"x-correlation-id",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+        b"forwarded",
+    ];
+    NEUTRAL.iter().any(|h| h.eq_ignore_ascii_case(name))
+        || name.len() >= 11 && name[..11].eq_ignore_ascii_case(b"x-stainless")
+}
+
+/// What reaches the backend besides the body and can change its answer, for cache keys: the
+/// query string, then the forwarded headers that are not output-neutral, sorted, names in
+/// lower case. Empty (no allocation) for the usual request.
+fn request_variant(head: &Head) -> Vec<u8> {
+    let mut lines: Vec<(Vec<u8>, &[u8])> = head
+        .headers()
+        .filter(|(name, _)| is_forwarded(name) && !is_output_neutral(name))
+        .map(|(name, value)| (name.to_ascii_lowercase(), value))
+        .collect();
+    let query = head.target().split_once('?').map_or("", |(_, q)| q);
+    if lines.is_empty() && query.is_empty() {
+        return Vec::new();
+    }
+    lines.sort();
+    let mut out = query.as_bytes().to_vec();
+    for (name, value) in lines {
+        out.push(b'\n');
+        out.extend_from_slice(&name);
+        out.push(b':');
+        out.extend_from_slice(value);
+    }
+    out
+}
+
 /// The upstream request: our request line and Host, the caller's end-to-end headers, the
 /// backend's credentials, and the rewritten body.
 /// `write_body` appends the body; its length is patched into the head afterwards.
@@ -866,21 +942,7 @@ fn upstream_request(
     out.extend_from_slice(backend.authority.as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in head.headers() {
-        // Dropped: hop-by-hop, framing we recompute, the caller's credentials (they are for the
-        // router, not the backend), compression (we read usage from the body), our own headers.
-        let skip = codec::is_hop_by_hop(name)
-            || [
-                &b"host"[..],
-                b"content-length",
-                b"authorization",
-                b"expect",
-                b"accept-encoding",
-                b"x-api-key",
-            ]
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(name))
-            || is_switchyard_header(name);
-        if !skip {
+        if is_forwarded(name) {
             header(&mut out, name, value);
         }
     }
@@ -1098,7 +1160,7 @@ async fn relay(
                 .head
                 .header("content-type")
                 .unwrap_or(b"application/json");
-            let stored = completed_normally(&wire)
+            let stored = completed_normally(ctx.endpoint, &wire)
                 && store.take().is_some_and(|s| {
                     let usage = parse_usage(&wire).unwrap_or_default();
                     store_answer(worker, table, target, s, content_type, &wire, usage)
@@ -1125,7 +1187,7 @@ async fn relay(
         }
     };
     let complete = outcome.is_ok();
-    if let (true, Some(f), Some(s)) = (complete, &filter, store.take()) {
+    if let (true, 200, Some(f), Some(s)) = (complete, status, &filter, store.take()) {
         // The caller already has its head (`x-switchyard-cache: miss`); the usage event says
         // whether the stream was stored.
         if f.ended_normally()

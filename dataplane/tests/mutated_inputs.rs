@@ -85,11 +85,13 @@ fn read_everything(input: &[u8], classifier: &Classifier, rng: &mut Rng) {
         service: "s",
         endpoint: "/v1/chat/completions",
         target_model: "m",
+        variant: b"",
     };
     key(&scope, input, false);
     key(&scope, input, true);
     parse_usage(input);
-    completed_normally(input);
+    completed_normally(Endpoint::ChatCompletions, input);
+    completed_normally(Endpoint::Embeddings, input);
     let _ = parse_request(input, 8192);
     let _ = parse_request(input, 16);
     let _ = parse_response(input, false);

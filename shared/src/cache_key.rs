@@ -50,6 +50,9 @@ pub struct KeyScope<'a> {
     pub service: &'a str,
     pub endpoint: &'a str,
     pub target_model: &'a str,
+    /// What else reaches the backend and can change its answer: the query string and the
+    /// forwarded headers (the data plane's `request_variant`); empty for most requests.
+    pub variant: &'a [u8],
 }
 
 /// An object's members in source order, keys decoded, values left as raw JSON.
@@ -133,6 +136,7 @@ pub fn key(scope: &KeyScope<'_>, body: &[u8], embeddings: bool) -> Option<Vec<u8
         scope.service.as_bytes(),
         scope.endpoint.as_bytes(),
         scope.target_model.as_bytes(),
+        scope.variant,
         if stream { b"stream" } else { b"whole" },
     ] {
         out.extend_from_slice(part);
@@ -207,6 +211,7 @@ mod tests {
                 service: "svc",
                 endpoint: "/v1/chat/completions",
                 target_model: "m",
+                variant: b"",
             },
             body.as_bytes(),
             false,
@@ -234,6 +239,7 @@ mod tests {
             service: "s",
             endpoint: "/v1/embeddings",
             target_model: "e",
+            variant: b"",
         };
         assert!(
             key(&scope, br#"{"input":"x"}"#, true).is_some(),
@@ -276,23 +282,28 @@ mod tests {
     }
 
     #[test]
-    fn tenant_endpoint_and_target_model_split_the_key() {
-        let key_for = |service, endpoint, target_model| {
+    fn tenant_endpoint_target_model_and_variant_split_the_key() {
+        let key_for = |service, endpoint, target_model, variant: &[u8]| {
             key(
                 &KeyScope {
                     service,
                     endpoint,
                     target_model,
+                    variant,
                 },
                 BASE.as_bytes(),
                 false,
             )
             .unwrap()
         };
-        let base = key_for("a", "/v1/chat/completions", "m");
-        assert_ne!(base, key_for("b", "/v1/chat/completions", "m"));
-        assert_ne!(base, key_for("a", "/v1/completions", "m"));
-        assert_ne!(base, key_for("a", "/v1/chat/completions", "m2"));
+        let base = key_for("a", "/v1/chat/completions", "m", b"");
+        assert_ne!(base, key_for("b", "/v1/chat/completions", "m", b""));
+        assert_ne!(base, key_for("a", "/v1/completions", "m", b""));
+        assert_ne!(base, key_for("a", "/v1/chat/completions", "m2", b""));
+        assert_ne!(
+            base,
+            key_for("a", "/v1/chat/completions", "m", b"api-version=1")
+        );
     }
 
     #[test]

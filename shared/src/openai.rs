@@ -468,9 +468,11 @@ pub fn parse_usage(json: &[u8]) -> Option<TokenUsage> {
     })
 }
 
-/// Whether a complete 200 answer ended normally: every choice's `finish_reason` is `stop` or
-/// `length` (answers without choices, such as embeddings, qualify). Only such answers are cached.
-pub fn completed_normally(body: &[u8]) -> bool {
+/// Whether a complete 200 answer to `endpoint` ended normally: embeddings carry `data`, and
+/// completions carry choices whose every `finish_reason` is `stop` or `length`; an answer with
+/// an `error` never qualifies (some gateways send errors with status 200). Only such answers
+/// are cached.
+pub fn completed_normally(endpoint: Endpoint, body: &[u8]) -> bool {
     #[derive(Deserialize)]
     struct Choice<'a> {
         #[serde(borrow, default)]
@@ -480,18 +482,27 @@ pub fn completed_normally(body: &[u8]) -> bool {
     struct Answer<'a> {
         #[serde(borrow, default)]
         choices: Option<Vec<Choice<'a>>>,
+        #[serde(default)]
+        data: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        error: Option<serde::de::IgnoredAny>,
     }
-    match serde_json::from_slice::<Answer>(body) {
-        Ok(Answer { choices: None }) => true,
-        Ok(Answer {
-            choices: Some(choices),
-        }) => {
-            !choices.is_empty()
-                && choices
-                    .iter()
-                    .all(|c| matches!(c.finish_reason.as_deref(), Some("stop" | "length")))
+    let Ok(answer) = serde_json::from_slice::<Answer>(body) else {
+        return false;
+    };
+    if answer.error.is_some() {
+        return false;
+    }
+    match endpoint {
+        Endpoint::Embeddings => answer.data.is_some(),
+        Endpoint::ChatCompletions | Endpoint::Completions => {
+            answer.choices.is_some_and(|choices| {
+                !choices.is_empty()
+                    && choices
+                        .iter()
+                        .all(|c| matches!(c.finish_reason.as_deref(), Some("stop" | "length")))
+            })
         }
-        Err(_) => false,
     }
 }
 
@@ -711,23 +722,35 @@ mod tests {
 
     #[test]
     fn only_normally_finished_answers_count_as_complete() {
-        assert!(completed_normally(
+        let chat = |body: &[u8]| completed_normally(Endpoint::ChatCompletions, body);
+        let embeddings = |body: &[u8]| completed_normally(Endpoint::Embeddings, body);
+        assert!(chat(
             br#"{"choices":[{"finish_reason":"stop"},{"finish_reason":"length"}]}"#
         ));
-        assert!(completed_normally(
+        assert!(chat(
+            br#"{"choices":[{"finish_reason":"stop"}],"error":null}"#
+        ));
+        assert!(embeddings(
             br#"{"object":"list","data":[{"embedding":[0.1]}]}"#
         ));
-        assert!(!completed_normally(
-            br#"{"choices":[{"finish_reason":"tool_calls"}]}"#
-        ));
-        assert!(!completed_normally(
+        assert!(!chat(br#"{"choices":[{"finish_reason":"tool_calls"}]}"#));
+        assert!(!chat(
             br#"{"choices":[{"finish_reason":"content_filter"}]}"#
         ));
-        assert!(!completed_normally(
-            br#"{"choices":[{"finish_reason":null}]}"#
+        assert!(!chat(br#"{"choices":[{"finish_reason":null}]}"#));
+        assert!(!chat(br#"{"choices":[]}"#));
+        assert!(!chat(b"{truncated"));
+        // Errors sent with status 200, and answers without what the endpoint returns.
+        assert!(!chat(
+            br#"{"error":{"message":"overloaded","type":"server_error"}}"#
         ));
-        assert!(!completed_normally(br#"{"choices":[]}"#));
-        assert!(!completed_normally(b"{truncated"));
+        assert!(!chat(
+            br#"{"choices":[{"finish_reason":"stop"}],"error":{"message":"x"}}"#
+        ));
+        assert!(!chat(br#"{"choices":null}"#));
+        assert!(!chat(br#"{"object":"list","data":[]}"#));
+        assert!(!embeddings(br#"{"error":{"message":"x"}}"#));
+        assert!(!embeddings(br#"{"object":"list"}"#));
     }
 
     #[test]
