@@ -452,6 +452,59 @@ fn client_disconnect_closes_the_upstream_request() {
 }
 
 #[test]
+fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
+    // A backend that streams without end to a client that never reads: once every buffer on
+    // the way is full, the router's write to the client waits; after the send timeout it
+    // gives up and closes the upstream connection, instead of holding it (and its backend
+    // slot) for as long as the client stays connected.
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", backend.local_addr().unwrap());
+    let config = config_for(&[("flood", url)], "[listener]\nsend_timeout_ms = 300\n")
+        .replace("interval_ms = 100", "interval_ms = 0");
+    let r = router(&config);
+    let mut client = Conn::open(r.addr);
+    let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    client.send(&post_raw("/v1/chat/completions", body, ""));
+    let (mut upstream, _) = backend.accept().unwrap();
+    let mut buf = [0u8; 65536];
+    assert!(upstream.read(&mut buf).unwrap() > 0);
+    upstream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        .unwrap();
+    let event = format!(
+        "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+        "x".repeat(8000)
+    );
+    let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+    upstream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let start = Instant::now();
+    let stopped = loop {
+        if let Err(e) = upstream.write_all(chunk.as_bytes()) {
+            break e.kind();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the router kept reading"
+        );
+    };
+    assert!(
+        matches!(
+            stopped,
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "the router closed its upstream connection, it did not just stop reading: {stopped:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+    drop(client);
+}
+
+#[test]
 fn thousands_of_concurrent_keepalive_requests() {
     let s = sim("s", &["--workers", "2"]);
     let r = router(&config_for(&[("s", s.url())], ""));

@@ -12,7 +12,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::io;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use switchyard_shared::error::ErrorKind;
 use switchyard_shared::openai::Endpoint;
 use switchyard_shared::routing::Listener;
@@ -24,16 +24,19 @@ pub struct Client {
     /// The previous request's body buffer, kept to become the next read buffer: a body that
     /// arrives alone is handed over whole, and this keeps that free of allocation.
     pub spare: Vec<u8>,
+    /// The longest one write may wait for the client to take bytes (`listener.send_timeout_ms`).
+    send_timeout: Duration,
 }
 
 impl Client {
-    pub fn new(stream: TcpStream) -> Client {
+    pub fn new(stream: TcpStream, send_timeout: Duration) -> Client {
         // Small request/response pairs must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
         Client {
             stream,
             buf: Vec::with_capacity(8192),
             spare: Vec::new(),
+            send_timeout,
         }
     }
 
@@ -51,9 +54,20 @@ impl Client {
         res
     }
 
+    /// Writes all of `bytes`, or fails when that takes longer than the send timeout: the
+    /// client stopped reading (the buffer then stays with the cancelled write; an empty one
+    /// comes back).
     pub async fn write(&mut self, bytes: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        let (res, bytes) = self.stream.write_all(bytes).await;
-        (res.map(|_| ()), bytes)
+        match monoio::time::timeout(self.send_timeout, self.stream.write_all(bytes)).await {
+            Ok((res, bytes)) => (res.map(|_| ()), bytes),
+            Err(_) => (
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client took no bytes within the send timeout",
+                )),
+                Vec::new(),
+            ),
+        }
     }
 }
 
@@ -64,7 +78,7 @@ pub enum HeadError {
 }
 
 pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
-    let mut client = Client::new(stream);
+    let mut client = Client::new(stream, worker.snapshot().table.listener.send_timeout);
     loop {
         let snap = worker.snapshot();
         let head = match read_head(&mut client, &snap.table.listener).await {

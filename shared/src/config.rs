@@ -222,6 +222,9 @@ pub struct ListenerFile {
     pub header_timeout_ms: u64,
     /// Time allowed to receive a whole request body.
     pub body_timeout_ms: u64,
+    /// Time one write to a client may wait for the client to take the bytes; a client that
+    /// stops reading is disconnected, so it cannot hold a backend slot forever.
+    pub send_timeout_ms: u64,
     /// How long an idle keep-alive client connection is kept open.
     pub keepalive_timeout_ms: u64,
     /// On SIGTERM/SIGINT, how long requests in flight may run before the process exits.
@@ -238,6 +241,7 @@ impl Default for ListenerFile {
             max_body_bytes: 32 * 1024 * 1024,
             header_timeout_ms: 10_000,
             body_timeout_ms: 60_000,
+            send_timeout_ms: 60_000,
             keepalive_timeout_ms: 75_000,
             drain_timeout_ms: 30_000,
         }
@@ -580,6 +584,7 @@ fn build(
     for (key, v) in [
         ("listener.header_timeout_ms", l.header_timeout_ms),
         ("listener.body_timeout_ms", l.body_timeout_ms),
+        ("listener.send_timeout_ms", l.send_timeout_ms),
         ("listener.keepalive_timeout_ms", l.keepalive_timeout_ms),
     ] {
         if v == 0 {
@@ -1015,6 +1020,7 @@ fn build(
             max_body_bytes: l.max_body_bytes,
             header_timeout: Duration::from_millis(l.header_timeout_ms),
             body_timeout: Duration::from_millis(l.body_timeout_ms),
+            send_timeout: Duration::from_millis(l.send_timeout_ms),
             keepalive_timeout: Duration::from_millis(l.keepalive_timeout_ms),
             drain_timeout: Duration::from_millis(l.drain_timeout_ms),
         },

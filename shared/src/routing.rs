@@ -108,6 +108,7 @@ pub struct Listener {
     pub max_body_bytes: usize,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
+    pub send_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub drain_timeout: Duration,
 }

@@ -210,14 +210,15 @@ fn limits() -> Listener {
         max_body_bytes: 64 * 1024 * 1024,
         header_timeout: Duration::from_secs(30),
         body_timeout: Duration::from_secs(30),
+        send_timeout: Duration::from_secs(30),
         keepalive_timeout: Duration::from_secs(300),
         drain_timeout: Duration::from_secs(1),
     }
 }
 
 async fn serve(sim: Rc<Sim>, stream: TcpStream) {
-    let mut client = Client::new(stream);
     let limits = limits();
+    let mut client = Client::new(stream, limits.send_timeout);
     loop {
         let head = match read_head(&mut client, &limits).await {
             Ok(h) => h,
