@@ -539,6 +539,31 @@ fn thousands_of_concurrent_keepalive_requests() {
 }
 
 #[test]
+fn head_requests_get_heads_without_bodies_even_for_errors() {
+    let s = sim("s", &[]);
+    let r = router(&config_for(&[("s", s.url())], ""));
+    let mut c = Conn::open(r.addr);
+    c.send(b"HEAD /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\nHEAD /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut raw = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while !raw.ends_with(b"{\"status\":\"ok\"}") {
+        let n = c.stream.read(&mut tmp).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&tmp[..n]);
+    }
+    // Each answer to a HEAD is a head alone; the next response starts right after it.
+    let mut rest = &raw[..];
+    for (request_was_head, status) in [(true, 405), (true, 404), (false, 200)] {
+        let (head, n) = switchyard_dataplane::codec::parse_response(rest, request_was_head)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(rest)));
+        assert_eq!(head.status, status, "{}", String::from_utf8_lossy(&raw));
+        rest = &rest[n..];
+    }
+    assert_eq!(rest, b"{\"status\":\"ok\"}");
+}
+
+#[test]
 fn pipelined_requests_are_answered_in_order() {
     let s = sim("s", &[]);
     let r = router(&config_for(&[("s", s.url())], ""));

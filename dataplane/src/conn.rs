@@ -85,7 +85,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
             Ok(h) => h,
             Err(HeadError::Closed) => return,
             Err(HeadError::Bad(e)) => {
-                send_error(&mut client, e.kind, e.message, None, false, None).await;
+                send_error(&mut client, e.kind, e.message, None, false, None, false).await;
                 return;
             }
         };
@@ -220,11 +220,12 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
     let body = match read_body(client, &head, &snap.table.listener).await {
         Ok(b) => b,
         Err(e) => {
-            send_error(client, e.kind, e.message, None, false, None).await;
+            send_error(client, e.kind, e.message, None, false, None, false).await;
             return false;
         }
     };
     let keep_alive = head.keep_alive && !worker.shared.is_draining();
+    let head_only = head.method == Method::Head;
     if path == "/v1/models" && local.is_some() {
         let keys = &worker.shared.keys;
         if let Err(msg) = crate::auth::identify(keys, snap.table.auth_required, &head) {
@@ -235,16 +236,13 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
                 None,
                 keep_alive,
                 None,
+                head_only,
             )
             .await;
         }
     }
     if let Some((status, content)) = local {
-        let content = if head.method == Method::Head {
-            &[][..]
-        } else {
-            content
-        };
+        let content = if head_only { &[][..] } else { content };
         let mut out = response_head(status, "application/json", content.len(), keep_alive);
         out.extend_from_slice(content);
         return client.write(out).await.0.is_ok() && keep_alive;
@@ -266,12 +264,22 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
                 None,
                 keep_alive,
                 None,
+                head_only,
             )
             .await
         }
         _ => {
             let msg = format!("unknown path `{path}`; Switchyard serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models");
-            send_error(client, ErrorKind::UnknownPath, &msg, None, keep_alive, None).await
+            send_error(
+                client,
+                ErrorKind::UnknownPath,
+                &msg,
+                None,
+                keep_alive,
+                None,
+                head_only,
+            )
+            .await
         }
     }
 }
@@ -295,6 +303,8 @@ pub fn response_head(status: u16, content_type: &str, len: usize, keep_alive: bo
 
 /// Sends an OpenAI-shaped error; `extra` is a ready header block (ending in CRLF) or None.
 /// Returns whether the connection stays open (framing errors always close it).
+/// `head_only` (the answer to a HEAD request) sends the head without its body, so that the
+/// next pipelined request is not read as that body.
 pub async fn send_error(
     client: &mut Client,
     kind: ErrorKind,
@@ -302,6 +312,7 @@ pub async fn send_error(
     param: Option<&str>,
     keep_alive: bool,
     extra: Option<&[u8]>,
+    head_only: bool,
 ) -> bool {
     let keep_alive = keep_alive
         && !matches!(
@@ -318,6 +329,8 @@ pub async fn send_error(
         let at = out.len() - 2;
         out.splice(at..at, extra.iter().copied());
     }
-    out.extend_from_slice(body.as_bytes());
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
     client.write(out).await.0.is_ok() && keep_alive
 }

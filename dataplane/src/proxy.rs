@@ -1436,7 +1436,16 @@ async fn send_reject(
         headers.extend_from_slice(extra);
     }
     log(worker, snap, ctx, None, kind.status(), None, 0, None, false);
-    send_error(client, kind, message, param, ctx.keep_alive, Some(&headers)).await
+    send_error(
+        client,
+        kind,
+        message,
+        param,
+        ctx.keep_alive,
+        Some(&headers),
+        false,
+    )
+    .await
 }
 
 /// The `log` phase: one usage event per request, whatever happened.
