@@ -564,6 +564,37 @@ fn head_requests_get_heads_without_bodies_even_for_errors() {
 }
 
 #[test]
+fn an_interim_response_in_the_same_read_as_the_answer_is_skipped() {
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", backend.local_addr().unwrap());
+    let config = config_for(&[("early", url)], "").replace("interval_ms = 100", "interval_ms = 0");
+    let r = router(&config);
+    let serve = std::thread::spawn(move || {
+        let (mut upstream, _) = backend.accept().unwrap();
+        let mut buf = [0u8; 65536];
+        assert!(upstream.read(&mut buf).unwrap() > 0);
+        let body = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+        let answer = format!(
+            "HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        upstream.write_all(answer.as_bytes()).unwrap();
+        // Kept open: the answer must not wait for more bytes.
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let start = Instant::now();
+    let resp = post(r.addr, "/v1/chat/completions", &chat("hi"), "");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["choices"][0]["message"]["content"], "hi");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    serve.join().unwrap();
+}
+
+#[test]
 fn pipelined_requests_are_answered_in_order() {
     let s = sim("s", &[]);
     let r = router(&config_for(&[("s", s.url())], ""));

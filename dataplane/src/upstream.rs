@@ -320,26 +320,29 @@ async fn send_on(
             }
             Ok(_) => {}
         }
-        match codec::parse_response(&buf, is_head) {
-            Ok(None) => continue,
-            Ok(Some((head, n))) if (100..200).contains(&head.status) => {
-                // Interim responses (100 Continue) precede the real one.
-                buf.drain(..n);
-                if let Ok(Some(_)) = codec::parse_response(&buf, is_head) {
-                    continue;
+        // Interim responses (100 Continue, 103 Early Hints) precede the real one, which may
+        // have arrived in the same read.
+        loop {
+            match codec::parse_response(&buf, is_head) {
+                Ok(None) => break,
+                Ok(Some((head, n))) if (100..200).contains(&head.status) => {
+                    buf.drain(..n);
                 }
-            }
-            Ok(Some((head, n))) => {
-                buf.drain(..n);
-                let body = BodyReader::new(head.framing, buf);
-                return Ok(Response { conn, head, body });
-            }
-            Err(e) => {
-                return Err((
-                    AttemptError::new(e.kind, format!("backend `{}`: {}", backend.name, e.message)),
-                    request,
-                    false,
-                ))
+                Ok(Some((head, n))) => {
+                    buf.drain(..n);
+                    let body = BodyReader::new(head.framing, buf);
+                    return Ok(Response { conn, head, body });
+                }
+                Err(e) => {
+                    return Err((
+                        AttemptError::new(
+                            e.kind,
+                            format!("backend `{}`: {}", backend.name, e.message),
+                        ),
+                        request,
+                        false,
+                    ))
+                }
             }
         }
     }
