@@ -595,6 +595,35 @@ fn an_interim_response_in_the_same_read_as_the_answer_is_skipped() {
 }
 
 #[test]
+fn an_answer_cut_before_anything_was_sent_is_an_error_answer() {
+    // A cacheable answer is read whole before it is sent; if the backend breaks off inside
+    // it, the client has received nothing and gets an error answer, not a silent close.
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", backend.local_addr().unwrap());
+    let config = config_for(&[("cut", url)], "").replace("interval_ms = 100", "interval_ms = 0");
+    let r = router(&config);
+    let serve = std::thread::spawn(move || {
+        let (mut upstream, _) = backend.accept().unwrap();
+        let mut buf = [0u8; 65536];
+        assert!(upstream.read(&mut buf).unwrap() > 0);
+        upstream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"choices\":[")
+            .unwrap();
+    });
+    let body = r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"hi"}]}"#;
+    let resp = post(r.addr, "/v1/chat/completions", body, "");
+    serve.join().unwrap();
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert_eq!(
+        resp.json()["error"]["code"],
+        "upstream_stream_broken",
+        "{}",
+        resp.text()
+    );
+    assert_eq!(resp.header("x-switchyard-backend"), Some("cut"));
+}
+
+#[test]
 fn pipelined_requests_are_answered_in_order() {
     let s = sim("s", &[]);
     let r = router(&config_for(&[("s", s.url())], ""));

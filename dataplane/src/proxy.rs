@@ -1219,6 +1219,25 @@ async fn relay(
         }
         client_left = client.write(wire).await.0.is_err();
     }
+    // What the client was answered: the upstream's status, unless nothing had reached the
+    // client when the upstream failed (a cacheable answer is read whole before it is sent);
+    // then an error answer, not a closed connection without one.
+    let mut answered = status;
+    if let (Err(Cut::Upstream(e)), None, None) = (&outcome, &filter, first_byte) {
+        let mut headers = Vec::with_capacity(256);
+        explain(&mut headers, ctx, tier, &backend.name, &t.model);
+        answered = e.kind.status();
+        send_error(
+            client,
+            e.kind,
+            &e.message,
+            None,
+            false,
+            Some(&headers),
+            false,
+        )
+        .await;
+    }
     let verdict = match (&outcome, status) {
         (Err(Cut::Upstream(_)), _) => Verdict::Failure,
         (Err(Cut::ClientLeft), _) => Verdict::Neutral,
@@ -1243,7 +1262,7 @@ async fn relay(
     } else {
         estimate_tokens(body_bytes) / 4
     };
-    let logged_status = if client_left { CLIENT_CLOSED } else { status };
+    let logged_status = if client_left { CLIENT_CLOSED } else { answered };
     log(
         worker,
         snap,
