@@ -206,15 +206,22 @@ impl ResponseCache {
             return None;
         }
         if now.saturating_duration_since(entry.stored_at) >= entry.ttl {
-            self.entries.remove(&slot);
+            // Only this expired entry: another worker may have stored a fresh one meanwhile.
+            self.entries
+                .remove_if(&slot, |current| Arc::ptr_eq(current, &entry));
             return None;
         }
         Some(entry)
     }
 
-    pub fn put(&self, entry: Entry) {
+    /// Stores `entry`; false when the cache refused it (heavier than one of its shards holds).
+    pub fn put(&self, entry: Entry) -> bool {
+        let slot = (self.hash)(&entry.key);
+        let entry = Arc::new(entry);
+        self.entries.insert(slot, entry.clone());
         self.entries
-            .insert((self.hash)(&entry.key), Arc::new(entry));
+            .peek(&slot)
+            .is_some_and(|stored| Arc::ptr_eq(&stored, &entry))
     }
 
     /// Drops every entry (the control API's PurgeCache); returns the entries and bytes removed.
@@ -349,5 +356,9 @@ mod tests {
         let (entries, bytes) = (c.len() as u64, c.bytes());
         assert_eq!(c.purge(), (entries, bytes));
         assert!(c.is_empty() && c.bytes() == 0);
+        // An answer heavier than the cache holds is refused, and `put` says so.
+        let huge = "x".repeat(max as usize * 2);
+        assert!(!c.put(entry("huge", &huge, Duration::from_secs(60))));
+        assert!(c.put(entry("small", "answer", Duration::from_secs(60))));
     }
 }

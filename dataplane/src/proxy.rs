@@ -1018,8 +1018,7 @@ fn store_answer(
         tier,
         backend,
         t.model.clone(),
-    ));
-    true
+    ))
 }
 
 /// Why a relay stopped early.
