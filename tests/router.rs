@@ -624,6 +624,36 @@ fn an_answer_cut_before_anything_was_sent_is_an_error_answer() {
 }
 
 #[test]
+fn an_oversized_body_gets_its_413_while_the_client_is_still_sending() {
+    let s = sim("s", &[]);
+    let r = router(&config_for(&[("s", s.url())], ""));
+    for _ in 0..5 {
+        let mut c = Conn::open(r.addr);
+        c.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 104857600\r\n\r\n");
+        let mut writer = c.stream.try_clone().unwrap();
+        let pusher = std::thread::spawn(move || {
+            let piece = vec![b' '; 65536];
+            for _ in 0..64 {
+                if writer.write_all(&piece).is_err() {
+                    break;
+                }
+            }
+        });
+        // Everything is sent before the answer is read: by then the router has closed, and
+        // the answer must still be there to read (no reset in its place).
+        pusher.join().unwrap();
+        let resp = c.read_response().expect("a response, not a reset");
+        assert_eq!(resp.status, 413, "{}", resp.text());
+        assert_eq!(
+            resp.json()["error"]["code"],
+            "body_too_large",
+            "{}",
+            resp.text()
+        );
+    }
+}
+
+#[test]
 fn pipelined_requests_are_answered_in_order() {
     let s = sim("s", &[]);
     let r = router(&config_for(&[("s", s.url())], ""));

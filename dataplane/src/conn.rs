@@ -8,7 +8,7 @@ use crate::proxy;
 use crate::server::Worker;
 use crate::snapshot::Snapshot;
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::io;
 use std::rc::Rc;
@@ -54,6 +54,18 @@ impl Client {
         res
     }
 
+    /// Between requests: buffers a large body grew are given back, so that a connection left
+    /// idle after one does not keep up to `max_body_bytes` each.
+    fn release_large_buffers(&mut self) {
+        const KEEP: usize = 64 * 1024;
+        if self.spare.capacity() > KEEP {
+            self.spare = Vec::new();
+        }
+        if self.buf.capacity() > KEEP {
+            self.buf.shrink_to(self.buf.len().max(8192));
+        }
+    }
+
     /// Writes all of `bytes`, or fails when that takes longer than the send timeout: the
     /// client stopped reading (the buffer then stays with the cancelled write; an empty one
     /// comes back).
@@ -86,14 +98,35 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
             Err(HeadError::Closed) => return,
             Err(HeadError::Bad(e)) => {
                 send_error(&mut client, e.kind, e.message, None, false, None, false).await;
-                return;
+                return linger(&mut client).await;
             }
         };
         worker.begin_request();
         let keep_alive = handle(&worker, &snap, &mut client, head).await;
         worker.end_request();
         if !keep_alive || worker.shared.is_draining() {
-            return;
+            return linger(&mut client).await;
+        }
+        client.release_large_buffers();
+    }
+}
+
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Closing a socket with unread bytes in it answers them with a reset, which can destroy the
+/// response before the client has read it (a 413 sent while the body is still coming). So the
+/// write side is shut first and whatever arrives is read and dropped, until the client closes
+/// or `LINGER` has passed.
+async fn linger(client: &mut Client) {
+    let _ = client.stream.shutdown().await;
+    let deadline = Instant::now() + LINGER;
+    loop {
+        client.buf.clear();
+        let left = deadline.saturating_duration_since(Instant::now());
+        match monoio::time::timeout(left, client.read_more()).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
         }
     }
 }
