@@ -6,11 +6,17 @@
 use switchyard_shared::finder;
 use switchyard_shared::openai::{parse_usage, TokenUsage};
 
+/// The most of one unfinished event held back (LLM events are a few hundred bytes).
+const MAX_PENDING_EVENT: usize = 8 * 1024 * 1024;
+
 #[derive(Debug, Default)]
 pub struct SseFilter {
     pending: Vec<u8>,
-    /// Offset in `pending` where the next unscanned line starts.
+    /// Offset in `pending` where the current (unfinished) line starts.
     line_start: usize,
+    /// How much of `pending` has been searched for line ends: a long line is searched once,
+    /// not again with every piece of it that arrives.
+    scanned: usize,
     /// Drop the final `choices: []` usage chunk (the caller did not ask for it).
     hide_usage_chunk: bool,
     pub usage: Option<TokenUsage>,
@@ -35,7 +41,7 @@ impl SseFilter {
     pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) {
         self.pending.extend_from_slice(data);
         let mut event_start = 0;
-        let mut scan = self.line_start;
+        let mut scan = self.scanned.max(self.line_start);
         while let Some(i) = memchr::memchr(b'\n', &self.pending[scan..]) {
             let line_end = scan + i;
             let line = &self.pending[self.line_start..line_end];
@@ -52,12 +58,19 @@ impl SseFilter {
         }
         self.pending.drain(..event_start);
         self.line_start -= event_start;
+        self.scanned = self.pending.len();
+        // An event that does not end is passed on as it is rather than held without bound;
+        // the filter only misses what it would have read in it.
+        if self.pending.len() > MAX_PENDING_EVENT {
+            self.finish(out);
+        }
     }
 
     /// Bytes of an unterminated last event, passed on as-is when the body ends.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         out.append(&mut self.pending);
         self.line_start = 0;
+        self.scanned = 0;
     }
 
     fn keep_event(&mut self, event: std::ops::Range<usize>) -> bool {
@@ -189,6 +202,24 @@ data: [DONE]\n\n";
         assert_eq!(out, b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\n");
         f.feed(b"data: {\"error\":{\"message\":\"x\"}}\n\n", &mut out);
         assert!(f.saw_error);
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_passed_on_not_held() {
+        let mut f = SseFilter::new(false);
+        let mut out = Vec::new();
+        let piece = [b'x'; 64 * 1024];
+        let mut sent = 0;
+        while sent <= 2 * MAX_PENDING_EVENT {
+            f.feed(&piece, &mut out);
+            sent += piece.len();
+            assert!(f.pending.len() <= MAX_PENDING_EVENT);
+        }
+        assert!(!out.is_empty());
+        f.feed(b"\n\ndata: [DONE]\n\n", &mut out);
+        f.finish(&mut out);
+        assert_eq!(out.len(), sent + 16, "every byte passes, in order");
+        assert!(out.ends_with(b"\n\ndata: [DONE]\n\n") && f.saw_done);
     }
 }
 
