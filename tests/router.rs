@@ -425,21 +425,34 @@ fn no_healthy_target_is_503_with_retry_after() {
     assert_eq!(get(r.addr, "/readyz").status, 503);
 }
 
-#[test]
-fn client_disconnect_closes_the_upstream_request() {
-    // A hand-rolled backend that accepts, reads the request, and waits to see it cancelled.
+/// A router in front of one backend the test plays itself on the returned listener (health
+/// checks off, so the only connection is the request's).
+fn router_with_hand_rolled_backend(name: &str, extra: &str) -> (TcpListener, Proc) {
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", backend.local_addr().unwrap());
-    let config = config_for(&[("hold", url)], "").replace("interval_ms = 100", "interval_ms = 0");
-    let r = router(&config);
-    let mut c = Conn::open(r.addr);
-    c.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
+    let config = config_for(&[(name, url)], extra).replace("interval_ms = 100", "interval_ms = 0");
+    (backend, router(&config))
+}
+
+/// The backend's side of the next request: accepted and read.
+fn accept_request(backend: &TcpListener) -> std::net::TcpStream {
     let (mut upstream, _) = backend.accept().unwrap();
     upstream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    let mut buf = [0u8; 4096];
+    let mut buf = [0u8; 65536];
     assert!(upstream.read(&mut buf).unwrap() > 0);
+    upstream
+}
+
+#[test]
+fn client_disconnect_closes_the_upstream_request() {
+    // A hand-rolled backend that accepts, reads the request, and waits to see it cancelled.
+    let (backend, r) = router_with_hand_rolled_backend("hold", "");
+    let mut c = Conn::open(r.addr);
+    c.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
+    let mut upstream = accept_request(&backend);
+    let mut buf = [0u8; 4096];
     drop(c);
     let start = Instant::now();
     let n = upstream.read(&mut buf).unwrap_or(usize::MAX);
@@ -457,17 +470,12 @@ fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
     // the way is full, the router's write to the client waits; after the send timeout it
     // gives up and closes the upstream connection, instead of holding it (and its backend
     // slot) for as long as the client stays connected.
-    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", backend.local_addr().unwrap());
-    let config = config_for(&[("flood", url)], "[listener]\nsend_timeout_ms = 300\n")
-        .replace("interval_ms = 100", "interval_ms = 0");
-    let r = router(&config);
+    let (backend, r) =
+        router_with_hand_rolled_backend("flood", "[listener]\nsend_timeout_ms = 300\n");
     let mut client = Conn::open(r.addr);
     let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     client.send(&post_raw("/v1/chat/completions", body, ""));
-    let (mut upstream, _) = backend.accept().unwrap();
-    let mut buf = [0u8; 65536];
-    assert!(upstream.read(&mut buf).unwrap() > 0);
+    let mut upstream = accept_request(&backend);
     upstream
         .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         .unwrap();
@@ -565,14 +573,9 @@ fn head_requests_get_heads_without_bodies_even_for_errors() {
 
 #[test]
 fn an_interim_response_in_the_same_read_as_the_answer_is_skipped() {
-    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", backend.local_addr().unwrap());
-    let config = config_for(&[("early", url)], "").replace("interval_ms = 100", "interval_ms = 0");
-    let r = router(&config);
+    let (backend, r) = router_with_hand_rolled_backend("early", "");
     let serve = std::thread::spawn(move || {
-        let (mut upstream, _) = backend.accept().unwrap();
-        let mut buf = [0u8; 65536];
-        assert!(upstream.read(&mut buf).unwrap() > 0);
+        let mut upstream = accept_request(&backend);
         let body = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
         let answer = format!(
             "HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
@@ -598,14 +601,9 @@ fn an_interim_response_in_the_same_read_as_the_answer_is_skipped() {
 fn an_answer_cut_before_anything_was_sent_is_an_error_answer() {
     // A cacheable answer is read whole before it is sent; if the backend breaks off inside
     // it, the client has received nothing and gets an error answer, not a silent close.
-    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", backend.local_addr().unwrap());
-    let config = config_for(&[("cut", url)], "").replace("interval_ms = 100", "interval_ms = 0");
-    let r = router(&config);
+    let (backend, r) = router_with_hand_rolled_backend("cut", "");
     let serve = std::thread::spawn(move || {
-        let (mut upstream, _) = backend.accept().unwrap();
-        let mut buf = [0u8; 65536];
-        assert!(upstream.read(&mut buf).unwrap() > 0);
+        let mut upstream = accept_request(&backend);
         upstream
             .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"choices\":[")
             .unwrap();

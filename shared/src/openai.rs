@@ -812,6 +812,14 @@ mod tests {
                 Endpoint::Completions,
                 Endpoint::Embeddings,
             ] {
+                let scope = crate::cache_key::KeyScope {
+                    service: "s",
+                    endpoint: endpoint.path(),
+                    target_model: "m",
+                    variant: b"",
+                };
+                let _ = crate::cache_key::key(&scope, &body, endpoint == Endpoint::Embeddings);
+                let _ = completed_normally(endpoint, &body);
                 if let Ok(view) = RequestView::parse(endpoint, &body) {
                     let out = view.rewrite(&body, "m", true);
                     // RFC 8259 allows lone surrogate escapes that serde_json's Value rejects;
