@@ -905,15 +905,16 @@ fn is_output_neutral(name: &[u8]) -> bool {
 /// query string, then the forwarded headers that are not output-neutral, sorted, names in
 /// lower case. Empty (no allocation) for the usual request.
 fn request_variant(head: &Head) -> Vec<u8> {
-    let mut lines: Vec<(Vec<u8>, &[u8])> = head
-        .headers()
-        .filter(|(name, _)| is_forwarded(name) && !is_output_neutral(name))
-        .map(|(name, value)| (name.to_ascii_lowercase(), value))
-        .collect();
+    let relevant = |name: &[u8]| is_forwarded(name) && !is_output_neutral(name);
     let query = head.target().split_once('?').map_or("", |(_, q)| q);
-    if lines.is_empty() && query.is_empty() {
+    if query.is_empty() && !head.headers().any(|(name, _)| relevant(name)) {
         return Vec::new();
     }
+    let mut lines: Vec<(Vec<u8>, &[u8])> = head
+        .headers()
+        .filter(|(name, _)| relevant(name))
+        .map(|(name, value)| (name.to_ascii_lowercase(), value))
+        .collect();
     lines.sort();
     let mut out = query.as_bytes().to_vec();
     for (name, value) in lines {
