@@ -41,8 +41,9 @@ fn nests_deeper_than(json: &[u8], max: usize) -> bool {
 }
 
 /// Body fields left out of the key: they cannot change the model's output.
-/// `model` is replaced by the resolved target model, which is in the key on its own.
-pub const IGNORED_FIELDS: [&str; 3] = ["model", "user", "stream_options"];
+/// `model` is replaced by the resolved target model, which is in the key on its own. Of
+/// `stream_options`, only `include_usage` is left out (see `without_include_usage`).
+pub const IGNORED_FIELDS: [&str; 2] = ["model", "user"];
 
 /// What identifies a cached answer besides the body.
 pub struct KeyScope<'a> {
@@ -142,11 +143,42 @@ pub fn key(scope: &KeyScope<'_>, body: &[u8], embeddings: bool) -> Option<Vec<u8
         out.extend_from_slice(part);
         out.push(0);
     }
-    let kept = fields
-        .into_iter()
-        .filter(|(k, _)| !IGNORED_FIELDS.contains(&&**k));
+    let stream_options = match get("stream_options") {
+        Some(v) => without_include_usage(v)?,
+        None => None,
+    };
+    let kept = fields.iter().filter_map(|(k, v)| match &**k {
+        name if IGNORED_FIELDS.contains(&name) => None,
+        "stream_options" => stream_options.as_deref().map(|s| (k.clone(), s)),
+        _ => Some((k.clone(), *v)),
+    });
     write_members(&mut out, kept, 0)?;
     Some(out)
+}
+
+/// `stream_options` without `include_usage`, canonical, or `None` when nothing else is in it:
+/// whether the caller sees the usage chunk is settled on replay (the router adds or hides it),
+/// while other options (vLLM's `continuous_usage_stats`, OpenAI's `include_obfuscation`)
+/// change the chunks themselves. The outer `None`: not cacheable (a repeated key).
+fn without_include_usage(v: &RawValue) -> Option<Option<Box<RawValue>>> {
+    if !v.get().starts_with('{') {
+        return Some(Some(v.to_owned()));
+    }
+    let members = serde_json::from_str::<Members<'_>>(v.get())
+        .ok()?
+        .sorted()?;
+    let mut rest = members
+        .into_iter()
+        .filter(|(k, _)| k != "include_usage")
+        .peekable();
+    if rest.peek().is_none() {
+        return Some(None);
+    }
+    let mut text = Vec::new();
+    write_members(&mut text, rest, 1)?;
+    RawValue::from_string(String::from_utf8(text).ok()?)
+        .ok()
+        .map(Some)
 }
 
 fn write_members<'a>(
@@ -271,9 +303,28 @@ mod tests {
             r#""logprobs":true"#,
             r#""x_vendor_option":1"#,
             r#""stream":true"#,
+            r#""stream_options":{"continuous_usage_stats":true}"#,
+            r#""stream_options":{"include_usage":true,"include_obfuscation":false}"#,
         ] {
             assert_ne!(k(&with(field)).unwrap(), base, "{field} must split the key");
         }
+        // Only `include_usage` is left out of `stream_options`, at any key order.
+        assert_eq!(
+            k(&with(
+                r#""stream_options":{"include_usage":true,"continuous_usage_stats":true}"#
+            )),
+            k(&with(
+                r#""stream_options":{"continuous_usage_stats":true,"include_usage":false}"#
+            ))
+        );
+        assert_eq!(
+            k(&with(r#""stream_options":{"include_usage":false}"#)),
+            k(BASE)
+        );
+        assert!(
+            k(&with(r#""stream_options":{"a":1,"a":2}"#)).is_none(),
+            "repeated key"
+        );
         assert_ne!(
             k(&BASE.replace("Extract the date", "Extract the time")).unwrap(),
             base,
