@@ -98,6 +98,43 @@ fn a_stored_answer_is_served_without_the_upstream() {
 }
 
 #[test]
+fn stored_answers_are_served_while_their_backend_is_full() {
+    // One request at a time: a slow one in flight leaves no slot for anything else.
+    let s = sim("s", &[]);
+    let r = router(&config_for(&[("s", s.url())], "").replace(
+        "first_byte_timeout_ms = 3000",
+        "first_byte_timeout_ms = 3000\nmax_concurrency = 1",
+    ));
+    let first = post(r.addr, "/v1/chat/completions", DETERMINISTIC, "");
+    assert_eq!(first.header("x-switchyard-cache"), Some("stored"));
+    let addr = r.addr;
+    let slow = std::thread::spawn(move || {
+        post(
+            addr,
+            "/v1/chat/completions",
+            &chat("take your time"),
+            "x-sim-fault: slow-first-byte=1500\r\n",
+        )
+        .status
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // The stored answer needs no backend.
+    let hit = post(r.addr, "/v1/chat/completions", SAME_AGAIN, "");
+    assert_eq!(
+        (hit.status, hit.header("x-switchyard-cache")),
+        (200, Some("hit")),
+        "{}",
+        hit.text()
+    );
+    assert_eq!(hit.body, first.body);
+    // Anything not stored still waits for a slot that is not there.
+    let other = DETERMINISTIC.replace("INV-2291", "INV-2292");
+    let miss = post(r.addr, "/v1/chat/completions", &other, "");
+    assert_eq!(miss.status, 503, "{}", miss.text());
+    assert_eq!(slow.join().unwrap(), 200);
+}
+
+#[test]
 fn the_query_string_and_forwarded_headers_split_the_key() {
     let (_s, r) = cached_router("");
     let cache_of = |path: &str, headers: &str| {

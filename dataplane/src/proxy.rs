@@ -316,18 +316,32 @@ pub async fn handle(
         };
         let Some(group) = next else { break };
         groups_taken += 1;
+        let replay = Replay {
+            caller_wants_usage: view.caller_wants_usage,
+            client_minor_version: head.minor_version,
+        };
+        let embeddings = ctx.endpoint == Endpoint::Embeddings;
         while ctx.attempts < table.max_attempts {
             let Some((target, slot)) = balancer::choose(table, &snap.states, group, &tried) else {
+                // No target of the group can take the request now (ejected or full): an
+                // answer one of them gave before still serves, as it needs no backend.
+                let stored = group.iter().find_map(|&target| {
+                    let model = &table.targets[target].model;
+                    let scope =
+                        cache_scope(worker, table, &ctx, &view, cache_mode, model, &variant)
+                            .filter(|_| cache_mode == CacheMode::Use)?;
+                    let key = cache_key::key(&scope, body, embeddings)?;
+                    let hit = worker.shared.cache.as_ref()?.get(&key, Instant::now())?;
+                    Some((target, hit))
+                });
+                if let Some((target, hit)) = stored {
+                    return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay).await;
+                }
                 continue 'groups;
             };
             let t = &table.targets[target];
             // The key names the resolved target model, so it is known only once a target is.
             let scope = cache_scope(worker, table, &ctx, &view, cache_mode, &t.model, &variant);
-            let replay = Replay {
-                caller_wants_usage: view.caller_wants_usage,
-                client_minor_version: head.minor_version,
-            };
-            let embeddings = ctx.endpoint == Endpoint::Embeddings;
             let store = scope
                 .and_then(|s| cache_key::key(&s, body, embeddings))
                 .map(|key| Store {
