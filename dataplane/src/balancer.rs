@@ -16,6 +16,9 @@ pub struct BackendState {
     /// Milliseconds since `BackendStates::epoch`; 0 = not ejected.
     ejected_until_ms: AtomicU64,
     ejections: AtomicU32,
+    /// When the last half-open probe passed (same clock; 0 = never): a backend that has stayed
+    /// up for `max_ejection` since starts its next ejection from the base period again.
+    recovered_ms: AtomicU64,
     /// A half-open probe request is in flight; others wait for its verdict.
     probing: AtomicBool,
     /// Last active check or proxied request succeeded (drives `/readyz`).
@@ -137,8 +140,15 @@ impl BackendStates {
         Some(Slot { state: s, probe })
     }
 
+    /// The verdict of a proxied request. While a backend is ejected, late verdicts of requests
+    /// admitted before are ignored for the ejection (they neither end nor lengthen it); once
+    /// the period is over, the verdict is the half-open probe's: success restores full
+    /// traffic, failure ejects again for twice as long.
     pub fn record(&self, backend: usize, verdict: Verdict, h: &HealthSettings) {
         let s = &self.states[backend];
+        let now = self.now_ms();
+        let until = s.ejected_until_ms.load(Relaxed);
+        let half_open = until != 0 && until <= now;
         match verdict {
             Verdict::Neutral => {}
             Verdict::Success => {
@@ -146,38 +156,39 @@ impl BackendStates {
                 if s.consecutive_failures.load(Relaxed) != 0 {
                     s.consecutive_failures.store(0, Relaxed);
                 }
-                let until = s.ejected_until_ms.load(Relaxed);
-                if until != 0 {
-                    // The half-open probe passed: full traffic again. The ejection count decays
-                    // only after a quiet period, so a flapping backend keeps doubling.
+                if half_open {
                     s.ejected_until_ms.store(0, Relaxed);
-                    if self.now_ms() > until + h.max_ejection.as_millis() as u64 {
-                        s.ejections.store(0, Relaxed);
-                    }
+                    s.recovered_ms.store(now, Relaxed);
                 }
             }
             Verdict::Failure => {
                 s.healthy.store(false, Relaxed);
                 let failures = s.consecutive_failures.fetch_add(1, Relaxed) + 1;
-                let half_open = s.ejected_until_ms.load(Relaxed) != 0;
-                if failures >= h.eject_after_failures || half_open {
-                    self.eject(s, h);
+                if half_open || until == 0 && failures >= h.eject_after_failures {
+                    self.eject(s, h, now);
                 }
             }
         }
     }
 
-    fn eject(&self, s: &BackendState, h: &HealthSettings) {
+    fn eject(&self, s: &BackendState, h: &HealthSettings, now: u64) {
+        let recovered = s.recovered_ms.load(Relaxed);
+        if recovered != 0 && now.saturating_sub(recovered) > h.max_ejection.as_millis() as u64 {
+            s.ejections.store(0, Relaxed);
+        }
         let n = s.ejections.fetch_add(1, Relaxed).min(20);
         let period = h.base_ejection.saturating_mul(1 << n).min(h.max_ejection);
         s.ejected_until_ms
-            .store(self.now_ms() + period.as_millis() as u64, Relaxed);
+            .store(now + period.as_millis() as u64, Relaxed);
         s.consecutive_failures.store(0, Relaxed);
     }
 
-    /// An active check succeeded for an ejected backend: let the next request be its probe.
-    pub fn allow_probe_now(&self, backend: usize) {
+    /// An active check passed: the backend answers again (readiness). An ejected backend is not
+    /// restored by it (its check endpoint may answer while completions fail); its next request
+    /// becomes the half-open probe instead. Request failures counted so far stand.
+    pub fn check_passed(&self, backend: usize) {
         let s = &self.states[backend];
+        s.healthy.store(true, Relaxed);
         if s.ejected_until_ms.load(Relaxed) > self.now_ms() {
             s.ejected_until_ms.store(self.now_ms(), Relaxed);
         }
@@ -356,5 +367,73 @@ targets = ["a/m", "b/m"]
         drop(probe);
         assert!(!s.is_ejected(0) && s.any_ready());
         assert!(s.admit(0, 10).is_some() && s.admit(0, 10).is_some());
+    }
+
+    #[test]
+    fn late_verdicts_neither_end_nor_lengthen_an_ejection() {
+        let t = table();
+        let s = BackendStates::new(2, false);
+        s.record(0, Verdict::Failure, &t.health);
+        s.record(0, Verdict::Failure, &t.health);
+        assert!(s.is_ejected(0));
+        // Requests admitted before the ejection report back while it runs.
+        for _ in 0..10 {
+            s.record(0, Verdict::Failure, &t.health);
+        }
+        s.record(0, Verdict::Success, &t.health);
+        assert!(s.is_ejected(0), "a late success does not end it");
+        s.advance(Duration::from_millis(60));
+        assert!(
+            !s.is_ejected(0),
+            "late failures did not lengthen it: still 50 ms"
+        );
+    }
+
+    #[test]
+    fn a_passing_check_makes_the_next_request_a_probe_not_full_traffic() {
+        let t = table();
+        let s = BackendStates::new(2, true);
+        s.record(0, Verdict::Failure, &t.health);
+        s.record(0, Verdict::Failure, &t.health);
+        s.check_passed(0);
+        let probe = s.admit(0, 10).expect("the probe");
+        assert!(s.admit(0, 10).is_none(), "only the probe until it passes");
+        s.record(0, Verdict::Failure, &t.health);
+        drop(probe);
+        assert!(s.is_ejected(0), "the failed probe ejects again");
+    }
+
+    #[test]
+    fn a_backend_up_for_max_ejection_starts_again_from_the_base_period() {
+        let t = table();
+        let s = BackendStates::new(2, false);
+        let eject_and_recover = |s: &BackendStates| {
+            s.record(0, Verdict::Failure, &t.health);
+            s.record(0, Verdict::Failure, &t.health);
+            while s.is_ejected(0) {
+                s.advance(Duration::from_millis(10));
+            }
+            let probe = s.admit(0, 10).unwrap();
+            s.record(0, Verdict::Success, &t.health);
+            drop(probe);
+        };
+        // Flapping doubles the period: 50, 100, 200 ms.
+        for _ in 0..3 {
+            eject_and_recover(&s);
+        }
+        s.record(0, Verdict::Failure, &t.health);
+        s.record(0, Verdict::Failure, &t.health);
+        s.advance(Duration::from_millis(360));
+        assert!(s.is_ejected(0), "the fourth is 400 ms");
+        s.advance(Duration::from_millis(50));
+        let probe = s.admit(0, 10).unwrap();
+        s.record(0, Verdict::Success, &t.health);
+        drop(probe);
+        // Up for longer than max_ejection (400 ms): the next ejection is 50 ms again.
+        s.advance(Duration::from_millis(450));
+        s.record(0, Verdict::Failure, &t.health);
+        s.record(0, Verdict::Failure, &t.health);
+        s.advance(Duration::from_millis(60));
+        assert!(!s.is_ejected(0));
     }
 }

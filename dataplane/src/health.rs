@@ -54,8 +54,7 @@ async fn check(snap: Arc<Snapshot>, backend: usize) {
     );
     let healthy = matches!(monoio::time::timeout(table.health.timeout, probe).await, Ok(Ok(r)) if (200..300).contains(&r.head.status));
     if healthy {
-        snap.states.record(backend, Verdict::Success, &table.health);
-        snap.states.allow_probe_now(backend);
+        snap.states.check_passed(backend);
     } else {
         snap.states.record(backend, Verdict::Failure, &table.health);
     }
