@@ -1535,7 +1535,7 @@ fn log(
         r.settle(cost_micros);
     }
     if let Some(c) = ctx.token_charge.take() {
-        c.settle(tokens.prompt + tokens.completion);
+        c.settle(tokens.prompt.saturating_add(tokens.completion));
     }
     worker.shared.usage.send(UsageEvent {
         request_id: ctx.request_id,

@@ -102,6 +102,7 @@ struct Top<'a> {
     temperature: Option<f64>,
     top_k: Option<f64>,
     n: Option<u64>,
+    best_of: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -146,7 +147,8 @@ pub struct RequestView<'a> {
     pub has_tools: bool,
     pub json_output: bool,
     pub max_tokens: Option<u64>,
-    /// `n`: how many answers the backend generates (and charges for).
+    /// How many answers the backend generates (and charges for): `n`, or the legacy
+    /// completions' `best_of` when larger, for each prompt of a prompt array.
     pub choices: u64,
     pub total_chars: usize,
     /// `temperature` explicitly 0 (or `top_k` 1) and `n` absent or 1: the same request gets
@@ -240,7 +242,7 @@ impl<'a> RequestView<'a> {
             }
         }
         view.max_tokens = top.max_completion_tokens.or(top.max_tokens);
-        view.choices = top.n.unwrap_or(1).max(1);
+        let per_prompt = top.n.unwrap_or(1).max(top.best_of.unwrap_or(1)).max(1);
         view.deterministic = (top.temperature == Some(0.0) || top.top_k == Some(1.0))
             && top.n.is_none_or(|n| n == 1);
         let required = match endpoint {
@@ -255,11 +257,12 @@ impl<'a> RequestView<'a> {
                 field,
             ));
         };
-        match endpoint {
-            Endpoint::ChatCompletions => view.read_messages(raw)?,
+        let prompts = match endpoint {
+            Endpoint::ChatCompletions => view.read_messages(raw).map(|()| 1)?,
             Endpoint::Completions => view.read_prompt(raw, "prompt")?,
             Endpoint::Embeddings => view.read_prompt(raw, "input")?,
-        }
+        };
+        view.choices = per_prompt.saturating_mul(prompts);
         Ok(view)
     }
 
@@ -293,7 +296,10 @@ impl<'a> RequestView<'a> {
         Ok(())
     }
 
-    fn read_prompt(&mut self, raw: &'a RawValue, field: &'static str) -> Result<(), RequestError> {
+    /// Reads `prompt` / `input`; returns how many prompts it holds (an array of strings or of
+    /// token-id lists is one prompt per item; a single token-id list is one prompt).
+    fn read_prompt(&mut self, raw: &'a RawValue, field: &'static str) -> Result<u64, RequestError> {
+        let mut prompts = 1;
         match raw.get().as_bytes().first() {
             Some(b'"') => {
                 let text: Cow<'a, str> =
@@ -304,12 +310,16 @@ impl<'a> RequestView<'a> {
             Some(b'[') => {
                 let items: Vec<&'a RawValue> =
                     serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
+                let mut lists = 0u64;
                 for item in items {
                     if let Ok(text) = serde_json::from_str::<Cow<'a, str>>(item.get()) {
                         append(&mut self.last_user, text);
+                        lists += 1;
+                    } else if item.get().starts_with('[') {
+                        lists += 1;
                     } else if !item
                         .get()
-                        .starts_with(|c: char| c == '[' || c == '-' || c.is_ascii_digit())
+                        .starts_with(|c: char| c == '-' || c.is_ascii_digit())
                     {
                         return Err(RequestError::invalid(
                             format!("`{field}` must be a string, an array of strings or token ids"),
@@ -317,6 +327,7 @@ impl<'a> RequestView<'a> {
                         ));
                     }
                 }
+                prompts = lists.max(1);
             }
             _ => {
                 return Err(RequestError::invalid(
@@ -326,7 +337,7 @@ impl<'a> RequestView<'a> {
             }
         }
         self.total_chars = self.last_user.len();
-        Ok(())
+        Ok(prompts)
     }
 
     pub fn prompt(&self) -> Prompt<'_> {
@@ -458,13 +469,17 @@ pub fn parse_usage(json: &[u8]) -> Option<TokenUsage> {
     };
     let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Option<UsageFields>>();
     let u = values.next()?.ok()??;
+    // A backend's figures are capped far above any real answer, so that pricing and budget
+    // arithmetic on them cannot overflow.
+    const MAX_TOKENS: u64 = 1 << 40;
     Some(TokenUsage {
-        prompt: u.prompt_tokens,
-        completion: u.completion_tokens,
+        prompt: u.prompt_tokens.min(MAX_TOKENS),
+        completion: u.completion_tokens.min(MAX_TOKENS),
         cached: u
             .prompt_tokens_details
             .and_then(|d| d.cached_tokens)
-            .unwrap_or(0),
+            .unwrap_or(0)
+            .min(MAX_TOKENS),
     })
 }
 
@@ -721,6 +736,40 @@ mod tests {
     }
 
     #[test]
+    fn choices_count_every_answer_the_backend_generates() {
+        let choices = |endpoint, body: &str| parse(endpoint, body).unwrap().choices;
+        let chat = Endpoint::ChatCompletions;
+        let completions = Endpoint::Completions;
+        assert_eq!(
+            choices(chat, r#"{"messages":[{"role":"user","content":"a"}]}"#),
+            1
+        );
+        assert_eq!(
+            choices(
+                chat,
+                r#"{"n":3,"messages":[{"role":"user","content":"a"}]}"#
+            ),
+            3
+        );
+        assert_eq!(choices(completions, r#"{"prompt":"a","n":2}"#), 2);
+        // One answer set per prompt; best_of answers are generated (and billed) per prompt.
+        assert_eq!(choices(completions, r#"{"prompt":["a","b","c"],"n":2}"#), 6);
+        assert_eq!(
+            choices(completions, r#"{"prompt":"a","n":2,"best_of":5}"#),
+            5
+        );
+        assert_eq!(
+            choices(completions, r#"{"prompt":[1,2,3]}"#),
+            1,
+            "one token-id prompt"
+        );
+        assert_eq!(
+            choices(completions, r#"{"prompt":[[1,2],[3]],"best_of":2}"#),
+            4
+        );
+    }
+
+    #[test]
     fn only_normally_finished_answers_count_as_complete() {
         let chat = |body: &[u8]| completed_normally(Endpoint::ChatCompletions, body);
         let embeddings = |body: &[u8]| completed_normally(Endpoint::Embeddings, body);
@@ -785,6 +834,15 @@ mod tests {
             "wrong types are ignored, not trusted"
         );
         assert_eq!(parse_usage(b"not json"), None);
+        let absurd = parse_usage(
+            br#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":18446744073709551615}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (absurd.prompt, absurd.completion),
+            (1 << 40, 1 << 40),
+            "capped"
+        );
         assert_eq!(estimate_tokens(9), 3);
     }
 
