@@ -425,13 +425,13 @@ fn no_healthy_target_is_503_with_retry_after() {
     assert_eq!(get(r.addr, "/readyz").status, 503);
 }
 
-/// A router in front of one backend the test plays itself on the returned listener (health
-/// checks off, so the only connection is the request's).
+/// A router (one worker, so one connection pool) in front of one backend the test plays
+/// itself on the returned listener (health checks off, so the only connections are requests').
 fn router_with_hand_rolled_backend(name: &str, extra: &str) -> (TcpListener, Proc) {
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", backend.local_addr().unwrap());
     let config = config_for(&[(name, url)], extra).replace("interval_ms = 100", "interval_ms = 0");
-    (backend, router(&config))
+    (backend, router_on_workers(&config, 1))
 }
 
 /// The backend's side of the next request: accepted and read.
@@ -648,6 +648,59 @@ fn an_oversized_body_gets_its_413_while_the_client_is_still_sending() {
             "{}",
             resp.text()
         );
+    }
+}
+
+#[test]
+fn a_pooled_connection_that_dies_while_working_is_a_visible_failed_attempt() {
+    // The backend answers once on a keep-alive connection, then takes the next request on it
+    // and dies half a second later. That request may have been worked on: sending it again is
+    // a failover, counted and reported, not a quiet resend.
+    let (backend, r) = router_with_hand_rolled_backend("dies", "");
+    let serve = std::thread::spawn(move || {
+        let body = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut upstream = accept_request(&backend);
+        upstream.write_all(answer.as_bytes()).unwrap();
+        let mut buf = [0u8; 65536];
+        assert!(upstream.read(&mut buf).unwrap() > 0, "the second request");
+        std::thread::sleep(Duration::from_millis(500));
+        drop(upstream);
+        // A new connection within a while is the request sent again; it gets the answer.
+        backend.set_nonblocking(true).unwrap();
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            if let Ok((again, _)) = backend.accept() {
+                let mut again = again;
+                again.set_nonblocking(false).unwrap();
+                again
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                assert!(again.read(&mut buf).unwrap() > 0);
+                again.write_all(answer.as_bytes()).unwrap();
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    });
+    assert_eq!(
+        post(r.addr, "/v1/chat/completions", &chat("one"), "").status,
+        200
+    );
+    let second = post(r.addr, "/v1/chat/completions", &chat("two"), "");
+    if serve.join().unwrap() {
+        assert_eq!(second.status, 200, "{}", second.text());
+        assert_eq!(
+            second.header("x-switchyard-attempts"),
+            Some("2"),
+            "a resend is an attempt of its own"
+        );
+    } else {
+        assert!(second.status >= 500, "{}", second.text());
     }
 }
 

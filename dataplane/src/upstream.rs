@@ -219,6 +219,10 @@ impl Pool {
     }
 }
 
+/// How soon after the request went out a closed pooled connection counts as one the server
+/// had already closed while idle (its FIN or reset meets our request within a round trip).
+const STALE_WINDOW: Duration = Duration::from_millis(250);
+
 /// A response whose head has arrived; the body is read through `body`.
 pub struct Response {
     pub conn: Conn,
@@ -227,8 +231,10 @@ pub struct Response {
 }
 
 /// Sends `request` (head and body, already encoded) and waits for the response head.
-/// A pooled connection that fails before any response byte was probably closed by the server
-/// while idle: the request is resent once on a fresh connection, invisibly to the caller.
+/// A pooled connection that fails at once, before any response byte, was probably closed by
+/// the server while idle: the request is resent once on a fresh connection, invisibly to the
+/// caller. One that fails later may have been working on it (a backend dying mid-generation):
+/// that is an attempt's failure, not resent here, so an inference is not run twice unseen.
 pub async fn exchange(
     pool: &Pool,
     version: u64,
@@ -272,7 +278,8 @@ async fn send_on(
             true,
         ));
     }
-    let deadline = Instant::now() + backend.first_byte_timeout;
+    let sent = Instant::now();
+    let deadline = sent + backend.first_byte_timeout;
     let mut buf = Vec::with_capacity(READ_CHUNK);
     loop {
         let read = monoio::time::timeout_at(
@@ -304,7 +311,7 @@ async fn send_on(
                 return Err((
                     AttemptError::new(ErrorKind::UpstreamConnect, msg),
                     request,
-                    true,
+                    sent.elapsed() < STALE_WINDOW,
                 ));
             }
             Ok(0) | Err(_) => {
