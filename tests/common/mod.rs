@@ -8,12 +8,23 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use switchyard_dataplane::codec::{self, BodyFraming, ChunkedDecoder};
 
+/// A loopback port nothing listens on now, and never handed out before in this test process:
+/// tests run in parallel, and the kernel may offer a port released a moment ago again, so two
+/// processes of two tests could be told to listen on the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn wait_listening(addr: SocketAddr, child: &mut Child) {
