@@ -81,9 +81,11 @@ pub fn identify<'h>(
     let Some(auth) = head.header("authorization") else {
         return Err("missing API key: send `Authorization: Bearer <key>`");
     };
+    // The scheme name is case-insensitive (RFC 9110 §11.1).
     let key = auth
-        .strip_prefix(b"Bearer ")
-        .or_else(|| auth.strip_prefix(b"bearer "))
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
+        .map(|_| &auth[7..])
         .ok_or("the Authorization header must be `Bearer <key>`")?;
     let keys = keys.load();
     let grant = keys
@@ -164,5 +166,13 @@ mod tests {
             who(true, "authorization: Bearer sy-gateway\r\n"),
             Ok("gateway".into())
         );
+        // The scheme is case-insensitive; anything shorter than it is no key.
+        for scheme in ["bearer", "BEARER", "BeArEr"] {
+            assert_eq!(
+                who(true, &format!("authorization: {scheme} sy-etl\r\n")),
+                Ok("etl".into())
+            );
+        }
+        assert!(who(true, "authorization: Bear\r\n").is_err());
     }
 }

@@ -534,8 +534,9 @@ pub async fn handle(
             let wait = snap
                 .states
                 .soonest_return(tried_backends(table, decision))
-                .as_secs()
-                .max(1);
+                .as_secs_f64()
+                .ceil()
+                .max(1.0) as u64;
             let extra = format!("retry-after: {wait}\r\n");
             let msg = "no healthy backend can take this request now; retry later";
             send_reject(
