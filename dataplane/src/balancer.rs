@@ -146,9 +146,9 @@ impl BackendStates {
     /// traffic, failure ejects again for twice as long.
     pub fn record(&self, backend: usize, verdict: Verdict, h: &HealthSettings) {
         let s = &self.states[backend];
-        let now = self.now_ms();
         let until = s.ejected_until_ms.load(Relaxed);
-        let half_open = until != 0 && until <= now;
+        // The clock is read only for a backend that is or was ejected.
+        let half_open = until != 0 && until <= self.now_ms();
         match verdict {
             Verdict::Neutral => {}
             Verdict::Success => {
@@ -158,14 +158,14 @@ impl BackendStates {
                 }
                 if half_open {
                     s.ejected_until_ms.store(0, Relaxed);
-                    s.recovered_ms.store(now, Relaxed);
+                    s.recovered_ms.store(self.now_ms(), Relaxed);
                 }
             }
             Verdict::Failure => {
                 s.healthy.store(false, Relaxed);
                 let failures = s.consecutive_failures.fetch_add(1, Relaxed) + 1;
                 if half_open || until == 0 && failures >= h.eject_after_failures {
-                    self.eject(s, h, now);
+                    self.eject(s, h, self.now_ms());
                 }
             }
         }
