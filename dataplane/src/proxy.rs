@@ -16,7 +16,7 @@ use crate::server::Worker;
 use crate::snapshot::Snapshot;
 use crate::sse::SseFilter;
 use crate::upstream::{self, AttemptError, Response};
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -112,10 +112,7 @@ pub async fn handle(
     let identity = auth::identify(&worker.shared.keys, table.auth_required, head);
     let trusted = identity.as_ref().is_ok_and(auth::Service::trusted);
     let headers = caller_headers(head, trusted);
-    let variant = match &worker.shared.cache {
-        Some(_) => request_variant(head),
-        None => Vec::new(),
-    };
+    let variant = Variant::of(head);
     // A request answered from the cache before, byte for byte, takes its shortcut.
     let mut shortcut_key = match (&identity, &headers, &worker.shared.cache) {
         (Ok(service), Ok((_, _, CacheMode::Use)), Some(_)) => shortcut_key(
@@ -611,7 +608,7 @@ fn shortcut_key(
     version: u64,
     head: &Head,
     trusted: bool,
-    variant: &[u8],
+    variant: &Variant<'_>,
     body: &[u8],
 ) -> Option<Vec<u8>> {
     if endpoint != Endpoint::Embeddings
@@ -620,6 +617,7 @@ fn shortcut_key(
     {
         return None;
     }
+    let variant = variant.bytes();
     let steering = |name| head.header(name).unwrap_or_default();
     // Present but empty is an error on the full path (an unknown tier); absent is not.
     let steering_names = [
@@ -707,7 +705,7 @@ fn cache_scope<'a>(
     view: &RequestView<'_>,
     mode: CacheMode,
     target_model: &'a str,
-    variant: &'a [u8],
+    variant: &'a Variant<'_>,
 ) -> Option<KeyScope<'a>> {
     let embeddings = ctx.endpoint == Endpoint::Embeddings;
     if worker.shared.cache.is_none()
@@ -725,7 +723,7 @@ fn cache_scope<'a>(
         service,
         endpoint: ctx.endpoint.path(),
         target_model,
-        variant,
+        variant: variant.bytes(),
     })
 }
 
@@ -918,7 +916,26 @@ fn is_output_neutral(name: &[u8]) -> bool {
 
 /// What reaches the backend besides the body and can change its answer, for cache keys: the
 /// query string, then the forwarded headers that are not output-neutral, sorted, names in
-/// lower case. Empty (no allocation) for the usual request.
+/// lower case. Built on first use: most requests are never looked up in the cache.
+struct Variant<'h> {
+    head: &'h Head,
+    built: OnceCell<Vec<u8>>,
+}
+
+impl<'h> Variant<'h> {
+    fn of(head: &'h Head) -> Self {
+        Variant {
+            head,
+            built: OnceCell::new(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.built.get_or_init(|| request_variant(self.head))
+    }
+}
+
+/// The bytes of a `Variant`; empty (no allocation) for the usual request.
 fn request_variant(head: &Head) -> Vec<u8> {
     let relevant = |name: &[u8]| is_forwarded(name) && !is_output_neutral(name);
     let query = head.target().split_once('?').map_or("", |(_, q)| q);
