@@ -71,7 +71,7 @@ pub fn event_from_record(r: pb::UsageRecord) -> Result<UsageEvent, String> {
         .map_err(|_| format!("request id `{}` is not hex", r.request_id))?;
     Ok(UsageEvent {
         request_id,
-        service: r.service,
+        service: r.service.into(),
         endpoint,
         category,
         tier: r.tier.into(),
@@ -109,7 +109,7 @@ pub fn event_from_record(r: pb::UsageRecord) -> Result<UsageEvent, String> {
 pub fn record_from_event(e: &UsageEvent, unix_ms: i64) -> pb::UsageRecord {
     pb::UsageRecord {
         request_id: switchyard_shared::usage::format_request_id(e.request_id),
-        service: e.service.clone(),
+        service: e.service.to_string(),
         endpoint: e.endpoint.to_string(),
         category: e.category.as_str().to_string(),
         tier: e.tier.to_string(),

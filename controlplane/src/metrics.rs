@@ -2,7 +2,8 @@
 //! and the gauges read from live state when scraped. Served at `/metrics` on the admin listener.
 //! Must not: be touched by the data plane (workers only send usage events).
 
-use ahash::AHashMap as HashMap;
+use crate::ledger::{same, slot, Map};
+use hashbrown::Equivalent;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -88,6 +89,23 @@ type SeriesKey = (
     &'static str,
 );
 
+/// A `SeriesKey` borrowed from an event, to find its handles without cloning an `Arc` (see
+/// `ledger::RowKeyRef`). Hashes like `SeriesKey`.
+#[derive(Hash)]
+struct SeriesKeyRef<'e>(Category, &'e str, &'e str, &'e str, u16, &'e str, &'e str);
+
+impl Equivalent<SeriesKey> for SeriesKeyRef<'_> {
+    fn equivalent(&self, k: &SeriesKey) -> bool {
+        self.0 == k.0
+            && self.4 == k.4
+            && same(self.1, &k.1)
+            && same(self.2, &k.2)
+            && same(self.3, &k.3)
+            && same(self.5, k.5)
+            && same(self.6, k.6)
+    }
+}
+
 /// The metric handles of one label combination (clones share the registered metric).
 struct Series {
     requests: Counter,
@@ -103,6 +121,44 @@ struct Series {
     cache: Option<(Counter, Counter)>,
 }
 
+impl Series {
+    fn record(&self, e: &UsageEvent) {
+        self.requests.inc();
+        self.duration.observe(e.total_us as f64 / 1e6);
+        self.first_byte.observe(e.first_byte_us as f64 / 1e6);
+        let counts = [e.prompt_tokens, e.cached_tokens, e.completion_tokens];
+        for (counter, n) in self.tokens.iter().zip(counts) {
+            counter.inc_by(n);
+        }
+        self.cost.inc_by(e.cost_micros);
+        if e.tokens_estimated {
+            self.estimated.inc();
+        }
+        if e.budget_downgraded {
+            self.downgrades.inc();
+        }
+        if let Some(refusals) = &self.refusals {
+            refusals.inc();
+        }
+        if let Some((outcomes, saved)) = &self.cache {
+            outcomes.inc();
+            saved.inc_by(e.saved_micros);
+        }
+    }
+}
+
+fn series_key(e: &UsageEvent) -> SeriesKey {
+    (
+        e.category,
+        e.tier.clone(),
+        e.backend.clone(),
+        e.model.clone(),
+        e.status,
+        e.cache,
+        e.refused_by,
+    )
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. about 33 s: cache hits at the bottom, long generations at the top.
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
@@ -113,7 +169,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     /// service -> label combination -> handles.
-    series: Mutex<HashMap<String, HashMap<SeriesKey, Series>>>,
+    series: Mutex<Map<String, Map<SeriesKey, Series>>>,
     requests: Family<RequestLabels, Counter>,
     duration: Histograms<LatencyLabels>,
     first_byte: Histograms<LatencyLabels>,
@@ -261,53 +317,34 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts one finished request. The metric handles of each label combination are found
-    /// once and kept, so a request costs a map lookup and atomic adds, not a dozen label strings.
-    pub fn record(&self, e: &UsageEvent) {
-        let key: SeriesKey = (
-            e.category,
-            e.tier.clone(),
-            e.backend.clone(),
-            e.model.clone(),
-            e.status,
-            e.cache,
-            e.refused_by,
-        );
+    /// Counts finished requests. The metric handles of each label combination are found once
+    /// and kept, so a request costs a map lookup and atomic adds, not a dozen label strings.
+    pub fn record_all(&self, events: &[UsageEvent]) {
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        let of_service = match series.get_mut(e.service.as_str()) {
-            Some(s) => s,
-            None => series.entry(e.service.clone()).or_default(),
-        };
-        let s = of_service.entry(key).or_insert_with(|| self.series_of(e));
-        s.requests.inc();
-        s.duration.observe(e.total_us as f64 / 1e6);
-        s.first_byte.observe(e.first_byte_us as f64 / 1e6);
-        for (counter, n) in
-            s.tokens
-                .iter()
-                .zip([e.prompt_tokens, e.cached_tokens, e.completion_tokens])
-        {
-            counter.inc_by(n);
-        }
-        s.cost.inc_by(e.cost_micros);
-        if e.tokens_estimated {
-            s.estimated.inc();
-        }
-        if e.budget_downgraded {
-            s.downgrades.inc();
-        }
-        if let Some(refusals) = &s.refusals {
-            refusals.inc();
-        }
-        if let Some((outcomes, saved)) = &s.cache {
-            outcomes.inc();
-            saved.inc_by(e.saved_micros);
+        for e in events {
+            let service = &*e.service;
+            let of_service = slot(&mut series, service, || service.to_owned());
+            let key = SeriesKeyRef(
+                e.category,
+                &e.tier,
+                &e.backend,
+                &e.model,
+                e.status,
+                e.cache,
+                e.refused_by,
+            );
+            let s = of_service
+                .raw_entry_mut()
+                .from_key(&key)
+                .or_insert_with(|| (series_key(e), self.series_of(e)))
+                .1;
+            s.record(e);
         }
     }
 
     /// The handles an event with these labels updates.
     fn series_of(&self, e: &UsageEvent) -> Series {
-        let service = e.service.clone();
+        let service = e.service.to_string();
         let category = e.category.as_str().to_string();
         let latency = LatencyLabels {
             service: service.clone(),

@@ -121,15 +121,19 @@ pub struct ResponseCache {
     evictions: CountEvictions,
 }
 
-fn ahash64(key: &[u8]) -> u64 {
-    // Fixed seeds: the hash only finds the slot; the verifier decides.
-    ahash::RandomState::with_seeds(0x5157_6974_6368, 0x7961_7264, 0x6361_6368, 0x6b65_7973)
-        .hash_one(key)
+/// foldhash: half of ahash's time on a 1 KiB key (FIELD-NOTES). The hash only finds the slot
+/// (the verifier decides), but its seed is random per process, so that nobody can aim
+/// requests at another tenant's slots to evict its entries.
+fn foldhash64(key: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    static STATE: std::sync::LazyLock<foldhash::fast::RandomState> =
+        std::sync::LazyLock::new(Default::default);
+    STATE.hash_one(key)
 }
 
 impl ResponseCache {
     pub fn new(max_bytes: u64) -> ResponseCache {
-        ResponseCache::with_hash(max_bytes, ahash64)
+        ResponseCache::with_hash(max_bytes, foldhash64)
     }
 
     /// `hash` is replaceable so tests can force collisions.

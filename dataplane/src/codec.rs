@@ -95,18 +95,33 @@ const fn err(kind: ErrorKind, message: &'static str) -> CodecError {
 
 /// Headers that describe one hop and never travel through the proxy (RFC 9110 §7.6.1).
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 9] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-    ];
-    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+    matches!(
+        lower_name(name, &mut [0; NAME_BUF]),
+        Some(
+            b"connection"
+                | b"keep-alive"
+                | b"proxy-connection"
+                | b"transfer-encoding"
+                | b"te"
+                | b"trailer"
+                | b"upgrade"
+                | b"proxy-authorization"
+                | b"proxy-authenticate"
+        )
+    )
+}
+
+/// Room for the longest header name matched exactly anywhere (`proxy-authorization`).
+pub const NAME_BUF: usize = 24;
+
+/// `name` in lower case, copied into `buf`; `None` when it is longer than any name matched
+/// exactly. Lets a name be classified by one `match` (length first, then bytes) instead of a
+/// case-insensitive comparison per known name, which was a tenth of a cache hit's instructions.
+pub fn lower_name<'b>(name: &[u8], buf: &'b mut [u8; NAME_BUF]) -> Option<&'b [u8]> {
+    let lower = buf.get_mut(..name.len())?;
+    lower.copy_from_slice(name);
+    lower.make_ascii_lowercase();
+    Some(lower)
 }
 
 fn has_token(value: &[u8], token: &str) -> bool {

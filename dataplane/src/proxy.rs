@@ -129,7 +129,7 @@ pub async fn handle(
     let shortcut = shortcut_key
         .as_ref()
         .zip(worker.shared.cache.as_ref())
-        .and_then(|(key, cache)| cache.get_shortcut(key, Instant::now()))
+        .and_then(|(key, cache)| cache.get_shortcut(key, started))
         // A reused config version (a reset control plane) must not index past the table.
         .filter(|(s, _)| s.target < table.targets.len());
     let service_ok = identity
@@ -631,11 +631,11 @@ fn shortcut_key(
     {
         return None;
     }
-    let version = itoa::Buffer::new().format(version).as_bytes().to_vec();
+    let mut version_digits = itoa::Buffer::new();
     let parts = [
         service.as_bytes(),
         endpoint.path().as_bytes(),
-        &version,
+        version_digits.format(version).as_bytes(),
         steering("x-switchyard-tier"),
         steering("x-switchyard-priority"),
         // Untrusted callers' category header is ignored, so it cannot tell requests apart.
@@ -770,7 +770,11 @@ async fn serve_hit(
         &mut out,
         b"age",
         itoa::Buffer::new()
-            .format(hit.stored_at.elapsed().as_secs())
+            .format(
+                ctx.started
+                    .saturating_duration_since(hit.stored_at)
+                    .as_secs(),
+            )
             .as_bytes(),
     );
     explain(&mut out, ctx, &hit.tier, &hit.backend, &hit.model);
@@ -879,39 +883,41 @@ async fn client_gone(stream: &monoio::net::TcpStream) {
 /// recompute, the caller's credentials (they are for the router, not the backend), compression
 /// (we read usage from the body), our own headers.
 fn is_forwarded(name: &[u8]) -> bool {
-    const DROPPED: [&[u8]; 6] = [
-        b"host",
-        b"content-length",
-        b"authorization",
-        b"expect",
-        b"accept-encoding",
-        b"x-api-key",
-    ];
-    !(codec::is_hop_by_hop(name)
-        || DROPPED.iter().any(|h| h.eq_ignore_ascii_case(name))
-        || is_switchyard_header(name))
+    header_use(name) != HeaderUse::Dropped
 }
 
-/// Forwarded headers that cannot change a backend's answer, left out of cache keys: content
-/// negotiation the router answers itself, tracing, proxies' client addresses, and the OpenAI
-/// SDKs' telemetry (`x-stainless-*`, whose retry count changes on every retry).
-fn is_output_neutral(name: &[u8]) -> bool {
-    const NEUTRAL: [&[u8]; 12] = [
-        b"accept",
-        b"content-type",
-        b"user-agent",
-        b"traceparent",
-        b"tracestate",
-        b"baggage",
-        b"x-request-id",
-        b"x-correlation-id",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-real-ip",
-        b"forwarded",
-    ];
-    NEUTRAL.iter().any(|h| h.eq_ignore_ascii_case(name))
-        || name.len() >= 11 && name[..11].eq_ignore_ascii_case(b"x-stainless")
+/// What becomes of a caller's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeaderUse {
+    /// Not forwarded (see `is_forwarded`).
+    Dropped,
+    /// Forwarded, and cannot change a backend's answer, so left out of cache keys: content
+    /// negotiation the router answers itself, tracing, proxies' client addresses, and the
+    /// OpenAI SDKs' telemetry (`x-stainless-*`, whose retry count changes on every retry).
+    Neutral,
+    /// Forwarded, and part of cache keys.
+    Relevant,
+}
+
+fn header_use(name: &[u8]) -> HeaderUse {
+    if codec::is_hop_by_hop(name) || is_switchyard_header(name) {
+        return HeaderUse::Dropped;
+    }
+    match codec::lower_name(name, &mut [0; codec::NAME_BUF]) {
+        Some(
+            b"host" | b"content-length" | b"authorization" | b"expect" | b"accept-encoding"
+            | b"x-api-key",
+        ) => HeaderUse::Dropped,
+        Some(
+            b"accept" | b"content-type" | b"user-agent" | b"traceparent" | b"tracestate"
+            | b"baggage" | b"x-request-id" | b"x-correlation-id" | b"x-forwarded-for"
+            | b"x-forwarded-proto" | b"x-real-ip" | b"forwarded",
+        ) => HeaderUse::Neutral,
+        _ if name.len() >= 11 && name[..11].eq_ignore_ascii_case(b"x-stainless") => {
+            HeaderUse::Neutral
+        }
+        _ => HeaderUse::Relevant,
+    }
 }
 
 /// What reaches the backend besides the body and can change its answer, for cache keys: the
@@ -937,7 +943,7 @@ impl<'h> Variant<'h> {
 
 /// The bytes of a `Variant`; empty (no allocation) for the usual request.
 fn request_variant(head: &Head) -> Vec<u8> {
-    let relevant = |name: &[u8]| is_forwarded(name) && !is_output_neutral(name);
+    let relevant = |name: &[u8]| header_use(name) == HeaderUse::Relevant;
     let query = head.target().split_once('?').map_or("", |(_, q)| q);
     if query.is_empty() && !head.headers().any(|(name, _)| relevant(name)) {
         return Vec::new();
@@ -1388,14 +1394,14 @@ fn explain(out: &mut Vec<u8>, ctx: &Ctx<'_>, tier: &str, backend: &str, model: &
         b"x-switchyard-category",
         ctx.category.as_str().as_bytes(),
     );
-    match (ctx.rule, ctx.classifier_rule) {
-        ("", _) => {}
-        (rule, Some(c)) => header(
-            out,
-            b"x-switchyard-rule",
-            [rule, "; classifier=", c].concat().as_bytes(),
-        ),
-        (rule, None) => header(out, b"x-switchyard-rule", rule.as_bytes()),
+    if !ctx.rule.is_empty() {
+        out.extend_from_slice(b"x-switchyard-rule: ");
+        out.extend_from_slice(ctx.rule.as_bytes());
+        if let Some(c) = ctx.classifier_rule {
+            out.extend_from_slice(b"; classifier=");
+            out.extend_from_slice(c.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
     }
     if !tier.is_empty() {
         header(out, b"x-switchyard-tier", tier.as_bytes());
@@ -1557,7 +1563,7 @@ fn log(
     }
     worker.shared.usage.send(UsageEvent {
         request_id: ctx.request_id,
-        service: ctx.service.to_string(),
+        service: ctx.service.into(),
         endpoint: ctx.endpoint.path(),
         category: ctx.category,
         tier,
@@ -1584,7 +1590,29 @@ fn log(
 
 #[cfg(test)]
 mod tests {
-    use super::hex_id;
+    use super::{header_use, hex_id, HeaderUse};
+
+    #[test]
+    fn header_names_are_classified_whatever_their_case() {
+        let cases: [(&[u8], HeaderUse); 10] = [
+            (b"Content-Length", HeaderUse::Dropped),
+            (b"PROXY-AUTHORIZATION", HeaderUse::Dropped),
+            (b"X-Switchyard-Service", HeaderUse::Dropped),
+            (b"Authorization", HeaderUse::Dropped),
+            (b"User-Agent", HeaderUse::Neutral),
+            (b"X-Stainless-Retry-Count", HeaderUse::Neutral),
+            (b"traceparent", HeaderUse::Neutral),
+            (b"OpenAI-Beta", HeaderUse::Relevant),
+            (
+                b"x-a-custom-header-longer-than-any-known-name",
+                HeaderUse::Relevant,
+            ),
+            (b"Content-Length-Extra", HeaderUse::Relevant),
+        ];
+        for (name, want) in cases {
+            assert_eq!(header_use(name), want, "{}", String::from_utf8_lossy(name));
+        }
+    }
 
     #[test]
     fn request_ids_are_16_hex_digits() {

@@ -5,15 +5,16 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use switchyard_shared::usage::UsageEvent;
 
-/// Events travel boxed, on a list channel bounded by a length check: an array channel
-/// touches every slot up front (1 MiB resident for the default 65,536 boxed events, while
-/// idle); a list channel holds memory only for the events in it. The check and the send are
-/// not one step, so concurrent senders may pass the bound by at most one event each.
-pub type UsageReceiver = crossbeam_channel::Receiver<Box<UsageEvent>>;
+/// Events travel by value on a list channel bounded by a length check: an array channel
+/// touches every slot up front (megabytes resident while idle); a list channel holds memory
+/// only for the events in it, in blocks of 31 (one allocation per block, not per event). The
+/// check and the send are not one step, so concurrent senders may pass the bound by at most
+/// one event each.
+pub type UsageReceiver = crossbeam_channel::Receiver<UsageEvent>;
 
 #[derive(Clone)]
 pub struct UsageSink {
-    tx: crossbeam_channel::Sender<Box<UsageEvent>>,
+    tx: crossbeam_channel::Sender<UsageEvent>,
     capacity: usize,
     dropped: Arc<AtomicU64>,
 }
@@ -33,7 +34,7 @@ impl UsageSink {
     }
 
     pub fn send(&self, event: UsageEvent) {
-        if self.tx.len() >= self.capacity || self.tx.send(Box::new(event)).is_err() {
+        if self.tx.len() >= self.capacity || self.tx.send(event).is_err() {
             self.dropped.fetch_add(1, Relaxed);
         }
     }
