@@ -9,6 +9,17 @@ use crate::category::Category;
 use aho_corasick::automaton::{Automaton, StateID};
 use aho_corasick::{dfa::DFA, Anchored, MatchKind};
 
+/// ASCII lower case by table: one load, cheaper than the arithmetic in the DFA's inner loop.
+static LOWER: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = (i as u8).to_ascii_lowercase();
+        i += 1;
+    }
+    t
+};
+
 /// Independent automaton searches run side by side (see [`Classifier::scan_words`]).
 const LANES: usize = 4;
 use serde::{Deserialize, Serialize};
@@ -621,7 +632,7 @@ impl Classifier {
             .unwrap_or(0);
         for _ in 0..common {
             for i in 0..LANES.min(lanes) {
-                sid[i] = dfa.next_state(Anchored::No, sid[i], bytes[at[i]]);
+                sid[i] = dfa.next_state(Anchored::No, sid[i], LOWER[usize::from(bytes[at[i]])]);
                 at[i] += 1;
                 if dfa.is_special(sid[i]) {
                     self.report(sid[i], at[i], ends[i].0, bytes, t);
@@ -630,7 +641,7 @@ impl Classifier {
         }
         for i in 0..lanes {
             while at[i] < ends[i].1 {
-                sid[i] = dfa.next_state(Anchored::No, sid[i], bytes[at[i]]);
+                sid[i] = dfa.next_state(Anchored::No, sid[i], LOWER[usize::from(bytes[at[i]])]);
                 at[i] += 1;
                 if dfa.is_special(sid[i]) {
                     self.report(sid[i], at[i], ends[i].0, bytes, t);
@@ -1056,8 +1067,11 @@ impl Builder {
         if notation.len() > usize::from(u16::MAX) {
             return Err("classifier: too many notation patterns".to_owned());
         }
+        // Patterns are lower case and the scan lowers each byte, instead of a case-insensitive
+        // DFA: byte classes are ranges, so upper-case letters would be 26 more classes, the
+        // table's stride 128 instead of 64, and the DFA twice the memory (1.3 MB, the largest
+        // part of an idle router's heap) for no speed.
         let automaton = DFA::builder()
-            .ascii_case_insensitive(true)
             .match_kind(MatchKind::Standard)
             .start_kind(aho_corasick::StartKind::Unanchored)
             .prefilter(false)
