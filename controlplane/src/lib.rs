@@ -499,6 +499,10 @@ fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), S
         config_version: cp.configs.current().version,
         admin: admin_info,
     });
+    // Start-up freed more than it keeps (the first config read's classifier, the builders'
+    // intermediate automata): give those pages back rather than hold them while idle.
+    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
+    unsafe { libc::malloc_trim(0) };
     runtime.block_on(drain_on_signal(cp.local.as_ref(), drain_timeout));
     cp.flush();
     let dropped = cp.local.as_ref().map_or(0, |dp| dp.shared.usage.dropped());
