@@ -166,21 +166,16 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, CodecError> {
             }
             f.length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            saw_te = true;
-            // Only `chunked` as the final coding frames a message we can read.
-            let last = h
-                .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or(b"")
-                .trim_ascii();
-            f.chunked = last.eq_ignore_ascii_case(b"chunked");
-            if !f.chunked {
+            // `chunked` alone, once: another coding (gzip, ...) would reach the backend still
+            // encoded, and chunked twice is invalid (RFC 9112 §6.1).
+            if saw_te || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                 return Err(err(
-                    ErrorKind::MalformedHttp,
-                    "unsupported Transfer-Encoding",
+                    ErrorKind::UnsupportedTransferCoding,
+                    "unsupported Transfer-Encoding: only `chunked` is accepted",
                 ));
             }
+            saw_te = true;
+            f.chunked = true;
         } else if name.eq_ignore_ascii_case(b"connection") {
             f.connection_close |= has_token(h.value, "close");
             f.connection_keep_alive |= has_token(h.value, "keep-alive");
@@ -549,10 +544,31 @@ mod tests {
             e(b"GET / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n"),
             ErrorKind::AmbiguousLength
         );
-        assert_eq!(
-            e(b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"),
-            ErrorKind::MalformedHttp
+        for coding in [
+            &b"gzip"[..],
+            b"gzip, chunked",
+            b"chunked, chunked",
+            b"chunked\r\nTransfer-Encoding: chunked",
+            b"chunked\r\nTransfer-Encoding: gzip",
+        ] {
+            let head = [
+                &b"POST / HTTP/1.1\r\nTransfer-Encoding: "[..],
+                coding,
+                b"\r\n\r\n",
+            ]
+            .concat();
+            assert_eq!(
+                e(&head),
+                ErrorKind::UnsupportedTransferCoding,
+                "{}",
+                String::from_utf8_lossy(coding)
+            );
+        }
+        let chunked = parse_request(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding:  Chunked \r\n\r\n",
+            LIMIT,
         );
+        assert!(chunked.unwrap().unwrap().0.framing == BodyFraming::Chunked);
         assert_eq!(
             e(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"),
             ErrorKind::MalformedHttp

@@ -352,6 +352,7 @@ pub async fn send_error(
             kind,
             ErrorKind::MalformedHttp
                 | ErrorKind::AmbiguousLength
+                | ErrorKind::UnsupportedTransferCoding
                 | ErrorKind::HeaderTooLarge
                 | ErrorKind::BodyTooLarge
                 | ErrorKind::ClientTimeout

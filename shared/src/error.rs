@@ -19,6 +19,8 @@ pub enum ErrorKind {
     MalformedHttp,
     /// Both Content-Length and Transfer-Encoding, or an invalid length: request smuggling risk.
     AmbiguousLength,
+    /// A transfer coding other than `chunked` alone; the connection is closed after the reply.
+    UnsupportedTransferCoding,
     HeaderTooLarge,
     BodyTooLarge,
     InvalidJson,
@@ -56,6 +58,12 @@ impl ErrorKind {
         match self {
             MalformedHttp => (400, "invalid_request_error", "malformed_http", Retry::No),
             AmbiguousLength => (400, "invalid_request_error", "ambiguous_length", Retry::No),
+            UnsupportedTransferCoding => (
+                501,
+                "invalid_request_error",
+                "unsupported_transfer_coding",
+                Retry::No,
+            ),
             HeaderTooLarge => (431, "invalid_request_error", "header_too_large", Retry::No),
             BodyTooLarge => (413, "invalid_request_error", "body_too_large", Retry::No),
             InvalidJson => (400, "invalid_request_error", "invalid_json", Retry::No),
@@ -174,6 +182,7 @@ mod tests {
         assert_eq!(ErrorKind::BodyTooLarge.status(), 413);
         assert_eq!(ErrorKind::ModelNotFound.status(), 404);
         assert_eq!(ErrorKind::NoHealthyTarget.status(), 503);
+        assert_eq!(ErrorKind::UnsupportedTransferCoding.status(), 501);
         assert_eq!(ErrorKind::UpstreamConnect.retry(), Retry::Yes);
         assert_eq!(ErrorKind::InvalidJson.retry(), Retry::No);
         let body = ErrorKind::InvalidJson.body("x", None);
