@@ -6,6 +6,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_shared::routing::{HealthSettings, RoutingTable};
 
@@ -25,10 +26,11 @@ pub struct BackendState {
     healthy: AtomicBool,
 }
 
-/// Backend states indexed like `RoutingTable::backends`.
+/// Backend states indexed like `RoutingTable::backends`. Each state is shared with the
+/// snapshots before and after a reload that keeps its backend (see `carried_over`).
 pub struct BackendStates {
     epoch: Instant,
-    states: Vec<BackendState>,
+    states: Vec<Arc<BackendState>>,
     /// Tests move the clock forward instead of sleeping.
     #[cfg(test)]
     skew_ms: AtomicU64,
@@ -80,17 +82,35 @@ fn random(below: usize) -> usize {
 
 impl BackendStates {
     pub fn new(backends: usize, checks_enabled: bool) -> Self {
-        let states = (0..backends)
-            .map(|_| BackendState {
+        BackendStates::carried_over(None, (0..backends).map(|_| None), checks_enabled)
+    }
+
+    /// States for a new config's backends: `previous[i]`, where backend `i` is one of the old
+    /// config's, keeps that backend's state (in flight, failures, ejection, health) on the same
+    /// clock; a new backend starts fresh. So a reload that adds, removes or reorders backends
+    /// neither forgets an ejected one nor lets concurrency caps overshoot under live traffic.
+    pub fn carried_over(
+        old: Option<&BackendStates>,
+        previous: impl Iterator<Item = Option<usize>>,
+        checks_enabled: bool,
+    ) -> Self {
+        let fresh = || {
+            Arc::new(BackendState {
                 healthy: AtomicBool::new(!checks_enabled),
                 ..Default::default()
             })
+        };
+        let states = previous
+            .map(|i| match (old, i) {
+                (Some(old), Some(i)) => old.states[i].clone(),
+                _ => fresh(),
+            })
             .collect();
         BackendStates {
-            epoch: Instant::now(),
+            epoch: old.map_or_else(Instant::now, |o| o.epoch),
             states,
             #[cfg(test)]
-            skew_ms: AtomicU64::new(0),
+            skew_ms: AtomicU64::new(old.map_or(0, |o| o.skew_ms.load(Relaxed))),
         }
     }
 

@@ -25,37 +25,43 @@ impl Snapshot {
     /// allowance comes from a control plane's grants (a remote data plane).
     pub fn new(table: RoutingTable, granted_limits: bool) -> Result<Snapshot, String> {
         let limits = Arc::new(RateLimits::new(table.rate_limits.clone(), granted_limits));
-        Snapshot::build(table, None, limits)
+        let checks = table.health.interval.is_some();
+        let states = BackendStates::new(table.backends.len(), checks);
+        Snapshot::build(table, states, limits)
     }
 
-    /// The snapshot for a newly applied config. Backend health and in-flight counts carry over
-    /// when the backends are the same ones (same names and addresses, same order), so a reload
-    /// neither forgets an ejected backend nor resets concurrency caps under live traffic.
+    /// The snapshot for a newly applied config. Each backend that is still there (same name
+    /// and address) keeps its health and in-flight count (`BackendStates::carried_over`); all
+    /// start fresh when active health checks were turned on or off, which changes what a new
+    /// state assumes.
     pub fn replacing(table: RoutingTable, previous: &Snapshot) -> Result<Snapshot, String> {
         let old = &previous.table;
         let same = |a: &Backend, b: &Backend| {
             (&a.name, a.scheme, &a.host, a.port, &a.base_path)
                 == (&b.name, b.scheme, &b.host, b.port, &b.base_path)
         };
-        let keep = old.backends.len() == table.backends.len()
-            && old.health.interval.is_some() == table.health.interval.is_some()
-            && old
+        let checks = table.health.interval.is_some();
+        let carried = (old.health.interval.is_some() == checks).then_some(&*previous.states);
+        let states = BackendStates::carried_over(
+            carried,
+            table
                 .backends
                 .iter()
-                .zip(&table.backends)
-                .all(|(a, b)| same(a, b));
+                .map(|b| old.backends.iter().position(|a| same(a, b))),
+            checks,
+        );
         let limits = if old.rate_limits == table.rate_limits {
             previous.limits.clone()
         } else {
             let granted = previous.limits.is_granted();
             Arc::new(RateLimits::new(table.rate_limits.clone(), granted))
         };
-        Snapshot::build(table, keep.then(|| previous.states.clone()), limits)
+        Snapshot::build(table, states, limits)
     }
 
     fn build(
         table: RoutingTable,
-        states: Option<Arc<BackendStates>>,
+        states: BackendStates,
         limits: Arc<RateLimits>,
     ) -> Result<Snapshot, String> {
         let tls = table
@@ -66,15 +72,11 @@ impl Snapshot {
                 Scheme::Http => Ok(None),
             })
             .collect::<Result<_, _>>()?;
-        let states = states.unwrap_or_else(|| {
-            let checks = table.health.interval.is_some();
-            Arc::new(BackendStates::new(table.backends.len(), checks))
-        });
         let models_body = models_body(&table);
         Ok(Snapshot {
             limits,
             table,
-            states,
+            states: Arc::new(states),
             models_body,
             tls,
         })
@@ -104,3 +106,62 @@ fn models_body(table: &RoutingTable) -> Vec<u8> {
 
 /// The published snapshot. Workers read it; the control plane swaps it.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::Verdict;
+
+    fn table(backends: &[(&str, u16)]) -> RoutingTable {
+        let mut text = String::from("[health]\ninterval_ms = 0\neject_after_failures = 1\n");
+        for (name, port) in backends {
+            text += &format!(
+                "[[backends]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:{port}\"\nmodels = [{{ name = \"m\" }}]\n"
+            );
+        }
+        let targets: Vec<String> = backends.iter().map(|(n, _)| format!("\"{n}/m\"")).collect();
+        text += &format!(
+            "[[tiers]]\nname = \"t\"\ntargets = [{}]\n",
+            targets.join(", ")
+        );
+        switchyard_shared::config::load_str(&text, "t", &|_| None).unwrap()
+    }
+
+    #[test]
+    fn a_reload_keeps_the_state_of_every_backend_still_there() {
+        let first = Snapshot::new(table(&[("a", 1), ("b", 2)]), false).unwrap();
+        let health = &first.table.health;
+        let in_flight = first.states.admit(0, 10).unwrap();
+        first.states.record(1, Verdict::Failure, health);
+        assert!(first.states.is_ejected(1));
+        // Reordered, one added, and `a` moved to another port (a different backend now).
+        let moved = table(&[("c", 3), ("b", 2), ("a", 9)]);
+        let second = Snapshot::replacing(moved, &first).unwrap();
+        assert!(second.states.is_ejected(1), "b stays ejected");
+        assert!(!second.states.is_ejected(0) && second.states.inflight(0) == 0);
+        assert_eq!(
+            second.states.inflight(2),
+            0,
+            "a at a new address starts fresh"
+        );
+        let back = Snapshot::replacing(table(&[("b", 2), ("a", 1)]), &second).unwrap();
+        assert_eq!(
+            back.states.inflight(1),
+            0,
+            "a's old state was not kept by `second`"
+        );
+        let kept = Snapshot::replacing(table(&[("b", 2), ("a", 1)]), &first).unwrap();
+        assert_eq!(
+            kept.states.inflight(1),
+            1,
+            "a's request in flight still counts"
+        );
+        drop(in_flight);
+        assert_eq!(
+            kept.states.inflight(1),
+            0,
+            "and its end is seen by the new snapshot"
+        );
+        assert!(kept.states.is_ejected(0));
+    }
+}
