@@ -425,6 +425,49 @@ fn no_healthy_target_is_503_with_retry_after() {
     assert_eq!(get(r.addr, "/readyz").status, 503);
 }
 
+#[test]
+fn callers_cannot_invent_service_names_without_end() {
+    let sim = sim("small", &[]);
+    let r = router_on_workers(
+        &config_for(
+            &[("small", sim.url())],
+            "[usage]\nlog_events = true\nmax_services = 2\n[budgets.services.billing]\ndaily_usd = 5.0\n",
+        ),
+        2,
+    );
+    let ask = |service: &str| {
+        let header = format!("x-switchyard-service: {service}\r\n");
+        post(r.addr, "/v1/chat/completions", &chat("hi"), &header)
+    };
+    assert_eq!(ask("etl").status, 200);
+    assert_eq!(ask("search").status, 200);
+    let refused = ask("request-7f3a");
+    assert!(
+        refused.error(400)["message"]
+            .as_str()
+            .unwrap()
+            .contains("usage.max_services"),
+        "{}",
+        refused.text()
+    );
+    // Names accepted before, the default and names the config mentions still work, on any
+    // worker (each request opens its own connection).
+    for service in ["etl", "search", "etl", "search", "billing"] {
+        assert_eq!(ask(service).status, 200, "{service}");
+    }
+    assert_eq!(
+        post(r.addr, "/v1/chat/completions", &chat("hi"), "").status,
+        200
+    );
+    let err = stop_router(r);
+    let services: Vec<String> = usage_events(&err)
+        .iter()
+        .map(|e| e["service"].as_str().unwrap().to_string())
+        .collect();
+    assert!(services.contains(&"over-max-services".to_string()), "{err}");
+    assert!(!services.iter().any(|s| s.starts_with("request-")), "{err}");
+}
+
 /// A router (one worker, so one connection pool) in front of one backend the test plays
 /// itself on the returned listener (health checks off, so the only connections are requests').
 fn router_with_hand_rolled_backend(name: &str, extra: &str) -> (TcpListener, Proc) {

@@ -6,7 +6,7 @@
 //! connection), `proxy` (request phases), `balancer` (backend state and choice), `upstream`
 //! (connections and pool), `health` (active checks), `server` (workers), `snapshot`, `usage`,
 //! `cache` and `coalesce` (response cache), `budget` (daily budgets: leases and reservations), `auth` (API keys),
-//! `ratelimit` (requests and tokens per minute).
+//! `ratelimit` (requests and tokens per minute), `services` (the bound on caller-named services).
 
 pub mod auth;
 pub mod balancer;
@@ -19,6 +19,7 @@ pub mod health;
 pub mod proxy;
 pub mod ratelimit;
 pub mod server;
+pub mod services;
 pub mod snapshot;
 pub mod sse;
 pub mod upstream;

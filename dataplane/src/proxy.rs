@@ -135,12 +135,21 @@ pub async fn handle(
     let service_ok = identity
         .as_ref()
         .map_or(true, |s| is_valid_service(s.as_str()));
+    let service_accepted = match &identity {
+        Ok(auth::Service::Named(name)) if service_ok => {
+            worker
+                .service_names
+                .accept(&worker.shared.service_names, table, name)
+        }
+        _ => true,
+    };
     let mut ctx = Ctx {
         request_id: worker.next_request_id(),
         config_version: table.version,
         service: match &identity {
             Err(_) => "unauthenticated",
             Ok(_) if !service_ok => "invalid-service",
+            Ok(_) if !service_accepted => "over-max-services",
             Ok(s) => s.as_str(),
         },
         endpoint,
@@ -175,6 +184,14 @@ pub async fn handle(
     }
     if !service_ok {
         let msg = format!("x-switchyard-service: {SERVICE_NAME_RULE}");
+        let kind = ErrorKind::InvalidRequest;
+        return reject(worker, snap, client, &ctx, kind, &msg, None).await;
+    }
+    if !service_accepted {
+        let msg = format!(
+            "x-switchyard-service: this router already serves {} distinct service names (usage.max_services); use one of those or raise the limit",
+            table.usage.max_services
+        );
         let kind = ErrorKind::InvalidRequest;
         return reject(worker, snap, client, &ctx, kind, &msg, None).await;
     }

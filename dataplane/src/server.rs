@@ -35,6 +35,7 @@ pub struct Shared {
     pub flights: crate::coalesce::Flights,
     /// Valid API keys, published by the control plane.
     pub keys: ArcSwap<KeyTable>,
+    pub service_names: crate::services::ServiceNames,
     draining: AtomicBool,
     /// Requests in flight per worker (summed only by the drain loop).
     inflight: Box<[PaddedCounter]>,
@@ -59,6 +60,7 @@ pub struct Worker {
     pub budgets: WorkerBudgets,
     /// This worker's rate-limit leases.
     pub limits: crate::ratelimit::WorkerLimits,
+    pub service_names: crate::services::WorkerServiceNames,
     seq: Cell<u64>,
     cache: RefCell<arc_swap::Cache<SharedSnapshot, Arc<Snapshot>>>,
 }
@@ -145,6 +147,7 @@ pub fn start(
         cache,
         budgets,
         flights: Default::default(),
+        service_names: Default::default(),
         keys: ArcSwap::from_pointee(keys),
         draining: AtomicBool::new(false),
         inflight: (0..workers).map(|_| PaddedCounter::default()).collect(),
@@ -163,6 +166,7 @@ pub fn start(
                     pool: Pool::default(),
                     budgets: Default::default(),
                     limits: Default::default(),
+                    service_names: Default::default(),
                     seq: Cell::new(0),
                 });
                 let result = if use_uring {

@@ -303,6 +303,9 @@ pub struct UsageFile {
     pub channel_capacity: usize,
     /// Write every usage event as a JSON line to stderr.
     pub log_events: bool,
+    /// Distinct service names callers may choose with `x-switchyard-service`; requests naming
+    /// another are refused (names of keys and names in the config do not count).
+    pub max_services: usize,
 }
 
 impl Default for UsageFile {
@@ -310,6 +313,7 @@ impl Default for UsageFile {
         UsageFile {
             channel_capacity: 65_536,
             log_events: false,
+            max_services: 1000,
         }
     }
 }
@@ -1007,6 +1011,9 @@ fn build(
     if file.usage.channel_capacity == 0 {
         errs.push("usage.channel_capacity", "must be greater than 0");
     }
+    if file.usage.max_services == 0 {
+        errs.push("usage.max_services", "must be greater than 0");
+    }
     if !errs.0.is_empty() {
         return Err(errs.0);
     }
@@ -1053,6 +1060,7 @@ fn build(
         usage: UsageSettings {
             channel_capacity: file.usage.channel_capacity,
             log_events: file.usage.log_events,
+            max_services: file.usage.max_services,
         },
         classifier,
         cache,

@@ -277,6 +277,7 @@ pub struct HealthSettings {
 pub struct UsageSettings {
     pub channel_capacity: usize,
     pub log_events: bool,
+    pub max_services: usize,
 }
 
 /// What the router knows about a request when it routes it.
