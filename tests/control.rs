@@ -613,6 +613,13 @@ fn rate_limits_refuse_with_retry_after_per_service() {
     let refused = ask("big", greedy);
     refused.error(429);
     assert!(refused.text().contains("\"tokens\""), "{}", refused.text());
+    // 500 tokens can never fit a limit of 100 per minute: no Retry-After to wait for.
+    assert!(
+        refused.text().contains("can never be admitted"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(refused.header("retry-after"), None);
     assert_eq!(ask("big", &chat("hello")).status, 200);
     std::thread::sleep(Duration::from_millis(100));
     let (_, status, _) = cli(&r, "status", &[]);

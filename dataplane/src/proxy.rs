@@ -595,11 +595,23 @@ async fn admit(
         )
     };
     let wait = refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-    let msg = format!(
-        "rate limit of service `{}` reached ({what} per minute); retry in {wait} s",
-        ctx.service
-    );
-    let extra = format!("retry-after: {wait}\r\n");
+    let (msg, extra) = match refusal.too_large {
+        // No Retry-After: waiting cannot make it fit.
+        Some(limit) => (
+            format!(
+                "request too large for service `{}`: about {tokens} tokens (prompt estimate plus max_tokens for each choice) against a limit of {limit} tokens per minute; it can never be admitted: lower max_tokens or send less",
+                ctx.service
+            ),
+            String::new(),
+        ),
+        None => (
+            format!(
+                "rate limit of service `{}` reached ({what} per minute); retry in {wait} s",
+                ctx.service
+            ),
+            format!("retry-after: {wait}\r\n"),
+        ),
+    };
     Some(
         send_reject(
             worker,

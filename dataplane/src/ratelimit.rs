@@ -22,6 +22,8 @@ use switchyard_shared::routing::{Limit, RateLimitSettings};
 /// since `epoch`. On a remote data plane the allowance is not the clock's but what the control
 /// plane granted (`granted`).
 struct Bucket {
+    /// The limit: units per minute, and the most a bucket can hold.
+    per_minute: u64,
     tat: AtomicU64,
     /// Nanoseconds of allowance per unit.
     interval: u64,
@@ -43,6 +45,7 @@ impl Bucket {
         let per_minute = per_minute.max(1);
         let chunk = (per_minute / 6000).max(1);
         Bucket {
+            per_minute,
             tat: AtomicU64::new(0),
             interval: (WINDOW_NS / per_minute).max(1),
             chunk,
@@ -234,6 +237,8 @@ struct Lease {
 pub struct Refusal {
     pub tokens: bool,
     pub retry_after: Duration,
+    /// The request alone needs more than this limit's minute of tokens: waiting cannot help.
+    pub too_large: Option<u64>,
 }
 
 /// Admitted tokens of one request; `settle` charges what it really used.
@@ -308,15 +313,17 @@ impl WorkerLimits {
             draw(&lease.requests, b, 1, now).map_err(|retry_after| Refusal {
                 tokens: false,
                 retry_after,
+                too_large: None,
             })?;
         }
         let Some(b) = &lease.shared.tokens else {
             return Ok(None);
         };
-        // More than a minute's allowance can never be admitted (and keeps `i64` math sound).
-        let never = Duration::from_secs(60);
-        let drawn = if tokens > MAX_UNITS {
-            Err(never)
+        // More than a minute's allowance can never be admitted (the bound also keeps the
+        // leases' `i64` math sound).
+        let too_large = tokens > b.per_minute.min(MAX_UNITS);
+        let drawn = if too_large {
+            Err(Duration::ZERO)
         } else {
             draw(&lease.tokens, b, tokens, now)
         };
@@ -326,6 +333,7 @@ impl WorkerLimits {
             return Err(Refusal {
                 tokens: true,
                 retry_after,
+                too_large: too_large.then_some(b.per_minute),
             });
         }
         Ok(Some(TokenCharge {
@@ -408,7 +416,9 @@ mod tests {
         let w = WorkerLimits::default();
         let charge = w.admit(&l, "etl", 600).unwrap().unwrap();
         let refusal = w.admit(&l, "etl", 600).err().unwrap();
-        assert!(refusal.tokens);
+        assert!(refusal.tokens && refusal.too_large.is_none());
+        let never = w.admit(&l, "etl", 1001).err().unwrap();
+        assert_eq!(never.too_large, Some(1000), "more than a minute's tokens");
         // Used less than estimated: the difference is available again.
         charge.settle(100);
         w.admit(&l, "etl", 800).unwrap().unwrap().settle(800);
