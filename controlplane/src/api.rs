@@ -10,7 +10,7 @@ use std::sync::Arc;
 use switchyard_dataplane::auth::key_hash;
 use switchyard_shared::category::Category;
 use switchyard_shared::openai::Endpoint;
-use switchyard_shared::usage::{is_valid_service, UsageEvent, SERVICE_NAME_RULE};
+use switchyard_shared::usage::{is_valid_service, UsageEvent, REFUSED_BY, SERVICE_NAME_RULE};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -91,16 +91,10 @@ pub fn event_from_record(r: pb::UsageRecord) -> Result<UsageEvent, String> {
         cache,
         saved_micros: r.saved_micros,
         budget_downgraded: r.budget_downgraded,
-        refused_by: [
-            "",
-            "budget",
-            "rate_limit_requests",
-            "rate_limit_tokens",
-            "auth",
-        ]
-        .into_iter()
-        .find(|c| *c == r.refused_by)
-        .ok_or_else(|| format!("unknown refusal `{}`", r.refused_by))?,
+        refused_by: REFUSED_BY
+            .into_iter()
+            .find(|c| *c == r.refused_by)
+            .ok_or_else(|| format!("unknown refusal `{}`", r.refused_by))?,
         config_version: r.config_version,
     })
 }
@@ -592,4 +586,25 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| format!("admin listener: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_records_from_remote_data_planes_read_back_every_refusal() {
+        for refused_by in REFUSED_BY {
+            let event = UsageEvent {
+                request_id: 7,
+                service: "etl".into(),
+                endpoint: "/v1/chat/completions",
+                refused_by,
+                status: 429,
+                ..UsageEvent::default()
+            };
+            let back = event_from_record(record_from_event(&event, 0)).unwrap();
+            assert_eq!((back.refused_by, &*back.service), (refused_by, "etl"));
+        }
+    }
 }

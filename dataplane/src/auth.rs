@@ -28,6 +28,11 @@ pub fn key_hash(key: &[u8]) -> [u8; 32] {
 }
 
 impl KeyTable {
+    /// Whether a key belongs to `service`.
+    pub fn names(&self, service: &str) -> bool {
+        self.keys.values().any(|g| &*g.service == service)
+    }
+
     pub fn new(keys: impl IntoIterator<Item = ([u8; 32], KeyGrant)>) -> KeyTable {
         KeyTable {
             keys: keys.into_iter().collect(),

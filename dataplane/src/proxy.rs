@@ -129,7 +129,7 @@ pub async fn handle(
     let shortcut = shortcut_key
         .as_ref()
         .zip(worker.shared.cache.as_ref())
-        .and_then(|(key, cache)| cache.get_shortcut(key, started))
+        .and_then(|(key, cache)| cache.get_shortcut(key, Instant::now()))
         // A reused config version (a reset control plane) must not index past the table.
         .filter(|(s, _)| s.target < table.targets.len());
     let service_ok = identity
@@ -137,9 +137,10 @@ pub async fn handle(
         .map_or(true, |s| is_valid_service(s.as_str()));
     let service_accepted = match &identity {
         Ok(auth::Service::Named(name)) if service_ok => {
+            let shared = &worker.shared;
             worker
                 .service_names
-                .accept(&worker.shared.service_names, table, name)
+                .accept(&shared.service_names, table, &shared.keys, name)
         }
         _ => true,
     };
@@ -188,6 +189,7 @@ pub async fn handle(
         return reject(worker, snap, client, &ctx, kind, &msg, None).await;
     }
     if !service_accepted {
+        ctx.refused_by = "max_services";
         let msg = format!(
             "x-switchyard-service: this router already serves {} distinct service names (usage.max_services); use one of those or raise the limit",
             table.usage.max_services
@@ -799,11 +801,7 @@ async fn serve_hit(
         &mut out,
         b"age",
         itoa::Buffer::new()
-            .format(
-                ctx.started
-                    .saturating_duration_since(hit.stored_at)
-                    .as_secs(),
-            )
+            .format(hit.stored_at.elapsed().as_secs())
             .as_bytes(),
     );
     explain(&mut out, ctx, &hit.tier, &hit.backend, &hit.model);

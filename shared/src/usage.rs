@@ -41,11 +41,21 @@ pub struct UsageEvent {
     pub saved_micros: u64,
     /// Answered by a cheaper tier than routed because the budget had no room.
     pub budget_downgraded: bool,
-    /// Why the router itself refused the request: "budget", "rate_limit_requests",
-    /// "rate_limit_tokens", "auth", or "".
+    /// Why the router itself refused the request: one of `REFUSED_BY`.
     pub refused_by: &'static str,
     pub config_version: u64,
 }
+
+/// Every `UsageEvent::refused_by`: not refused, or refused by the budget, a rate limit, auth,
+/// or the bound on service names (`usage.max_services`).
+pub const REFUSED_BY: [&str; 6] = [
+    "",
+    "budget",
+    "rate_limit_requests",
+    "rate_limit_tokens",
+    "auth",
+    "max_services",
+];
 
 /// Service names (from `x-switchyard-service`, keys and budgets) are 1 to 128 ASCII letters,
 /// digits and `. - _ : / @`: they label spend, metrics and limits, so they must stay short and
