@@ -22,8 +22,6 @@ use switchyard_shared::routing::{Limit, RateLimitSettings};
 /// since `epoch`. On a remote data plane the allowance is not the clock's but what the control
 /// plane granted (`granted`).
 struct Bucket {
-    /// The limit: units per minute, and the most a bucket can hold.
-    per_minute: u64,
     tat: AtomicU64,
     /// Nanoseconds of allowance per unit.
     interval: u64,
@@ -45,7 +43,6 @@ impl Bucket {
         let per_minute = per_minute.max(1);
         let chunk = (per_minute / 6000).max(1);
         Bucket {
-            per_minute,
             tat: AtomicU64::new(0),
             interval: (WINDOW_NS / per_minute).max(1),
             chunk,
@@ -53,6 +50,11 @@ impl Bucket {
             // A first chunk on credit, so a service's first request does not wait for a lease.
             granted: granted.then(|| AtomicU64::new(chunk)),
         }
+    }
+
+    /// The most one take can ever get: a full bucket, a minute of allowance.
+    fn capacity(&self) -> u64 {
+        WINDOW_NS / self.interval
     }
 
     /// Takes `units`, or says how long until they would fit.
@@ -263,6 +265,9 @@ pub struct WorkerLimits {
 
 /// Takes from a lease, refilling it from the bucket by at least a chunk when short.
 fn draw(balance: &Cell<i64>, bucket: &Bucket, units: u64, now: u64) -> Result<(), Duration> {
+    // A debt (answers used more tokens than were admitted) is paid back, but never so much
+    // that this take could not fit a full bucket: it would then be refused for good.
+    balance.set(balance.get().max(units as i64 - bucket.capacity() as i64));
     let short = units as i64 - balance.get();
     if short > 0 {
         let want = bucket.chunk.max(short as u64);
@@ -321,7 +326,8 @@ impl WorkerLimits {
         };
         // More than a minute's allowance can never be admitted (the bound also keeps the
         // leases' `i64` math sound).
-        let too_large = tokens > b.per_minute.min(MAX_UNITS);
+        let capacity = b.capacity();
+        let too_large = tokens > capacity.min(MAX_UNITS);
         let drawn = if too_large {
             Err(Duration::ZERO)
         } else {
@@ -333,7 +339,7 @@ impl WorkerLimits {
             return Err(Refusal {
                 tokens: true,
                 retry_after,
-                too_large: too_large.then_some(b.per_minute),
+                too_large: too_large.then_some(capacity),
             });
         }
         Ok(Some(TokenCharge {
@@ -423,6 +429,26 @@ mod tests {
         charge.settle(100);
         w.admit(&l, "etl", 800).unwrap().unwrap().settle(800);
         assert!(w.admit(&l, "etl", 200).is_err());
+    }
+
+    #[test]
+    fn a_debt_from_answers_larger_than_admitted_never_blocks_for_good() {
+        let bucket = Bucket::new(1000, false);
+        // A request admitted at 1 token used 1,500: more than the whole limit.
+        let balance = Cell::new(-1500);
+        let minute = WINDOW_NS;
+        assert!(
+            draw(&balance, &bucket, 10, 0).is_ok(),
+            "a full bucket pays the debt"
+        );
+        assert!(
+            draw(&balance, &bucket, 10, 1).is_err(),
+            "then the service waits"
+        );
+        assert!(
+            draw(&balance, &bucket, 10, 2 * minute).is_ok(),
+            "but not for ever"
+        );
     }
 
     #[test]
