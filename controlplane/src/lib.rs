@@ -368,7 +368,7 @@ fn key_table(store: &Store) -> Result<KeyTable, String> {
 /// Runs both planes (`local`) or only the control plane until SIGTERM/SIGINT; returns the
 /// process exit code. `on_ready` runs once everything listens (the CLI prints its banner there).
 pub fn serve(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> i32 {
-    match run(start, local, on_ready) {
+    match run(start, local, Box::new(on_ready)) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("switchyard: {e}");
@@ -387,7 +387,9 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the control plane runtime: {e}"))
 }
 
-fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
+/// Not generic (the callback is boxed), so it and the usage consumer it starts are compiled in
+/// this crate, at its optimisation level, not in the binary's size-optimised one.
+fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Result<(), String> {
     // Taken now, before anything can edit the file after it was read.
     let file_stamp = start.file.as_deref().and_then(stamp);
     let runtime = runtime()?;
@@ -502,7 +504,10 @@ fn run(start: Start, local: bool, on_ready: impl FnOnce(&Ready)) -> Result<(), S
     // Start-up freed more than it keeps (the first config read's classifier, the builders'
     // intermediate automata): give those pages back rather than hold them while idle.
     // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
-    unsafe { libc::malloc_trim(0) };
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
     runtime.block_on(drain_on_signal(cp.local.as_ref(), drain_timeout));
     cp.flush();
     let dropped = cp.local.as_ref().map_or(0, |dp| dp.shared.usage.dropped());

@@ -122,8 +122,9 @@ pub struct ResponseCache {
 }
 
 /// foldhash: half of ahash's time on a 1 KiB key (FIELD-NOTES). The hash only finds the slot
-/// (the verifier decides), but its seed is random per process, so that nobody can aim
-/// requests at another tenant's slots to evict its entries.
+/// (the verifier decides what is served); a seed random per process keeps slots from being
+/// computed offline from this source, though foldhash is no keyed cryptographic hash, so a
+/// determined caller could still make two keys share a slot (and evict each other).
 fn foldhash64(key: &[u8]) -> u64 {
     use std::hash::BuildHasher;
     static STATE: std::sync::LazyLock<foldhash::fast::RandomState> =

@@ -149,6 +149,7 @@ mod tests {
         for kind in [
             MalformedHttp,
             AmbiguousLength,
+            UnsupportedTransferCoding,
             HeaderTooLarge,
             BodyTooLarge,
             InvalidJson,
