@@ -982,6 +982,35 @@ fn http10_clients_get_close_delimited_streams() {
 }
 
 #[test]
+fn http10_keep_alive_is_announced_and_kept() {
+    let s = sim("s", &[]);
+    let r = router(&config_for(&[("s", s.url())], ""));
+    let body = chat("hi");
+    let mut c = Conn::open(r.addr);
+    let post = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nconnection: keep-alive\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for request in [
+        post.as_bytes(),
+        b"GET /healthz HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
+    ] {
+        c.send(request);
+        let resp = c.read_response().unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.header("connection"), Some("keep-alive"));
+    }
+    c.send(b"GET /healthz HTTP/1.0\r\n\r\n");
+    let resp = c.read_response().unwrap();
+    assert_eq!(
+        resp.header("connection"),
+        Some("close"),
+        "1.0 without keep-alive"
+    );
+    assert!(c.is_closed());
+}
+
+#[test]
 fn garbage_on_the_wire_never_takes_a_worker_down() {
     let s = sim("s", &[]);
     let r = router(&config_for(

@@ -26,6 +26,9 @@ pub struct Client {
     pub spare: Vec<u8>,
     /// The longest one write may wait for the client to take bytes (`listener.send_timeout_ms`).
     send_timeout: Duration,
+    /// The request being answered is HTTP/1.0, whose connections close unless the answer says
+    /// otherwise.
+    pub http10: bool,
 }
 
 impl Client {
@@ -37,6 +40,7 @@ impl Client {
             buf: Vec::with_capacity(8192),
             spare: Vec::new(),
             send_timeout,
+            http10: false,
         }
     }
 
@@ -101,6 +105,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
                 return linger(&mut client).await;
             }
         };
+        client.http10 = head.minor_version == 0;
         worker.begin_request();
         let keep_alive = handle(&worker, &snap, &mut client, head).await;
         worker.end_request();
@@ -276,7 +281,7 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
     }
     if let Some((status, content)) = local {
         let content = if head_only { &[][..] } else { content };
-        let mut out = response_head(status, "application/json", content.len(), keep_alive);
+        let mut out = response_head(status, content.len(), keep_alive, client.http10);
         out.extend_from_slice(content);
         return client.write(out).await.0.is_ok() && keep_alive;
     }
@@ -317,21 +322,29 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
     }
 }
 
-/// A response head for a locally generated body.
-pub fn response_head(status: u16, content_type: &str, len: usize, keep_alive: bool) -> Vec<u8> {
+/// A response head for a locally generated JSON body.
+pub fn response_head(status: u16, len: usize, keep_alive: bool, http10: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + len);
     out.extend_from_slice(
         format!(
-            "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {len}\r\n",
+            "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n",
             codec::reason(status)
         )
         .as_bytes(),
     );
-    if !keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
+    connection_header(&mut out, keep_alive, http10);
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// The `connection` header an answer needs: `close` when the connection ends after it, and
+/// `keep-alive` for an HTTP/1.0 client it stays open for (1.0 closes unless told otherwise).
+pub fn connection_header(out: &mut Vec<u8>, keep_alive: bool, http10: bool) {
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
 }
 
 /// Sends an OpenAI-shaped error; `extra` is a ready header block (ending in CRLF) or None.
@@ -358,7 +371,7 @@ pub async fn send_error(
                 | ErrorKind::ClientTimeout
         );
     let body = kind.body(message, param);
-    let mut out = response_head(kind.status(), "application/json", body.len(), keep_alive);
+    let mut out = response_head(kind.status(), body.len(), keep_alive, client.http10);
     if let Some(extra) = extra {
         let at = out.len() - 2;
         out.splice(at..at, extra.iter().copied());

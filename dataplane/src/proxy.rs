@@ -10,7 +10,7 @@ use crate::budget::{Reservation, Reserve};
 use crate::cache::Entry;
 use crate::coalesce::{Lead, Role};
 use crate::codec::{self, BodyFraming, Head};
-use crate::conn::{send_error, Client};
+use crate::conn::{self, send_error, Client};
 use crate::ratelimit::TokenCharge;
 use crate::server::Worker;
 use crate::snapshot::Snapshot;
@@ -54,6 +54,8 @@ struct Ctx<'r> {
     streamed: bool,
     prompt_chars: usize,
     keep_alive: bool,
+    /// The caller speaks HTTP/1.0 (a kept connection must be announced).
+    http10: bool,
     /// `x-switchyard-cache` (empty: the request is not cacheable).
     cache: &'static str,
     /// Cost of the original call that a cache hit replays.
@@ -162,6 +164,7 @@ pub async fn handle(
         streamed: false,
         prompt_chars: 0,
         keep_alive,
+        http10: head.minor_version == 0,
         cache: "",
         saved_micros: 0,
         reservation: Cell::new(None),
@@ -805,9 +808,7 @@ async fn serve_hit(
             .as_bytes(),
     );
     explain(&mut out, ctx, &hit.tier, &hit.backend, &hit.model);
-    if !ctx.keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
+    conn::connection_header(&mut out, ctx.keep_alive, ctx.http10);
     out.extend_from_slice(b"\r\n");
     if chunked {
         codec::encode_chunk(&mut out, body);
@@ -1383,9 +1384,7 @@ fn response_head(
         _ => {}
     }
     explain(&mut out, ctx, tier, &backend.name, model);
-    if !ctx.keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
+    conn::connection_header(&mut out, ctx.keep_alive, ctx.http10);
     out.extend_from_slice(b"\r\n");
     out
 }
