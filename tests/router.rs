@@ -489,6 +489,64 @@ fn accept_request(backend: &TcpListener) -> std::net::TcpStream {
 }
 
 #[test]
+fn pooled_connections_left_idle_under_a_busier_one_are_closed() {
+    let (backend, r) = router_with_hand_rolled_backend("pool", "");
+    let answer =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    // Two requests at once: the worker's pool ends up with two connections.
+    let mut clients: Vec<Conn> = (0..2).map(|_| Conn::open(r.addr)).collect();
+    for c in &mut clients {
+        c.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
+    }
+    let mut upstreams: Vec<std::net::TcpStream> =
+        (0..2).map(|_| accept_request(&backend)).collect();
+    for u in &mut upstreams {
+        u.write_all(answer).unwrap();
+    }
+    for c in &mut clients {
+        assert_eq!(c.read_response().unwrap().status, 200);
+    }
+    // Answers one request on whichever pooled connection it arrives; returns that one's index.
+    let serve_next = |upstreams: &mut [std::net::TcpStream]| -> usize {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            for (i, u) in upstreams.iter_mut().enumerate() {
+                u.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+                let mut buf = [0u8; 65536];
+                if matches!(u.read(&mut buf), Ok(n) if n > 0) {
+                    u.write_all(answer).unwrap();
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no request arrived");
+        }
+    };
+    // One request every 2.5 s: the connection on top serves them, the other idles past the
+    // pool's idle timeout (4 s) and is closed when the busy one goes back.
+    let mut busy = None;
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(2500));
+        let mut c = Conn::open(r.addr);
+        c.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
+        let used = serve_next(&mut upstreams);
+        assert!(
+            busy.is_none_or(|b| b == used),
+            "the most recent connection is reused"
+        );
+        busy = Some(used);
+        assert_eq!(c.read_response().unwrap().status, 200);
+    }
+    let idle = &mut upstreams[1 - busy.unwrap()];
+    idle.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        idle.read(&mut buf).unwrap_or(usize::MAX),
+        0,
+        "closed by the router"
+    );
+}
+
+#[test]
 fn client_disconnect_closes_the_upstream_request() {
     // A hand-rolled backend that accepts, reads the request, and waits to see it cancelled.
     let (backend, r) = router_with_hand_rolled_backend("hold", "");

@@ -210,11 +210,17 @@ impl Pool {
             idle.resize_with(backend + 1, Vec::new);
         }
         let slot = &mut idle[backend];
+        let now = Instant::now();
+        // Taken last in, first out, so the oldest are at the bottom, where after a burst they
+        // would stay (holding a socket the backend has closed or will) while a few on top
+        // serve the traffic: expired ones are closed here.
+        let expired = slot
+            .iter()
+            .take_while(|c| now.duration_since(c.since) >= POOL_IDLE_TIMEOUT)
+            .count();
+        slot.drain(..expired);
         if slot.len() < POOL_MAX_IDLE {
-            slot.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            slot.push(Idle { conn, since: now });
         }
     }
 }
