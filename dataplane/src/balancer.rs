@@ -273,19 +273,22 @@ pub fn choose<'s>(
         let pick = if n == 1 {
             0
         } else {
-            let a = random(n);
+            let backend = |i: usize| table.targets[candidates[i]].backend;
+            let weight = |i: usize| u64::from(table.backends[backend(i)].weight);
+            // The first candidate drawn by weight, the second uniformly from the rest; the one
+            // with fewer requests in flight per unit of weight wins, the first on a tie. So an
+            // idle group splits traffic by weight (a canary at weight 1 of 10 gets a tenth), and
+            // a busy one balances load per unit of weight.
+            let mut r = random((0..n).map(weight).sum::<u64>() as usize) as u64;
+            let mut a = 0;
+            while r >= weight(a) {
+                r -= weight(a);
+                a += 1;
+            }
             let b = (a + 1 + random(n - 1)) % n;
-            let load = |i: usize| {
-                let backend = &table.backends[table.targets[candidates[i]].backend];
-                let inflight = states
-                    .get(table.targets[candidates[i]].backend)
-                    .inflight
-                    .load(Relaxed) as u64;
-                // Compare (inflight+1)/weight without division.
-                (inflight + 1, backend.weight as u64)
-            };
-            let ((la, wa), (lb, wb)) = (load(a), load(b));
-            if la * wb <= lb * wa {
+            let inflight = |i: usize| u64::from(states.get(backend(i)).inflight.load(Relaxed));
+            // inflight/weight compared without division.
+            if inflight(a) * weight(b) <= inflight(b) * weight(a) {
                 a
             } else {
                 b
@@ -359,6 +362,19 @@ targets = ["a/m", "b/m"]
         // `a` caps at 2; `b` takes the rest.
         assert_eq!(counts[0], 2);
         drop(hold);
+    }
+
+    #[test]
+    fn an_idle_group_splits_traffic_by_weight() {
+        let t = table();
+        let s = BackendStates::new(2, false);
+        let mut counts = [0u32; 2];
+        for _ in 0..4000 {
+            // Each slot is released at once: the group never has a request in flight.
+            counts[choose(&t, &s, &t.tiers[0].targets, &[]).unwrap().0] += 1;
+        }
+        // Weights 1 and 3: a quarter and three quarters (binomial spread ~27 at n = 4000).
+        assert!((850..1150).contains(&counts[0]), "{counts:?}");
     }
 
     #[test]
