@@ -30,7 +30,10 @@ use switchyard_shared::openai::{
 use switchyard_shared::routing::{
     Backend, Decision, Price, Priority, RequestFacts, RouteError, RoutingTable,
 };
-use switchyard_shared::usage::{is_valid_service, UsageEvent, SERVICE_NAME_RULE};
+use switchyard_shared::usage::{
+    is_valid_service, UsageEvent, INVALID_SERVICE, OVER_MAX_SERVICES, SERVICE_NAME_RULE,
+    UNAUTHENTICATED,
+};
 
 /// Non-streamed bodies up to this size are kept to read `usage` from; larger ones are estimated.
 const USAGE_SCAN_LIMIT: usize = 4 * 1024 * 1024;
@@ -150,9 +153,9 @@ pub async fn handle(
         request_id: worker.next_request_id(),
         config_version: table.version,
         service: match &identity {
-            Err(_) => "unauthenticated",
-            Ok(_) if !service_ok => "invalid-service",
-            Ok(_) if !service_accepted => "over-max-services",
+            Err(_) => UNAUTHENTICATED,
+            Ok(_) if !service_ok => INVALID_SERVICE,
+            Ok(_) if !service_accepted => OVER_MAX_SERVICES,
             Ok(s) => s.as_str(),
         },
         endpoint,

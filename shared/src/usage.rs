@@ -57,19 +57,25 @@ pub const REFUSED_BY: [&str; 6] = [
     "max_services",
 ];
 
+/// The service requests are counted under when the router refused them before knowing the
+/// caller's: no valid key, an invalid name, a name past `usage.max_services`.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+pub const INVALID_SERVICE: &str = "invalid-service";
+pub const OVER_MAX_SERVICES: &str = "over-max-services";
+
 /// Service names (from `x-switchyard-service`, keys and budgets) are 1 to 128 ASCII letters,
-/// digits and `. - _ : / @`: they label spend, metrics and limits, so they must stay short and
-/// printable.
+/// digits and `. - _ : / @`, and not one of the names refusals are counted under: they label
+/// spend, metrics and limits, so they must stay short, printable and unambiguous.
 pub fn is_valid_service(name: &str) -> bool {
     (1..=128).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b".-_:/@".contains(&b))
+        && ![UNAUTHENTICATED, INVALID_SERVICE, OVER_MAX_SERVICES].contains(&name)
 }
 
 /// What a caller sees when a service name is refused.
-pub const SERVICE_NAME_RULE: &str =
-    "a service name is 1 to 128 ASCII letters, digits and . - _ : / @";
+pub const SERVICE_NAME_RULE: &str = "a service name is 1 to 128 ASCII letters, digits and . - _ : / @, and not unauthenticated, invalid-service or over-max-services";
 
 /// Request ids are shown as 16 hex digits, as in `x-switchyard-request-id`.
 pub fn format_request_id(id: u64) -> String {
@@ -78,4 +84,34 @@ pub fn format_request_id(id: u64) -> String {
 
 fn hex_id<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_request_id(*id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_are_short_printable_and_not_the_refusal_labels() {
+        for good in [
+            "default",
+            "etl",
+            "team/search@eu-1",
+            "a.b_c:d",
+            &"x".repeat(128),
+        ] {
+            assert!(is_valid_service(good), "{good}");
+        }
+        for bad in [
+            "",
+            &"x".repeat(129),
+            "has space",
+            "ümlaut",
+            "new\nline",
+            UNAUTHENTICATED,
+            INVALID_SERVICE,
+            OVER_MAX_SERVICES,
+        ] {
+            assert!(!is_valid_service(bad), "{bad:?}");
+        }
+    }
 }
