@@ -134,15 +134,45 @@ pub struct RateLimits {
     buckets: Mutex<AHashMap<String, Arc<ServiceBuckets>>>,
 }
 
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn limit_of(settings: &RateLimitSettings, service: &str) -> Limit {
+    settings
+        .services
+        .get(service)
+        .copied()
+        .unwrap_or(settings.default)
+}
+
 impl RateLimits {
     pub fn new(settings: RateLimitSettings, granted: bool) -> RateLimits {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         RateLimits {
             id: NEXT_ID.fetch_add(1, Relaxed),
             granted,
             epoch: Instant::now(),
             settings,
             buckets: Mutex::default(),
+        }
+    }
+
+    /// The limits of a new config: a service whose limit did not change keeps its buckets
+    /// (what it used this minute) on the same clock; the others start afresh. Workers drop
+    /// their leases (at most a chunk each) on any change.
+    pub fn replacing(&self, settings: RateLimitSettings) -> RateLimits {
+        let old = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let kept = old
+            .iter()
+            .filter(|(service, _)| {
+                limit_of(&self.settings, service) == limit_of(&settings, service)
+            })
+            .map(|(service, buckets)| (service.clone(), buckets.clone()))
+            .collect();
+        RateLimits {
+            id: NEXT_ID.fetch_add(1, Relaxed),
+            granted: self.granted,
+            epoch: self.epoch,
+            settings,
+            buckets: Mutex::new(kept),
         }
     }
 
@@ -158,12 +188,7 @@ impl RateLimits {
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(service.to_string())
             .or_insert_with(|| {
-                let limit = self
-                    .settings
-                    .services
-                    .get(service)
-                    .copied()
-                    .unwrap_or(self.settings.default);
+                let limit = limit_of(&self.settings, service);
                 let bucket = |per_minute: u64| Bucket::new(per_minute, self.granted);
                 Arc::new(ServiceBuckets {
                     requests: limit.requests_per_minute.map(bucket),
@@ -171,10 +196,6 @@ impl RateLimits {
                 })
             })
             .clone()
-    }
-
-    pub fn is_granted(&self) -> bool {
-        self.granted
     }
 
     /// Control plane: takes up to `want` of a service's allowance for a remote data plane
@@ -414,6 +435,32 @@ mod tests {
             workers[0].admit(&l, "other", 0).is_ok(),
             "unlimited service"
         );
+    }
+
+    #[test]
+    fn a_reload_keeps_what_services_with_unchanged_limits_used() {
+        // etl's own limit, and a default of `other` for everyone else.
+        let with = |etl: u64, other: u64| RateLimitSettings {
+            default: settings(Some(other), None).services["etl"],
+            ..settings(Some(etl), None)
+        };
+        let first = RateLimits::new(with(3, 2), false);
+        let w = WorkerLimits::default();
+        for service in ["etl", "etl", "etl", "other", "other"] {
+            assert!(w.admit(&first, service, 0).is_ok(), "{service}");
+        }
+        assert!(w.admit(&first, "etl", 0).is_err() && w.admit(&first, "other", 0).is_err());
+        let second = first.replacing(with(3, 4));
+        assert!(
+            w.admit(&second, "etl", 0).is_err(),
+            "etl's minute is still used up"
+        );
+        assert!(
+            w.admit(&second, "other", 0).is_ok(),
+            "other's limit changed: afresh"
+        );
+        let third = second.replacing(with(5, 4));
+        assert!(w.admit(&third, "etl", 0).is_ok(), "etl's limit changed");
     }
 
     #[test]

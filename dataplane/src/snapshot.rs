@@ -53,8 +53,7 @@ impl Snapshot {
         let limits = if old.rate_limits == table.rate_limits {
             previous.limits.clone()
         } else {
-            let granted = previous.limits.is_granted();
-            Arc::new(RateLimits::new(table.rate_limits.clone(), granted))
+            Arc::new(previous.limits.replacing(table.rate_limits.clone()))
         };
         Snapshot::build(table, states, limits)
     }
