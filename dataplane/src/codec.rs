@@ -336,6 +336,16 @@ enum ChunkState {
     Done,
 }
 
+/// Whether what has arrived of a chunk-size line can be one: it starts with a hex digit and
+/// holds no control byte before its CR. httparse alone takes an empty size as 0 (the last
+/// chunk) and a bare LF inside an extension; a parser in front of us that ends the line there
+/// would see other chunk boundaries than we do, a way to smuggle requests.
+fn plain_size_line(rest: &[u8]) -> bool {
+    let line = rest.split(|&b| b == b'\r').next().unwrap_or(rest);
+    rest.first().is_none_or(u8::is_ascii_hexdigit)
+        && !line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
+}
+
 /// Incremental chunked-body decoder: feed it whatever arrived, it appends payload bytes to
 /// `out` and says how much input it consumed; leftover input is a partial line to keep.
 #[derive(Debug)]
@@ -372,6 +382,7 @@ impl ChunkedDecoder {
             let rest = &input[at..];
             match self.state {
                 ChunkState::Done => return Ok(at),
+                ChunkState::Size if !plain_size_line(rest) => return Err(bad),
                 ChunkState::Size => match httparse::parse_chunk_size(rest) {
                     Ok(httparse::Status::Complete((n, size))) => {
                         at += n;
@@ -640,9 +651,25 @@ mod tests {
             decode_split(b"4\r\nWikiXX0\r\n\r\n", 100).unwrap_err().kind,
             ErrorKind::MalformedHttp
         );
+        for bad in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"5;ext\nhello\r\n0\r\n\r\n",
+            b"5;a=\x01\r\nhello\r\n0\r\n\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+        ] {
+            let e = decode_split(bad, 100).unwrap_err();
+            assert_eq!(
+                e.kind,
+                ErrorKind::MalformedHttp,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         assert_eq!(
-            decode_split(b"zz\r\n", 100).unwrap_err().kind,
-            ErrorKind::MalformedHttp
+            decode_split(b"5 ;name=\"v\"\r\nhello\r\n0\r\n\r\n", 100).unwrap(),
+            b"hello",
+            "extensions are still read past"
         );
         assert_eq!(
             decode_split(b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", 9)
