@@ -275,10 +275,11 @@ pub fn choose<'s>(
         } else {
             let backend = |i: usize| table.targets[candidates[i]].backend;
             let weight = |i: usize| u64::from(table.backends[backend(i)].weight);
-            // The first candidate drawn by weight, the second uniformly from the rest; the one
-            // with fewer requests in flight per unit of weight wins, the first on a tie. So an
-            // idle group splits traffic by weight (a canary at weight 1 of 10 gets a tenth), and
-            // a busy one balances load per unit of weight.
+            // The first candidate drawn by weight, the second uniformly from the rest; the
+            // second is taken only if, with this request, it still has fewer in flight per unit
+            // of weight than the first has now. So a lightly loaded group splits traffic by
+            // weight (a canary at weight 1 of 10 gets a tenth, not every request the heavy one
+            // is busy for), and a busy one balances load per unit of weight.
             let mut r = random((0..n).map(weight).sum::<u64>() as usize) as u64;
             let mut a = 0;
             while r >= weight(a) {
@@ -287,11 +288,11 @@ pub fn choose<'s>(
             }
             let b = (a + 1 + random(n - 1)) % n;
             let inflight = |i: usize| u64::from(states.get(backend(i)).inflight.load(Relaxed));
-            // inflight/weight compared without division.
-            if inflight(a) * weight(b) <= inflight(b) * weight(a) {
-                a
-            } else {
+            // (inflight(b)+1)/weight(b) < inflight(a)/weight(a), without division.
+            if (inflight(b) + 1) * weight(a) < inflight(a) * weight(b) {
                 b
+            } else {
+                a
             }
         };
         let target = candidates[pick];
@@ -375,6 +376,14 @@ targets = ["a/m", "b/m"]
         }
         // Weights 1 and 3: a quarter and three quarters (binomial spread ~27 at n = 4000).
         assert!((850..1150).contains(&counts[0]), "{counts:?}");
+        // One request held on the heavy backend (two callers in a closed loop): still a quarter.
+        let held = s.admit(1, 100).unwrap();
+        let mut light = 0;
+        for _ in 0..4000 {
+            light += u32::from(choose(&t, &s, &t.tiers[0].targets, &[]).unwrap().0 == 0);
+        }
+        assert!((850..1150).contains(&light), "{light}");
+        drop(held);
     }
 
     #[test]
