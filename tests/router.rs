@@ -464,7 +464,10 @@ fn callers_cannot_invent_service_names_without_end() {
         .iter()
         .map(|e| e["service"].as_str().unwrap().to_string())
         .collect();
-    assert!(services.contains(&"over-max-services".to_string()), "{err}");
+    assert!(
+        services.contains(&"(over-max-services)".to_string()),
+        "{err}"
+    );
     assert!(!services.iter().any(|s| s.starts_with("request-")), "{err}");
 }
 

@@ -57,25 +57,26 @@ pub const REFUSED_BY: [&str; 6] = [
     "max_services",
 ];
 
-/// The service requests are counted under when the router refused them before knowing the
-/// caller's: no valid key, an invalid name, a name past `usage.max_services`.
-pub const UNAUTHENTICATED: &str = "unauthenticated";
-pub const INVALID_SERVICE: &str = "invalid-service";
-pub const OVER_MAX_SERVICES: &str = "over-max-services";
+/// What requests are counted under when the router refused them before knowing the caller's
+/// service: no valid key, an invalid name, a name past `usage.max_services`. The parentheses
+/// make them no valid service name, so no caller's usage mixes with them.
+pub const UNAUTHENTICATED: &str = "(unauthenticated)";
+pub const INVALID_SERVICE: &str = "(invalid-service)";
+pub const OVER_MAX_SERVICES: &str = "(over-max-services)";
 
 /// Service names (from `x-switchyard-service`, keys and budgets) are 1 to 128 ASCII letters,
-/// digits and `. - _ : / @`, and not one of the names refusals are counted under: they label
-/// spend, metrics and limits, so they must stay short, printable and unambiguous.
+/// digits and `. - _ : / @`: they label spend, metrics and limits, so they must stay short and
+/// printable.
 pub fn is_valid_service(name: &str) -> bool {
     (1..=128).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b".-_:/@".contains(&b))
-        && ![UNAUTHENTICATED, INVALID_SERVICE, OVER_MAX_SERVICES].contains(&name)
 }
 
 /// What a caller sees when a service name is refused.
-pub const SERVICE_NAME_RULE: &str = "a service name is 1 to 128 ASCII letters, digits and . - _ : / @, and not unauthenticated, invalid-service or over-max-services";
+pub const SERVICE_NAME_RULE: &str =
+    "a service name is 1 to 128 ASCII letters, digits and . - _ : / @";
 
 /// Request ids are shown as 16 hex digits, as in `x-switchyard-request-id`.
 pub fn format_request_id(id: u64) -> String {
@@ -91,7 +92,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn service_names_are_short_printable_and_not_the_refusal_labels() {
+    fn service_names_are_short_printable_and_never_a_refusal_label() {
         for good in [
             "default",
             "etl",
