@@ -87,6 +87,19 @@ impl Bucket {
         }
     }
 
+    /// Charges `units` already used, whether or not they fit: the service waits that much
+    /// longer (a remote data plane's grant goes down as far as it has).
+    fn charge(&self, units: u64, now: u64) {
+        if let Some(granted) = &self.granted {
+            let _ = granted.fetch_update(Relaxed, Relaxed, |g| Some(g.saturating_sub(units)));
+            return;
+        }
+        let cost = units.saturating_mul(self.interval);
+        let _ = self.tat.fetch_update(Relaxed, Relaxed, |tat| {
+            Some(tat.max(now).saturating_add(cost))
+        });
+    }
+
     /// Takes as many of `want` units as fit now (for a remote data plane's lease).
     fn take_upto(&self, want: u64, now: u64) -> u64 {
         let mut tat = self.tat.load(Relaxed);
@@ -180,6 +193,12 @@ impl RateLimits {
         self.epoch.elapsed().as_nanos() as u64
     }
 
+    /// Whether `shared` still holds `service`'s buckets.
+    fn holds(&self, service: &str, shared: &Arc<ServiceBuckets>) -> bool {
+        let map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(service).is_some_and(|b| Arc::ptr_eq(b, shared))
+    }
+
     fn limited(&self) -> bool {
         self.settings.default != Limit::default() || !self.settings.services.is_empty()
     }
@@ -251,7 +270,6 @@ impl RateLimits {
 struct Lease {
     shared: Arc<ServiceBuckets>,
     requests: Cell<i64>,
-    /// Below zero when answers used more tokens than were admitted.
     tokens: Cell<i64>,
 }
 
@@ -268,12 +286,20 @@ pub struct Refusal {
 pub struct TokenCharge {
     lease: Rc<Lease>,
     admitted: u64,
+    /// When it was admitted, on the limits' clock.
+    at: u64,
 }
 
 impl TokenCharge {
     pub fn settle(self, used: u64) {
         let t = &self.lease.tokens;
-        t.set(t.get() + self.admitted as i64 - used.min(MAX_UNITS) as i64);
+        let balance = t.get() + self.admitted as i64 - used.min(MAX_UNITS) as i64;
+        t.set(balance.max(0));
+        // Used more than admitted and leased: the shared bucket pays the rest, so the service
+        // waits in proportion, and the lease never holds a debt no take could cover.
+        if let (Some(b), true) = (&self.lease.shared.tokens, balance < 0) {
+            b.charge(balance.unsigned_abs(), self.at);
+        }
     }
 }
 
@@ -286,9 +312,6 @@ pub struct WorkerLimits {
 
 /// Takes from a lease, refilling it from the bucket by at least a chunk when short.
 fn draw(balance: &Cell<i64>, bucket: &Bucket, units: u64, now: u64) -> Result<(), Duration> {
-    // A debt (answers used more tokens than were admitted) is paid back, but never so much
-    // that this take could not fit a full bucket: it would then be refused for good.
-    balance.set(balance.get().max(units as i64 - bucket.capacity() as i64));
     let short = units as i64 - balance.get();
     if short > 0 {
         let want = bucket.chunk.max(short as u64);
@@ -318,7 +341,9 @@ impl WorkerLimits {
         }
         let mut leases = self.leases.borrow_mut();
         if self.limits_id.get() != limits.id {
-            leases.clear();
+            // Leases on buckets the new limits kept stay, with what they hold and what
+            // requests in flight will give back.
+            leases.retain(|service, lease| limits.holds(service, &lease.shared));
             self.limits_id.set(limits.id);
         }
         let lease = match leases.get(service) {
@@ -366,6 +391,7 @@ impl WorkerLimits {
         Ok(Some(TokenCharge {
             lease,
             admitted: tokens,
+            at: now,
         }))
     }
 }
@@ -464,6 +490,23 @@ mod tests {
     }
 
     #[test]
+    fn leases_on_kept_buckets_survive_a_reload() {
+        let first = limits(None, Some(1000));
+        let w = WorkerLimits::default();
+        let charge = w.admit(&first, "etl", 800).unwrap().unwrap();
+        // Another service's limit changes while the request is out; it used 100 of its 800.
+        let mut changed = settings(None, Some(1000));
+        changed.default.requests_per_minute = Some(50);
+        let second = first.replacing(changed);
+        assert!(w.admit(&second, "other", 0).is_ok());
+        charge.settle(100);
+        assert!(
+            w.admit(&second, "etl", 800).is_ok(),
+            "the 700 given back are still this worker's"
+        );
+    }
+
+    #[test]
     fn tokens_are_admitted_by_estimate_and_settled_by_use() {
         let l = limits(None, Some(1000));
         let w = WorkerLimits::default();
@@ -479,23 +522,22 @@ mod tests {
     }
 
     #[test]
-    fn a_debt_from_answers_larger_than_admitted_never_blocks_for_good() {
+    fn answers_larger_than_admitted_delay_the_service_in_proportion() {
+        let l = limits(None, Some(1000));
+        let w = WorkerLimits::default();
+        // Admitted at 1 token (no max_tokens), used 5,000: five minutes' worth.
+        w.admit(&l, "etl", 1).unwrap().unwrap().settle(5000);
+        let wait = w.admit(&l, "etl", 10).err().unwrap().retry_after;
+        assert!(wait > Duration::from_secs(200), "{wait:?}");
+        assert!(
+            wait < Duration::from_secs(300),
+            "and not for ever: {wait:?}"
+        );
+        // What a bucket holds is never less than a take needs.
         let bucket = Bucket::new(1000, false);
-        // A request admitted at 1 token used 1,500: more than the whole limit.
-        let balance = Cell::new(-1500);
-        let minute = WINDOW_NS;
-        assert!(
-            draw(&balance, &bucket, 10, 0).is_ok(),
-            "a full bucket pays the debt"
-        );
-        assert!(
-            draw(&balance, &bucket, 10, 1).is_err(),
-            "then the service waits"
-        );
-        assert!(
-            draw(&balance, &bucket, 10, 2 * minute).is_ok(),
-            "but not for ever"
-        );
+        bucket.charge(5000, 0);
+        assert!(bucket.take(10, WINDOW_NS).is_err());
+        assert!(bucket.take(10, 5 * WINDOW_NS).is_ok());
     }
 
     #[test]
