@@ -550,6 +550,35 @@ fn pooled_connections_left_idle_under_a_busier_one_are_closed() {
 }
 
 #[test]
+fn a_pooled_connection_without_traffic_is_closed_after_the_idle_timeout() {
+    let (backend, r) = router_with_hand_rolled_backend("quiet", "");
+    let mut c = Conn::open(r.addr);
+    c.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
+    let mut upstream = accept_request(&backend);
+    upstream
+        .write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+        )
+        .unwrap();
+    assert_eq!(c.read_response().unwrap().status, 200);
+    // No more requests: the worker's sweep (every 4 s) closes it once it idled 4 s.
+    let start = Instant::now();
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(12)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        upstream.read(&mut buf).unwrap_or(usize::MAX),
+        0,
+        "closed by the router"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_secs(3),
+        "not before it idled"
+    );
+}
+
+#[test]
 fn client_disconnect_closes_the_upstream_request() {
     // A hand-rolled backend that accepts, reads the request, and waits to see it cancelled.
     let (backend, r) = router_with_hand_rolled_backend("hold", "");

@@ -211,17 +211,37 @@ impl Pool {
         }
         let slot = &mut idle[backend];
         let now = Instant::now();
-        // Taken last in, first out, so the oldest are at the bottom, where after a burst they
-        // would stay (holding a socket the backend has closed or will) while a few on top
-        // serve the traffic: expired ones are closed here.
-        let expired = slot
-            .iter()
-            .take_while(|c| now.duration_since(c.since) >= POOL_IDLE_TIMEOUT)
-            .count();
-        slot.drain(..expired);
+        close_expired(slot, now);
         if slot.len() < POOL_MAX_IDLE {
             slot.push(Idle { conn, since: now });
         }
+    }
+
+    /// Closes the connections of every backend that idled past the timeout.
+    fn close_all_expired(&self, now: Instant) {
+        for slot in self.idle.borrow_mut().iter_mut() {
+            close_expired(slot, now);
+        }
+    }
+}
+
+/// Closes a slot's connections that idled past the timeout. Taken last in, first out, so the
+/// oldest are at the bottom, where after a burst they would stay (holding a socket the backend
+/// has closed or will) while a few on top serve the traffic.
+fn close_expired(slot: &mut Vec<Idle>, now: Instant) {
+    let expired = slot
+        .iter()
+        .take_while(|c| now.duration_since(c.since) >= POOL_IDLE_TIMEOUT)
+        .count();
+    slot.drain(..expired);
+}
+
+/// A worker's sweep of its pool, once per idle timeout: connections to a backend that no
+/// longer gets traffic would otherwise stay open until its next request.
+pub async fn sweep_pool(worker: std::rc::Rc<crate::server::Worker>) {
+    while !worker.shared.is_draining() {
+        monoio::time::sleep(POOL_IDLE_TIMEOUT).await;
+        worker.pool.close_all_expired(Instant::now());
     }
 }
 
