@@ -471,6 +471,41 @@ fn callers_cannot_invent_service_names_without_end() {
     assert!(!services.iter().any(|s| s.starts_with("request-")), "{err}");
 }
 
+#[test]
+fn an_unreachable_backend_is_not_tried_again_for_another_of_its_models() {
+    let good = sim("good", &[]);
+    let dead_port = free_port();
+    let config = format!(
+        r#"
+[health]
+interval_ms = 0
+eject_after_failures = 1000
+[routing]
+max_attempts = 2
+[[backends]]
+name = "dead"
+url = "http://127.0.0.1:{dead_port}"
+models = [{{ name = "m1" }}, {{ name = "m2" }}]
+[[backends]]
+name = "good"
+url = "{}"
+models = [{{ name = "g" }}]
+[[tiers]]
+name = "small"
+targets = ["dead/m1", "dead/m2", "good/g"]
+"#,
+        good.url()
+    );
+    let r = router(&config);
+    // With two attempts, a connect failure on `dead` must go to `good`, not to `dead`'s other
+    // model; picks are random, so many requests make a wrong second pick all but certain.
+    for i in 0..30 {
+        let resp = post(r.addr, "/v1/chat/completions", &chat("hi"), "");
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+        assert_eq!(resp.header("x-switchyard-backend"), Some("good"));
+    }
+}
+
 /// A router (one worker, so one connection pool) in front of one backend the test plays
 /// itself on the returned listener (health checks off, so the only connections are requests').
 fn router_with_hand_rolled_backend(name: &str, extra: &str) -> (TcpListener, Proc) {

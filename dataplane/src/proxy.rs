@@ -527,6 +527,12 @@ pub async fn handle(
                         Verdict::Neutral
                     };
                     snap.states.record(t.backend, verdict, &table.health);
+                    if e.kind == ErrorKind::UpstreamConnect {
+                        // The backend itself is unreachable: its other models are no better.
+                        let same_backend = (0..table.targets.len())
+                            .filter(|&o| table.targets[o].backend == t.backend);
+                        tried.extend(same_backend.filter(|&o| o != target));
+                    }
                     last_error = Some(e);
                 }
             }
