@@ -529,8 +529,6 @@ fn accept_request(backend: &TcpListener) -> std::net::TcpStream {
 #[test]
 fn pooled_connections_left_idle_under_a_busier_one_are_closed() {
     let (backend, r) = router_with_hand_rolled_backend("pool", "");
-    let answer =
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
     // Two requests at once: the worker's pool ends up with two connections.
     let mut clients: Vec<Conn> = (0..2).map(|_| Conn::open(r.addr)).collect();
     for c in &mut clients {
@@ -539,7 +537,7 @@ fn pooled_connections_left_idle_under_a_busier_one_are_closed() {
     let mut upstreams: Vec<std::net::TcpStream> =
         (0..2).map(|_| accept_request(&backend)).collect();
     for u in &mut upstreams {
-        u.write_all(answer).unwrap();
+        u.write_all(ANSWER).unwrap();
     }
     for c in &mut clients {
         assert_eq!(c.read_response().unwrap().status, 200);
@@ -552,7 +550,7 @@ fn pooled_connections_left_idle_under_a_busier_one_are_closed() {
                 u.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
                 let mut buf = [0u8; 65536];
                 if matches!(u.read(&mut buf), Ok(n) if n > 0) {
-                    u.write_all(answer).unwrap();
+                    u.write_all(ANSWER).unwrap();
                     return i;
                 }
             }
@@ -574,14 +572,19 @@ fn pooled_connections_left_idle_under_a_busier_one_are_closed() {
         busy = Some(used);
         assert_eq!(c.read_response().unwrap().status, 200);
     }
-    let idle = &mut upstreams[1 - busy.unwrap()];
-    idle.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert_closed_within(&mut upstreams[1 - busy.unwrap()], Duration::from_secs(2));
+}
+
+/// A complete, minimal JSON answer from a hand-rolled backend.
+const ANSWER: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+
+/// The router closes its end of `upstream` within `limit`.
+fn assert_closed_within(upstream: &mut std::net::TcpStream, limit: Duration) {
+    upstream.set_read_timeout(Some(limit)).unwrap();
     let mut buf = [0u8; 16];
-    assert_eq!(
-        idle.read(&mut buf).unwrap_or(usize::MAX),
-        0,
-        "closed by the router"
-    );
+    let n = upstream.read(&mut buf).unwrap_or(usize::MAX);
+    assert_eq!(n, 0, "the router did not close the connection");
 }
 
 #[test]
@@ -590,23 +593,11 @@ fn a_pooled_connection_without_traffic_is_closed_after_the_idle_timeout() {
     let mut c = Conn::open(r.addr);
     c.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
     let mut upstream = accept_request(&backend);
-    upstream
-        .write_all(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
-        )
-        .unwrap();
+    upstream.write_all(ANSWER).unwrap();
     assert_eq!(c.read_response().unwrap().status, 200);
     // No more requests: the worker's sweep (every 4 s) closes it once it idled 4 s.
     let start = Instant::now();
-    upstream
-        .set_read_timeout(Some(Duration::from_secs(12)))
-        .unwrap();
-    let mut buf = [0u8; 16];
-    assert_eq!(
-        upstream.read(&mut buf).unwrap_or(usize::MAX),
-        0,
-        "closed by the router"
-    );
+    assert_closed_within(&mut upstream, Duration::from_secs(12));
     assert!(
         start.elapsed() >= Duration::from_secs(3),
         "not before it idled"
