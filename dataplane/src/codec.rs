@@ -95,19 +95,22 @@ const fn err(kind: ErrorKind, message: &'static str) -> CodecError {
 
 /// Headers that describe one hop and never travel through the proxy (RFC 9110 §7.6.1).
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    lower_name(name, &mut [0; NAME_BUF]).is_some_and(is_hop_by_hop_lowered)
+}
+
+/// `is_hop_by_hop` for a name already in lower case.
+pub fn is_hop_by_hop_lowered(lower: &[u8]) -> bool {
     matches!(
-        lower_name(name, &mut [0; NAME_BUF]),
-        Some(
-            b"connection"
-                | b"keep-alive"
-                | b"proxy-connection"
-                | b"transfer-encoding"
-                | b"te"
-                | b"trailer"
-                | b"upgrade"
-                | b"proxy-authorization"
-                | b"proxy-authenticate"
-        )
+        lower,
+        b"connection"
+            | b"keep-alive"
+            | b"proxy-connection"
+            | b"transfer-encoding"
+            | b"te"
+            | b"trailer"
+            | b"upgrade"
+            | b"proxy-authorization"
+            | b"proxy-authenticate"
     )
 }
 

@@ -937,10 +937,11 @@ enum HeaderUse {
 }
 
 fn header_use(name: &[u8]) -> HeaderUse {
-    if codec::is_hop_by_hop(name) || is_switchyard_header(name) {
+    if is_switchyard_header(name) {
         return HeaderUse::Dropped;
     }
     match codec::lower_name(name, &mut [0; codec::NAME_BUF]) {
+        Some(lower) if codec::is_hop_by_hop_lowered(lower) => HeaderUse::Dropped,
         Some(
             b"host" | b"content-length" | b"authorization" | b"expect" | b"accept-encoding"
             | b"x-api-key",

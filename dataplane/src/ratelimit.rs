@@ -169,8 +169,8 @@ impl RateLimits {
     }
 
     /// The limits of a new config: a service whose limit did not change keeps its buckets
-    /// (what it used this minute) on the same clock; the others start afresh. Workers drop
-    /// their leases (at most a chunk each) on any change.
+    /// (what it used this minute) on the same clock; the others start afresh. Workers keep
+    /// their leases on kept buckets and drop the others (see `WorkerLimits::admit`).
     pub fn replacing(&self, settings: RateLimitSettings) -> RateLimits {
         let old = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let kept = old

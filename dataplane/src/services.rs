@@ -34,16 +34,14 @@ pub struct WorkerServiceNames {
 
 impl ServiceNames {
     fn accept(&self, name: &str, max: usize) -> bool {
-        let full = |accepted: &HashSet<Box<str>>| {
-            if accepted.contains(name) {
-                return false;
-            }
-            if accepted.len() >= max && !self.logged.swap(true, Relaxed) {
+        let refused = |accepted: &HashSet<Box<str>>| {
+            let full = !accepted.contains(name) && accepted.len() >= max;
+            if full && !self.logged.swap(true, Relaxed) {
                 eprintln!("switchyard: {max} distinct x-switchyard-service names are in use (usage.max_services); requests naming another are refused");
             }
-            accepted.len() >= max
+            full
         };
-        if full(&self.accepted.load()) {
+        if refused(&self.accepted.load()) {
             return false;
         }
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
@@ -51,7 +49,7 @@ impl ServiceNames {
         if accepted.contains(name) {
             return true;
         }
-        if full(&accepted) {
+        if refused(&accepted) {
             return false;
         }
         // Copied on write: at most `max` times over the process's life.

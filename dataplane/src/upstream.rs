@@ -192,12 +192,8 @@ impl Pool {
             self.version.set(version);
         }
         let slot = idle.get_mut(backend)?;
-        while let Some(c) = slot.pop() {
-            if c.since.elapsed() < POOL_IDLE_TIMEOUT {
-                return Some(c.conn);
-            }
-        }
-        None
+        close_expired(slot, Instant::now());
+        slot.pop().map(|c| c.conn)
     }
 
     /// Returns a connection whose last response was read completely.
