@@ -412,6 +412,38 @@ fn when_the_coalesced_call_fails_each_waiter_goes_on_its_own() {
 }
 
 #[test]
+fn a_leader_that_fails_over_leads_the_key_of_its_new_target() {
+    let bad = sim("bad", &["--error-rate", "1", "--error-status", "500"]);
+    let good = sim("good", &["--latency-ms", "600"]);
+    let config = config_for(&[("bad", bad.url()), ("good", good.url())], "")
+        .replace("interval_ms = 100", "interval_ms = 0");
+    let r = router(&config);
+    let addr = r.addr;
+    // The first request fails on `bad` and fails over to `good`; the second, pinned to `good`
+    // while the first waits for it, asks for the same key and must wait for that answer.
+    let ask = move |tier: &'static str| {
+        std::thread::spawn(move || {
+            let resp = post(
+                addr,
+                "/v1/chat/completions",
+                DETERMINISTIC,
+                &format!("x-switchyard-tier: {tier}\r\n"),
+            );
+            (
+                resp.status,
+                resp.header("x-switchyard-cache").map(String::from),
+            )
+        })
+    };
+    let leader = ask("bad");
+    std::thread::sleep(Duration::from_millis(200));
+    let follower = ask("good");
+    assert_eq!(leader.join().unwrap(), (200, Some("stored".into())));
+    assert_eq!(follower.join().unwrap(), (200, Some("hit".into())));
+    assert_eq!(upstream_calls(&good), 1);
+}
+
+#[test]
 fn a_repeated_request_takes_its_shortcut_with_the_same_answer_and_headers() {
     let (s, r) = cached_router("[rate_limits.services.etl]\nrequests_per_minute = 4\n");
     let ask = |extra: &str| {

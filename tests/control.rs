@@ -243,7 +243,7 @@ fn the_admin_api_and_metrics_need_the_token() {
 }
 
 /// Two tiers: `cheap` at 1 USD per 1M tokens and `big` at 100.
-fn priced_tiers(cheap: &Proc, big: &Proc, extra: &str) -> String {
+fn priced_tiers(cheap: &str, big: &str, extra: &str) -> String {
     format!(
         r#"
 [[backends]]
@@ -263,20 +263,72 @@ targets = ["big/big-model"]
 [usage]
 log_events = true
 {extra}"#,
-        cheap.url(),
-        big.url()
+        cheap, big
     )
 }
 
 const BIG_REQUEST: &str = r#"{"model":"auto","max_tokens":100,"messages":[{"role":"user","content":"Prove that there are infinitely many primes."}]}"#;
 
 #[test]
+fn after_a_downgrade_the_last_cheap_target_s_own_error_reaches_the_caller() {
+    let cheap = sim("cheap", &["--error-rate", "1", "--error-status", "500"]);
+    let big = sim("big", &[]);
+    let r = router(&priced_tiers(
+        &cheap.url(),
+        &big.url(),
+        "[budgets.services.etl]\ndaily_usd = 0.01\n",
+    ));
+    let resp = post(
+        r.addr,
+        "/v1/chat/completions",
+        BIG_REQUEST,
+        "x-switchyard-service: etl\r\nx-switchyard-tier: large\r\n",
+    );
+    // Nothing is left to fail over to: the large tier is what the budget refused.
+    assert_eq!(resp.header("x-switchyard-budget"), Some("downgraded"));
+    assert_eq!(resp.header("x-switchyard-attempts"), Some("1"));
+    let e = resp.error(500);
+    assert_eq!(e["type"], "server_error", "{}", resp.text());
+    assert!(e["message"].as_str().unwrap().contains("simulated failure"));
+}
+
+#[test]
+fn a_budget_that_stops_failover_is_the_reason_given() {
+    let big = sim("big", &[]);
+    // The small tier's only backend is down; the large one is past the budget.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let r = router(&priced_tiers(
+        &dead,
+        &big.url(),
+        "[budgets.services.etl]\ndaily_usd = 0.01\n[health]\ninterval_ms = 0\n",
+    ));
+    let resp = post(
+        r.addr,
+        "/v1/chat/completions",
+        BIG_REQUEST,
+        "x-switchyard-service: etl\r\nx-switchyard-tier: small\r\n",
+    );
+    let e = resp.error(429);
+    assert_eq!(e["code"], "budget_exceeded", "{}", resp.text());
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("earlier attempt failed") && message.contains("cheap"),
+        "{message}"
+    );
+    let err = stop_router(r);
+    let events = usage_events(&err);
+    assert_eq!(events.len(), 1, "{err}");
+    assert_eq!(events[0]["refused_by"], "budget");
+    assert_eq!(events[0]["attempts"], 1);
+}
+
+#[test]
 fn a_budget_downgrades_to_a_cheaper_tier_then_refuses() {
     let (cheap, big) = (sim("cheap", &[]), sim("big", &[]));
     // The big tier's worst case is (body bytes + 100) * 100 micro-dollars, about 0.022 USD.
     let r = router(&priced_tiers(
-        &cheap,
-        &big,
+        &cheap.url(),
+        &big.url(),
         "[budgets.services.etl]\ndaily_usd = 0.01\n[budgets.services.broke]\ndaily_usd = 0.0001\n",
     ));
     let send = |service: &str| {
@@ -365,8 +417,8 @@ fn concurrent_requests_never_spend_past_the_budget() {
     );
     let limit_micros = 100_000;
     let r = router(&priced_tiers(
-        &cheap,
-        &big,
+        &cheap.url(),
+        &big.url(),
         "[budgets]\nlease_usd = 0.001\n[budgets.services.etl]\ndaily_usd = 0.1\n",
     ));
     let addr = r.addr;

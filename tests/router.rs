@@ -473,8 +473,22 @@ fn callers_cannot_invent_service_names_without_end() {
 
 #[test]
 fn an_unreachable_backend_is_not_tried_again_for_another_of_its_models() {
-    let good = sim("good", &[]);
     let dead_port = free_port();
+    a_failed_backend_is_not_tried_again(&format!("http://127.0.0.1:{dead_port}"));
+}
+
+#[test]
+fn a_backend_too_slow_to_answer_is_not_tried_again_for_another_of_its_models() {
+    // Accepts connections (the kernel does, in its backlog) but never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    a_failed_backend_is_not_tried_again(&format!("http://{}", silent.local_addr().unwrap()));
+}
+
+/// With two attempts, a connect failure or a first-byte timeout on `bad` must go to `good`,
+/// not to `bad`'s other model; picks are random, so many requests make a wrong second pick
+/// all but certain.
+fn a_failed_backend_is_not_tried_again(bad_url: &str) {
+    let good = sim("good", &[]);
     let config = format!(
         r#"
 [health]
@@ -483,8 +497,9 @@ eject_after_failures = 1000
 [routing]
 max_attempts = 2
 [[backends]]
-name = "dead"
-url = "http://127.0.0.1:{dead_port}"
+name = "bad"
+url = "{bad_url}"
+first_byte_timeout_ms = 50
 models = [{{ name = "m1" }}, {{ name = "m2" }}]
 [[backends]]
 name = "good"
@@ -492,14 +507,12 @@ url = "{}"
 models = [{{ name = "g" }}]
 [[tiers]]
 name = "small"
-targets = ["dead/m1", "dead/m2", "good/g"]
+targets = ["bad/m1", "bad/m2", "good/g"]
 "#,
         good.url()
     );
     let r = router(&config);
-    // With two attempts, a connect failure on `dead` must go to `good`, not to `dead`'s other
-    // model; picks are random, so many requests make a wrong second pick all but certain.
-    for i in 0..30 {
+    for i in 0..20 {
         let resp = post(r.addr, "/v1/chat/completions", &chat("hi"), "");
         assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
         assert_eq!(resp.header("x-switchyard-backend"), Some("good"));

@@ -27,6 +27,12 @@ pub struct Lead<'a> {
     key: Vec<u8>,
 }
 
+impl Lead<'_> {
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+}
+
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
         let mut in_flight = self.flights.lock();

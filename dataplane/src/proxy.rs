@@ -322,6 +322,8 @@ pub async fn handle(
     // the other waiters, instead of queueing behind each of them in turn.
     let mut waited = false;
     let mut last_error: Option<AttemptError> = None;
+    // A reservation was refused after the last attempt (or before any).
+    let mut refused_since_attempt = false;
     let mut plan_groups = table.groups(decision.plan);
     // Once a reservation is refused: the ranks of the cheaper tiers, most capable first.
     let mut cheaper: Option<std::iter::Rev<std::ops::Range<usize>>> = None;
@@ -372,6 +374,14 @@ pub async fn handle(
                         .cache_ttl
                         .unwrap_or(table.cache.category_ttl[ctx.category.index()]),
                 });
+            // A lead is for one key: failing over to a target with another model frees the
+            // first key's waiters to go on their own, and this request may lead the new key.
+            if lead
+                .as_ref()
+                .is_some_and(|l| store.as_ref().map(|s| s.key.as_slice()) != Some(l.key()))
+            {
+                lead = None;
+            }
             if let (Some(cache), Some(store), CacheMode::Use) =
                 (&worker.shared.cache, &store, cache_mode)
             {
@@ -436,6 +446,7 @@ pub async fn handle(
                 Reserve::Granted(r) => ctx.reservation.set(Some(r)),
                 Reserve::Refused => {
                     drop(slot);
+                    refused_since_attempt = true;
                     if cheaper.is_none() {
                         // The tiers cheaper than the target's cheapest. A target in no tier
                         // (an explicitly requested model) and embeddings (another model kind)
@@ -454,6 +465,7 @@ pub async fn handle(
                 }
             }
             ctx.downgraded_to = cheaper_rank;
+            refused_since_attempt = false;
             if cache_mode == CacheMode::Bypass && worker.shared.cache.is_some() {
                 ctx.cache = "bypass";
             }
@@ -492,9 +504,22 @@ pub async fn handle(
                     if resp.head.status == 429 || resp.head.status >= 500 {
                         snap.states
                             .record(t.backend, Verdict::Failure, &table.health);
-                        if ctx.attempts < table.max_attempts
-                            && has_untried(table, snap, decision, &tried)
-                        {
+                        // Targets left: in this group, then in the groups still to walk (the
+                        // plan's, or the cheaper tiers' once the budget downgraded).
+                        let untried = |ids: &[usize]| {
+                            ids.iter().any(|t| {
+                                !tried.contains(t)
+                                    && !snap.states.is_ejected(table.targets[*t].backend)
+                            })
+                        };
+                        let untried_left = untried(group)
+                            || match &cheaper {
+                                Some(ranks) => {
+                                    ranks.clone().any(|r| untried(&table.tiers[r].targets))
+                                }
+                                None => plan_groups.clone().any(untried),
+                            };
+                        if ctx.attempts < table.max_attempts && untried_left {
                             let message =
                                 format!("backend `{}` answered {}", backend.name, resp.head.status);
                             last_error = Some(AttemptError {
@@ -527,8 +552,12 @@ pub async fn handle(
                         Verdict::Neutral
                     };
                     snap.states.record(t.backend, verdict, &table.health);
-                    if e.kind == ErrorKind::UpstreamConnect {
-                        // The backend itself is unreachable: its other models are no better.
+                    if matches!(
+                        e.kind,
+                        ErrorKind::UpstreamConnect | ErrorKind::UpstreamTimeout
+                    ) {
+                        // The backend itself is unreachable or too slow to answer (down,
+                        // overloaded, loading a model): its other models are no better.
                         let same_backend = (0..table.targets.len())
                             .filter(|&o| table.targets[o].backend == t.backend);
                         tried.extend(same_backend.filter(|&o| o != target));
@@ -539,12 +568,20 @@ pub async fn handle(
         }
         break;
     }
-    if cheaper.is_some() && ctx.attempts == 0 {
+    // The budget stopped the last step: that is the reason to give, even after a failed
+    // attempt (which the message still names).
+    if refused_since_attempt {
         ctx.refused_by = "budget";
-        let msg = format!(
+        let mut msg = format!(
             "the daily budget of service `{}` has no room for this request on any tier",
             ctx.service
         );
+        if let Some(e) = &last_error {
+            msg.push_str(&format!(
+                " left to try (an earlier attempt failed: {})",
+                e.message
+            ));
+        }
         return reject(
             worker,
             snap,
@@ -849,18 +886,6 @@ fn tried_backends<'t>(
         .groups(decision.plan)
         .flatten()
         .map(|&t| table.targets[t].backend)
-}
-
-fn has_untried(
-    table: &RoutingTable,
-    snap: &Snapshot,
-    decision: Decision<'_>,
-    tried: &[usize],
-) -> bool {
-    table
-        .groups(decision.plan)
-        .flatten()
-        .any(|t| !tried.contains(t) && !snap.states.is_ejected(table.targets[*t].backend))
 }
 
 /// Delay before watching a waiting client for a disconnect: the watch costs a `poll` (epoll)

@@ -390,7 +390,7 @@ impl RoutingTable {
     }
 
     /// The target groups of a plan in failover order.
-    pub fn groups<'t>(&'t self, plan: Plan<'t>) -> impl Iterator<Item = &'t [usize]> + 't {
+    pub fn groups<'t>(&'t self, plan: Plan<'t>) -> impl Iterator<Item = &'t [usize]> + Clone + 't {
         let (tiers, fixed): (&'t [Tier], Option<&'t [usize]>) = match plan {
             Plan::FromTier(rank) => (&self.tiers[rank..], None),
             Plan::Targets(ids) => (&[], Some(ids)),
