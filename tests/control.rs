@@ -323,6 +323,29 @@ fn a_budget_that_stops_failover_is_the_reason_given() {
 }
 
 #[test]
+fn a_budget_set_mid_day_counts_what_was_spent_before_it() {
+    let (cheap, big) = (sim("cheap", &[]), sim("big", &[]));
+    let r = router(&priced_tiers(&cheap.url(), &big.url(), ""));
+    let send = || {
+        post(
+            r.addr,
+            "/v1/chat/completions",
+            BIG_REQUEST,
+            "x-switchyard-service: etl\r\nx-switchyard-tier: large\r\n",
+        )
+    };
+    // Without a budget: a large-tier answer costs a few thousand micro-dollars.
+    assert_eq!(send().status, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, out, err) = cli(&r, "budgets", &["set", "etl", "0.001"]);
+    assert!(ok, "{out}{err}");
+    // $0.001 is below what etl spent today: even the cheap tier (a few hundred) is refused.
+    let resp = send();
+    let e = resp.error(429);
+    assert_eq!(e["code"], "budget_exceeded", "{}", resp.text());
+}
+
+#[test]
 fn a_budget_downgrades_to_a_cheaper_tier_then_refuses() {
     let (cheap, big) = (sim("cheap", &[]), sim("big", &[]));
     // The big tier's worst case is (body bytes + 100) * 100 micro-dollars, about 0.022 USD.
@@ -375,10 +398,11 @@ fn a_budget_downgrades_to_a_cheaper_tier_then_refuses() {
         out.contains("etl: $0.0") && out.contains("of $0.010000 spent"),
         "{out}"
     );
-    // An API-set budget wins over the config's and is in force at once.
-    let (ok, out, err) = cli(&r, "budgets", &["set", "rich", "0.001"]);
+    // An API-set budget wins over the config's and is in force at once. (rich spent a few
+    // thousand micro-dollars above: what is left is short of the large tier's worst case.)
+    let (ok, out, err) = cli(&r, "budgets", &["set", "rich", "0.015"]);
     assert!(
-        ok && out.contains("rich: ") && out.contains("of $0.001000") && out.contains("(api)"),
+        ok && out.contains("rich: ") && out.contains("of $0.015000") && out.contains("(api)"),
         "{out}{err}"
     );
     assert_eq!(

@@ -250,11 +250,13 @@ impl Control for Api {
             reply.duplicates += r.duplicates;
             reply.rejected += r.rejected;
         }
-        // Acknowledged only once committed: a data plane forgets what was acknowledged.
+        // Acknowledged only once committed: a data plane forgets what was acknowledged. When
+        // the commit fails, it sends the batch again later (counted once, by its sequences).
         let cp = self.0.clone();
         tokio::task::spawn_blocking(move || cp.flush())
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::unavailable)?;
         Ok(Response::new(reply))
     }
 
@@ -314,12 +316,7 @@ impl Control for Api {
         }
         let key = (r.service, parse_category(&r.category)?);
         let limit = (!r.clear).then_some(r.daily_micros);
-        self.blocking(move |cp| {
-            cp.store.set_budget(&key, limit)?;
-            cp.budgets.set_override(key, limit);
-            Ok(())
-        })
-        .await?;
+        self.blocking(move |cp| cp.set_budget(key, limit)).await?;
         Ok(Response::new(self.0.budget_report()))
     }
 

@@ -54,6 +54,9 @@ pub struct ControlPlane {
     /// Per remote data plane: the last usage sequence counted, and the events it dropped.
     remotes: Mutex<HashMap<String, (u64, u64)>>,
     flushing: Mutex<()>,
+    /// Held while an API-set budget is written to the store and put in force, so concurrent
+    /// changes reach both in the same order.
+    setting_budget: Mutex<()>,
 }
 
 impl ControlPlane {
@@ -218,7 +221,7 @@ impl ControlPlane {
     /// Commits changed spend rows; on failure they stay marked for the next flush.
     /// Remote data planes' sequences are committed in the same transaction as the spend they
     /// produced, so a control plane restarted after a crash neither loses nor recounts a batch.
-    pub fn flush(&self) {
+    pub fn flush(&self) -> Result<(), String> {
         // One flush at a time: two overlapping ones could commit older totals last.
         let _flushing = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         let (rows, sequences) = {
@@ -231,15 +234,35 @@ impl ControlPlane {
             (self.ledger.take_dirty(), sequences)
         };
         if rows.is_empty() {
-            return;
+            return Ok(());
         }
-        if let Err(e) = self
+        let saved = self
             .store
-            .save_spend(rows.iter().map(|(k, t)| (k, t)), &sequences)
-        {
-            eprintln!("switchyard: {e}; will retry");
+            .save_spend(rows.iter().map(|(k, t)| (k, t)), &sequences);
+        if saved.is_err() {
             self.ledger.mark_dirty(rows.into_iter().map(|(k, _)| k));
         }
+        saved
+    }
+
+    /// What each budget has given out today (for a budget that gets a limit mid-day).
+    fn spent_today(&self) -> BTreeMap<BudgetKey, u64> {
+        let day = self.budgets.day();
+        already_out(&self.ledger, &self.store, &day).unwrap_or_else(|e| {
+            eprintln!("switchyard: budgets: {e}; counting settled spend only");
+            self.ledger.spent_by_budget(&day)
+        })
+    }
+
+    /// Sets (or, with `None`, clears) an API-set budget: stored, then in force.
+    pub fn set_budget(&self, key: BudgetKey, limit: Option<u64>) -> Result<(), String> {
+        let _one_at_a_time = self
+            .setting_budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.store.set_budget(&key, limit)?;
+        self.budgets.set_override(key, limit, &self.spent_today());
+        Ok(())
     }
 
     /// Starts a new budget day when midnight has passed in the budget time zone.
@@ -411,7 +434,8 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
         Limits::from_settings(&table.budgets),
     ));
     for (key, limit) in store.load_budgets()? {
-        budgets.set_override(key, Some(limit));
+        // `start_day` below seeds every pool with what was spent today.
+        budgets.set_override(key, Some(limit), &BTreeMap::new());
     }
     budgets.start_day(today.clone(), already_out(&ledger, &store, &today)?);
     let log_events = table.usage.log_events;
@@ -443,6 +467,7 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
         started: Instant::now(),
         remotes: Mutex::new(remotes),
         flushing: Mutex::default(),
+        setting_budget: Mutex::default(),
     });
     if let Some(events) = events {
         let consumer = cp.clone();
@@ -461,7 +486,9 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
     // The store's commits wait for the disk: a blocking thread too.
     runtime.spawn_blocking(move || loop {
         std::thread::sleep(FLUSH_PERIOD);
-        flusher.flush();
+        if let Err(e) = flusher.flush() {
+            eprintln!("switchyard: {e}; will retry");
+        }
     });
     let admin_info = match admin.address {
         None => None,
@@ -509,7 +536,9 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
         libc::malloc_trim(0)
     };
     runtime.block_on(drain_on_signal(cp.local.as_ref(), drain_timeout));
-    cp.flush();
+    if let Err(e) = cp.flush() {
+        eprintln!("switchyard: the spend of the last seconds before exit is not saved: {e}");
+    }
     let dropped = cp.local.as_ref().map_or(0, |dp| dp.shared.usage.dropped());
     eprintln!("{}", cp.ledger.summary(dropped));
     if let Some(cache) = cp.local.as_ref().and_then(|dp| dp.shared.cache.as_ref()) {
@@ -563,8 +592,9 @@ async fn follow_configs(cp: Arc<ControlPlane>) {
             eprintln!("switchyard: config: {e}");
         }
         let snapshot = cp.configs.snapshot().load();
-        cp.budgets
-            .set_limits(Limits::from_settings(&snapshot.table.budgets));
+        let limits = Limits::from_settings(&snapshot.table.budgets);
+        let spent = cp.spent_today();
+        cp.budgets.set_limits(limits, &spent);
         cp.roll_day();
     }
 }
@@ -651,6 +681,7 @@ mod tests {
             started: Instant::now(),
             remotes: Mutex::new(remotes),
             flushing: Mutex::default(),
+            setting_budget: Mutex::default(),
         }
     }
 
@@ -695,7 +726,7 @@ mod tests {
                 (1, 1, 0),
                 "overlapping"
             );
-            cp.flush();
+            cp.flush().unwrap();
         }
         let cp = control_plane(&dir);
         assert_eq!(

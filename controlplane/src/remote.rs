@@ -55,6 +55,9 @@ struct Remote {
     budgets: Arc<BudgetBook>,
     dataplane: DataPlane,
     outbox: Mutex<Outbox>,
+    /// Held for a whole send: the periodic reporter and the final send at shutdown would
+    /// otherwise send the same records and then both remove them (losing the next ones).
+    sending: tokio::sync::Mutex<()>,
     dropped: AtomicU64,
 }
 
@@ -143,6 +146,7 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
             first_sequence: 1,
             capacity: start.buffer.max(1),
         }),
+        sending: tokio::sync::Mutex::new(()),
         dropped: AtomicU64::new(0),
     });
     // Creates the pools of every configured budget, so their leases are fetched right away.
@@ -219,6 +223,7 @@ impl Remote {
 
     /// Sends the oldest batch; on success it leaves the outbox. Returns whether one was sent.
     async fn send_batch(&self, client: &mut AuthedClient) -> Result<bool, tonic::Status> {
+        let _one_sender = self.sending.lock().await;
         let batch = {
             let outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
             if outbox.records.is_empty() {
@@ -297,8 +302,9 @@ impl Remote {
         {
             Ok(v) => {
                 let snapshot = self.configs.snapshot().load();
-                self.budgets
-                    .set_limits(Limits::from_settings(&snapshot.table.budgets));
+                // A remote's pools hold grants: nothing to seed from spend.
+                let limits = Limits::from_settings(&snapshot.table.budgets);
+                self.budgets.set_limits(limits, &BTreeMap::new());
                 eprintln!("switchyard: config version {v} in effect");
             }
             Err(errors) => {
@@ -332,11 +338,13 @@ impl Remote {
                     .collect();
                 let have = self.budgets.overrides();
                 for key in have.keys().filter(|k| !wanted.contains_key(*k)) {
-                    self.budgets.set_override(key.clone(), None);
+                    self.budgets
+                        .set_override(key.clone(), None, &BTreeMap::new());
                 }
                 for (key, limit) in wanted {
                     if have.get(&key) != Some(&limit) {
-                        self.budgets.set_override(key, Some(limit));
+                        self.budgets
+                            .set_override(key, Some(limit), &BTreeMap::new());
                     }
                 }
                 if reply.day != self.budgets.day() {

@@ -138,6 +138,33 @@ impl BookState {
         }
     }
 
+    /// Which of the budgets that spent today have a limit now.
+    fn limited_now(&self, spent_today: &BTreeMap<BudgetKey, u64>) -> Vec<bool> {
+        spent_today
+            .keys()
+            .map(|k| self.limit(k).is_some())
+            .collect()
+    }
+
+    /// A budget that had no limit until now starts from what it spent today: that spend never
+    /// went through its pool (nor through a pool left from a limit it had earlier today).
+    /// Granted books are left alone: their pools hold what the control plane granted.
+    fn reseed_newly_limited(
+        &mut self,
+        was_limited: Vec<bool>,
+        spent_today: &BTreeMap<BudgetKey, u64>,
+    ) {
+        if self.granted {
+            return;
+        }
+        for ((key, &spent), was) in spent_today.iter().zip(was_limited) {
+            if !was && self.limit(key).is_some() {
+                self.pools.remove(key);
+                self.spent_before.insert(key.clone(), spent);
+            }
+        }
+    }
+
     fn pool(&mut self, key: BudgetKey) -> Option<Arc<Pool>> {
         let limit = self.limit(&key)?;
         let spent = self.spent_before.get(&key).copied().unwrap_or(0);
@@ -257,23 +284,34 @@ impl BudgetBook {
         self.state().day.clone()
     }
 
-    /// A new config's limits; pools keep what they leased today.
-    pub fn set_limits(&self, settings: Limits) {
+    /// A new config's limits; pools keep what they leased today. `spent_today`: what each
+    /// budget has given out today, for those the change limits that had no limit before.
+    pub fn set_limits(&self, settings: Limits, spent_today: &BTreeMap<BudgetKey, u64>) {
         let mut s = self.state();
         if s.settings != settings {
+            let was_limited = s.limited_now(spent_today);
             s.settings = settings;
+            s.reseed_newly_limited(was_limited, spent_today);
             self.bump(s);
         }
     }
 
-    /// A limit set (or, with `None`, cleared) through the control API.
-    pub fn set_override(&self, key: BudgetKey, limit: Option<u64>) {
+    /// A limit set (or, with `None`, cleared) through the control API; `spent_today` as for
+    /// `set_limits`.
+    pub fn set_override(
+        &self,
+        key: BudgetKey,
+        limit: Option<u64>,
+        spent_today: &BTreeMap<BudgetKey, u64>,
+    ) {
         let mut s = self.state();
+        let was_limited = s.limited_now(spent_today);
         let before = match limit {
             Some(l) => s.overrides.insert(key, l),
             None => s.overrides.remove(&key),
         };
         if before != limit {
+            s.reseed_newly_limited(was_limited, spent_today);
             self.bump(s);
         }
     }
@@ -607,7 +645,7 @@ mod tests {
         let b = granted(w.reserve(&book, "b", Category::Chat, 50));
         a.settle(50);
         b.settle(50);
-        book.set_override(("a".into(), None), Some(500));
+        book.set_override(("a".into(), None), Some(500), &BTreeMap::new());
         granted(w.reserve(&book, "a", Category::Chat, 400)).settle(400);
         assert!(matches!(
             w.reserve(&book, "b", Category::Chat, 1),
@@ -672,7 +710,7 @@ mod tests {
         let out = granted(w.reserve(&book, "etl", Category::Chat, 300));
         let over = granted(w.reserve(&book, "etl", Category::Chat, 100));
         // A config change: the worker returns its idle lease; the two requests still run.
-        book.set_override(("etl".into(), None), Some(1_000));
+        book.set_override(("etl".into(), None), Some(1_000), &BTreeMap::new());
         assert!(matches!(
             w.reserve(&book, "etl", Category::Chat, 1),
             Reserve::Granted(_)
@@ -690,6 +728,38 @@ mod tests {
             w.reserve(&book, "etl", Category::Chat, 1 << 62),
             Reserve::Refused
         ));
+    }
+
+    #[test]
+    fn a_budget_limited_mid_day_starts_from_what_it_spent_without_one() {
+        let unlimited = Limits {
+            lease_micros: 100,
+            ..Limits::default()
+        };
+        let book = BudgetBook::new("2026-11-27".into(), unlimited);
+        let w = WorkerBudgets::default();
+        let etl = ("etl".to_string(), None);
+        let spent = BTreeMap::from([(etl.clone(), 500)]);
+        assert!(matches!(
+            w.reserve(&book, "etl", Category::Chat, 1 << 40),
+            Reserve::Unlimited
+        ));
+        book.set_override(etl.clone(), Some(600), &spent);
+        assert!(matches!(
+            w.reserve(&book, "etl", Category::Chat, 150),
+            Reserve::Refused
+        ));
+        granted(w.reserve(&book, "etl", Category::Chat, 100)).settle(100);
+        // Unlimited for a while (spending 300 more), then limited again by the config: the
+        // pool left from the first limit missed that spend.
+        book.set_override(etl.clone(), None, &BTreeMap::new());
+        let spent = BTreeMap::from([(etl.clone(), 900)]);
+        book.set_limits(limits(None, 100), &spent);
+        assert!(matches!(
+            w.reserve(&book, "etl", Category::Chat, 150),
+            Reserve::Refused
+        ));
+        granted(w.reserve(&book, "etl", Category::Chat, 100));
     }
 
     #[test]
