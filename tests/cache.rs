@@ -444,6 +444,51 @@ fn a_leader_that_fails_over_leads_the_key_of_its_new_target() {
 }
 
 #[test]
+fn a_target_in_two_tiers_is_named_by_the_tier_it_answered_for_everywhere() {
+    let s = sim("s", &[]);
+    let config = format!(
+        r#"
+[health]
+interval_ms = 0
+[usage]
+log_events = true
+[[backends]]
+name = "s"
+url = "{}"
+models = [{{ name = "m" }}]
+[[tiers]]
+name = "small"
+targets = ["s/m"]
+[[tiers]]
+name = "large"
+targets = ["s/m"]
+"#,
+        s.url()
+    );
+    let r = router(&config);
+    let ask = || {
+        post(
+            r.addr,
+            "/v1/chat/completions",
+            DETERMINISTIC,
+            "x-switchyard-tier: large\r\n",
+        )
+    };
+    let (stored, hit) = (ask(), ask());
+    assert_eq!(stored.header("x-switchyard-cache"), Some("stored"));
+    assert_eq!(hit.header("x-switchyard-cache"), Some("hit"));
+    for resp in [&stored, &hit] {
+        assert_eq!(resp.header("x-switchyard-tier"), Some("large"));
+    }
+    let err = stop_router(r);
+    let tiers: Vec<_> = usage_events(&err)
+        .into_iter()
+        .map(|e| e["tier"].clone())
+        .collect();
+    assert_eq!(tiers, ["large", "large"], "{err}");
+}
+
+#[test]
 fn a_repeated_request_takes_its_shortcut_with_the_same_answer_and_headers() {
     let (s, r) = cached_router("[rate_limits.services.etl]\nrequests_per_minute = 4\n");
     let ask = |extra: &str| {

@@ -519,6 +519,89 @@ targets = ["bad/m1", "bad/m2", "good/g"]
     }
 }
 
+#[test]
+fn a_backend_error_relayed_costs_nothing_and_is_not_estimated() {
+    let failing = sim("failing", &["--error-rate", "1", "--error-status", "503"]);
+    let config = config_for(
+        &[("failing", failing.url())],
+        "[usage]\nlog_events = true\n[routing]\nmax_attempts = 1\n",
+    )
+    .replace("interval_ms = 100", "interval_ms = 0");
+    let r = router(&config);
+    let resp = post(r.addr, "/v1/chat/completions", &chat("hi"), "");
+    assert_eq!(resp.error(503)["type"], "server_error");
+    let err = stop_router(r);
+    let events = usage_events(&err);
+    assert_eq!(events.len(), 1, "{err}");
+    assert_eq!(
+        (
+            &events[0]["status"],
+            &events[0]["cost_micros"],
+            &events[0]["tokens_estimated"]
+        ),
+        (&503.into(), &0.into(), &false.into()),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_backend_error_is_relayed_when_the_targets_left_are_full() {
+    let failing = sim("failing", &["--error-rate", "1", "--error-status", "503"]);
+    let slow = sim("slow", &["--latency-ms", "1500"]);
+    let config = format!(
+        r#"
+[health]
+interval_ms = 0
+eject_after_failures = 1000
+[[backends]]
+name = "failing"
+url = "{}"
+models = [{{ name = "f" }}]
+[[backends]]
+name = "slow"
+url = "{}"
+max_concurrency = 1
+models = [{{ name = "s" }}]
+[[tiers]]
+name = "small"
+targets = ["failing/f"]
+[[tiers]]
+name = "large"
+targets = ["slow/s"]
+"#,
+        failing.url(),
+        slow.url()
+    );
+    let r = router(&config);
+    let addr = r.addr;
+    // Takes `slow`'s only slot for 1.5 s.
+    let holder = std::thread::spawn(move || {
+        post(
+            addr,
+            "/v1/chat/completions",
+            &chat("hi"),
+            "x-switchyard-tier: large\r\n",
+        )
+        .status
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // `failing` answers 503; `slow` is the only target left and has no room: the caller gets
+    // the backend's own answer, not a router error about it.
+    let resp = post(
+        r.addr,
+        "/v1/chat/completions",
+        &chat("hi"),
+        "x-switchyard-tier: small\r\n",
+    );
+    let e = resp.error(503);
+    assert!(
+        e["message"].as_str().unwrap().contains("simulated failure"),
+        "{}",
+        resp.text()
+    );
+    assert_eq!(holder.join().unwrap(), 200);
+}
+
 /// A router (one worker, so one connection pool) in front of one backend the test plays
 /// itself on the returned listener (health checks off, so the only connections are requests').
 fn router_with_hand_rolled_backend(name: &str, extra: &str) -> (TcpListener, Proc) {

@@ -219,6 +219,14 @@ impl BackendStates {
         self.states[backend].healthy.load(Relaxed) && !self.is_ejected(backend)
     }
 
+    /// Whether `admit` would take a request now (a hint: another may take the slot first).
+    pub fn has_room(&self, backend: usize, cap: u32) -> bool {
+        let s = &self.states[backend];
+        let until = s.ejected_until_ms.load(Relaxed);
+        let open = until == 0 || (self.now_ms() >= until && !s.probing.load(Relaxed));
+        open && s.inflight.load(Relaxed) < cap
+    }
+
     pub fn inflight(&self, backend: usize) -> u32 {
         self.states[backend].inflight.load(Relaxed)
     }

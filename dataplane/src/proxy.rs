@@ -67,6 +67,9 @@ struct Ctx<'r> {
     reservation: Cell<Option<Reservation>>,
     /// The budget did not fit the routed tier, so this cheaper tier (rank) answers.
     downgraded_to: Option<usize>,
+    /// The tier (rank) the current attempt's target was taken from: the one the response
+    /// headers, the usage event and a stored answer name.
+    tier: Option<usize>,
     /// Why the router refused the request itself (usage event `refused_by`).
     refused_by: &'static str,
     /// Tokens admitted under the service's tokens-per-minute limit; `log` settles them.
@@ -172,6 +175,7 @@ pub async fn handle(
         saved_micros: 0,
         reservation: Cell::new(None),
         downgraded_to: None,
+        tier: None,
         refused_by: "",
         token_charge: Cell::new(None),
     };
@@ -423,7 +427,18 @@ pub async fn handle(
                             .await
                             .is_none()
                         {
-                            log(worker, snap, &ctx, None, CLIENT_CLOSED, None, 0, None, true);
+                            log(
+                                worker,
+                                snap,
+                                &ctx,
+                                None,
+                                None,
+                                CLIENT_CLOSED,
+                                None,
+                                0,
+                                None,
+                                true,
+                            );
                             return false;
                         }
                         if let Some(hit) = cache.get(&store.key, Instant::now()) {
@@ -465,6 +480,7 @@ pub async fn handle(
                 }
             }
             ctx.downgraded_to = cheaper_rank;
+            ctx.tier = cheaper_rank.or_else(|| table.tier_of_plan(decision.plan, target));
             refused_since_attempt = false;
             if cache_mode == CacheMode::Bypass && worker.shared.cache.is_some() {
                 ctx.cache = "bypass";
@@ -492,6 +508,7 @@ pub async fn handle(
                         snap,
                         &ctx,
                         Some(target),
+                        tier_name(table, &ctx),
                         CLIENT_CLOSED,
                         None,
                         0,
@@ -504,12 +521,14 @@ pub async fn handle(
                     if resp.head.status == 429 || resp.head.status >= 500 {
                         snap.states
                             .record(t.backend, Verdict::Failure, &table.health);
-                        // Targets left: in this group, then in the groups still to walk (the
-                        // plan's, or the cheaper tiers' once the budget downgraded).
+                        // Targets left that can take the request: in this group, then in the
+                        // groups still to walk (the plan's, or the cheaper tiers' once the
+                        // budget downgraded).
                         let untried = |ids: &[usize]| {
                             ids.iter().any(|t| {
+                                let b = table.targets[*t].backend;
                                 !tried.contains(t)
-                                    && !snap.states.is_ejected(table.targets[*t].backend)
+                                    && snap.states.has_room(b, table.backends[b].max_concurrency)
                             })
                         };
                         let untried_left = untried(group)
@@ -535,7 +554,6 @@ pub async fn handle(
                         snap,
                         client,
                         &mut ctx,
-                        decision,
                         resp,
                         target,
                         slot,
@@ -869,6 +887,7 @@ async fn serve_hit(
         snap,
         ctx,
         Some(target),
+        Some(&hit.tier),
         status,
         Some(TokenUsage::default()),
         0,
@@ -1088,10 +1107,12 @@ enum ClientFraming {
 }
 
 /// Stores a complete 200 answer (the caller has checked that it finished normally).
+#[allow(clippy::too_many_arguments)]
 fn store_answer(
     worker: &Worker,
     table: &RoutingTable,
     target: usize,
+    tier: Option<&Arc<str>>,
     store: Store,
     content_type: &[u8],
     body: &[u8],
@@ -1104,11 +1125,7 @@ fn store_answer(
     let cost = t
         .price
         .cost_micros(usage.prompt, usage.cached, usage.completion);
-    let tier = table
-        .tiers
-        .iter()
-        .find(|tier| tier.targets.contains(&target))
-        .map_or_else(|| Arc::from(""), |tier| tier.name.clone());
+    let tier = tier.map_or_else(|| Arc::from(""), Arc::clone);
     let backend = table.backends[t.backend].name.clone();
     cache.put(Entry::new(
         store.key,
@@ -1135,7 +1152,6 @@ async fn relay(
     snap: &Snapshot,
     client: &mut Client,
     ctx: &mut Ctx<'_>,
-    decision: Decision<'_>,
     mut resp: Response,
     target: usize,
     slot: Slot<'_>,
@@ -1160,12 +1176,8 @@ async fn relay(
     if framing == ClientFraming::Close {
         ctx.keep_alive = false;
     }
-    let tier = match ctx.downgraded_to {
-        Some(rank) => &*table.tiers[rank].name,
-        None => table
-            .tier_of_plan(decision.plan, target)
-            .map_or("", |t| &*t.name),
-    };
+    let answer_tier = tier_name(table, ctx);
+    let tier = answer_tier.map_or("", |t| &**t);
     // A cacheable 200 is read whole before anything is sent, so that `x-switchyard-cache` can
     // say truthfully whether it was stored.
     let buffer_whole = store.is_some()
@@ -1264,7 +1276,16 @@ async fn relay(
             let stored = completed_normally(ctx.endpoint, &wire)
                 && store.take().is_some_and(|s| {
                     let usage = parse_usage(&wire).unwrap_or_default();
-                    store_answer(worker, table, target, s, content_type, &wire, usage)
+                    store_answer(
+                        worker,
+                        table,
+                        target,
+                        answer_tier,
+                        s,
+                        content_type,
+                        &wire,
+                        usage,
+                    )
                 });
             ctx.cache = if stored { "stored" } else { "miss" };
             let mut whole = response_head(ctx, &resp.head, framing, tier, backend, &t.model);
@@ -1296,6 +1317,7 @@ async fn relay(
                 worker,
                 table,
                 target,
+                answer_tier,
                 s,
                 b"text/event-stream",
                 &stream_copy,
@@ -1357,7 +1379,9 @@ async fn relay(
         .as_ref()
         .and_then(|f| f.usage)
         .or(body_usage)
-        .or_else(|| parse_usage(&kept));
+        .or_else(|| parse_usage(&kept))
+        // Providers do not bill an error answer: without usage in it, it costs nothing.
+        .or((status >= 400).then(TokenUsage::default));
     let completion_estimate = if sse {
         sse_events.saturating_sub(1)
     } else {
@@ -1369,6 +1393,7 @@ async fn relay(
         snap,
         ctx,
         Some(target),
+        answer_tier,
         logged_status,
         usage,
         completion_estimate,
@@ -1445,6 +1470,11 @@ pub fn hex_id(id: u64) -> [u8; 16] {
         *b = b"0123456789abcdef"[(id >> (60 - 4 * i)) as usize & 0xf];
     }
     out
+}
+
+/// The name of the tier the current attempt's target was taken from.
+fn tier_name<'t>(table: &'t RoutingTable, ctx: &Ctx<'_>) -> Option<&'t Arc<str>> {
+    ctx.tier.map(|rank| &table.tiers[rank].name)
 }
 
 /// The `x-switchyard-*` headers that explain the decision.
@@ -1553,7 +1583,18 @@ async fn send_reject(
     if let Some(extra) = extra {
         headers.extend_from_slice(extra);
     }
-    log(worker, snap, ctx, None, kind.status(), None, 0, None, false);
+    log(
+        worker,
+        snap,
+        ctx,
+        None,
+        None,
+        kind.status(),
+        None,
+        0,
+        None,
+        false,
+    );
     send_error(
         client,
         kind,
@@ -1573,6 +1614,7 @@ fn log(
     snap: &Snapshot,
     ctx: &Ctx<'_>,
     target: Option<usize>,
+    tier: Option<&Arc<str>>,
     status: u16,
     usage: Option<TokenUsage>,
     completion_estimate: u64,
@@ -1583,16 +1625,8 @@ fn log(
     let (tier, backend, model, price) = match target {
         Some(id) => {
             let t = &table.targets[id];
-            let tier = match ctx.downgraded_to {
-                Some(rank) => table.tiers[rank].name.clone(),
-                None => table
-                    .tiers
-                    .iter()
-                    .find(|tier| tier.targets.contains(&id))
-                    .map_or_else(|| Arc::from(""), |t| t.name.clone()),
-            };
             (
-                tier,
+                tier.map_or_else(|| Arc::from(""), Arc::clone),
                 table.backends[t.backend].name.clone(),
                 t.model.clone(),
                 Some(t.price),

@@ -83,7 +83,10 @@ impl SseFilter {
             let data = data.strip_prefix(b" ").unwrap_or(data).trim_ascii_end();
             if data == b"[DONE]" {
                 self.saw_done = true;
-            } else if data.starts_with(b"{\"error\"") {
+            } else if data
+                .strip_prefix(b"{")
+                .is_some_and(|d| d.trim_ascii_start().starts_with(b"\"error\""))
+            {
                 self.saw_error = true;
             } else if let Some(reason) = finish_reason(data) {
                 if reason == b"stop" || reason == b"length" {
@@ -95,7 +98,9 @@ impl SseFilter {
             if finder!(b"\"usage\"").find(data).is_some() {
                 if let Some(u) = parse_usage(data) {
                     self.usage = Some(u);
-                    let usage_only = finder!(b"\"choices\":[]").find(data).is_some();
+                    let usage_only = value_after(data, finder!(b"\"choices\""))
+                        .and_then(|v| v.strip_prefix(b"["))
+                        .is_some_and(|v| v.trim_ascii_start().starts_with(b"]"));
                     keep = !(self.hide_usage_chunk && usage_only);
                 }
             }
@@ -112,13 +117,16 @@ impl SseFilter {
 
 /// The string value of the first `"finish_reason"` in an event payload (`None` when absent or null).
 fn finish_reason(data: &[u8]) -> Option<&[u8]> {
-    let at = finder!(b"\"finish_reason\"").find(data)?;
-    let rest = data[at + 15..]
-        .trim_ascii_start()
-        .strip_prefix(b":")?
-        .trim_ascii_start();
-    let value = rest.strip_prefix(b"\"")?;
+    let value = value_after(data, finder!(b"\"finish_reason\""))?.strip_prefix(b"\"")?;
     Some(&value[..memchr::memchr(b'"', value)?])
+}
+
+/// What follows the first `key` (a quoted name) and its colon, whitespace allowed around the
+/// colon as JSON allows (Python's `json.dumps` writes `"key": value`).
+fn value_after<'d>(data: &'d [u8], key: &memchr::memmem::Finder<'_>) -> Option<&'d [u8]> {
+    let at = key.find(data)?;
+    let rest = data[at + key.needle().len()..].trim_ascii_start();
+    Some(rest.strip_prefix(b":")?.trim_ascii_start())
 }
 
 #[cfg(test)]
@@ -188,6 +196,26 @@ data: [DONE]\n\n";
             assert!(text.contains("\"Hi\"") && text.ends_with("data: [DONE]\n\n"));
             assert_eq!(f.usage.unwrap().prompt, 7);
         }
+    }
+
+    #[test]
+    fn json_written_with_spaces_is_read_the_same() {
+        // Python's `json.dumps` defaults, as some OpenAI-compatible servers send them.
+        let stream = b"data: {\"choices\": [{\"delta\": {}, \"finish_reason\": \"stop\"}]}\n\n\
+data: {\"choices\": [ ], \"usage\": {\"prompt_tokens\": 7, \"completion_tokens\": 2}}\n\n\
+data: [DONE]\n\n";
+        let mut f = SseFilter::new(true);
+        let mut out = Vec::new();
+        f.feed(stream, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("prompt_tokens"), "{text}");
+        assert!(f.ended_normally() && f.usage.is_some());
+        let mut f = SseFilter::new(false);
+        f.feed(
+            b"data: { \"error\": {\"message\": \"x\"}}\n\n",
+            &mut Vec::new(),
+        );
+        assert!(f.saw_error);
     }
 
     #[test]

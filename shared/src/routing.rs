@@ -400,13 +400,15 @@ impl RoutingTable {
             .chain(tiers.iter().map(|t| t.targets.as_slice()))
     }
 
-    pub fn tier_of_plan(&self, plan: Plan<'_>, target: usize) -> Option<&Tier> {
-        match plan {
-            Plan::FromTier(rank) => self.tiers[rank..]
-                .iter()
-                .find(|t| t.targets.contains(&target)),
-            Plan::Targets(_) => self.tiers.iter().find(|t| t.targets.contains(&target)),
-        }
+    /// The rank of the tier `target` answers for under `plan`: the first from the plan's tier
+    /// up that lists it (a target can be in several tiers), or, for an explicit target list,
+    /// the first of all.
+    pub fn tier_of_plan(&self, plan: Plan<'_>, target: usize) -> Option<usize> {
+        let from = match plan {
+            Plan::FromTier(rank) => rank,
+            Plan::Targets(_) => 0,
+        };
+        (from..self.tiers.len()).find(|&rank| self.tiers[rank].targets.contains(&target))
     }
 }
 
