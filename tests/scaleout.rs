@@ -61,7 +61,7 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
     std::fs::create_dir_all(&dir).unwrap();
     let base = config_for(
         &[("s", s.url())],
-        "[budgets]\ndefault_daily_usd = 1.0\n[budgets.services.etl]\ndaily_usd = 1.0\n[budgets.services.tight]\ndaily_usd = 0.000001\n[rate_limits.services.capped]\nrequests_per_minute = 4\n",
+        "[budgets]\ndefault_daily_usd = 1.0\n[budgets.services.etl]\ndaily_usd = 1.0\n[budgets.services.tight]\ndaily_usd = 0.000001\n[budgets.services.unused]\ndaily_usd = 1.0\n[rate_limits.services.capped]\nrequests_per_minute = 4\n",
     );
     std::fs::write(dir.join("switchyard.toml"), &base).unwrap();
     let admin = addr();
@@ -167,8 +167,22 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
         .lines()
         .find(|l| l.starts_with("etl: "))
         .expect(&budgets);
-    let reserved = etl.split(", ").nth(1).unwrap().split(' ').next().unwrap();
-    assert_ne!(reserved, "$0.000000", "{budgets}");
+    let reserved = |line: &str| {
+        line.split(", ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(reserved(etl), "$0.000000", "{budgets}");
+    // A budget no data plane served a request of is not leased to them.
+    let unused = budgets
+        .lines()
+        .find(|l| l.starts_with("unused: "))
+        .expect(&budgets);
+    assert_eq!(reserved(unused), "$0.000000", "{budgets}");
     eventually("buffered usage arrives after the reconnect", || {
         spent_requests(admin, "etl") >= before + 10
     });

@@ -49,8 +49,7 @@ impl Configs {
         overrides: Overrides,
         granted_limits: bool,
     ) -> Result<Configs, Vec<String>> {
-        let mut table = load(&toml, source)?;
-        overrides(&mut table);
+        let mut table = load(&toml, source, &overrides)?;
         table.version = version;
         let snapshot = Arc::new(ArcSwap::from_pointee(
             Snapshot::new(table, granted_limits).map_err(|e| vec![e])?,
@@ -90,31 +89,57 @@ impl Configs {
 
     /// The table `toml` would produce, or every error in it (restart-only changes included).
     pub fn validate(&self, toml: &str, source: &str) -> Result<RoutingTable, Vec<String>> {
-        let mut table = load(toml, source)?;
-        (self.overrides)(&mut table);
-        let errors = restart_only_changes(&self.snapshot.load().table, &table, source);
-        if errors.is_empty() {
+        let mut table = load(toml, source, &self.overrides)?;
+        let changed = restart_only(&self.snapshot.load().table, &mut table, false);
+        if changed.is_empty() {
             Ok(table)
         } else {
-            Err(errors)
+            Err(changed
+                .into_iter()
+                .map(|key| {
+                    format!("{source}: {key}: cannot change while running; restart to apply")
+                })
+                .collect())
         }
     }
 
     /// Validates and publishes; returns the new version. On error the running config stays.
     pub fn apply(&self, toml: String, source: &str) -> Result<u64, Vec<String>> {
-        self.apply_as(toml, source, None)
+        let mut history = self.history();
+        let table = self.validate(&toml, source)?;
+        let version = history.back().map_or(0, |r| r.version) + 1;
+        self.publish(&mut history, table, toml, source, version)
     }
 
-    /// `apply` with the version a remote control plane gave the config (`None`: the next one).
-    pub fn apply_as(
+    /// A remote data plane's `apply` of the control plane's config `version`. Settings only a
+    /// restart can change keep their running values here (this process started with them,
+    /// and refusing would leave it on stale routing for good); the ones that differ are
+    /// returned, to be told.
+    pub fn follow(
         &self,
         toml: String,
         source: &str,
-        version: Option<u64>,
+        version: u64,
+    ) -> Result<Vec<&'static str>, Vec<String>> {
+        let mut history = self.history();
+        let mut table = load(&toml, source, &self.overrides)?;
+        let kept = restart_only(&self.snapshot.load().table, &mut table, true);
+        self.publish(&mut history, table, toml, source, version)?;
+        Ok(kept)
+    }
+
+    fn history(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<ConfigRecord>>> {
+        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(
+        &self,
+        history: &mut VecDeque<Arc<ConfigRecord>>,
+        mut table: RoutingTable,
+        toml: String,
+        source: &str,
+        version: u64,
     ) -> Result<u64, Vec<String>> {
-        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        let mut table = self.validate(&toml, source)?;
-        let version = version.unwrap_or_else(|| history.back().map_or(0, |r| r.version) + 1);
         table.version = version;
         let next = Snapshot::replacing(table, &self.snapshot.load()).map_err(|e| vec![e])?;
         self.snapshot.store(Arc::new(next));
@@ -133,51 +158,42 @@ impl Configs {
     }
 }
 
-fn load(toml: &str, source: &str) -> Result<RoutingTable, Vec<String>> {
-    config::load_str(toml, source, &|name| std::env::var(name).ok())
+/// `toml` as a table, with the command line's overrides.
+fn load(toml: &str, source: &str, overrides: &Overrides) -> Result<RoutingTable, Vec<String>> {
+    let mut table = config::load_str(toml, source, &|name| std::env::var(name).ok())?;
+    overrides(&mut table);
+    Ok(table)
 }
 
-/// Settings read once at start: changing them needs a restart, so a reload that changes them
-/// is refused instead of half-applied.
-fn restart_only_changes(old: &RoutingTable, new: &RoutingTable, source: &str) -> Vec<String> {
-    let checks = [
-        (
-            "listener.address",
-            old.listener.address == new.listener.address,
-        ),
-        (
-            "listener.workers",
-            old.listener.workers == new.listener.workers,
-        ),
-        (
-            "listener.io_driver",
-            old.listener.io_driver == new.listener.io_driver,
-        ),
-        ("cache.enabled", old.cache.enabled == new.cache.enabled),
-        (
-            "cache.max_bytes",
-            old.cache.max_bytes == new.cache.max_bytes,
-        ),
-        (
-            "usage.channel_capacity",
-            old.usage.channel_capacity == new.usage.channel_capacity,
-        ),
-        (
-            "usage.log_events",
-            old.usage.log_events == new.usage.log_events,
-        ),
-        (
-            "listener.drain_timeout_ms",
-            old.listener.drain_timeout == new.listener.drain_timeout,
-        ),
-        ("admin", old.admin == new.admin),
-        ("storage.data_dir", old.data_dir == new.data_dir),
-    ];
-    checks
-        .into_iter()
-        .filter(|(_, same)| !same)
-        .map(|(key, _)| format!("{source}: {key}: cannot change while running; restart to apply"))
-        .collect()
+/// Settings read once at start: a reload that changes them is refused instead of half-applied
+/// (or, with `keep_running`, given their running values). Returns the keys `new` changes.
+fn restart_only(
+    old: &RoutingTable,
+    new: &mut RoutingTable,
+    keep_running: bool,
+) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    macro_rules! setting {
+        ($key:literal, $($field:ident).+) => {
+            if old.$($field).+ != new.$($field).+ {
+                changed.push($key);
+                if keep_running {
+                    new.$($field).+ = old.$($field).+.clone();
+                }
+            }
+        };
+    }
+    setting!("listener.address", listener.address);
+    setting!("listener.workers", listener.workers);
+    setting!("listener.io_driver", listener.io_driver);
+    setting!("cache.enabled", cache.enabled);
+    setting!("cache.max_bytes", cache.max_bytes);
+    setting!("usage.channel_capacity", usage.channel_capacity);
+    setting!("usage.log_events", usage.log_events);
+    setting!("listener.drain_timeout_ms", listener.drain_timeout);
+    setting!("admin", admin);
+    setting!("storage.data_dir", data_dir);
+    changed
 }
 
 #[cfg(test)]
@@ -241,5 +257,26 @@ targets = ["b/m"]
         );
         assert_eq!(c.snapshot().load().table.version, 7);
         assert_eq!(c.current().version, 7);
+    }
+
+    #[test]
+    fn a_follower_applies_the_rest_and_keeps_its_restart_only_settings() {
+        let c = configs();
+        let changed = BASE.replace("127.0.0.1:0", "127.0.0.1:1").replace(
+            "[[tiers]]",
+            "[cache]\nmax_bytes = 1048576\n[routing]\nmax_attempts = 5\n[[tiers]]",
+        );
+        assert_eq!(
+            c.follow(changed, "control plane", 12),
+            Ok(vec!["listener.address", "cache.max_bytes"])
+        );
+        let snap = c.snapshot().load();
+        assert_eq!(snap.table.version, 12);
+        assert_eq!(snap.table.max_attempts, 5);
+        assert_eq!(snap.table.listener.address.to_string(), "127.0.0.1:0");
+        assert_ne!(snap.table.cache.max_bytes, 1048576);
+        let errors = c.follow(BASE.replace("b/m", "b/nope"), "control plane", 13);
+        assert!(errors.is_err(), "other errors still refuse");
+        assert_eq!(c.current().version, 12);
     }
 }

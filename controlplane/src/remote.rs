@@ -149,8 +149,9 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
         sending: tokio::sync::Mutex::new(()),
         dropped: AtomicU64::new(0),
     });
-    // Creates the pools of every configured budget, so their leases are fetched right away.
-    remote.budgets.views([]);
+    // Budgets are leased for the services this data plane serves, as their requests come
+    // (the first waits for its lease): a grant is held until the day ends, so leasing every
+    // configured budget up front would park money other data planes need.
     let consumer = remote.clone();
     runtime.spawn_blocking(move || consumer.collect(events));
     runtime.spawn(
@@ -296,16 +297,19 @@ impl Remote {
             return;
         }
         let source = format!("control plane (version {})", record.version);
-        match self
-            .configs
-            .apply_as(record.toml, &source, Some(record.version))
-        {
-            Ok(v) => {
+        match self.configs.follow(record.toml, &source, record.version) {
+            Ok(kept) => {
                 let snapshot = self.configs.snapshot().load();
                 // A remote's pools hold grants: nothing to seed from spend.
                 let limits = Limits::from_settings(&snapshot.table.budgets);
                 self.budgets.set_limits(limits, &BTreeMap::new());
-                eprintln!("switchyard: config version {v} in effect");
+                eprintln!("switchyard: config version {} in effect", record.version);
+                if !kept.is_empty() {
+                    eprintln!(
+                        "switchyard: {} changed but only take effect when this data plane restarts",
+                        kept.join(", ")
+                    );
+                }
             }
             Err(errors) => {
                 eprintln!(
@@ -325,35 +329,39 @@ impl Remote {
             if let Ok(keys) = fetch_keys(&mut client).await {
                 self.dataplane.shared.keys.store(Arc::new(keys));
             }
-            if let Ok(reply) = client.get_budgets(pb::GetBudgetsRequest {}).await {
-                let reply = reply.into_inner();
-                let wanted: BTreeMap<_, _> = reply
-                    .budgets
-                    .into_iter()
-                    .filter(|b| b.source == "api")
-                    .filter_map(|b| {
-                        let category = Category::parse_scope(&b.category)?;
-                        Some(((b.service, category), b.daily_micros))
-                    })
-                    .collect();
-                let have = self.budgets.overrides();
-                for key in have.keys().filter(|k| !wanted.contains_key(*k)) {
-                    self.budgets
-                        .set_override(key.clone(), None, &BTreeMap::new());
-                }
-                for (key, limit) in wanted {
-                    if have.get(&key) != Some(&limit) {
-                        self.budgets
-                            .set_override(key, Some(limit), &BTreeMap::new());
-                    }
-                }
-                if reply.day != self.budgets.day() {
-                    self.budgets.start_day(reply.day, BTreeMap::new());
-                    // The configured budgets' leases are fetched before their first request.
-                    self.budgets.views([]);
-                }
-            }
+            self.sync_budgets(&mut client).await;
             tokio::time::sleep(SYNC_PERIOD).await;
+        }
+    }
+
+    /// The API-set budgets and the budget day, as the control plane has them.
+    async fn sync_budgets(&self, client: &mut AuthedClient) {
+        let Ok(reply) = client.get_budgets(pb::GetBudgetsRequest {}).await else {
+            return;
+        };
+        let reply = reply.into_inner();
+        let wanted: BTreeMap<_, _> = reply
+            .budgets
+            .into_iter()
+            .filter(|b| b.source == "api")
+            .filter_map(|b| {
+                let category = Category::parse_scope(&b.category)?;
+                Some(((b.service, category), b.daily_micros))
+            })
+            .collect();
+        let have = self.budgets.overrides();
+        for key in have.keys().filter(|k| !wanted.contains_key(*k)) {
+            self.budgets
+                .set_override(key.clone(), None, &BTreeMap::new());
+        }
+        for (key, limit) in wanted {
+            if have.get(&key) != Some(&limit) {
+                self.budgets
+                    .set_override(key, Some(limit), &BTreeMap::new());
+            }
+        }
+        if reply.day != self.budgets.day() {
+            self.budgets.start_day(reply.day, BTreeMap::new());
         }
     }
 
@@ -403,11 +411,20 @@ impl Remote {
                 let Ok(reply) = client.lease_budget(request).await else {
                     break; // Unreachable: serve on what is held, ask again later.
                 };
-                let granted = reply.into_inner().granted_micros;
-                if granted == 0 {
+                let reply = reply.into_inner();
+                if reply.unlimited || reply.day != self.budgets.day() {
+                    // Behind the control plane (a budget it cleared, or a new day): catch up
+                    // now, not at the next sync, and lease again on the updated book.
+                    self.sync_budgets(&mut client).await;
+                    if reply.unlimited {
+                        spent_out.insert(key, now + SYNC_PERIOD);
+                    }
+                    break;
+                }
+                if reply.granted_micros == 0 {
                     spent_out.insert(key.clone(), now + SYNC_PERIOD);
                 }
-                self.budgets.add_grant(key, granted);
+                self.budgets.add_grant(key, reply.granted_micros);
             }
         }
     }
