@@ -51,12 +51,30 @@ pub struct ControlPlane {
     /// The data plane in this process.
     pub local: Option<DataPlane>,
     started: Instant,
-    /// Per remote data plane: the last usage sequence counted, and the events it dropped.
-    remotes: Mutex<HashMap<String, (u64, u64)>>,
+    remotes: Mutex<Remotes>,
     flushing: Mutex<()>,
     /// Held while an API-set budget is written to the store and put in force, so concurrent
     /// changes reach both in the same order.
     setting_budget: Mutex<()>,
+}
+
+/// What remote data planes reported, as far as it is not committed yet.
+#[derive(Default)]
+struct Remotes {
+    /// Per remote data plane: the last usage sequence counted, and the events it dropped.
+    sequences: HashMap<String, (u64, u64)>,
+    /// Per day and budget: what their counted records cost, since the last commit.
+    spent: BTreeMap<(String, BudgetKey), u64>,
+}
+
+impl Remotes {
+    fn from_store(store: &Store) -> Result<Remotes, String> {
+        let sequences = store.load_sequences()?.into_iter();
+        Ok(Remotes {
+            sequences: sequences.map(|(name, last)| (name, (last, 0))).collect(),
+            spent: BTreeMap::new(),
+        })
+    }
 }
 
 impl ControlPlane {
@@ -70,8 +88,9 @@ impl ControlPlane {
     /// that cannot be read are logged and skipped for good (a resend would fail the same way).
     pub fn record_remote(&self, batch: pb::UsageBatch) -> pb::ReportUsageReply {
         let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+        let remotes = &mut *remotes;
         let source = format!("{}/{}", batch.data_plane, batch.instance);
-        let (last, dropped) = remotes.entry(source).or_insert((0, 0));
+        let (last, dropped) = remotes.sequences.entry(source).or_insert((0, 0));
         *dropped = (*dropped).max(batch.dropped);
         let mut reply = pb::ReportUsageReply::default();
         let snapshot = self.configs.snapshot().load();
@@ -87,8 +106,12 @@ impl ControlPlane {
                 .and_then(|at| Ok((at, api::event_from_record(r)?)));
             match read {
                 Ok((at, event)) => {
-                    self.ledger
-                        .record(&event, &snapshot.table.budgets.day_of(at));
+                    let day = snapshot.table.budgets.day_of(at);
+                    self.ledger.record(&event, &day);
+                    for scope in [None, Some(event.category)] {
+                        let key = (day.clone(), (event.service.to_string(), scope));
+                        *remotes.spent.entry(key).or_default() += event.cost_micros;
+                    }
                     reply.accepted += 1;
                 }
                 Err(e) => {
@@ -173,7 +196,7 @@ impl ControlPlane {
 
     fn remote_dropped(&self) -> u64 {
         let remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
-        remotes.values().map(|(_, dropped)| dropped).sum()
+        remotes.sequences.values().map(|(_, dropped)| dropped).sum()
     }
 
     /// The `/metrics` page: counters from the ledger, gauges read now.
@@ -224,23 +247,29 @@ impl ControlPlane {
     pub fn flush(&self) -> Result<(), String> {
         // One flush at a time: two overlapping ones could commit older totals last.
         let _flushing = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
-        let (rows, sequences) = {
+        let (rows, sequences, remote_spent) = {
             // Held while taking the rows: `record_remote` counts a batch under this lock.
-            let remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
             let sequences: Vec<(String, u64)> = remotes
+                .sequences
                 .iter()
                 .map(|(name, (last, _))| (name.clone(), *last))
                 .collect();
-            (self.ledger.take_dirty(), sequences)
+            let spent = std::mem::take(&mut remotes.spent);
+            (self.ledger.take_dirty(), sequences, spent)
         };
         if rows.is_empty() {
             return Ok(());
         }
-        let saved = self
-            .store
-            .save_spend(rows.iter().map(|(k, t)| (k, t)), &sequences);
+        let saved =
+            self.store
+                .save_spend(rows.iter().map(|(k, t)| (k, t)), &sequences, &remote_spent);
         if saved.is_err() {
             self.ledger.mark_dirty(rows.into_iter().map(|(k, _)| k));
+            let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, added) in remote_spent {
+                *remotes.spent.entry(key).or_default() += added;
+            }
         }
         saved
     }
@@ -248,7 +277,7 @@ impl ControlPlane {
     /// What each budget has given out today (for a budget that gets a limit mid-day).
     fn spent_today(&self) -> BTreeMap<BudgetKey, u64> {
         let day = self.budgets.day();
-        already_out(&self.ledger, &self.store, &day).unwrap_or_else(|e| {
+        self.already_out(&day).unwrap_or_else(|e| {
             eprintln!("switchyard: budgets: {e}; counting settled spend only");
             self.ledger.spent_by_budget(&day)
         })
@@ -265,11 +294,18 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// `already_out` of `day`, with remote spend not committed yet (the remotes' lock is held
+    /// while their records are counted, so the ledger and their spend agree).
+    fn already_out(&self, day: &str) -> Result<BTreeMap<BudgetKey, u64>, String> {
+        let remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+        already_out(&self.ledger, &self.store, &remotes.spent, day)
+    }
+
     /// Starts a new budget day when midnight has passed in the budget time zone.
     fn roll_day(&self) {
         let today = self.today();
         if today != self.budgets.day() {
-            match already_out(&self.ledger, &self.store, &today) {
+            match self.already_out(&today) {
                 Ok(out) => self.budgets.start_day(today, out),
                 Err(e) => eprintln!("switchyard: new budget day: {e}"),
             }
@@ -353,17 +389,26 @@ pub fn admin_token(env_name: &str, data_dir: &Path) -> Result<(String, TokenSour
     Ok((token, TokenSource::File(path)))
 }
 
-/// What each budget has already given out on `day`: the spend settled so far, or what it
-/// granted remote data planes when that is more (a grant is spent, or held, by them).
+/// What each budget has already given out on `day`: the spend settled so far, where the part
+/// remote data planes spent counts as what they were granted when that is more (a grant is
+/// spent, or held, by them). `remote_uncommitted`: remote spend not in the store yet.
 fn already_out(
     ledger: &Ledger,
     store: &Store,
+    remote_uncommitted: &BTreeMap<(String, BudgetKey), u64>,
     day: &str,
 ) -> Result<BTreeMap<BudgetKey, u64>, String> {
     let mut out = ledger.spent_by_budget(day);
+    let mut by_remotes = store.remote_spent_on(day)?;
+    for ((d, key), added) in remote_uncommitted {
+        if d == day {
+            *by_remotes.entry(key.clone()).or_default() += added;
+        }
+    }
     for (key, granted) in store.granted_on(day)? {
+        let remote = by_remotes.get(&key).copied().unwrap_or(0);
         let spent = out.entry(key).or_default();
-        *spent = (*spent).max(granted);
+        *spent = spent.saturating_sub(remote) + remote.max(granted);
     }
     Ok(out)
 }
@@ -437,7 +482,8 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
         // `start_day` below seeds every pool with what was spent today.
         budgets.set_override(key, Some(limit), &BTreeMap::new());
     }
-    budgets.start_day(today.clone(), already_out(&ledger, &store, &today)?);
+    let out = already_out(&ledger, &store, &BTreeMap::new(), &today)?;
+    budgets.start_day(today.clone(), out);
     let log_events = table.usage.log_events;
     let drain_timeout = table.listener.drain_timeout;
     let admin = table.admin.clone();
@@ -453,11 +499,7 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
     } else {
         (None, None)
     };
-    let remotes = store
-        .load_sequences()?
-        .into_iter()
-        .map(|(name, last)| (name, (last, 0)))
-        .collect();
+    let remotes = Remotes::from_store(&store)?;
     let cp = Arc::new(ControlPlane {
         configs,
         ledger,
@@ -666,12 +708,7 @@ mod tests {
             dir.display()
         );
         let store = Store::open(dir).unwrap();
-        let remotes = store
-            .load_sequences()
-            .unwrap()
-            .into_iter()
-            .map(|(name, last)| (name, (last, 0)))
-            .collect();
+        let remotes = Remotes::from_store(&store).unwrap();
         ControlPlane {
             configs: Configs::start(toml, "test", 1, Box::new(|_| {}), false).unwrap(),
             ledger: Ledger::with_spend(store.load_spend().unwrap()),
@@ -745,6 +782,33 @@ mod tests {
             "skipped, not blocking"
         );
         assert_eq!(counts(cp.record_remote(batch("b", 3, 2))), (0, 2, 0));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn what_remotes_were_granted_counts_on_top_of_local_spend_across_a_restart() {
+        let dir = std::env::temp_dir().join(format!("switchyard-granted-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let etl = ("etl".to_string(), None);
+        {
+            let cp = control_plane(&dir);
+            let day = cp.today();
+            // This process's data plane spent 50; a remote one was granted 40 and spent 30.
+            let local = switchyard_shared::usage::UsageEvent {
+                service: "etl".into(),
+                cost_micros: 50,
+                ..Default::default()
+            };
+            cp.ledger.record(&local, &day);
+            cp.store.add_granted(&day, &etl, 40).unwrap();
+            cp.record_remote(batch("a", 1, 3));
+            assert_eq!(cp.already_out(&day).unwrap()[&etl], 90, "before a commit");
+            cp.flush().unwrap();
+            assert_eq!(cp.already_out(&day).unwrap()[&etl], 90, "after it");
+        }
+        let cp = control_plane(&dir);
+        let day = cp.today();
+        assert_eq!(cp.already_out(&day).unwrap()[&etl], 90, "after a restart");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

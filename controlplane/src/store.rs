@@ -23,6 +23,9 @@ const API_KEYS: TableDefinition<[u8; 32], (&str, bool, i64)> = TableDefinition::
 /// (day, service, category or "") -> micro-dollars of that budget granted to remote data
 /// planes that day, so a restarted control plane does not grant them again.
 const GRANTS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("grants");
+/// (day, service, category or "") -> micro-dollars of that budget spent by remote data planes
+/// (their spend is in SPEND too; a restarted control plane counts what it granted them instead).
+const REMOTE_SPEND: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("remote_spend");
 /// remote data plane name -> the last usage sequence counted from it.
 const SEQUENCES: TableDefinition<&str, u64> = TableDefinition::new("sequences");
 
@@ -59,22 +62,33 @@ impl Store {
         txn.open_table(API_KEYS).map_err(err)?;
         txn.open_table(SEQUENCES).map_err(err)?;
         txn.open_table(GRANTS).map_err(err)?;
+        txn.open_table(REMOTE_SPEND).map_err(err)?;
         txn.commit().map_err(err)?;
         Ok(store)
     }
 
     /// Writes the given spend rows (whole totals, so writing a row twice is harmless) and,
-    /// in the same transaction, the remote data planes' usage sequences they include.
+    /// in the same transaction, the remote data planes' usage sequences they include and what
+    /// those added to each budget's remote spend (`remote_added`, per day and budget).
     pub fn save_spend<'a>(
         &self,
         rows: impl IntoIterator<Item = (&'a SpendKey, &'a SpendTotals)>,
         sequences: &[(String, u64)],
+        remote_added: &BTreeMap<(String, BudgetKey), u64>,
     ) -> Result<(), String> {
         let txn = self.db.begin_write().map_err(err)?;
         {
             let mut t = txn.open_table(SEQUENCES).map_err(err)?;
             for (name, last) in sequences {
                 t.insert(name.as_str(), *last).map_err(err)?;
+            }
+        }
+        {
+            let mut t = txn.open_table(REMOTE_SPEND).map_err(err)?;
+            for ((day, key), added) in remote_added {
+                let k = (day.as_str(), key.0.as_str(), Category::scope_name(key.1));
+                let before = t.get(k).map_err(err)?.map_or(0, |v| v.value());
+                t.insert(k, before.saturating_add(*added)).map_err(err)?;
             }
         }
         {
@@ -131,8 +145,21 @@ impl Store {
 
     /// What each budget granted remote data planes on `day`.
     pub fn granted_on(&self, day: &str) -> Result<BTreeMap<BudgetKey, u64>, String> {
+        self.per_budget_on(GRANTS, day)
+    }
+
+    /// What remote data planes spent of each budget on `day` (as committed).
+    pub fn remote_spent_on(&self, day: &str) -> Result<BTreeMap<BudgetKey, u64>, String> {
+        self.per_budget_on(REMOTE_SPEND, day)
+    }
+
+    fn per_budget_on(
+        &self,
+        table: TableDefinition<(&str, &str, &str), u64>,
+        day: &str,
+    ) -> Result<BTreeMap<BudgetKey, u64>, String> {
         let txn = self.db.begin_read().map_err(err)?;
-        let t = txn.open_table(GRANTS).map_err(err)?;
+        let t = txn.open_table(table).map_err(err)?;
         let mut out = BTreeMap::new();
         for row in t.range((day, "", "")..).map_err(err)? {
             let (k, v) = row.map_err(err)?;
@@ -315,7 +342,7 @@ mod tests {
         };
         {
             let s = Store::open(&d).unwrap();
-            s.save_spend([(&key, &totals)], &[("dp1".into(), 41)])
+            s.save_spend([(&key, &totals)], &[("dp1".into(), 41)], &BTreeMap::new())
                 .unwrap();
             s.set_budget(&("etl".into(), Some(Category::Code)), Some(5))
                 .unwrap();
