@@ -623,6 +623,28 @@ fn accept_request(backend: &TcpListener) -> std::net::TcpStream {
 }
 
 #[test]
+fn a_backend_that_takes_a_request_and_goes_away_is_a_protocol_error() {
+    let (backend, r) = router_with_hand_rolled_backend("crashy", "");
+    let addr = r.addr;
+    let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat("hi"), ""));
+    let upstream = accept_request(&backend);
+    // Past the window in which a closed kept connection is taken for a stale one.
+    std::thread::sleep(Duration::from_millis(400));
+    drop(upstream);
+    let resp = client.join().unwrap();
+    let e = resp.error(502);
+    assert_eq!(e["code"], "upstream_protocol_error");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("after taking the request"),
+        "{}",
+        resp.text()
+    );
+}
+
+#[test]
 fn pooled_connections_left_idle_under_a_busier_one_are_closed() {
     let (backend, r) = router_with_hand_rolled_backend("pool", "");
     // Two requests at once: the worker's pool ends up with two connections.

@@ -326,15 +326,24 @@ async fn send_on(
         buf = b;
         match res {
             Ok(0) | Err(_) if buf.is_empty() => {
-                let msg = format!(
-                    "backend `{}` closed the connection before responding",
-                    backend.name
-                );
-                return Err((
-                    AttemptError::new(ErrorKind::UpstreamConnect, msg),
-                    request,
-                    sent.elapsed() < STALE_WINDOW,
-                ));
+                // At once: a kept connection the backend had closed (resent on a fresh one).
+                // Later: the backend took the request and went away (crashed, restarted).
+                let waited = sent.elapsed();
+                let stale = waited < STALE_WINDOW;
+                let (kind, msg) = if stale {
+                    let msg = format!(
+                        "backend `{}` closed the connection before responding",
+                        backend.name
+                    );
+                    (ErrorKind::UpstreamConnect, msg)
+                } else {
+                    let msg = format!(
+                        "backend `{}` closed the connection {waited:.1?} after taking the request, without responding",
+                        backend.name
+                    );
+                    (ErrorKind::UpstreamProtocol, msg)
+                };
+                return Err((AttemptError::new(kind, msg), request, stale));
             }
             Ok(0) | Err(_) => {
                 let msg = format!(
