@@ -9,11 +9,12 @@
 #
 # THREADS is wrk's thread count. One by default: with one worker answering, wrk's thread and
 # the worker then have a core each on a 2-core box; two wrk threads make three busy threads on
-# two cores, and the preempted wrk thread caps the faster target (cache hits) most.
+# two cores, and the preempted wrk thread caps the faster target (cache hits) most. wrk's own
+# CPU is printed too: a run where it is near 100% of one core per thread measured wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-8}; ROUNDS=${ROUNDS:-3}; CONNS=${CONNS:-64}; WORKERS=${WORKERS:-1}; THREADS=${THREADS:-1}
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+command -v wrk >/dev/null && [ -x /usr/bin/time ] || { apt-get update -qq && apt-get install -y -qq wrk time; }
 [ -x target/release/switchyard ] && [ -x target/release/switchyard-sim ] || cargo build --release --bins
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -50,20 +51,23 @@ curl -s -o /dev/null -D - -H 'content-type: application/json' --data "$(sed -n "
 cpu() { awk '{u += $14; s += $15} END {print u, s}' /proc/$1/task/*/stat; }
 tck=$(getconf CLK_TCK)
 per_req() { echo "scale=2; ($1) * 1000000 / $tck / $reqs" | bc -l; }
-echo "| round | target | req/s | p50 | p99 | user us/req | system us/req | CPU us/req |"
-echo "|---:|---|---:|---:|---:|---:|---:|---:|"
+echo "| round | target | req/s | p50 | p99 | user us/req | system us/req | CPU us/req | wrk CPU us/req | wrk CPU % |"
+echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 results="$work/results"
 for round in $(seq "$ROUNDS"); do
     for target in direct cache-hit; do
         if [ $target = direct ]; then url=http://127.0.0.1:$sim_port; pid=$sim_pid; else url=http://127.0.0.1:$sy_port; pid=$sy_pid; fi
         read -r u0 s0 < <(cpu $pid)
-        out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s "$work/post.lua" $url/v1/chat/completions)
+        out=$(/usr/bin/time -f '%U %S %e' -o "$work/wrk-time" \
+            wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s "$work/post.lua" $url/v1/chat/completions)
         read -r u1 s1 < <(cpu $pid)
         reqs=$(echo "$out" | awk '/requests in/{print $1}')
         rps=$(echo "$out" | awk '/Requests\/sec/{printf "%d", $2}')
         p50=$(echo "$out" | awk '$1=="50%"{print $2}'); p99=$(echo "$out" | awk '$1=="99%"{print $2}')
         user=$(per_req "$u1-$u0"); sys=$(per_req "$s1-$s0"); total=$(per_req "$u1-$u0+$s1-$s0")
-        printf "| %s | %s | %s | %s | %s | %.2f | %.2f | %.2f |\n" "$round" "$target" "$rps" "$p50" "$p99" "$user" "$sys" "$total"
+        read -r wu ws we < "$work/wrk-time"
+        wrk_us=$(echo "($wu + $ws) * 1000000 / $reqs" | bc -l); wrk_pct=$(echo "($wu + $ws) * 100 / $we" | bc -l)
+        printf "| %s | %s | %s | %s | %s | %.2f | %.2f | %.2f | %.2f | %.0f |\n" "$round" "$target" "$rps" "$p50" "$p99" "$user" "$sys" "$total" "$wrk_us" "$wrk_pct"
         echo "$round $target $rps $total" >> "$results"
     done
 done
