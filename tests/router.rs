@@ -331,8 +331,15 @@ fn bad_input_gets_clear_errors() {
     let (a, b) = body.split_at(10);
     let chunked = format!("POST /v1/chat/completions HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n", a.len(), b.len());
     assert_eq!(raw(chunked.as_bytes()).0.status, 200);
-    let cases: [(&str, &str, u16, &str); 7] = [
+    let cases: [(&str, &str, u16, &str); 8] = [
         ("/v1/chat/completions", "{not json", 400, "invalid_json"),
+        // The fields of a request object written as an array, in order: once a worker panic.
+        (
+            "/v1/chat/completions",
+            r#"[null,true,{"include_usage":false},[{"role":"user","content":"x"}],null,null,null,null,null,null,null,null,null,null,null]"#,
+            400,
+            "invalid_request",
+        ),
         (
             "/v1/chat/completions",
             r#"{"model":"auto"}"#,

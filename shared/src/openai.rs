@@ -78,12 +78,40 @@ impl RequestError {
     }
 }
 
+/// `T` from a JSON object only. A derived `Deserialize` also takes an array of the fields in
+/// order, which the API does not allow (and which the `model` rewrite, splicing after the
+/// first `{`, must never meet).
+struct ObjectOnly<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Fields<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Fields(std::marker::PhantomData))
+            .map(ObjectOnly)
+    }
+}
+
+/// A field that is there, `null` included (a plain `Option` reads `null` as absent): the
+/// rewrite must replace such a value, not add its key a second time.
+fn present<'a, D: serde::Deserializer<'a>>(d: D) -> Result<Option<&'a RawValue>, D::Error> {
+    <&'a RawValue>::deserialize(d).map(Some)
+}
+
 #[derive(Deserialize)]
 struct Top<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     model: Option<&'a RawValue>,
     stream: Option<bool>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
     #[serde(borrow)]
     messages: Option<&'a RawValue>,
@@ -189,14 +217,15 @@ fn push_content<'a>(
             Ok(len)
         }
         Some(b'[') => {
-            let parts: Vec<Part<'a>> = serde_json::from_str(raw.get()).map_err(|e| {
-                RequestError::invalid(
-                    format!("message content parts must be objects: {e}"),
-                    "messages",
-                )
-            })?;
+            let parts: Vec<ObjectOnly<Part<'a>>> =
+                serde_json::from_str(raw.get()).map_err(|e| {
+                    RequestError::invalid(
+                        format!("message content parts must be objects: {e}"),
+                        "messages",
+                    )
+                })?;
             let mut len = 0;
-            for text in parts.into_iter().filter_map(|p| p.text) {
+            for text in parts.into_iter().filter_map(|p| p.0.text) {
                 len += text.len();
                 append(out, text);
             }
@@ -214,30 +243,37 @@ impl<'a> RequestView<'a> {
     /// Validates `body` for `endpoint` and extracts the routing view. One JSON pass for the
     /// body, one more over `messages` only.
     pub fn parse(endpoint: Endpoint, body: &'a [u8]) -> Result<RequestView<'a>, RequestError> {
-        let top: Top<'a> = serde_json::from_slice(body).map_err(RequestError::from_serde)?;
+        let ObjectOnly(top): ObjectOnly<Top<'a>> =
+            serde_json::from_slice(body).map_err(RequestError::from_serde)?;
         let mut view = RequestView::default();
         if let Some(raw) = top.model {
-            let model: Cow<'a, str> = serde_json::from_str(raw.get())
-                .map_err(|_| RequestError::invalid("`model` must be a string", "model"))?;
+            // `null` routes like an absent model; its value is still what the rewrite replaces.
             view.model_span = Some(span_of(body, raw));
-            view.model = Some(model);
+            if raw.get() != "null" {
+                let model: Cow<'a, str> = serde_json::from_str(raw.get())
+                    .map_err(|_| RequestError::invalid("`model` must be a string", "model"))?;
+                view.model = Some(model);
+            }
         }
         view.stream = top.stream.unwrap_or(false);
         if let Some(raw) = top.stream_options {
             if raw.get() != "null" {
-                let opts: StreamOptions = serde_json::from_str(raw.get()).map_err(|_| {
+                let ObjectOnly(opts): ObjectOnly<StreamOptions> = serde_json::from_str(raw.get())
+                    .map_err(|_| {
                     RequestError::invalid("`stream_options` must be an object", "stream_options")
                 })?;
                 view.caller_wants_usage = opts.include_usage == Some(true);
-                view.stream_options_span = Some(span_of(body, raw));
             }
+            view.stream_options_span = Some(span_of(body, raw));
         }
         view.has_tools = [top.tools, top.functions]
             .into_iter()
             .flatten()
             .any(|raw| raw.get() != "null" && raw.get() != "[]");
         if let Some(raw) = top.response_format {
-            if let Ok(rf) = serde_json::from_str::<ResponseFormat>(raw.get()) {
+            if let Ok(ObjectOnly(rf)) =
+                serde_json::from_str::<ObjectOnly<ResponseFormat>>(raw.get())
+            {
                 view.json_output = rf.kind.starts_with("json");
             }
         }
@@ -267,20 +303,21 @@ impl<'a> RequestView<'a> {
     }
 
     fn read_messages(&mut self, raw: &'a RawValue) -> Result<(), RequestError> {
-        let messages: Vec<Message<'a>> = serde_json::from_str(raw.get()).map_err(|e| {
-            RequestError::invalid(
-                format!("`messages` must be an array of objects with a string `role`: {e}"),
-                "messages",
-            )
-        })?;
+        let messages: Vec<ObjectOnly<Message<'a>>> =
+            serde_json::from_str(raw.get()).map_err(|e| {
+                RequestError::invalid(
+                    format!("`messages` must be an array of objects with a string `role`: {e}"),
+                    "messages",
+                )
+            })?;
         if messages.is_empty() {
             return Err(RequestError::invalid(
                 "`messages` must not be empty",
                 "messages",
             ));
         }
-        let last_user = messages.iter().rposition(|m| m.role == "user");
-        for (i, m) in messages.iter().enumerate() {
+        let last_user = messages.iter().rposition(|m| m.0.role == "user");
+        for (i, ObjectOnly(m)) in messages.iter().enumerate() {
             let chars = match m.role.as_ref() {
                 "system" | "developer" => push_content(&mut self.system, m.content)?,
                 _ if Some(i) == last_user => push_content(&mut self.last_user, m.content)?,
@@ -691,6 +728,37 @@ mod tests {
         assert_eq!(out["model"], "m");
         assert_eq!(out["stream_options"]["include_usage"], true);
         assert_eq!(out["messages"][0]["content"], "x");
+    }
+
+    #[test]
+    fn objects_written_as_arrays_are_refused() {
+        // A derived Deserialize would read these as the fields in order.
+        for body in [
+            r#"[null,true,{"include_usage":false},[{"role":"user","content":"x"}],null,null,null,null,null,null,null,null,null,null,null]"#,
+            r#"{"messages":[["user","x"]]}"#,
+            r#"{"messages":[{"role":"user","content":[["x"]]}]}"#,
+            r#"{"stream":true,"stream_options":[true],"messages":[{"role":"user","content":"x"}]}"#,
+        ] {
+            let err = parse(Endpoint::ChatCompletions, body).unwrap_err();
+            assert_eq!(
+                err.kind,
+                ErrorKind::InvalidRequest,
+                "{body}: {}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn null_model_and_stream_options_are_replaced_not_repeated() {
+        let body = r#"{"model":null,"stream":true,"stream_options":null,"messages":[{"role":"user","content":"x"}]}"#;
+        let v = parse(Endpoint::ChatCompletions, body).unwrap();
+        assert!(v.model.is_none() && !v.caller_wants_usage);
+        let out = String::from_utf8(v.rewrite(body.as_bytes(), "m", true)).unwrap();
+        assert_eq!(
+            out,
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"x"}]}"#
+        );
     }
 
     #[test]
