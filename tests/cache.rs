@@ -414,7 +414,7 @@ fn when_the_coalesced_call_fails_each_waiter_goes_on_its_own() {
 #[test]
 fn a_leader_that_fails_over_leads_the_key_of_its_new_target() {
     let bad = sim("bad", &["--error-rate", "1", "--error-status", "500"]);
-    let good = sim("good", &["--latency-ms", "600"]);
+    let good = sim("good", &["--latency-ms", "1500"]);
     let config = config_for(&[("bad", bad.url()), ("good", good.url())], "")
         .replace("interval_ms = 100", "interval_ms = 0");
     let r = router(&config);
@@ -436,7 +436,7 @@ fn a_leader_that_fails_over_leads_the_key_of_its_new_target() {
         })
     };
     let leader = ask("bad");
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(500));
     let follower = ask("good");
     assert_eq!(leader.join().unwrap(), (200, Some("stored".into())));
     assert_eq!(follower.join().unwrap(), (200, Some("hit".into())));

@@ -336,7 +336,14 @@ fn a_budget_set_mid_day_counts_what_was_spent_before_it() {
     };
     // Without a budget: a large-tier answer costs a few thousand micro-dollars.
     assert_eq!(send().status, 200);
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cli(&r, "spend", &["--service", "etl"]).1.contains("etl") {
+        assert!(
+            Instant::now() < deadline,
+            "the answer's spend never reached the ledger"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (ok, out, err) = cli(&r, "budgets", &["set", "etl", "0.001"]);
     assert!(ok, "{out}{err}");
     // $0.001 is below what etl spent today: even the cheap tier (a few hundred) is refused.

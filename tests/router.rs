@@ -554,7 +554,7 @@ fn a_backend_error_relayed_costs_nothing_and_is_not_estimated() {
 #[test]
 fn a_backend_error_is_relayed_when_the_targets_left_are_full() {
     let failing = sim("failing", &["--error-rate", "1", "--error-status", "503"]);
-    let slow = sim("slow", &["--latency-ms", "1500"]);
+    let slow = sim("slow", &["--latency-ms", "2500"]);
     let config = format!(
         r#"
 [health]
@@ -581,7 +581,7 @@ targets = ["slow/s"]
     );
     let r = router(&config);
     let addr = r.addr;
-    // Takes `slow`'s only slot for 1.5 s.
+    // Takes `slow`'s only slot for 2.5 s.
     let holder = std::thread::spawn(move || {
         post(
             addr,
@@ -591,7 +591,7 @@ targets = ["slow/s"]
         )
         .status
     });
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(600));
     // `failing` answers 503; `slow` is the only target left and has no room: the caller gets
     // the backend's own answer, not a router error about it.
     let resp = post(

@@ -294,9 +294,11 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// `already_out` of `day`, with remote spend not committed yet (the remotes' lock is held
-    /// while their records are counted, so the ledger and their spend agree).
+    /// `already_out` of `day`, with remote spend not committed yet. No flush runs meanwhile
+    /// (one holds remote spend in neither place while it commits), and the remotes' lock is
+    /// held as when their records are counted, so the ledger and their spend agree.
     fn already_out(&self, day: &str) -> Result<BTreeMap<BudgetKey, u64>, String> {
+        let _no_flush = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         let remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
         already_out(&self.ledger, &self.store, &remotes.spent, day)
     }

@@ -414,12 +414,13 @@ impl Remote {
                 let reply = reply.into_inner();
                 if reply.unlimited || reply.day != self.budgets.day() {
                     // Behind the control plane (a budget it cleared, or a new day): catch up
-                    // now, not at the next sync, and lease again on the updated book.
+                    // now, not at the next sync.
                     self.sync_budgets(&mut client).await;
-                    if reply.unlimited {
-                        spent_out.insert(key, now + SYNC_PERIOD);
+                    if reply.day != self.budgets.day() {
+                        break; // A new day: the next round leases on its fresh pools.
                     }
-                    break;
+                    spent_out.insert(key, now + SYNC_PERIOD);
+                    continue;
                 }
                 if reply.granted_micros == 0 {
                     spent_out.insert(key.clone(), now + SYNC_PERIOD);

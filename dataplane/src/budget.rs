@@ -255,10 +255,12 @@ impl BudgetBook {
     }
 
     /// Pools with less than `low_water` left to lease: a remote data plane asks for more.
+    /// A pool whose budget has no limit any more is not asked for.
     pub fn running_low(&self, low_water: u64) -> Vec<BudgetKey> {
         let s = self.state();
         s.pools
             .iter()
+            .filter(|(k, _)| s.limit(k).is_some())
             .filter(|(_, p)| p.limit().saturating_sub(p.leased()) < low_water)
             .map(|(k, _)| k.clone())
             .collect()

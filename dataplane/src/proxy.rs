@@ -338,11 +338,13 @@ pub async fn handle(
         let next = match &mut cheaper {
             Some(ranks) => ranks.next().map(|rank| {
                 cheaper_rank = Some(rank);
-                table.tiers[rank].targets.as_slice()
+                (Some(rank), table.tiers[rank].targets.as_slice())
             }),
             None => plan_groups.next(),
         };
-        let Some(group) = next else { break };
+        let Some((group_tier, group)) = next else {
+            break;
+        };
         groups_taken += 1;
         let replay = Replay {
             caller_wants_usage: view.caller_wants_usage,
@@ -480,7 +482,8 @@ pub async fn handle(
                 }
             }
             ctx.downgraded_to = cheaper_rank;
-            ctx.tier = cheaper_rank.or_else(|| table.tier_of_plan(decision.plan, target));
+            // The tier of the group walked; an explicit target list names its target's first.
+            ctx.tier = group_tier.or_else(|| table.first_tier_of(target));
             refused_since_attempt = false;
             if cache_mode == CacheMode::Bypass && worker.shared.cache.is_some() {
                 ctx.cache = "bypass";
@@ -525,10 +528,12 @@ pub async fn handle(
                         // groups still to walk (the plan's, or the cheaper tiers' once the
                         // budget downgraded).
                         let untried = |ids: &[usize]| {
-                            ids.iter().any(|t| {
-                                let b = table.targets[*t].backend;
-                                !tried.contains(t)
-                                    && snap.states.has_room(b, table.backends[b].max_concurrency)
+                            ids.iter().any(|o| {
+                                let b = table.targets[*o].backend;
+                                // This request still holds a slot on the failed target's backend.
+                                let cap = table.backends[b].max_concurrency;
+                                let cap = cap.saturating_add(u32::from(b == t.backend));
+                                !tried.contains(o) && snap.states.has_room(b, cap)
                             })
                         };
                         let untried_left = untried(group)
@@ -536,7 +541,7 @@ pub async fn handle(
                                 Some(ranks) => {
                                     ranks.clone().any(|r| untried(&table.tiers[r].targets))
                                 }
-                                None => plan_groups.clone().any(untried),
+                                None => plan_groups.clone().any(|(_, ids)| untried(ids)),
                             };
                         if ctx.attempts < table.max_attempts && untried_left {
                             let message =
@@ -903,7 +908,7 @@ fn tried_backends<'t>(
 ) -> impl Iterator<Item = usize> + 't {
     table
         .groups(decision.plan)
-        .flatten()
+        .flat_map(|(_, ids)| ids)
         .map(|&t| table.targets[t].backend)
 }
 

@@ -9,10 +9,12 @@ use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::upstream::Pool;
 use crate::usage::UsageSink;
 use arc_swap::ArcSwap;
+use futures_util::FutureExt as _;
 use monoio::net::{ListenerOpts, TcpListener};
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -263,7 +265,15 @@ async fn run_worker(
         };
         match accepted {
             Ok((stream, _)) => {
-                monoio::spawn(crate::conn::serve(worker.clone(), stream));
+                // A bug that panics while serving one connection closes that connection; it
+                // must not end the worker thread and every other connection on it.
+                let serve = AssertUnwindSafe(crate::conn::serve(worker.clone(), stream));
+                let id = worker.id;
+                monoio::spawn(async move {
+                    if serve.catch_unwind().await.is_err() {
+                        eprintln!("switchyard: worker {id}: a connection's handler panicked; that connection was closed");
+                    }
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

@@ -389,26 +389,24 @@ impl RoutingTable {
         }
     }
 
-    /// The target groups of a plan in failover order.
-    pub fn groups<'t>(&'t self, plan: Plan<'t>) -> impl Iterator<Item = &'t [usize]> + Clone + 't {
-        let (tiers, fixed): (&'t [Tier], Option<&'t [usize]>) = match plan {
-            Plan::FromTier(rank) => (&self.tiers[rank..], None),
-            Plan::Targets(ids) => (&[], Some(ids)),
+    /// The target groups of a plan in failover order, each with the rank of its tier (`None`
+    /// for an explicit target list).
+    pub fn groups<'t>(
+        &'t self,
+        plan: Plan<'t>,
+    ) -> impl Iterator<Item = (Option<usize>, &'t [usize])> + Clone + 't {
+        let (ranks, fixed) = match plan {
+            Plan::FromTier(rank) => (rank..self.tiers.len(), None),
+            Plan::Targets(ids) => (0..0, Some((None, ids))),
         };
         fixed
             .into_iter()
-            .chain(tiers.iter().map(|t| t.targets.as_slice()))
+            .chain(ranks.map(|rank| (Some(rank), self.tiers[rank].targets.as_slice())))
     }
 
-    /// The rank of the tier `target` answers for under `plan`: the first from the plan's tier
-    /// up that lists it (a target can be in several tiers), or, for an explicit target list,
-    /// the first of all.
-    pub fn tier_of_plan(&self, plan: Plan<'_>, target: usize) -> Option<usize> {
-        let from = match plan {
-            Plan::FromTier(rank) => rank,
-            Plan::Targets(_) => 0,
-        };
-        (from..self.tiers.len()).find(|&rank| self.tiers[rank].targets.contains(&target))
+    /// The rank of the first tier that lists `target` (a target can be in several).
+    pub fn first_tier_of(&self, target: usize) -> Option<usize> {
+        self.tiers.iter().position(|t| t.targets.contains(&target))
     }
 }
 
@@ -532,8 +530,11 @@ targets = ["a/l"]
     #[test]
     fn groups_walk_up_the_tiers() {
         let t = table("");
-        let groups: Vec<&[usize]> = t.groups(Plan::FromTier(1)).collect();
-        assert_eq!(groups, vec![&[1usize][..], &[2usize][..]]);
+        let groups: Vec<_> = t.groups(Plan::FromTier(1)).collect();
+        assert_eq!(
+            groups,
+            vec![(Some(1), &[1usize][..]), (Some(2), &[2usize][..])]
+        );
         let ids = [0usize, 2];
         assert_eq!(t.groups(Plan::Targets(&ids)).count(), 1);
     }
