@@ -312,24 +312,34 @@ fn bad_input_gets_clear_errors() {
         resp.error(400);
         assert!(resp.text().contains("1 to 128"), "{}", resp.text());
     }
+    let body = chat("hi");
+    let not_utf8 = [
+        format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\nx-switchyard-service: ", body.len()).as_bytes(),
+        b"\xff\xfe\r\n\r\n",
+        body.as_bytes(),
+    ]
+    .concat();
+    let (resp, _) = raw(&not_utf8);
+    resp.error(400);
+    assert!(resp.text().contains("1 to 128"), "{}", resp.text());
     let (resp, _) = raw(format!(
-        "GET /healthz HTTP/1.1\r\nx-big: {}\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nhost: t\r\nx-big: {}\r\n\r\n",
         "a".repeat(4000)
     )
     .as_bytes());
     resp.error(431);
     let (resp, mut c) =
-        raw(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 5000000\r\n\r\n");
+        raw(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 5000000\r\n\r\n");
     assert_eq!(resp.error(413)["code"], "body_too_large");
     assert!(c.is_closed());
-    let (resp, _) = raw(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n");
+    let (resp, _) = raw(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n");
     resp.error(400);
-    let big_chunked = format!("POST /v1/chat/completions HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n1388\r\n{}\r\n0\r\n\r\n", "a".repeat(5000));
+    let big_chunked = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n1388\r\n{}\r\n0\r\n\r\n", "a".repeat(5000));
     raw(big_chunked.as_bytes()).0.error(413);
     // A chunked body within the limit is decoded and routed.
     let body = chat("hello");
     let (a, b) = body.split_at(10);
-    let chunked = format!("POST /v1/chat/completions HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n", a.len(), b.len());
+    let chunked = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n", a.len(), b.len());
     assert_eq!(raw(chunked.as_bytes()).0.status, 200);
     let cases: [(&str, &str, u16, &str); 8] = [
         ("/v1/chat/completions", "{not json", 400, "invalid_json"),
@@ -386,9 +396,26 @@ fn bad_input_gets_clear_errors() {
             .expect("connection stays open after a request error");
         assert_eq!(resp.error(status)["code"], code, "{path} {body}");
     }
-    c.send(b"GET /v1/chat/completions HTTP/1.1\r\n\r\n");
-    c.read_response().unwrap().error(405);
-    c.send(b"GET /nope HTTP/1.1\r\n\r\n");
+    c.send(b"GET /v1/chat/completions HTTP/1.1\r\nhost: t\r\n\r\n");
+    let resp = c.read_response().unwrap();
+    resp.error(405);
+    assert_eq!(resp.header("allow"), Some("POST"));
+    // HEAD answers with the length GET would have.
+    c.send(b"HEAD /healthz HTTP/1.1\r\nhost: t\r\n\r\n");
+    let resp = c.read_head_response().unwrap();
+    let get = get(r.addr, "/healthz");
+    assert_eq!(
+        resp.header("content-length"),
+        Some(get.body.len().to_string().as_str())
+    );
+    // The absolute form of a target routes by its path.
+    c.send(&post_raw(
+        &format!("http://{}/v1/chat/completions", r.addr),
+        &chat("x"),
+        "",
+    ));
+    assert_eq!(c.read_response().unwrap().status, 200);
+    c.send(b"GET /nope HTTP/1.1\r\nhost: t\r\n\r\n");
     c.read_response().unwrap().error(404);
     c.send(&post_raw(
         "/v1/chat/completions",
@@ -1001,7 +1028,7 @@ fn pipelined_requests_are_answered_in_order() {
             &format!("x-switchyard-service: p{i}\r\n"),
         ));
     }
-    all.extend_from_slice(b"GET /healthz HTTP/1.1\r\n\r\n");
+    all.extend_from_slice(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n");
     c.send(&all);
     let mut ids = Vec::new();
     for _ in 0..5 {

@@ -77,9 +77,16 @@ pub fn identify<'h>(
     required: bool,
     head: &'h Head,
 ) -> Result<Service<'h>, &'static str> {
-    let named = head
-        .header_str("x-switchyard-service")
-        .filter(|s| !s.is_empty());
+    let named = match head.header("x-switchyard-service") {
+        None => None,
+        Some(v) => Some(match std::str::from_utf8(v) {
+            Ok(name) => name.trim(),
+            // Not a name at all: checked like one, it is refused with the naming rule rather
+            // than billed to `default` or to the key's service.
+            Err(_) => "(not UTF-8)",
+        })
+        .filter(|s| !s.is_empty()),
+    };
     if !required {
         return Ok(Service::Named(named.unwrap_or("default")));
     }
@@ -111,7 +118,7 @@ mod tests {
     use super::*;
 
     fn head(headers: &str) -> Head {
-        let raw = format!("POST /v1/chat/completions HTTP/1.1\r\n{headers}\r\n");
+        let raw = format!("POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n{headers}\r\n");
         crate::codec::parse_request(raw.as_bytes(), 8192)
             .unwrap()
             .expect("a complete head")

@@ -139,6 +139,7 @@ struct Framing {
     connection_close: bool,
     connection_keep_alive: bool,
     expect_continue: bool,
+    hosts: usize,
 }
 
 /// Reads the framing headers; rejects what could desynchronise us from a peer (RFC 9112 §6.3).
@@ -149,6 +150,7 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, CodecError> {
         connection_close: false,
         connection_keep_alive: false,
         expect_continue: false,
+        hosts: 0,
     };
     let mut saw_te = false;
     for h in headers {
@@ -157,10 +159,12 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, CodecError> {
             let v = std::str::from_utf8(h.value)
                 .ok()
                 .map(str::trim)
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
-            let n = v
-                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
                 .ok_or(err(ErrorKind::AmbiguousLength, "invalid Content-Length"))?;
+            // Only digits: a value that does not fit is simply too large.
+            let n = v
+                .parse::<u64>()
+                .map_err(|_| err(ErrorKind::BodyTooLarge, "Content-Length exceeds the limit"))?;
             if f.length.is_some_and(|old| old != n) {
                 return Err(err(
                     ErrorKind::AmbiguousLength,
@@ -184,6 +188,8 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, CodecError> {
             f.connection_keep_alive |= has_token(h.value, "keep-alive");
         } else if name.eq_ignore_ascii_case(b"expect") {
             f.expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        } else if name.eq_ignore_ascii_case(b"host") {
+            f.hosts += 1;
         }
     }
     if saw_te && f.length.is_some() {
@@ -206,6 +212,16 @@ fn collect(buf: &[u8], len: usize, headers: &[httparse::Header<'_>]) -> (Vec<u8>
         .map(|h| (range(h.name.as_bytes()), range(h.value)))
         .collect();
     (buf[..len].to_vec(), ranges)
+}
+
+/// Whether `buf` may hold the blank line that ends a head (CRLF or bare LF line ends) in the
+/// bytes from `from` on (a line end split across reads is looked at again).
+pub fn may_end_head(buf: &[u8], from: usize) -> bool {
+    let start = from.saturating_sub(2).min(buf.len());
+    memchr::memchr_iter(b'\n', &buf[start..]).any(|i| {
+        let rest = &buf[start + i + 1..];
+        rest.first() == Some(&b'\n') || rest.starts_with(b"\r\n")
+    })
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)`: need more bytes.
@@ -232,13 +248,36 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)
     };
     let f = framing(req.headers)?;
     let minor_version = req.version.unwrap_or(1);
+    // RFC 9112 §3.2: exactly one Host in HTTP/1.1; §6.1: an HTTP/1.0 message with
+    // Transfer-Encoding has faulty framing.
+    if minor_version == 1 && f.hosts != 1 {
+        return Err(err(
+            ErrorKind::MalformedHttp,
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    if minor_version == 0 && f.chunked {
+        return Err(err(
+            ErrorKind::MalformedHttp,
+            "Transfer-Encoding in an HTTP/1.0 request",
+        ));
+    }
     let method = match req.method.unwrap_or("") {
         "GET" => Method::Get,
         "HEAD" => Method::Head,
         "POST" => Method::Post,
         _ => Method::Other,
     };
-    let path = req.path.unwrap_or("/");
+    let mut path = req.path.unwrap_or("/");
+    if !path.is_ascii() {
+        return Err(err(ErrorKind::MalformedHttp, "request target is not ASCII"));
+    }
+    // Absolute form (`POST http://host/v1/...`, RFC 9112 §3.2.2): the path is what routes.
+    if let Some((scheme, rest)) = path.split_once("://") {
+        if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") {
+            path = rest.find('/').map_or("", |i| &rest[i..]);
+        }
+    }
     let target_start = path.as_ptr() as usize - buf.as_ptr() as usize;
     let (bytes, headers) = collect(buf, len, req.headers);
     let framing = match (f.chunked, f.length) {
@@ -255,11 +294,7 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)
             status: 0,
             minor_version,
             framing,
-            keep_alive: if minor_version == 0 {
-                f.connection_keep_alive
-            } else {
-                !f.connection_close
-            },
+            keep_alive: !f.connection_close && (minor_version > 0 || f.connection_keep_alive),
             expect_continue: f.expect_continue && minor_version == 1,
         },
         len,
@@ -297,6 +332,12 @@ pub fn parse_response(
         ..e
     })?;
     let minor_version = resp.version.unwrap_or(1);
+    if minor_version == 0 && f.chunked {
+        return Err(err(
+            ErrorKind::UpstreamProtocol,
+            "Transfer-Encoding in an HTTP/1.0 response",
+        ));
+    }
     let framing =
         if request_was_head || status == 204 || status == 304 || (100..200).contains(&status) {
             BodyFraming::Empty
@@ -308,11 +349,8 @@ pub fn parse_response(
             BodyFraming::UntilClose
         };
     let keep_alive = framing != BodyFraming::UntilClose
-        && if minor_version == 0 {
-            f.connection_keep_alive
-        } else {
-            !f.connection_close
-        };
+        && !f.connection_close
+        && (minor_version > 0 || f.connection_keep_alive);
     let (bytes, headers) = collect(buf, len, resp.headers);
     Ok(Some((
         Head {
@@ -349,12 +387,38 @@ fn plain_size_line(rest: &[u8]) -> bool {
         && !line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
 }
 
+/// Whether what has arrived of a trailer line (`line`, up to its CRLF when `ended`) can be a
+/// field line: a token name, a colon, and no control byte (a bare CR or LF included) that a
+/// parser before us could end the line at, so that the next request hides in the trailers.
+fn plain_trailer_line(line: &[u8], ended: bool) -> bool {
+    // The CR of a CRLF still on its way is not part of the line yet.
+    let line = if ended {
+        line
+    } else {
+        line.strip_suffix(b"\r").unwrap_or(line)
+    };
+    let control = |b: &u8| (*b < 0x20 && *b != b'\t') || *b == 0x7f;
+    let name_ok = |name: &[u8]| {
+        !name.is_empty()
+            && name
+                .iter()
+                .all(|b| b.is_ascii_graphic() && !b"\"(),/:;<=>?@[\\]{}".contains(b))
+    };
+    !line.iter().any(control)
+        && match line.iter().position(|&b| b == b':') {
+            Some(colon) => name_ok(&line[..colon]),
+            None => !ended && name_ok(line),
+        }
+}
+
 /// Incremental chunked-body decoder: feed it whatever arrived, it appends payload bytes to
 /// `out` and says how much input it consumed; leftover input is a partial line to keep.
 #[derive(Debug)]
 pub struct ChunkedDecoder {
     state: ChunkState,
     decoded: u64,
+    /// Bytes of trailer lines so far (bounded like a size line).
+    trailers: usize,
 }
 
 impl Default for ChunkedDecoder {
@@ -362,6 +426,7 @@ impl Default for ChunkedDecoder {
         ChunkedDecoder {
             state: ChunkState::Size,
             decoded: 0,
+            trailers: 0,
         }
     }
 }
@@ -437,8 +502,17 @@ impl ChunkedDecoder {
                         at += 2;
                         self.state = ChunkState::Done;
                     }
-                    Some(i) => at += i + 2,
-                    None if rest.len() > MAX_CHUNK_META => return Err(bad),
+                    Some(i) => {
+                        self.trailers += i + 2;
+                        if !plain_trailer_line(&rest[..i], true) || self.trailers > MAX_CHUNK_META {
+                            return Err(bad);
+                        }
+                        at += i + 2;
+                    }
+                    None if rest.is_empty() => return Ok(at),
+                    None if rest.len() + self.trailers > MAX_CHUNK_META => return Err(bad),
+                    None if rest == b"\r" => return Ok(at),
+                    None if !plain_trailer_line(rest, false) => return Err(bad),
                     None => return Ok(at),
                 },
             }
@@ -519,7 +593,7 @@ mod tests {
     #[test]
     fn pipelined_requests_parse_one_after_another() {
         let raw =
-            b"GET /healthz HTTP/1.1\r\n\r\nGET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n";
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
         let (a, n) = parse_request(raw, LIMIT).unwrap().unwrap();
         let (b, m) = parse_request(&raw[n..], LIMIT).unwrap().unwrap();
         assert_eq!((a.path(), b.path()), ("/healthz", "/v1/models"));
@@ -532,9 +606,9 @@ mod tests {
         let h = |raw: &[u8]| parse_request(raw, LIMIT).unwrap().unwrap().0;
         assert!(!h(b"GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(h(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
-        assert!(!h(b"GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n").keep_alive);
+        assert!(!h(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: foo, close\r\n\r\n").keep_alive);
         assert!(
-            h(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
+            h(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
                 .expect_continue
         );
     }
@@ -543,19 +617,19 @@ mod tests {
     fn bad_heads_get_the_right_error() {
         let e = |raw: &[u8]| parse_request(raw, LIMIT).unwrap_err().kind;
         assert_eq!(
-            e(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            e(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
             ErrorKind::AmbiguousLength
         );
         assert_eq!(
-            e(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            e(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
             ErrorKind::AmbiguousLength
         );
         assert_eq!(
-            e(b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            e(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n"),
             ErrorKind::AmbiguousLength
         );
         assert_eq!(
-            e(b"GET / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n"),
+            e(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1e3\r\n\r\n"),
             ErrorKind::AmbiguousLength
         );
         for coding in [
@@ -566,7 +640,7 @@ mod tests {
             b"chunked\r\nTransfer-Encoding: gzip",
         ] {
             let head = [
-                &b"POST / HTTP/1.1\r\nTransfer-Encoding: "[..],
+                &b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: "[..],
                 coding,
                 b"\r\n\r\n",
             ]
@@ -579,29 +653,33 @@ mod tests {
             );
         }
         let chunked = parse_request(
-            b"POST / HTTP/1.1\r\nTransfer-Encoding:  Chunked \r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:  Chunked \r\n\r\n",
             LIMIT,
         );
         assert!(chunked.unwrap().unwrap().0.framing == BodyFraming::Chunked);
         assert_eq!(
-            e(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"),
+            e(b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n"),
             ErrorKind::MalformedHttp
         );
         assert_eq!(e(b"\x00\x01garbage\r\n\r\n"), ErrorKind::MalformedHttp);
-        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        let mut many = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
         for i in 0..=MAX_HEADERS {
             many.extend_from_slice(format!("h{i}: v\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
         assert_eq!(e(&many), ErrorKind::HeaderTooLarge);
-        let big = [b"GET / HTTP/1.1\r\nx: ".as_slice(), &vec![b'a'; LIMIT]].concat();
+        let big = [
+            b"GET / HTTP/1.1\r\nHost: a\r\nx: ".as_slice(),
+            &vec![b'a'; LIMIT],
+        ]
+        .concat();
         assert_eq!(
             e(&big),
             ErrorKind::HeaderTooLarge,
             "a partial head over the limit fails early"
         );
         // Exactly at the limit still parses.
-        let mut exact = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        let mut exact = b"GET / HTTP/1.1\r\nHost: a\r\nx: ".to_vec();
         exact.resize(LIMIT - 4, b'a');
         exact.extend_from_slice(b"\r\n\r\n");
         assert_eq!(parse_request(&exact, LIMIT).unwrap().unwrap().1, LIMIT);
@@ -660,6 +738,11 @@ mod tests {
             b"5;ext\nhello\r\n0\r\n\r\n",
             b"5;a=\x01\r\nhello\r\n0\r\n\r\n",
             b" 5\r\nhello\r\n0\r\n\r\n",
+            // A bare LF in the trailers: another parser sees a second request there.
+            b"0\r\n\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"0\r\nX-T: v\nGET /x HTTP/1.1\r\n\r\n",
+            b"0\r\nnot a field\r\n\r\n",
+            b"0\r\nX-T: a\rb\r\n\r\n",
         ] {
             let e = decode_split(bad, 100).unwrap_err();
             assert_eq!(
@@ -684,6 +767,53 @@ mod tests {
             decode_split(b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", 10).unwrap(),
             b"helloworld"
         );
+        assert_eq!(
+            decode_split(b"5\r\nhello\r\n0\r\nX-Trace: a\r\nEmpty:\r\n\r\n", 10).unwrap(),
+            b"hello",
+            "trailer fields are read past"
+        );
+    }
+
+    #[test]
+    fn request_lines_and_hosts_per_rfc_9112() {
+        let e = |raw: &[u8]| parse_request(raw, LIMIT).unwrap_err().kind;
+        let h = |raw: &[u8]| parse_request(raw, LIMIT).unwrap().unwrap().0;
+        assert_eq!(e(b"GET / HTTP/1.1\r\n\r\n"), ErrorKind::MalformedHttp);
+        assert_eq!(
+            e(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+            ErrorKind::MalformedHttp
+        );
+        assert_eq!(h(b"GET /healthz HTTP/1.0\r\n\r\n").path(), "/healthz");
+        assert_eq!(
+            e(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            ErrorKind::MalformedHttp
+        );
+        assert!(!h(b"GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n").keep_alive);
+        assert_eq!(
+            e(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n"),
+            ErrorKind::BodyTooLarge
+        );
+        assert_eq!(
+            e(b"GET /\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            ErrorKind::MalformedHttp
+        );
+        let absolute =
+            h(b"POST http://router:8080/v1/chat/completions?x=1 HTTP/1.1\r\nHost: router\r\n\r\n");
+        assert_eq!(
+            (absolute.path(), absolute.target()),
+            ("/v1/chat/completions", "/v1/chat/completions?x=1")
+        );
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_across_reads() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for from in 0..head.len() {
+            assert!(may_end_head(head, from), "from {from}");
+        }
+        assert!(!may_end_head(&head[..head.len() - 1], 0));
+        assert!(may_end_head(b"GET / HTTP/1.0\n\n", 14));
+        assert!(!may_end_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
     }
 
     #[test]

@@ -138,8 +138,15 @@ async fn linger(client: &mut Client) {
 
 pub async fn read_head(client: &mut Client, l: &Listener) -> Result<Head, HeadError> {
     let mut deadline = None;
+    // Bytes already parsed without finding the end of the head: a head trickled in byte by
+    // byte is parsed again only once its blank line may have come (not once per byte, which
+    // is quadratic work for the client's price of one byte), or once it is over the limit.
+    let mut scanned = 0;
     loop {
-        if !client.buf.is_empty() {
+        let parse = scanned == 0
+            || client.buf.len() > l.max_header_bytes
+            || codec::may_end_head(&client.buf, scanned);
+        if !client.buf.is_empty() && parse {
             match codec::parse_request(&client.buf, l.max_header_bytes) {
                 Ok(Some((head, n))) => {
                     client.buf.drain(..n);
@@ -149,6 +156,7 @@ pub async fn read_head(client: &mut Client, l: &Listener) -> Result<Head, HeadEr
                 Err(e) => return Err(HeadError::Bad(e)),
             }
         }
+        scanned = client.buf.len();
         // Idle between requests: the keep-alive timeout; once a head started: the header timeout.
         let wait = if client.buf.is_empty() {
             l.keepalive_timeout
@@ -280,9 +288,11 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
         }
     }
     if let Some((status, content)) = local {
-        let content = if head_only { &[][..] } else { content };
+        // HEAD: the length GET would have, without the body.
         let mut out = response_head(status, content.len(), keep_alive, client.http10);
-        out.extend_from_slice(content);
+        if !head_only {
+            out.extend_from_slice(content);
+        }
         return client.write(out).await.0.is_ok() && keep_alive;
     }
     match (endpoint, head.method) {
@@ -295,13 +305,18 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
             keep
         }
         _ if known => {
+            let allow: &[u8] = if endpoint.is_some() {
+                b"allow: POST\r\n"
+            } else {
+                b"allow: GET, HEAD\r\n"
+            };
             send_error(
                 client,
                 ErrorKind::MethodNotAllowed,
                 "method not allowed on this path",
                 None,
                 keep_alive,
-                None,
+                Some(allow),
                 head_only,
             )
             .await

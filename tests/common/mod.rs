@@ -276,9 +276,18 @@ impl Conn {
     }
 
     /// Reads one response; `on_data` sees each decoded body piece as it arrives.
-    pub fn read_response_with(&mut self, mut on_data: impl FnMut(&[u8])) -> Option<Response> {
+    pub fn read_response_with(&mut self, on_data: impl FnMut(&[u8])) -> Option<Response> {
+        self.read_one(false, on_data)
+    }
+
+    /// Reads the response to a HEAD request (a head only, whatever its length says).
+    pub fn read_head_response(&mut self) -> Option<Response> {
+        self.read_one(true, |_| {})
+    }
+
+    fn read_one(&mut self, to_head: bool, mut on_data: impl FnMut(&[u8])) -> Option<Response> {
         let (head, n) = loop {
-            if let Some(parsed) = codec::parse_response(&self.buf, false).unwrap() {
+            if let Some(parsed) = codec::parse_response(&self.buf, to_head).unwrap() {
                 break parsed;
             }
             if self.fill() == 0 {
