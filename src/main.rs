@@ -422,7 +422,10 @@ fn serve(args: ServeArgs, local: bool) -> ExitCode {
 
 fn classify(config_path: Option<String>) -> ExitCode {
     let table = match &config_path {
-        Some(path) => config::load_file(path),
+        // Classifying sends nothing anywhere: the backends' API keys need not be set.
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| vec![format!("{path}: cannot read: {e}")])
+            .and_then(|text| config::load_str(&text, path, &|_| Some("unused".into()))),
         None => config::load_str(
             &demo::SIMULATED
                 .replace("{LOCAL}", "127.0.0.1:1")
@@ -438,13 +441,22 @@ fn classify(config_path: Option<String>) -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut failed = false;
-    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+    for (n, line) in std::io::stdin().lock().split(b'\n').enumerate() {
         let line = match line {
-            Ok(l) if l.trim().is_empty() => continue,
             Ok(l) => l,
             Err(e) => return fail(&[format!("stdin: {e}")]),
         };
-        match classify_line(&table, &line) {
+        // A line that is not UTF-8 fails alone, like any other bad line.
+        let line = match std::str::from_utf8(&line) {
+            Ok(l) if l.trim().is_empty() => continue,
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: line {}: not UTF-8: {e}", n + 1);
+                failed = true;
+                continue;
+            }
+        };
+        match classify_line(&table, line) {
             Ok(result) => {
                 let _ = writeln!(out, "{result}");
             }

@@ -95,9 +95,8 @@ fn classify_reads_jsonl_and_writes_one_line_each() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let input = concat!(
-        r#"{"id":"a","messages":[{"role":"user","content":"Translate into French: good morning"}]}"#,
-        "\n",
+    let first = r#"{"id":"a","messages":[{"role":"user","content":"Translate into French: good morning"}]}"#;
+    let rest = concat!(
         r#"{"id":7,"body":{"model":"auto","messages":[{"role":"user","content":"Write a Python function that merges two sorted lists."}]}}"#,
         "\n",
         "\n",
@@ -108,7 +107,7 @@ fn classify_reads_jsonl_and_writes_one_line_each() {
         .stdin
         .take()
         .unwrap()
-        .write_all(input.as_bytes())
+        .write_all(&[first.as_bytes(), b"\n\xff\xfe not UTF-8\n", rest.as_bytes()].concat())
         .unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(
@@ -136,5 +135,39 @@ fn classify_reads_jsonl_and_writes_one_line_each() {
     for key in ["confidence", "rule", "tier"] {
         assert!(lines[1].get(key).is_some(), "{key}");
     }
-    assert!(String::from_utf8_lossy(&out.stderr).contains("line 4"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 2: not UTF-8") && err.contains("line 5"),
+        "{err}"
+    );
+}
+
+#[test]
+fn classify_needs_no_backend_secrets() {
+    let config = write_config(
+        &config_for(&[("a", "http://127.0.0.1:9".to_string())], "").replace(
+            "first_byte_timeout_ms",
+            "api_key_env = \"SWITCHYARD_TEST_NEVER_SET\"\nfirst_byte_timeout_ms",
+        ),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["classify", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"id":1,"messages":[{"role":"user","content":"hi"}]}"#)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }

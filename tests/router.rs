@@ -679,6 +679,76 @@ fn a_backend_that_takes_a_request_and_goes_away_is_a_protocol_error() {
 }
 
 #[test]
+fn a_chunked_answer_is_stored_and_served_with_its_length() {
+    let (backend, r) = router_with_hand_rolled_backend("chunky", "");
+    let body = r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"Extract the date: 2024-05-01"}]}"#;
+    let answer = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"2024-05-01"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":5,"total_tokens":14}}"#;
+    let addr = r.addr;
+    let first = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
+    let mut upstream = accept_request(&backend);
+    let (a, b) = answer.split_at(40);
+    upstream
+        .write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                a.len(),
+                b.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let first = first.join().unwrap();
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-switchyard-cache"), Some("stored"));
+    assert_eq!(
+        first.header("content-length"),
+        Some(answer.len().to_string().as_str())
+    );
+    assert_eq!(first.text(), answer);
+    let second = post(r.addr, "/v1/chat/completions", body, "");
+    assert_eq!(second.header("x-switchyard-cache"), Some("hit"));
+    assert_eq!(second.text(), answer);
+}
+
+#[test]
+fn a_chunked_answer_too_large_to_store_is_relayed_whole() {
+    let (backend, r) = router_with_hand_rolled_backend("chunky", "");
+    let body =
+        r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"Repeat x"}]}"#;
+    let addr = r.addr;
+    let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
+    let mut upstream = accept_request(&backend);
+    // 5 MiB of JSON in 64 KiB chunks: over the 4 MiB an answer may take in the cache.
+    let content = "x".repeat(5 << 20);
+    let answer = format!(
+        r#"{{"choices":[{{"message":{{"content":"{content}"}},"finish_reason":"stop"}}]}}"#
+    );
+    let writer = std::thread::spawn(move || {
+        upstream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+            .unwrap();
+        for piece in answer.as_bytes().chunks(64 << 10) {
+            upstream
+                .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                .unwrap();
+            upstream.write_all(piece).unwrap();
+            upstream.write_all(b"\r\n").unwrap();
+        }
+        upstream.write_all(b"0\r\n\r\n").unwrap();
+        answer
+    });
+    let resp = client.join().unwrap();
+    let answer = writer.join().unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-switchyard-cache"), Some("miss"));
+    assert_eq!(resp.header("transfer-encoding"), Some("chunked"));
+    assert!(
+        resp.body == answer.as_bytes(),
+        "the body arrives whole and in order"
+    );
+}
+
+#[test]
 fn pooled_connections_left_idle_under_a_busier_one_are_closed() {
     let (backend, r) = router_with_hand_rolled_backend("pool", "");
     // Two requests at once: the worker's pool ends up with two connections.

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use switchyard_dataplane::auth::key_hash;
 use switchyard_shared::category::Category;
 use switchyard_shared::openai::Endpoint;
-use switchyard_shared::usage::{is_valid_service, UsageEvent, REFUSED_BY, SERVICE_NAME_RULE};
+use switchyard_shared::usage::{
+    is_counted_service, is_label_safe, is_valid_service, UsageEvent, REFUSED_BY, SERVICE_NAME_RULE,
+};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -69,6 +71,25 @@ pub fn event_from_record(r: pb::UsageRecord) -> Result<UsageEvent, String> {
         .ok_or_else(|| format!("unknown cache outcome `{}`", r.cache))?;
     let request_id = u64::from_str_radix(&r.request_id, 16)
         .map_err(|_| format!("request id `{}` is not hex", r.request_id))?;
+    // These label metrics and spend rows: what a local data plane could not produce is refused.
+    if !is_counted_service(&r.service) {
+        return Err(format!(
+            "service `{}`: {SERVICE_NAME_RULE}",
+            r.service.escape_debug()
+        ));
+    }
+    for (what, name) in [
+        ("tier", &r.tier),
+        ("backend", &r.backend),
+        ("model", &r.model),
+    ] {
+        if !is_label_safe(name) {
+            return Err(format!(
+                "{what} `{}` has quotes, backslashes or control characters",
+                name.escape_debug()
+            ));
+        }
+    }
     Ok(UsageEvent {
         request_id,
         service: r.service.into(),
@@ -603,5 +624,23 @@ mod tests {
             let back = event_from_record(record_from_event(&event, 0)).unwrap();
             assert_eq!((back.refused_by, &*back.service), (refused_by, "etl"));
         }
+    }
+
+    #[test]
+    fn remote_records_whose_names_could_break_metrics_are_refused() {
+        let record = |service: &str, model: &str| {
+            let event = UsageEvent {
+                request_id: 7,
+                service: service.into(),
+                endpoint: "/v1/chat/completions",
+                model: model.into(),
+                ..UsageEvent::default()
+            };
+            event_from_record(record_from_event(&event, 0))
+        };
+        assert!(record("etl", "org/model:v1").is_ok());
+        assert!(record(switchyard_shared::usage::UNAUTHENTICATED, "").is_ok());
+        assert!(record("x\"} 1\nswitchyard_fake 9\n#", "m").is_err());
+        assert!(record("etl", "m\"} 1").is_err());
     }
 }

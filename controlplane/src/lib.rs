@@ -201,35 +201,11 @@ impl ControlPlane {
 
     /// The `/metrics` page: counters from the ledger, gauges read now.
     pub fn scrape(&self) -> String {
-        let m = &self.ledger.metrics;
         let stats = self.stats();
-        m.config_version.set(stats.config_version as i64);
-        m.inflight.set(stats.inflight as i64);
-        m.usage_dropped.set(stats.usage_events_dropped as i64);
-        m.cache_entries.set(stats.cache_entries as i64);
-        m.cache_bytes.set(stats.cache_bytes as i64);
-        m.cache_evictions.set(stats.cache_evictions as i64);
-        for b in &stats.backends {
-            let labels = metrics::BackendLabels {
-                backend: b.name.clone(),
-            };
-            m.backend_healthy
-                .get_or_create(&labels)
-                .set(i64::from(b.healthy));
-            m.backend_inflight
-                .get_or_create(&labels)
-                .set(b.inflight as i64);
-        }
-        for b in self.budget_report().budgets {
-            let labels = metrics::BudgetLabels {
-                service: b.service,
-                category: b.category,
-            };
-            m.budget_remaining
-                .get_or_create(&labels)
-                .set(b.daily_micros as i64 - b.spent_micros as i64);
-        }
-        m.encode()
+        let budgets = self.budget_report().budgets;
+        self.ledger
+            .metrics
+            .scrape(|m| set_live_gauges(m, &stats, budgets))
     }
 
     /// Gives the data plane the stored keys (after one is created or revoked).
@@ -413,6 +389,36 @@ fn already_out(
         *spent = spent.saturating_sub(remote) + remote.max(granted);
     }
     Ok(out)
+}
+
+/// The gauges of live state: config version, requests in flight, cache, backends, budgets.
+fn set_live_gauges(m: &metrics::Metrics, stats: &pb::Stats, budgets: Vec<pb::Budget>) {
+    m.config_version.set(stats.config_version as i64);
+    m.inflight.set(stats.inflight as i64);
+    m.usage_dropped.set(stats.usage_events_dropped as i64);
+    m.cache_entries.set(stats.cache_entries as i64);
+    m.cache_bytes.set(stats.cache_bytes as i64);
+    m.cache_evictions.set(stats.cache_evictions as i64);
+    for b in &stats.backends {
+        let labels = metrics::BackendLabels {
+            backend: b.name.clone(),
+        };
+        m.backend_healthy
+            .get_or_create(&labels)
+            .set(i64::from(b.healthy));
+        m.backend_inflight
+            .get_or_create(&labels)
+            .set(b.inflight as i64);
+    }
+    for b in budgets {
+        let labels = metrics::BudgetLabels {
+            service: b.service,
+            category: b.category,
+        };
+        m.budget_remaining
+            .get_or_create(&labels)
+            .set(b.daily_micros as i64 - b.spent_micros as i64);
+    }
 }
 
 /// `n` random bytes from the kernel, as hex: admin tokens and API keys.

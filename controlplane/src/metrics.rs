@@ -190,6 +190,8 @@ pub struct Metrics {
     pub cache_entries: Gauge,
     pub cache_bytes: Gauge,
     pub cache_evictions: Gauge,
+    /// One scrape at a time: it clears the gauges of live state before setting them.
+    scraping: Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -218,6 +220,7 @@ impl Default for Metrics {
             cache_evictions: Gauge::default(),
             registry: Registry::default(),
             series: Mutex::default(),
+            scraping: Mutex::default(),
         };
         let r = &mut registry;
         r.register("requests", "Finished requests", m.requests.clone());
@@ -414,10 +417,44 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
+    /// Sets the gauges of live state (`set`) and encodes everything. The per-backend and
+    /// per-budget gauges start empty, so a backend or budget that is gone leaves no series.
+    pub fn scrape(&self, set: impl FnOnce(&Metrics)) -> String {
+        let _one_at_a_time = self.scraping.lock().unwrap_or_else(|p| p.into_inner());
+        self.backend_healthy.clear();
+        self.backend_inflight.clear();
+        self.budget_remaining.clear();
+        set(self);
+        self.encode()
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_gone_from_the_config_leaves_no_series() {
+        let m = Metrics::default();
+        let labels = |name: &str| BackendLabels {
+            backend: name.into(),
+        };
+        let page = m.scrape(|m| {
+            m.backend_healthy.get_or_create(&labels("old")).set(1);
+            m.backend_healthy.get_or_create(&labels("kept")).set(1);
+        });
+        assert!(page.contains("backend=\"old\""), "{page}");
+        let page = m.scrape(|m| {
+            m.backend_healthy.get_or_create(&labels("kept")).set(0);
+        });
+        assert!(!page.contains("backend=\"old\""), "{page}");
+        assert!(page.contains("backend=\"kept\""), "{page}");
     }
 }

@@ -372,14 +372,14 @@ pub async fn handle(
             let t = &table.targets[target];
             // The key names the resolved target model, so it is known only once a target is.
             let scope = cache_scope(worker, table, &ctx, &view, cache_mode, &t.model, &variant);
+            let ttl = decision
+                .cache_ttl
+                .unwrap_or(table.cache.category_ttl[ctx.category.index()]);
+            // A zero TTL is how a rule or a category says "not cached".
             let store = scope
+                .filter(|_| !ttl.is_zero())
                 .and_then(|s| cache_key::key(&s, body, embeddings))
-                .map(|key| Store {
-                    key,
-                    ttl: decision
-                        .cache_ttl
-                        .unwrap_or(table.cache.category_ttl[ctx.category.index()]),
-                });
+                .map(|key| Store { key, ttl });
             // A lead is for one key: failing over to a target with another model frees the
             // first key's waiters to go on their own, and this request may lead the new key.
             if lead
@@ -414,10 +414,17 @@ pub async fn handle(
                 }
             }
             // Identical misses, on any worker, wait for the one fetching the answer. A refresh
-            // neither waits (it would be served the entry it means to replace) nor leads.
-            if let (Some(cache), Some(store), None, false, CacheMode::Use) =
-                (&worker.shared.cache, &store, &lead, waited, cache_mode)
-            {
+            // neither waits (it would be served the entry it means to replace) nor leads, nor
+            // does a stream (its answer is stored only once whole: a waiting stream would get
+            // its first byte after the leader's last).
+            if let (Some(cache), Some(store), None, false, CacheMode::Use, false) = (
+                &worker.shared.cache,
+                &store,
+                &lead,
+                waited,
+                cache_mode,
+                view.stream,
+            ) {
                 match worker.shared.flights.join(&store.key) {
                     Role::Lead(l) => lead = Some(l),
                     Role::Wait(wait) => {
@@ -521,6 +528,10 @@ pub async fn handle(
                     return false;
                 }
                 Some(Ok(resp)) => {
+                    if resp.head.status != 200 {
+                        // Not an answer to store: whoever waits for it goes on now.
+                        lead = None;
+                    }
                     if resp.head.status == 429 || resp.head.status >= 500 {
                         snap.states
                             .record(t.backend, Verdict::Failure, &table.health);
@@ -1040,7 +1051,8 @@ fn request_variant(head: &Head) -> Vec<u8> {
         .filter(|(name, _)| relevant(name))
         .map(|(name, value)| (name.to_ascii_lowercase(), value))
         .collect();
-    lines.sort();
+    // By name only, and stably: repeated headers keep their order, which the backend sees.
+    lines.sort_by(|a, b| a.0.cmp(&b.0));
     let mut out = query.as_bytes().to_vec();
     for (name, value) in lines {
         out.push(b'\n');
@@ -1172,23 +1184,33 @@ async fn relay(
         .head
         .header("content-type")
         .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"));
-    let framing = match resp.body.framing() {
+    // A cacheable 200 is read whole before anything is sent, so that `x-switchyard-cache` can
+    // say truthfully whether it was stored. A chunked one is answered with its length then
+    // (unless it outgrows what may be stored: then it is relayed on as it comes).
+    let mut buffer_whole = store.is_some()
+        && status == 200
+        && !sse
+        && match resp.body.framing() {
+            BodyFraming::Length(n) => n <= MAX_CACHED_BODY,
+            BodyFraming::Chunked => true,
+            _ => false,
+        };
+    let streamed_framing = if client_minor_version == 0 {
+        ClientFraming::Close
+    } else {
+        ClientFraming::Chunked
+    };
+    let mut framing = match resp.body.framing() {
         BodyFraming::Empty => ClientFraming::Empty,
         BodyFraming::Length(_) if !sse => ClientFraming::Length,
-        _ if client_minor_version == 0 => ClientFraming::Close,
-        _ => ClientFraming::Chunked,
+        _ if buffer_whole => ClientFraming::Length,
+        _ => streamed_framing,
     };
     if framing == ClientFraming::Close {
         ctx.keep_alive = false;
     }
     let answer_tier = tier_name(table, ctx);
     let tier = answer_tier.map_or("", |t| &**t);
-    // A cacheable 200 is read whole before anything is sent, so that `x-switchyard-cache` can
-    // say truthfully whether it was stored.
-    let buffer_whole = store.is_some()
-        && status == 200
-        && !sse
-        && matches!(resp.body.framing(), BodyFraming::Length(n) if n <= MAX_CACHED_BODY);
     if store.is_some() && !buffer_whole {
         ctx.cache = "miss";
     }
@@ -1197,12 +1219,16 @@ async fn relay(
     let mut wire = if buffer_whole {
         Vec::new()
     } else {
-        response_head(ctx, &resp.head, framing, tier, backend, &t.model)
+        let length = match resp.body.framing() {
+            BodyFraming::Length(n) => Some(n),
+            _ => None,
+        };
+        response_head(ctx, &resp.head, framing, length, tier, backend, &t.model)
     };
     let mut first_byte: Option<Instant> = None;
     let mut filter = sse.then(|| SseFilter::new(inject_usage));
     // Bodies passed through unframed are decoded straight into `wire`; others go via `data`.
-    let raw_passthrough = !sse && framing != ClientFraming::Chunked;
+    let mut raw_passthrough = !sse && framing != ClientFraming::Chunked;
     // The body so far, for `usage`, when it does not arrive in one piece.
     let mut kept = Vec::new();
     let mut body_usage = None;
@@ -1270,6 +1296,20 @@ async fn relay(
             }
         }
         let done = resp.body.is_done();
+        if buffer_whole && wire.len() as u64 > MAX_CACHED_BODY {
+            // A chunked answer too large to store: send what is here, relay the rest.
+            buffer_whole = false;
+            store = None;
+            ctx.cache = "miss";
+            framing = streamed_framing;
+            raw_passthrough = framing != ClientFraming::Chunked;
+            if framing == ClientFraming::Close {
+                ctx.keep_alive = false;
+            }
+            let body = std::mem::take(&mut wire);
+            wire = response_head(ctx, &resp.head, framing, None, tier, backend, &t.model);
+            frame(&mut wire, framing, &body);
+        }
         if buffer_whole {
             if !done {
                 continue;
@@ -1293,7 +1333,9 @@ async fn relay(
                     )
                 });
             ctx.cache = if stored { "stored" } else { "miss" };
-            let mut whole = response_head(ctx, &resp.head, framing, tier, backend, &t.model);
+            let length = Some(wire.len() as u64);
+            let mut whole =
+                response_head(ctx, &resp.head, framing, length, tier, backend, &t.model);
             whole.extend_from_slice(&wire);
             wire = whole;
         }
@@ -1417,10 +1459,13 @@ fn frame(out: &mut Vec<u8>, framing: ClientFraming, payload: &[u8]) {
     }
 }
 
+/// The head of a relayed answer; `length` is the body's, for `ClientFraming::Length`.
+#[allow(clippy::too_many_arguments)]
 fn response_head(
     ctx: &Ctx<'_>,
     upstream: &Head,
     framing: ClientFraming,
+    length: Option<u64>,
     tier: &str,
     backend: &Backend,
     model: &str,
@@ -1439,8 +1484,8 @@ fn response_head(
             header(&mut out, name, value);
         }
     }
-    match (framing, upstream.framing) {
-        (ClientFraming::Length, BodyFraming::Length(n)) => header(
+    match (framing, length) {
+        (ClientFraming::Length, Some(n)) => header(
             &mut out,
             b"content-length",
             itoa::Buffer::new().format(n).as_bytes(),
@@ -1690,7 +1735,32 @@ fn log(
 
 #[cfg(test)]
 mod tests {
-    use super::{header_use, hex_id, HeaderUse};
+    use super::{header_use, hex_id, request_variant, HeaderUse};
+
+    fn head(headers: &str) -> crate::codec::Head {
+        let raw = format!("POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n{headers}\r\n");
+        crate::codec::parse_request(raw.as_bytes(), 8192)
+            .unwrap()
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn cache_variants_ignore_header_order_but_not_the_order_of_a_repeated_one() {
+        let v = |headers: &str| request_variant(&head(headers));
+        assert_eq!(
+            v("OpenAI-Beta: x\r\nX-Custom: y\r\n"),
+            v("x-custom: y\r\nopenai-beta: x\r\n")
+        );
+        assert_ne!(
+            v("OpenAI-Organization: A\r\nOpenAI-Organization: B\r\n"),
+            v("OpenAI-Organization: B\r\nOpenAI-Organization: A\r\n")
+        );
+        assert!(
+            v("User-Agent: sdk\r\n").is_empty(),
+            "output-neutral headers are left out"
+        );
+    }
 
     #[test]
     fn header_names_are_classified_whatever_their_case() {

@@ -609,9 +609,16 @@ fn build(
     let mut backends = Vec::new();
     let mut targets: Vec<Target> = Vec::new();
     for (i, b) in file.backends.iter().enumerate() {
-        let key = format!("backends[{i}] ({})", b.name);
-        if b.name.is_empty() || b.name.contains('/') || b.name.contains(char::is_whitespace) {
-            errs.push(&key, "name must be non-empty, without `/` or spaces");
+        let key = format!("backends[{i}] ({})", b.name.escape_debug());
+        if b.name.is_empty()
+            || b.name.contains('/')
+            || b.name.contains(char::is_whitespace)
+            || !crate::usage::is_label_safe(&b.name)
+        {
+            errs.push(
+                &key,
+                "name must be non-empty, without `/`, spaces, quotes, backslashes or control characters",
+            );
         }
         if file.backends[..i].iter().any(|o| o.name == b.name) {
             errs.push(&key, "duplicate backend name");
@@ -669,9 +676,12 @@ fn build(
             errs.push(format!("{key}.health_path"), "must start with `/`");
         }
         for (j, m) in b.models.iter().enumerate() {
-            let mkey = format!("{key}.models[{j}] ({})", m.name);
-            if m.name.is_empty() {
-                errs.push(&mkey, "name must be non-empty");
+            let mkey = format!("{key}.models[{j}] ({})", m.name.escape_debug());
+            if m.name.is_empty() || !crate::usage::is_label_safe(&m.name) {
+                errs.push(
+                    &mkey,
+                    "name must be non-empty, without quotes, backslashes or control characters",
+                );
             }
             if b.models[..j].iter().any(|o| o.name == m.name) {
                 errs.push(&mkey, "duplicate model name in this backend");
@@ -740,9 +750,15 @@ fn build(
     }
     let mut tiers = Vec::new();
     for (rank, t) in file.tiers.iter().enumerate() {
-        let key = format!("tiers[{rank}] ({})", t.name);
+        let key = format!("tiers[{rank}] ({})", t.name.escape_debug());
         if t.name.is_empty() || file.tiers[..rank].iter().any(|o| o.name == t.name) {
             errs.push(&key, "name must be non-empty and unique");
+        }
+        if !crate::usage::is_label_safe(&t.name) {
+            errs.push(
+                &key,
+                "name must be without quotes, backslashes or control characters",
+            );
         }
         if t.targets.is_empty() {
             errs.push(
@@ -1248,6 +1264,23 @@ targets = ["local/org/big:latest"]
         );
         assert!(all.contains("routing.max_attempts"), "{all}");
         assert!(err.iter().all(|e| e.starts_with("test.toml: ")));
+    }
+
+    #[test]
+    fn names_that_label_metrics_cannot_break_them() {
+        let text = MINIMAL
+            .replace("name = \"local\"", "name = \"lo\\\"cal\"")
+            .replace("\"local/", "\"lo\\\"cal/")
+            .replace("small-model\"", "small\\nmodel\"")
+            .replace("name = \"large\"", "name = \"lar\\\\ge\"");
+        let all = load(&text).unwrap_err().join("\n");
+        for key in ["backends[0]", "models[0]", "tiers[1]"] {
+            assert!(
+                all.lines()
+                    .any(|l| l.contains(key) && l.contains("quotes, backslashes")),
+                "{key}: {all}"
+            );
+        }
     }
 
     #[test]

@@ -74,6 +74,19 @@ pub fn is_valid_service(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b".-_:/@".contains(&b))
 }
 
+/// A service a usage event can be counted under: a valid name or one of the refusal labels.
+pub fn is_counted_service(name: &str) -> bool {
+    is_valid_service(name) || [UNAUTHENTICATED, INVALID_SERVICE, OVER_MAX_SERVICES].contains(&name)
+}
+
+/// Names of backends, models and tiers label metrics and spend rows: no control characters,
+/// quotes or backslashes, which would break the metrics text format (or forge lines in it).
+pub fn is_label_safe(name: &str) -> bool {
+    !name
+        .chars()
+        .any(|c| c.is_control() || c == '"' || c == '\\')
+}
+
 /// What a caller sees when a service name is refused.
 pub const SERVICE_NAME_RULE: &str =
     "a service name is 1 to 128 ASCII letters, digits and . - _ : / @";

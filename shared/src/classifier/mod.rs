@@ -548,7 +548,8 @@ impl Classifier {
 
         // Tools mean an agentic turn: whatever the text says, keep a capable tier in play.
         let tools_alt = prompt.has_tools.then_some(Category::Reasoning);
-        if s1 < c.min_score {
+        // No signal at all is never a category, whatever `min_score` allows.
+        if s1 <= 0.0 || s1 < c.min_score {
             return Classification {
                 category: Category::Chat,
                 confidence: 0.3,

@@ -389,3 +389,14 @@ fn worked_out_judgements_are_reasoning() {
         assert_eq!(cat(&c, text), Category::Reasoning, "{text}");
     }
 }
+
+#[test]
+fn a_prompt_without_any_signal_is_chat_even_with_min_score_zero() {
+    let c = Classifier::new(&ClassifierConfig {
+        min_score: 0.0,
+        ..ClassifierConfig::default()
+    })
+    .unwrap();
+    let r = c.classify(&user("xyzzy plugh"));
+    assert_eq!((r.category, r.rule), (Category::Chat, "default-chat"));
+}
