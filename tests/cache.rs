@@ -392,31 +392,6 @@ fn concurrent_identical_misses_make_one_upstream_call() {
 }
 
 #[test]
-fn identical_streams_do_not_wait_for_each_other() {
-    let s = sim("s", &["--latency-ms", "300"]);
-    let r = router_on_workers(&config_for(&[("s", s.url())], ""), 2);
-    let addr = r.addr;
-    let stream = DETERMINISTIC.replace("\"temperature\"", "\"stream\":true,\"temperature\"");
-    let threads: Vec<_> = (0..3)
-        .map(|_| {
-            let body = stream.clone();
-            std::thread::spawn(move || {
-                let resp = post(addr, "/v1/chat/completions", &body, "");
-                (
-                    resp.status,
-                    resp.header("x-switchyard-cache").map(String::from),
-                )
-            })
-        })
-        .collect();
-    for t in threads {
-        // A stream is stored only once whole: waiting for another would cost its first byte.
-        assert_eq!(t.join().unwrap(), (200, Some("miss".to_string())));
-    }
-    assert_eq!(upstream_calls(&s), 3);
-}
-
-#[test]
 fn a_zero_ttl_means_not_cached() {
     let (s, r) = cached_router("[cache]\nttl_secs = 0\n");
     for _ in 0..2 {

@@ -414,17 +414,10 @@ pub async fn handle(
                 }
             }
             // Identical misses, on any worker, wait for the one fetching the answer. A refresh
-            // neither waits (it would be served the entry it means to replace) nor leads, nor
-            // does a stream (its answer is stored only once whole: a waiting stream would get
-            // its first byte after the leader's last).
-            if let (Some(cache), Some(store), None, false, CacheMode::Use, false) = (
-                &worker.shared.cache,
-                &store,
-                &lead,
-                waited,
-                cache_mode,
-                view.stream,
-            ) {
+            // neither waits (it would be served the entry it means to replace) nor leads.
+            if let (Some(cache), Some(store), None, false, CacheMode::Use) =
+                (&worker.shared.cache, &store, &lead, waited, cache_mode)
+            {
                 match worker.shared.flights.join(&store.key) {
                     Role::Lead(l) => lead = Some(l),
                     Role::Wait(wait) => {
