@@ -391,6 +391,111 @@ fn concurrent_identical_misses_make_one_upstream_call() {
     assert_eq!((stored, hits), (1, 9), "{results:?}");
 }
 
+/// A deterministic streamed request.
+fn deterministic_stream() -> String {
+    DETERMINISTIC.replace("\"temperature\"", "\"stream\":true,\"temperature\"")
+}
+
+/// The text of a streamed answer's content deltas.
+fn streamed_text(body: &[u8]) -> String {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
+#[test]
+fn identical_streams_follow_the_first_as_it_arrives() {
+    // 20 tokens at 10 a second: the answer takes about 2 s.
+    let s = sim(
+        "s",
+        &["--tokens-per-second", "10", "--completion-tokens", "20"],
+    );
+    let r = router_on_workers(&config_for(&[("s", s.url())], ""), 2);
+    let addr = r.addr;
+    let started = std::time::Instant::now();
+    let threads: Vec<_> = (0..3)
+        .map(|i| {
+            let body = deterministic_stream();
+            std::thread::spawn(move || {
+                // The first leads; the others join while it streams.
+                std::thread::sleep(Duration::from_millis(300 * i));
+                let mut c = Conn::open(addr);
+                c.send(&post_raw("/v1/chat/completions", &body, ""));
+                let mut first_data = None;
+                let resp = c
+                    .read_response_with(|_| {
+                        first_data.get_or_insert_with(|| started.elapsed());
+                    })
+                    .unwrap();
+                (resp, first_data.unwrap(), started.elapsed())
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(upstream_calls(&s), 1, "one upstream call for all three");
+    let leader_text = streamed_text(&results[0].0.body);
+    assert!(!leader_text.is_empty());
+    for (i, (resp, first_data, done)) in results.iter().enumerate() {
+        assert_eq!(resp.status, 200);
+        let expected = if i == 0 { "miss" } else { "hit" };
+        assert_eq!(
+            resp.header("x-switchyard-cache"),
+            Some(expected),
+            "request {i}"
+        );
+        assert_eq!(streamed_text(&resp.body), leader_text, "request {i}");
+        assert!(!String::from_utf8_lossy(&resp.body).contains("\"error\""));
+        if i > 0 {
+            // Followed live: its first bytes came long before the answer was whole.
+            assert!(
+                *first_data + Duration::from_millis(800) < *done,
+                "request {i}: {first_data:?} {done:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_followed_stream_goes_on_when_its_first_caller_leaves() {
+    let s = sim(
+        "s",
+        &["--tokens-per-second", "10", "--completion-tokens", "20"],
+    );
+    let r = router(&config_for(&[("s", s.url())], ""));
+    let addr = r.addr;
+    let mut leader = Conn::open(addr);
+    leader.send(&post_raw(
+        "/v1/chat/completions",
+        &deterministic_stream(),
+        "",
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    let follower =
+        std::thread::spawn(move || post(addr, "/v1/chat/completions", &deterministic_stream(), ""));
+    std::thread::sleep(Duration::from_millis(300));
+    // The first caller gives up mid-stream; the one following it must still get it all.
+    drop(leader);
+    let resp = follower.join().unwrap();
+    assert_eq!(resp.header("x-switchyard-cache"), Some("hit"));
+    let body = String::from_utf8_lossy(&resp.body).into_owned();
+    assert!(
+        body.ends_with("data: [DONE]\n\n") && !body.contains("\"error\""),
+        "{body}"
+    );
+    assert_eq!(upstream_calls(&s), 1);
+    // And the answer was stored for later callers.
+    let again = post(addr, "/v1/chat/completions", &deterministic_stream(), "");
+    assert_eq!(again.header("x-switchyard-cache"), Some("hit"));
+    assert_eq!(streamed_text(&again.body), streamed_text(&resp.body));
+}
+
 #[test]
 fn a_zero_ttl_means_not_cached() {
     let (s, r) = cached_router("[cache]\nttl_secs = 0\n");

@@ -1,23 +1,50 @@
 //! Coalescing of identical cacheable misses across all workers. Owns: the in-flight map from a
-//! cache key to the one request fetching it; the others wait, then read the cache.
+//! cache key to the one request fetching it, and what that request has received of a streamed
+//! answer so far; the others wait and read the cache, or follow the stream as it arrives.
 //! Must not: be touched by requests that are not cacheable misses (the map has a lock).
 //!
 //! Waiters on other workers cannot be woken from the leader's thread (monoio runs without
-//! cross-thread wakers), so they look at the flight's flag every `POLL`: a few milliseconds
-//! against an upstream call of hundreds.
+//! cross-thread wakers), so they look at the flight every `POLL`: a few milliseconds against
+//! an upstream call of hundreds.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How often a waiter checks whether its leader is done.
-const POLL: Duration = Duration::from_millis(2);
+/// How often a waiter checks on its leader.
+pub const POLL: Duration = Duration::from_millis(2);
 
 /// The keys being fetched from upstream right now, by any worker.
 #[derive(Default)]
 pub struct Flights {
-    in_flight: Mutex<HashMap<Vec<u8>, Arc<AtomicBool>>>,
+    in_flight: Mutex<HashMap<Vec<u8>, Arc<Flight>>>,
+}
+
+#[derive(Default)]
+struct Flight {
+    /// The leader is done: answer stored, failed, or given up.
+    done: AtomicBool,
+    stream: Mutex<Stream>,
+}
+
+/// A streamed answer as the leader receives it, for the waiters that follow it.
+#[derive(Default)]
+struct Stream {
+    /// The upstream's event-stream bytes so far, as the cache keeps them (usage chunk and all).
+    bytes: Vec<u8>,
+    /// Who answers, for the followers' headers.
+    origin: Option<Origin>,
+    /// It ended the way a complete answer does.
+    complete: bool,
+}
+
+/// The tier, backend and model a followed stream comes from.
+#[derive(Clone)]
+pub struct Origin {
+    pub tier: Option<Arc<str>>,
+    pub backend: Arc<str>,
+    pub model: Arc<str>,
 }
 
 /// Held by the request that fetches a key; dropping it (answer stored, failed, or the client
@@ -25,20 +52,36 @@ pub struct Flights {
 pub struct Lead<'a> {
     flights: &'a Flights,
     key: Vec<u8>,
+    flight: Arc<Flight>,
 }
 
 impl Lead<'_> {
     pub fn key(&self) -> &[u8] {
         &self.key
     }
+
+    /// Passes on what arrived of a streamed answer to the waiters following it.
+    pub fn publish(&self, origin: impl FnOnce() -> Origin, bytes: &[u8]) {
+        let mut s = lock(&self.flight.stream);
+        s.origin.get_or_insert_with(origin);
+        s.bytes.extend_from_slice(bytes);
+    }
+
+    /// The streamed answer ended the way a complete one does (else followers get an error).
+    pub fn complete(&self) {
+        lock(&self.flight.stream).complete = true;
+    }
+
+    /// Others wait for this answer (the map and this lead hold the other two references).
+    pub fn has_followers(&self) -> bool {
+        Arc::strong_count(&self.flight) > 2
+    }
 }
 
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
-        let mut in_flight = self.flights.lock();
-        if let Some(done) = in_flight.remove(&self.key) {
-            done.store(true, Ordering::Release);
-        }
+        lock(&self.flights.in_flight).remove(&self.key);
+        self.flight.done.store(true, Ordering::Release);
     }
 }
 
@@ -50,36 +93,65 @@ pub enum Role<'a> {
 }
 
 /// Resolves once the leader of a key is done.
-pub struct Waiter(Arc<AtomicBool>);
+pub struct Waiter(Arc<Flight>);
+
+/// What a follower sees of a streamed answer.
+pub struct Progress {
+    /// The leader is done: no more bytes will come.
+    pub done: bool,
+    /// ... and the stream ended the way a complete answer does.
+    pub complete: bool,
+    pub origin: Option<Origin>,
+}
 
 impl Waiter {
     pub fn is_done(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.done.load(Ordering::Acquire)
+    }
+
+    /// Bytes of a streamed answer have arrived: it can be followed.
+    pub fn started(&self) -> bool {
+        !lock(&self.0.stream).bytes.is_empty()
     }
 
     /// Waits until the leader is done or `ready` says the answer is there (a leader keeps the
     /// lead while it writes to a slow client; its answer is stored before that).
-    pub async fn wait(self, ready: impl Fn() -> bool) {
+    pub async fn wait(&self, ready: impl Fn() -> bool) {
         while !self.is_done() && !ready() {
             monoio::time::sleep(POLL).await;
         }
     }
+
+    /// Appends the streamed answer's bytes from offset `from` on to `out`.
+    pub fn read(&self, from: usize, out: &mut Vec<u8>) -> Progress {
+        // Looked at before the bytes: once done, every byte is there.
+        let done = self.is_done();
+        let s = lock(&self.0.stream);
+        out.extend_from_slice(s.bytes.get(from..).unwrap_or_default());
+        Progress {
+            done,
+            complete: s.complete,
+            origin: s.origin.clone(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Flights {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Arc<AtomicBool>>> {
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     pub fn join(&self, key: &[u8]) -> Role<'_> {
-        let mut in_flight = self.lock();
-        if let Some(done) = in_flight.get(key) {
-            return Role::Wait(Waiter(done.clone()));
+        let mut in_flight = lock(&self.in_flight);
+        if let Some(flight) = in_flight.get(key) {
+            return Role::Wait(Waiter(flight.clone()));
         }
-        in_flight.insert(key.to_vec(), Arc::default());
+        let flight = Arc::new(Flight::default());
+        in_flight.insert(key.to_vec(), flight.clone());
         Role::Lead(Lead {
             flights: self,
             key: key.to_vec(),
+            flight,
         })
     }
 }
@@ -113,5 +185,36 @@ mod tests {
             matches!(flights.join(b"k"), Role::Lead(_)),
             "the key is free again"
         );
+    }
+
+    #[test]
+    fn followers_read_a_stream_from_where_they_are() {
+        let flights = Flights::default();
+        let Role::Lead(lead) = flights.join(b"k") else {
+            panic!("first caller leads")
+        };
+        assert!(!lead.has_followers());
+        let Role::Wait(follower) = flights.join(b"k") else {
+            panic!("second caller waits")
+        };
+        assert!(lead.has_followers() && !follower.started());
+        let origin = || Origin {
+            tier: None,
+            backend: "b".into(),
+            model: "m".into(),
+        };
+        let mut seen = Vec::new();
+        let p = follower.read(0, &mut seen);
+        assert!(!p.done && p.origin.is_none() && seen.is_empty());
+        lead.publish(origin, b"data: 1\n\n");
+        lead.publish(origin, b"data: 2\n\n");
+        let p = follower.read(seen.len(), &mut seen);
+        assert_eq!(seen, b"data: 1\n\ndata: 2\n\n");
+        assert_eq!(&*p.origin.unwrap().backend, "b");
+        lead.complete();
+        drop(lead);
+        let p = follower.read(seen.len(), &mut seen);
+        assert!(p.done && p.complete);
+        assert_eq!(seen.len(), 18, "nothing twice");
     }
 }

@@ -8,7 +8,7 @@ use crate::auth;
 use crate::balancer::{self, Slot, Verdict};
 use crate::budget::{Reservation, Reserve};
 use crate::cache::Entry;
-use crate::coalesce::{Lead, Role};
+use crate::coalesce::{self, Lead, Origin, Role, Waiter};
 use crate::codec::{self, BodyFraming, Head};
 use crate::conn::{self, send_error, Client};
 use crate::ratelimit::TokenCharge;
@@ -423,9 +423,11 @@ pub async fn handle(
                     Role::Wait(wait) => {
                         drop(slot);
                         waited = true;
-                        // Released when the leader is done, or as soon as its answer is stored.
+                        // Released when the leader is done, as soon as its answer is stored,
+                        // or, for a stream, as soon as it starts (then followed live).
                         let stored = || cache.get(&store.key, Instant::now()).is_some();
-                        if watch_client(&client.stream, wait.wait(stored))
+                        let ready = || stored() || view.stream && wait.started();
+                        if watch_client(&client.stream, wait.wait(ready))
                             .await
                             .is_none()
                         {
@@ -446,6 +448,10 @@ pub async fn handle(
                         if let Some(hit) = cache.get(&store.key, Instant::now()) {
                             return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay)
                                 .await;
+                        }
+                        if view.stream && wait.started() {
+                            let (c, r) = (&mut ctx, replay);
+                            return follow_stream(worker, snap, client, c, target, &wait, r).await;
                         }
                         // The fetch failed or was not storable: go upstream on our own.
                         continue;
@@ -569,6 +575,7 @@ pub async fn handle(
                         inject_usage,
                         head.minor_version,
                         store,
+                        lead.take(),
                     )
                     .await;
                 }
@@ -861,28 +868,23 @@ async fn serve_hit(
     if streamed && !chunked {
         ctx.keep_alive = false;
     }
+    let framing = match (streamed, chunked) {
+        (false, _) => ClientFraming::Length,
+        (true, true) => ClientFraming::Chunked,
+        (true, false) => ClientFraming::Close,
+    };
     let mut out = Vec::with_capacity(512 + body.len());
-    out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-    header(&mut out, b"content-type", &hit.content_type);
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    } else if !streamed {
-        header(
-            &mut out,
-            b"content-length",
-            itoa::Buffer::new().format(body.len()).as_bytes(),
-        );
-    }
-    header(
+    let age = hit.stored_at.elapsed().as_secs();
+    let origin = (&*hit.tier, &*hit.backend, &*hit.model);
+    stored_answer_head(
         &mut out,
-        b"age",
-        itoa::Buffer::new()
-            .format(hit.stored_at.elapsed().as_secs())
-            .as_bytes(),
+        ctx,
+        &hit.content_type,
+        framing,
+        body.len(),
+        age,
+        origin,
     );
-    explain(&mut out, ctx, &hit.tier, &hit.backend, &hit.model);
-    conn::connection_header(&mut out, ctx.keep_alive, ctx.http10);
-    out.extend_from_slice(b"\r\n");
     if chunked {
         codec::encode_chunk(&mut out, body);
         out.extend_from_slice(codec::LAST_CHUNK);
@@ -1106,6 +1108,138 @@ fn head_len_hint(head: &Head) -> usize {
     }
 }
 
+/// The head of an answer served without an upstream call (a cache hit, a followed stream):
+/// `origin` is the tier, backend and model that gave it; `len` the body's, for `Length`.
+fn stored_answer_head(
+    out: &mut Vec<u8>,
+    ctx: &Ctx<'_>,
+    content_type: &[u8],
+    framing: ClientFraming,
+    len: usize,
+    age_secs: u64,
+    (tier, backend, model): (&str, &str, &str),
+) {
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    header(out, b"content-type", content_type);
+    match framing {
+        ClientFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        ClientFraming::Length => header(
+            out,
+            b"content-length",
+            itoa::Buffer::new().format(len).as_bytes(),
+        ),
+        ClientFraming::Empty | ClientFraming::Close => {}
+    }
+    header(out, b"age", itoa::Buffer::new().format(age_secs).as_bytes());
+    explain(out, ctx, tier, backend, model);
+    conn::connection_header(out, ctx.keep_alive, ctx.http10);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Answers a waiting stream from the identical one its leader is relaying, as the leader
+/// receives it (waiting for the stored answer would hold back its first byte until the
+/// leader's last). Filtered per caller like a replay; a cut-off leader ends it with an error
+/// event. Costs nothing upstream, saves what the answer cost.
+#[allow(clippy::too_many_arguments)]
+async fn follow_stream(
+    worker: &Worker,
+    snap: &Snapshot,
+    client: &mut Client,
+    ctx: &mut Ctx<'_>,
+    target: usize,
+    leader: &Waiter,
+    replay: Replay,
+) -> bool {
+    ctx.cache = "hit";
+    let framing = if replay.client_minor_version > 0 {
+        ClientFraming::Chunked
+    } else {
+        ctx.keep_alive = false;
+        ClientFraming::Close
+    };
+    let mut filter = SseFilter::new(!replay.caller_wants_usage);
+    let (mut raw, mut events, mut wire) = (Vec::new(), Vec::new(), Vec::new());
+    let mut first_byte = None;
+    let mut tier = None;
+    let mut read = 0;
+    let complete = loop {
+        raw.clear();
+        let p = leader.read(read, &mut raw);
+        read += raw.len();
+        if first_byte.is_none() {
+            let origin = p.origin.expect("a followed stream has started");
+            let t = origin.tier.as_deref().unwrap_or("");
+            stored_answer_head(
+                &mut wire,
+                ctx,
+                b"text/event-stream",
+                framing,
+                0,
+                0,
+                (t, &origin.backend, &origin.model),
+            );
+            tier = origin.tier;
+        }
+        events.clear();
+        filter.feed(&raw, &mut events);
+        if p.done {
+            filter.finish(&mut events);
+            if !p.complete {
+                let message = "the identical request this one followed was cut off upstream";
+                let error = ErrorKind::UpstreamBroken.error_object(message, None);
+                events.extend_from_slice(format!("data: {{\"error\":{error}}}\n\n").as_bytes());
+            }
+        }
+        frame(&mut wire, framing, &events);
+        if p.done && framing == ClientFraming::Chunked {
+            wire.extend_from_slice(codec::LAST_CHUNK);
+        }
+        if !wire.is_empty() {
+            let (res, buf) = client.write(std::mem::take(&mut wire)).await;
+            wire = buf;
+            wire.clear();
+            first_byte.get_or_insert_with(Instant::now);
+            if res.is_err() {
+                log(
+                    worker,
+                    snap,
+                    ctx,
+                    Some(target),
+                    tier.as_ref(),
+                    CLIENT_CLOSED,
+                    Some(TokenUsage::default()),
+                    0,
+                    first_byte,
+                    true,
+                );
+                return false;
+            }
+        }
+        if p.done {
+            break p.complete;
+        }
+        monoio::time::sleep(coalesce::POLL).await;
+    };
+    let price = snap.table.targets[target].price;
+    ctx.saved_micros = filter
+        .usage
+        .map_or(0, |u| price.cost_micros(u.prompt, u.cached, u.completion));
+    // Answered 200 (the head went out with the first bytes); a cut-off stream is incomplete.
+    log(
+        worker,
+        snap,
+        ctx,
+        Some(target),
+        tier.as_ref(),
+        200,
+        Some(TokenUsage::default()),
+        0,
+        first_byte,
+        !complete,
+    );
+    ctx.keep_alive
+}
+
 /// How the response body is framed towards the client.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ClientFraming {
@@ -1168,6 +1302,8 @@ async fn relay(
     inject_usage: bool,
     client_minor_version: u8,
     mut store: Option<Store>,
+    // Held while fetching a cacheable answer others wait for: a stream is passed on to them.
+    lead: Option<Lead<'_>>,
 ) -> bool {
     let table = &snap.table;
     let t = &table.targets[target];
@@ -1231,6 +1367,9 @@ async fn relay(
     let mut sse_events = 0u64;
     let mut stream_copy = Vec::new();
     let mut read_socket = false;
+    // The client left while others follow this stream: it is read to its end for them.
+    let mut client_gone = false;
+    let followed = || lead.as_ref().is_some_and(Lead::has_followers);
     let outcome: Result<(), Cut> = loop {
         let body_start = wire.len();
         let sink = if raw_passthrough {
@@ -1241,7 +1380,9 @@ async fn relay(
         };
         if read_socket {
             let next = resp.body.next(&mut resp.conn, backend.idle_timeout, sink);
-            let next = if sse {
+            // A followed stream is not watched for the client leaving (that drops a read half
+            // done); a failed write tells instead.
+            let next = if sse && !client_gone && !followed() {
                 watch_client(&client.stream, next).await
             } else {
                 Some(next.await)
@@ -1268,6 +1409,14 @@ async fn relay(
                     store = None;
                 } else {
                     stream_copy.extend_from_slice(body);
+                    if let Some(l) = &lead {
+                        let origin = || Origin {
+                            tier: answer_tier.cloned(),
+                            backend: backend.name.clone(),
+                            model: t.model.clone(),
+                        };
+                        l.publish(origin, body);
+                    }
                 }
             }
             events.clear();
@@ -1335,13 +1484,18 @@ async fn relay(
         if done && framing == ClientFraming::Chunked {
             wire.extend_from_slice(codec::LAST_CHUNK);
         }
-        if !wire.is_empty() {
+        if client_gone {
+            wire.clear();
+        } else if !wire.is_empty() {
             let (res, buf) = client.write(std::mem::take(&mut wire)).await;
             wire = buf;
             wire.clear();
             first_byte.get_or_insert_with(Instant::now);
             if res.is_err() {
-                break Err(Cut::ClientLeft);
+                if !followed() {
+                    break Err(Cut::ClientLeft);
+                }
+                client_gone = true;
             }
         }
         if done {
@@ -1349,6 +1503,12 @@ async fn relay(
         }
     };
     let complete = outcome.is_ok();
+    // Followers have every byte only while the stream fitted the cache (`store` still set).
+    if let (Some(l), true, Some(f), Some(_)) = (&lead, complete, &filter, &store) {
+        if f.ended_normally() {
+            l.complete();
+        }
+    }
     if let (true, 200, Some(f), Some(s)) = (complete, status, &filter, store.take()) {
         // The caller already has its head (`x-switchyard-cache: miss`); the usage event says
         // whether the stream was stored.
@@ -1367,8 +1527,8 @@ async fn relay(
             ctx.cache = "stored";
         }
     }
-    let mut client_left = matches!(outcome, Err(Cut::ClientLeft));
-    if let (Err(Cut::Upstream(e)), Some(_)) = (&outcome, &filter) {
+    let mut client_left = client_gone || matches!(outcome, Err(Cut::ClientLeft));
+    if let (Err(Cut::Upstream(e)), Some(_), false) = (&outcome, &filter, client_left) {
         // The head (200) is gone already: the error travels as a final SSE event, and the
         // chunked body still ends cleanly.
         let message = format!("upstream stream failed: {}", e.message);
@@ -1438,10 +1598,10 @@ async fn relay(
         usage,
         completion_estimate,
         first_byte,
-        !complete,
+        !complete || client_left,
     );
     // A body cut short without chunked framing leaves the client unable to find the next response.
-    let framed_end = complete || !client_left && sse && framing == ClientFraming::Chunked;
+    let framed_end = !client_left && (complete || sse && framing == ClientFraming::Chunked);
     ctx.keep_alive && framed_end
 }
 
