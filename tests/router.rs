@@ -1133,9 +1133,15 @@ fn stream_in_flight(per_second: &str, tokens: &str) -> (Proc, Proc, Conn) {
 fn sigterm_drains_streams_in_flight_then_exits_zero() {
     let (_s, mut r, mut c) = stream_in_flight("20", "10");
     let pid = r.child.id().to_string();
+    // A kept connection, open before the signal.
+    let mut kept = Conn::open(r.addr);
+    kept.send(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!(kept.read_response().unwrap().status, 200);
     let mut signalled = false;
+    let mut pieces = 0;
     let resp = c
         .read_response_with(|_| {
+            pieces += 1;
             if !signalled {
                 signalled = true;
                 assert!(std::process::Command::new("kill")
@@ -1143,10 +1149,17 @@ fn sigterm_drains_streams_in_flight_then_exits_zero() {
                     .status()
                     .unwrap()
                     .success());
+            } else if pieces == 5 {
+                // Draining: not ready for more, and the answer closes the connection.
+                kept.send(b"GET /readyz HTTP/1.1\r\nhost: t\r\n\r\n");
+                let ready = kept.read_response().unwrap();
+                assert_eq!(ready.status, 503, "{}", ready.text());
+                assert!(ready.text().contains("draining"));
+                assert_eq!(ready.header("connection"), Some("close"));
             }
         })
         .unwrap();
-    assert!(signalled);
+    assert!(signalled && pieces >= 5, "{pieces}");
     assert!(
         resp.text().ends_with("data: [DONE]\n\n"),
         "the stream in flight finished: {}",

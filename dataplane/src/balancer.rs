@@ -31,6 +31,8 @@ pub struct BackendState {
 pub struct BackendStates {
     epoch: Instant,
     states: Vec<Arc<BackendState>>,
+    /// Active health checks run: readiness needs a passed check, not just no ejection.
+    checks_enabled: bool,
     /// Tests move the clock forward instead of sleeping.
     #[cfg(test)]
     skew_ms: AtomicU64,
@@ -50,6 +52,13 @@ pub enum Verdict {
 pub struct Slot<'a> {
     state: &'a BackendState,
     probe: bool,
+}
+
+impl Slot<'_> {
+    /// This request is a half-open backend's probe: its verdict decides the ejection.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
 }
 
 impl Drop for Slot<'_> {
@@ -109,6 +118,7 @@ impl BackendStates {
         BackendStates {
             epoch: old.map_or_else(Instant::now, |o| o.epoch),
             states,
+            checks_enabled,
             #[cfg(test)]
             skew_ms: AtomicU64::new(old.map_or(0, |o| o.skew_ms.load(Relaxed))),
         }
@@ -130,12 +140,15 @@ impl BackendStates {
         &self.states[backend]
     }
 
-    /// Ready when at least one backend is healthy and not ejected.
+    /// Ready when at least one backend is not ejected and, with active checks, healthy. (Without
+    /// checks only a request could set it healthy again, and a router taken out of rotation
+    /// for being unready gets none.)
     pub fn any_ready(&self) -> bool {
         let now = self.now_ms();
-        self.states
-            .iter()
-            .any(|s| s.healthy.load(Relaxed) && s.ejected_until_ms.load(Relaxed) <= now)
+        self.states.iter().any(|s| {
+            (!self.checks_enabled || s.healthy.load(Relaxed))
+                && s.ejected_until_ms.load(Relaxed) <= now
+        })
     }
 
     /// Tries to take an in-flight slot on `backend`. Fails when it is at its cap, ejected, or
@@ -160,15 +173,15 @@ impl BackendStates {
         Some(Slot { state: s, probe })
     }
 
-    /// The verdict of a proxied request. While a backend is ejected, late verdicts of requests
-    /// admitted before are ignored for the ejection (they neither end nor lengthen it); once
-    /// the period is over, the verdict is the half-open probe's: success restores full
-    /// traffic, failure ejects again for twice as long.
-    pub fn record(&self, backend: usize, verdict: Verdict, h: &HealthSettings) {
+    /// The verdict of a proxied request (`probe`: it was the half-open probe). Once a backend
+    /// has been ejected, only its probe's verdict decides: success restores full traffic,
+    /// failure ejects again for twice as long; verdicts of requests admitted before the
+    /// ejection neither end nor lengthen it, during the period or after.
+    pub fn record(&self, backend: usize, verdict: Verdict, h: &HealthSettings, probe: bool) {
         let s = &self.states[backend];
         let until = s.ejected_until_ms.load(Relaxed);
-        // The clock is read only for a backend that is or was ejected.
-        let half_open = until != 0 && until <= self.now_ms();
+        // The clock is read only for a probe.
+        let half_open = probe && until != 0 && until <= self.now_ms();
         match verdict {
             Verdict::Neutral => {}
             Verdict::Success => {
@@ -235,7 +248,8 @@ impl BackendStates {
         self.states[backend].ejected_until_ms.load(Relaxed) > self.now_ms()
     }
 
-    /// Remaining ejection of the backend that comes back soonest, for `Retry-After`.
+    /// How long until one of `backends` may take a request again, for `Retry-After`: the
+    /// ejection that ends soonest, or nothing when one is only full (it frees up any moment).
     pub fn soonest_return(&self, backends: impl Iterator<Item = usize>) -> Duration {
         let now = self.now_ms();
         backends
@@ -245,9 +259,8 @@ impl BackendStates {
                     .load(Relaxed)
                     .saturating_sub(now)
             })
-            .filter(|&ms| ms > 0)
             .min()
-            .map_or(Duration::from_secs(1), Duration::from_millis)
+            .map_or(Duration::ZERO, Duration::from_millis)
     }
 }
 
@@ -399,9 +412,9 @@ targets = ["a/m", "b/m"]
         let t = table();
         let s = BackendStates::new(2, true);
         assert!(!s.any_ready());
-        s.record(0, Verdict::Failure, &t.health);
+        s.record(0, Verdict::Failure, &t.health, false);
         assert!(!s.is_ejected(0));
-        s.record(0, Verdict::Failure, &t.health);
+        s.record(0, Verdict::Failure, &t.health, false);
         assert!(s.is_ejected(0));
         assert!(s.admit(0, 10).is_none());
         // Tried-everything fallback still only yields the healthy backend.
@@ -409,14 +422,14 @@ targets = ["a/m", "b/m"]
         s.advance(Duration::from_millis(60));
         let probe = s.admit(0, 10).expect("half-open probe");
         assert!(s.admit(0, 10).is_none(), "one probe at a time");
-        s.record(0, Verdict::Failure, &t.health);
+        s.record(0, Verdict::Failure, &t.health, probe.is_probe());
         drop(probe);
         assert!(s.is_ejected(0), "a failed probe ejects again, for longer");
         s.advance(Duration::from_millis(60));
         assert!(s.admit(0, 10).is_none(), "second ejection is 100 ms");
         s.advance(Duration::from_millis(50));
         let probe = s.admit(0, 10).unwrap();
-        s.record(0, Verdict::Success, &t.health);
+        s.record(0, Verdict::Success, &t.health, probe.is_probe());
         drop(probe);
         assert!(!s.is_ejected(0) && s.any_ready());
         assert!(s.admit(0, 10).is_some() && s.admit(0, 10).is_some());
@@ -426,14 +439,14 @@ targets = ["a/m", "b/m"]
     fn late_verdicts_neither_end_nor_lengthen_an_ejection() {
         let t = table();
         let s = BackendStates::new(2, false);
-        s.record(0, Verdict::Failure, &t.health);
-        s.record(0, Verdict::Failure, &t.health);
+        s.record(0, Verdict::Failure, &t.health, false);
+        s.record(0, Verdict::Failure, &t.health, false);
         assert!(s.is_ejected(0));
         // Requests admitted before the ejection report back while it runs.
         for _ in 0..10 {
-            s.record(0, Verdict::Failure, &t.health);
+            s.record(0, Verdict::Failure, &t.health, false);
         }
-        s.record(0, Verdict::Success, &t.health);
+        s.record(0, Verdict::Success, &t.health, false);
         assert!(s.is_ejected(0), "a late success does not end it");
         s.advance(Duration::from_millis(60));
         assert!(
@@ -443,15 +456,59 @@ targets = ["a/m", "b/m"]
     }
 
     #[test]
+    fn without_checks_a_failed_backend_is_ready_again_once_not_ejected() {
+        let t = table();
+        let s = BackendStates::new(1, false);
+        assert!(s.any_ready());
+        s.record(0, Verdict::Failure, &t.health, false);
+        assert!(
+            s.any_ready(),
+            "one failure, nothing to check it again: still ready"
+        );
+        s.record(0, Verdict::Failure, &t.health, false);
+        assert!(!s.any_ready(), "ejected");
+        s.advance(Duration::from_millis(60));
+        assert!(s.any_ready(), "the half-open probe needs traffic");
+    }
+
+    #[test]
+    fn after_an_ejection_only_the_probe_decides() {
+        let t = table();
+        let s = BackendStates::new(2, false);
+        s.record(0, Verdict::Failure, &t.health, false);
+        s.record(0, Verdict::Failure, &t.health, false);
+        s.advance(Duration::from_millis(60));
+        let probe = s.admit(0, 10).expect("the probe");
+        // A request admitted before the ejection ends now: it decides nothing.
+        s.record(0, Verdict::Success, &t.health, false);
+        assert!(s.admit(0, 10).is_none(), "still only the probe");
+        s.record(0, Verdict::Failure, &t.health, false);
+        assert!(!s.is_ejected(0), "nor does a late failure eject again");
+        s.record(0, Verdict::Success, &t.health, probe.is_probe());
+        drop(probe);
+        assert!(s.admit(0, 10).is_some() && s.admit(0, 10).is_some());
+    }
+
+    #[test]
+    fn retry_after_is_short_when_a_backend_is_only_full() {
+        let t = table();
+        let s = BackendStates::new(2, false);
+        s.record(1, Verdict::Failure, &t.health, false);
+        s.record(1, Verdict::Failure, &t.health, false);
+        assert!(s.soonest_return([1].into_iter()) > Duration::ZERO);
+        assert_eq!(s.soonest_return([0, 1].into_iter()), Duration::ZERO);
+    }
+
+    #[test]
     fn a_passing_check_makes_the_next_request_a_probe_not_full_traffic() {
         let t = table();
         let s = BackendStates::new(2, true);
-        s.record(0, Verdict::Failure, &t.health);
-        s.record(0, Verdict::Failure, &t.health);
+        s.record(0, Verdict::Failure, &t.health, false);
+        s.record(0, Verdict::Failure, &t.health, false);
         s.check_passed(0);
         let probe = s.admit(0, 10).expect("the probe");
         assert!(s.admit(0, 10).is_none(), "only the probe until it passes");
-        s.record(0, Verdict::Failure, &t.health);
+        s.record(0, Verdict::Failure, &t.health, probe.is_probe());
         drop(probe);
         assert!(s.is_ejected(0), "the failed probe ejects again");
     }
@@ -461,31 +518,31 @@ targets = ["a/m", "b/m"]
         let t = table();
         let s = BackendStates::new(2, false);
         let eject_and_recover = |s: &BackendStates| {
-            s.record(0, Verdict::Failure, &t.health);
-            s.record(0, Verdict::Failure, &t.health);
+            s.record(0, Verdict::Failure, &t.health, false);
+            s.record(0, Verdict::Failure, &t.health, false);
             while s.is_ejected(0) {
                 s.advance(Duration::from_millis(10));
             }
             let probe = s.admit(0, 10).unwrap();
-            s.record(0, Verdict::Success, &t.health);
+            s.record(0, Verdict::Success, &t.health, probe.is_probe());
             drop(probe);
         };
         // Flapping doubles the period: 50, 100, 200 ms.
         for _ in 0..3 {
             eject_and_recover(&s);
         }
-        s.record(0, Verdict::Failure, &t.health);
-        s.record(0, Verdict::Failure, &t.health);
+        s.record(0, Verdict::Failure, &t.health, false);
+        s.record(0, Verdict::Failure, &t.health, false);
         s.advance(Duration::from_millis(360));
         assert!(s.is_ejected(0), "the fourth is 400 ms");
         s.advance(Duration::from_millis(50));
         let probe = s.admit(0, 10).unwrap();
-        s.record(0, Verdict::Success, &t.health);
+        s.record(0, Verdict::Success, &t.health, probe.is_probe());
         drop(probe);
         // Up for longer than max_ejection (400 ms): the next ejection is 50 ms again.
         s.advance(Duration::from_millis(450));
-        s.record(0, Verdict::Failure, &t.health);
-        s.record(0, Verdict::Failure, &t.health);
+        s.record(0, Verdict::Failure, &t.health, false);
+        s.record(0, Verdict::Failure, &t.health, false);
         s.advance(Duration::from_millis(60));
         assert!(!s.is_ejected(0));
     }

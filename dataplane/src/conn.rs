@@ -106,9 +106,9 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
             }
         };
         client.http10 = head.minor_version == 0;
-        worker.begin_request();
+        let in_flight = worker.request_in_flight();
         let keep_alive = handle(&worker, &snap, &mut client, head).await;
-        worker.end_request();
+        drop(in_flight);
         if !keep_alive || worker.shared.is_draining() {
             return linger(&mut client).await;
         }
@@ -254,6 +254,9 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
     let is_get = matches!(head.method, Method::Get | Method::Head);
     let local: Option<(u16, &[u8])> = match (path, is_get) {
         ("/healthz", true) => Some((200, b"{\"status\":\"ok\"}")),
+        ("/readyz", true) if worker.shared.is_draining() => {
+            Some((503, b"{\"status\":\"draining\"}"))
+        }
         ("/readyz", true) if snap.states.any_ready() => Some((200, b"{\"status\":\"ready\"}")),
         ("/readyz", true) => Some((503, b"{\"status\":\"no healthy backend\"}")),
         ("/v1/models", true) => Some((200, &snap.models_body)),

@@ -56,6 +56,7 @@ async fn check(snap: Arc<Snapshot>, backend: usize) {
     if healthy {
         snap.states.check_passed(backend);
     } else {
-        snap.states.record(backend, Verdict::Failure, &table.health);
+        snap.states
+            .record(backend, Verdict::Failure, &table.health, false);
     }
 }

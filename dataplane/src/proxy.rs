@@ -532,8 +532,12 @@ pub async fn handle(
                         lead = None;
                     }
                     if resp.head.status == 429 || resp.head.status >= 500 {
-                        snap.states
-                            .record(t.backend, Verdict::Failure, &table.health);
+                        snap.states.record(
+                            t.backend,
+                            Verdict::Failure,
+                            &table.health,
+                            slot.is_probe(),
+                        );
                         // Targets left that can take the request: in this group, then in the
                         // groups still to walk (the plan's, or the cheaper tiers' once the
                         // budget downgraded).
@@ -585,7 +589,8 @@ pub async fn handle(
                     } else {
                         Verdict::Neutral
                     };
-                    snap.states.record(t.backend, verdict, &table.health);
+                    snap.states
+                        .record(t.backend, verdict, &table.health, slot.is_probe());
                     if matches!(
                         e.kind,
                         ErrorKind::UpstreamConnect | ErrorKind::UpstreamTimeout
@@ -854,6 +859,7 @@ async fn serve_hit(
 ) -> bool {
     ctx.cache = "hit";
     ctx.saved_micros = hit.cost_micros;
+    ctx.keep_alive &= !worker.shared.is_draining();
     // A stored stream is replayed at full speed, filtered like a live one: the usage chunk the
     // router asked for is hidden unless this caller asked for it.
     let streamed = &*hit.content_type == b"text/event-stream";
@@ -1151,6 +1157,7 @@ async fn follow_stream(
     replay: Replay,
 ) -> bool {
     ctx.cache = "hit";
+    ctx.keep_alive &= !worker.shared.is_draining();
     let framing = if replay.client_minor_version > 0 {
         ClientFraming::Chunked
     } else {
@@ -1309,6 +1316,8 @@ async fn relay(
     let t = &table.targets[target];
     let backend = &table.backends[t.backend];
     let status = resp.head.status;
+    // A drain that began while this request waited: the answer says the connection closes.
+    ctx.keep_alive &= !worker.shared.is_draining();
     let sse = resp
         .head
         .header("content-type")
@@ -1567,9 +1576,11 @@ async fn relay(
         (Ok(()), 429 | 500..) => Verdict::Failure,
         (Ok(()), _) => Verdict::Success,
     };
-    // A 429/5xx answer was already counted as a failure when it arrived.
-    if !(outcome.is_ok() && (status == 429 || status >= 500)) {
-        snap.states.record(t.backend, verdict, &table.health);
+    // A 429/5xx answer was already counted as a failure when it arrived (once per request,
+    // even when its body then breaks off).
+    if !(status == 429 || status >= 500) {
+        snap.states
+            .record(t.backend, verdict, &table.health, slot.is_probe());
     }
     drop(slot);
     if complete && resp.body.reusable() && resp.head.keep_alive {

@@ -100,6 +100,18 @@ impl Bucket {
         });
     }
 
+    /// Gives back `units` taken but not used (no further than a full bucket).
+    fn refund(&self, units: u64, now: u64) {
+        if let Some(granted) = &self.granted {
+            granted.fetch_add(units, Relaxed);
+            return;
+        }
+        let cost = units.saturating_mul(self.interval);
+        let _ = self.tat.fetch_update(Relaxed, Relaxed, |tat| {
+            Some(tat.saturating_sub(cost).max(now.min(tat)))
+        });
+    }
+
     /// Takes as many of `want` units as fit now (for a remote data plane's lease).
     fn take_upto(&self, want: u64, now: u64) -> u64 {
         let mut tat = self.tat.load(Relaxed);
@@ -294,11 +306,22 @@ impl TokenCharge {
     pub fn settle(self, used: u64) {
         let t = &self.lease.tokens;
         let balance = t.get() + self.admitted as i64 - used.min(MAX_UNITS) as i64;
-        t.set(balance.max(0));
-        // Used more than admitted and leased: the shared bucket pays the rest, so the service
-        // waits in proportion, and the lease never holds a debt no take could cover.
-        if let (Some(b), true) = (&self.lease.shared.tokens, balance < 0) {
+        let Some(b) = &self.lease.shared.tokens else {
+            t.set(balance.max(0));
+            return;
+        };
+        if balance < 0 {
+            // Used more than admitted and leased: the shared bucket pays the rest, so the
+            // service waits in proportion, and the lease never holds a debt no take could cover.
             b.charge(balance.unsigned_abs(), self.at);
+            t.set(0);
+        } else if balance as u64 > b.chunk {
+            // Used less: what the lease holds beyond a chunk goes back to the shared bucket,
+            // for every worker (kept here, it would be a burst past the limit later).
+            b.refund(balance as u64 - b.chunk, self.at);
+            t.set(b.chunk as i64);
+        } else {
+            t.set(balance);
         }
     }
 }
@@ -519,6 +542,23 @@ mod tests {
         charge.settle(100);
         w.admit(&l, "etl", 800).unwrap().unwrap().settle(800);
         assert!(w.admit(&l, "etl", 200).is_err());
+    }
+
+    #[test]
+    fn tokens_admitted_but_unused_go_back_to_every_worker() {
+        let l = limits(None, Some(60_000));
+        let (a, b) = (WorkerLimits::default(), WorkerLimits::default());
+        // Thirty requests estimated at 2,000 tokens that use 10 each, on one worker.
+        for _ in 0..30 {
+            a.admit(&l, "etl", 2_000).unwrap().unwrap().settle(10);
+        }
+        // The other worker can take (almost) all the rest of the minute: nothing is banked
+        // in the first one's lease beyond a chunk.
+        b.admit(&l, "etl", 59_000).unwrap().unwrap().settle(59_000);
+        assert!(
+            a.admit(&l, "etl", 2_000).is_err(),
+            "and the minute is spent"
+        );
     }
 
     #[test]

@@ -80,12 +80,19 @@ impl Worker {
         ((self.id as u64) << 56) | (n & 0x00ff_ffff_ffff_ffff)
     }
 
-    pub fn begin_request(&self) {
+    /// Counts a request in flight (what a drain waits for) until the guard drops, however the
+    /// request ends (a panic included).
+    pub fn request_in_flight(&self) -> InFlight<'_> {
         self.shared.inflight[self.id].0.fetch_add(1, Relaxed);
+        InFlight(self)
     }
+}
 
-    pub fn end_request(&self) {
-        self.shared.inflight[self.id].0.fetch_sub(1, Relaxed);
+pub struct InFlight<'w>(&'w Worker);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.shared.inflight[self.0.id].0.fetch_sub(1, Relaxed);
     }
 }
 

@@ -131,7 +131,7 @@ mod tests {
         let first = Snapshot::new(table(&[("a", 1), ("b", 2)]), false).unwrap();
         let health = &first.table.health;
         let in_flight = first.states.admit(0, 10).unwrap();
-        first.states.record(1, Verdict::Failure, health);
+        first.states.record(1, Verdict::Failure, health, false);
         assert!(first.states.is_ejected(1));
         // Reordered, one added, and `a` moved to another port (a different backend now).
         let moved = table(&[("c", 3), ("b", 2), ("a", 9)]);
