@@ -749,6 +749,23 @@ fn a_chunked_answer_too_large_to_store_is_relayed_whole() {
 }
 
 #[test]
+fn the_simulator_resets_connections_when_told() {
+    let s = sim("s", &[]);
+    let mut c = Conn::open(s.addr);
+    c.send(&post_raw(
+        "/v1/chat/completions",
+        &chat("hi"),
+        "x-sim-fault: reset-before-head\r\n",
+    ));
+    let mut buf = [0u8; 64];
+    let err = c
+        .stream
+        .read(&mut buf)
+        .expect_err("a reset, not an orderly close");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+}
+
+#[test]
 fn pooled_connections_left_idle_under_a_busier_one_are_closed() {
     let (backend, r) = router_with_hand_rolled_backend("pool", "");
     // Two requests at once: the worker's pool ends up with two connections.

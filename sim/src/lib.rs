@@ -113,6 +113,7 @@ impl Sim {
             return match f.split_once('=') {
                 Some(("status", s)) => Fault::Status(s.parse().unwrap_or(500)),
                 Some(("slow-first-byte", ms)) => Fault::SlowFirstByte(ms.parse().unwrap_or(1000)),
+                _ if f == "slow-first-byte" => Fault::SlowFirstByte(1000),
                 _ if f == "reset-before-head" => Fault::ResetBeforeHead,
                 _ if f == "reset-after-head" => Fault::ResetAfterHead,
                 _ if f == "stall" => Fault::Stall,
@@ -280,6 +281,36 @@ async fn write_json(
     .await
 }
 
+/// Drops the connection with a reset (RST), not an orderly close: `SO_LINGER` of zero.
+fn reset(client: &Client) -> bool {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a pointer to a live `linger` of the size given.
+    unsafe {
+        libc::setsockopt(
+            client.stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    false
+}
+
+/// The fault mid-answer: a reset, or a stall that never ends.
+async fn stall_or_reset(client: &Client, fault: Fault) -> bool {
+    if fault == Fault::Stall {
+        // A timer, not `std::future::pending()`: monoio frees a task that holds no waker,
+        // which would close the connection instead of stalling it.
+        monoio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    reset(client)
+}
+
 async fn write(client: &mut Client, bytes: Vec<u8>) -> bool {
     client.stream.write_all(bytes).await.0.is_ok()
 }
@@ -319,7 +350,7 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
         monoio::time::sleep(Duration::from_millis(delay)).await;
     }
     match fault {
-        Fault::ResetBeforeHead => return false,
+        Fault::ResetBeforeHead => return reset(client),
         Fault::Status(status) => {
             let body = format!("{{\"error\":{{\"message\":\"simulated failure from {}\",\"type\":\"server_error\",\"param\":null,\"code\":{status}}}}}", c.name);
             return write(
@@ -364,6 +395,20 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
             "text_completion"
         };
         let out = serde_json::json!({"id": format!("cmpl-{}-{n}", c.name), "object": object, "created": 1_700_000_000, "model": model, "choices": [choice], "usage": usage});
+        if let Fault::ResetAfterHead | Fault::Stall = fault {
+            // The head and part of the body, then the fault.
+            let mut whole = response(
+                200,
+                "application/json",
+                &serde_json::to_vec(&out).unwrap_or_default(),
+                &c.name,
+            );
+            whole.truncate(whole.len() - 10);
+            if !write(client, whole).await {
+                return false;
+            }
+            return stall_or_reset(client, fault).await;
+        }
         return write_json(client, 200, &out, &c.name).await;
     }
     let include_usage = req["stream_options"]["include_usage"]
@@ -421,14 +466,11 @@ async fn stream_answer(
             "text_completion"
         },
     );
+    // A few chunks in, or before the last of a short answer.
+    let fault_at = tokens.saturating_sub(1).min(2);
     for i in 0..tokens {
-        if i == 2 && fault == Fault::ResetAfterHead {
-            return false;
-        }
-        if i == 2 && fault == Fault::Stall {
-            // A timer, not `std::future::pending()`: monoio frees a task that holds no waker,
-            // which would close the connection instead of stalling it.
-            monoio::time::sleep(Duration::from_secs(3600)).await;
+        if i == fault_at && matches!(fault, Fault::ResetAfterHead | Fault::Stall) {
+            return stall_or_reset(client, fault).await;
         }
         let word = if i == 0 {
             c.name.clone()
