@@ -3,6 +3,7 @@
 //! Must not: run on more than one worker (the states are shared, one prober is enough).
 
 use crate::balancer::Verdict;
+use crate::resolve::Resolved;
 use crate::server::Worker;
 use crate::snapshot::Snapshot;
 use crate::upstream;
@@ -19,7 +20,8 @@ pub fn spawn_checks(worker: Rc<Worker>) {
             let interval = snap.table.health.interval;
             if interval.is_some() {
                 for backend in 0..snap.table.backends.len() {
-                    monoio::spawn(check(snap.clone(), backend));
+                    let resolved = worker.shared.resolved.clone();
+                    monoio::spawn(check(snap.clone(), resolved, backend));
                 }
             }
             drop(snap);
@@ -29,7 +31,7 @@ pub fn spawn_checks(worker: Rc<Worker>) {
     });
 }
 
-async fn check(snap: Arc<Snapshot>, backend: usize) {
+async fn check(snap: Arc<Snapshot>, resolved: Arc<Resolved>, backend: usize) {
     let table = &snap.table;
     let b = &table.backends[backend];
     let mut request = format!(
@@ -49,6 +51,7 @@ async fn check(snap: Arc<Snapshot>, backend: usize) {
         backend,
         b,
         snap.tls[backend].as_ref(),
+        &resolved,
         request,
         false,
     );

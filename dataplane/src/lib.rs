@@ -6,7 +6,8 @@
 //! connection), `proxy` (request phases), `balancer` (backend state and choice), `upstream`
 //! (connections and pool), `health` (active checks), `server` (workers), `snapshot`, `usage`,
 //! `cache` and `coalesce` (response cache), `budget` (daily budgets: leases and reservations), `auth` (API keys),
-//! `ratelimit` (requests and tokens per minute), `services` (the bound on caller-named services).
+//! `ratelimit` (requests and tokens per minute), `services` (the bound on caller-named services),
+//! `resolve` (backend names looked up off the workers).
 
 pub mod auth;
 pub mod balancer;
@@ -18,6 +19,7 @@ pub mod conn;
 pub mod health;
 pub mod proxy;
 pub mod ratelimit;
+pub mod resolve;
 pub mod server;
 pub mod services;
 pub mod snapshot;

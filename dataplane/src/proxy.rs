@@ -506,6 +506,7 @@ pub async fn handle(
                 t.backend,
                 backend,
                 snap.tls[t.backend].as_ref(),
+                &worker.shared.resolved,
                 request,
                 false,
             );

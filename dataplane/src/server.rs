@@ -38,6 +38,8 @@ pub struct Shared {
     /// Valid API keys, published by the control plane.
     pub keys: ArcSwap<KeyTable>,
     pub service_names: crate::services::ServiceNames,
+    /// Addresses of backends given by name.
+    pub resolved: Arc<crate::resolve::Resolved>,
     draining: AtomicBool,
     /// Requests in flight per worker (summed only by the drain loop).
     inflight: Box<[PaddedCounter]>,
@@ -150,8 +152,11 @@ pub fn start(
         IoDriver::Auto => uring_available(),
     };
     let driver = if use_uring { "io_uring" } else { "epoll" };
+    let resolved = Arc::new(crate::resolve::Resolved::default());
+    crate::resolve::spawn_refresher(snapshot.clone(), resolved.clone());
     let shared = Arc::new(Shared {
         snapshot,
+        resolved,
         usage,
         cache,
         budgets,

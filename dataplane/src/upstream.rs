@@ -5,6 +5,7 @@
 //! cancelled or whose response was not read to its end.
 
 use crate::codec::{self, BodyFraming, ChunkedDecoder, Head};
+use crate::resolve::Resolved;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -117,6 +118,7 @@ impl AttemptError {
 async fn connect(
     b: &Backend,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    resolved: &Resolved,
 ) -> Result<Conn, AttemptError> {
     let fail = |e: io::Error| {
         AttemptError::new(
@@ -125,11 +127,27 @@ async fn connect(
         )
     };
     let work = async {
-        let addr = (b.host.as_str(), b.port);
         let stream = match b.host.parse::<std::net::IpAddr>() {
             Ok(ip) => TcpStream::connect_addr((ip, b.port).into()).await,
-            // Name resolution blocks; it only happens for hostnames, once per new connection.
-            Err(_) => TcpStream::connect(addr).await,
+            Err(_) => match resolved.get(&b.host, b.port) {
+                // The first address that takes the connection.
+                Some(addrs) => {
+                    let mut last = io::Error::other("no address");
+                    let mut connected = None;
+                    for addr in addrs.iter() {
+                        match TcpStream::connect_addr(*addr).await {
+                            Ok(s) => {
+                                connected = Some(s);
+                                break;
+                            }
+                            Err(e) => last = e,
+                        }
+                    }
+                    connected.ok_or(last)
+                }
+                // Not looked up yet (a name just added): this once, on the worker.
+                None => TcpStream::connect((b.host.as_str(), b.port)).await,
+            },
         }
         .map_err(fail)?;
         stream.set_nodelay(true).map_err(fail)?;
@@ -257,12 +275,14 @@ pub struct Response {
 /// the server while idle: the request is resent once on a fresh connection, invisibly to the
 /// caller. One that fails later may have been working on it (a backend dying mid-generation):
 /// that is an attempt's failure, not resent here, so an inference is not run twice unseen.
+#[allow(clippy::too_many_arguments)]
 pub async fn exchange(
     pool: &Pool,
     version: u64,
     backend_idx: usize,
     backend: &Backend,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    resolved: &Resolved,
     request: Vec<u8>,
     is_head: bool,
 ) -> Result<Response, AttemptError> {
@@ -278,7 +298,7 @@ pub async fn exchange(
             }
         }
     }
-    let conn = connect(backend, tls).await?;
+    let conn = connect(backend, tls, resolved).await?;
     send_on(conn, backend, request, is_head)
         .await
         .map_err(|(e, _, _)| e)
