@@ -412,10 +412,10 @@ fn streamed_text(body: &[u8]) -> String {
 
 #[test]
 fn identical_streams_follow_the_first_as_it_arrives() {
-    // 20 tokens at 10 a second: the answer takes about 2 s.
+    // 30 tokens at 10 a second: the answer takes about 3 s.
     let s = sim(
         "s",
-        &["--tokens-per-second", "10", "--completion-tokens", "20"],
+        &["--tokens-per-second", "10", "--completion-tokens", "30"],
     );
     let r = router_on_workers(&config_for(&[("s", s.url())], ""), 2);
     let addr = r.addr;
@@ -425,7 +425,7 @@ fn identical_streams_follow_the_first_as_it_arrives() {
             let body = deterministic_stream();
             std::thread::spawn(move || {
                 // The first leads; the others join while it streams.
-                std::thread::sleep(Duration::from_millis(300 * i));
+                std::thread::sleep(Duration::from_millis(500 * i));
                 let mut c = Conn::open(addr);
                 c.send(&post_raw("/v1/chat/completions", &body, ""));
                 let mut first_data = None;
@@ -466,7 +466,7 @@ fn identical_streams_follow_the_first_as_it_arrives() {
 fn a_followed_stream_goes_on_when_its_first_caller_leaves() {
     let s = sim(
         "s",
-        &["--tokens-per-second", "10", "--completion-tokens", "20"],
+        &["--tokens-per-second", "10", "--completion-tokens", "30"],
     );
     let r = router(&config_for(&[("s", s.url())], ""));
     let addr = r.addr;
@@ -476,10 +476,10 @@ fn a_followed_stream_goes_on_when_its_first_caller_leaves() {
         &deterministic_stream(),
         "",
     ));
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(500));
     let follower =
         std::thread::spawn(move || post(addr, "/v1/chat/completions", &deterministic_stream(), ""));
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(500));
     // The first caller gives up mid-stream; the one following it must still get it all.
     drop(leader);
     let resp = follower.join().unwrap();
@@ -494,6 +494,34 @@ fn a_followed_stream_goes_on_when_its_first_caller_leaves() {
     let again = post(addr, "/v1/chat/completions", &deterministic_stream(), "");
     assert_eq!(again.header("x-switchyard-cache"), Some("hit"));
     assert_eq!(streamed_text(&again.body), streamed_text(&resp.body));
+}
+
+#[test]
+fn a_followed_stream_too_large_to_store_still_reaches_its_followers_whole() {
+    // About 150 KB of events over about 2 s: over the 64 KiB an entry may take here.
+    let s = sim(
+        "s",
+        &["--tokens-per-second", "500", "--completion-tokens", "1000"],
+    );
+    let r = router(&config_for(
+        &[("s", s.url())],
+        "[cache]\nmax_entry_bytes = 65536\n",
+    ));
+    let addr = r.addr;
+    let body =
+        deterministic_stream().replace("\"temperature\"", "\"max_tokens\":1000,\"temperature\"");
+    let first = {
+        let body = body.clone();
+        std::thread::spawn(move || post(addr, "/v1/chat/completions", &body, ""))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let follower = post(addr, "/v1/chat/completions", &body, "");
+    let first = first.join().unwrap();
+    assert_eq!(follower.header("x-switchyard-cache"), Some("hit"));
+    let text = String::from_utf8_lossy(&follower.body);
+    assert!(text.ends_with("data: [DONE]\n\n") && !text.contains("\"error\""));
+    assert_eq!(streamed_text(&follower.body), streamed_text(&first.body));
+    assert_eq!(upstream_calls(&s), 1);
 }
 
 #[test]

@@ -37,6 +37,8 @@ struct Stream {
     origin: Option<Origin>,
     /// It ended the way a complete answer does.
     complete: bool,
+    /// Not passed on (too large to keep with nobody following): waiters go on their own.
+    abandoned: bool,
 }
 
 /// The tier, backend and model a followed stream comes from.
@@ -69,7 +71,17 @@ impl Lead<'_> {
 
     /// The streamed answer ended the way a complete one does (else followers get an error).
     pub fn complete(&self) {
-        lock(&self.flight.stream).complete = true;
+        let mut s = lock(&self.flight.stream);
+        s.complete = !s.abandoned;
+    }
+
+    /// Stops passing the stream on: waiting requests go upstream on their own.
+    pub fn abandon(&self) {
+        lock(&self.flight.stream).abandoned = true;
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        lock(&self.flight.stream).abandoned
     }
 
     /// Others wait for this answer (the map and this lead hold the other two references).
@@ -109,15 +121,17 @@ impl Waiter {
         self.0.done.load(Ordering::Acquire)
     }
 
-    /// Bytes of a streamed answer have arrived: it can be followed.
+    /// Bytes of a streamed answer have arrived and are passed on: it can be followed.
     pub fn started(&self) -> bool {
-        !lock(&self.0.stream).bytes.is_empty()
+        let s = lock(&self.0.stream);
+        !s.bytes.is_empty() && !s.abandoned
     }
 
-    /// Waits until the leader is done or `ready` says the answer is there (a leader keeps the
-    /// lead while it writes to a slow client; its answer is stored before that).
+    /// Waits until the leader is done or gave up passing its stream on, or `ready` says the
+    /// answer is there (a leader keeps the lead while it writes to a slow client; its answer
+    /// is stored before that).
     pub async fn wait(&self, ready: impl Fn() -> bool) {
-        while !self.is_done() && !ready() {
+        while !self.is_done() && !lock(&self.0.stream).abandoned && !ready() {
             monoio::time::sleep(POLL).await;
         }
     }

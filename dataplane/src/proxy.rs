@@ -102,9 +102,6 @@ struct Store {
 /// How many 10 ms waits a request on a remote data plane gives a budget's first lease.
 const LEASE_WAIT_STEPS: usize = 30;
 
-/// Larger answers are relayed as they arrive and not stored.
-const MAX_CACHED_BODY: u64 = 4 * 1024 * 1024;
-
 #[allow(clippy::too_many_arguments)]
 pub async fn handle(
     worker: &Worker,
@@ -528,10 +525,6 @@ pub async fn handle(
                     return false;
                 }
                 Some(Ok(resp)) => {
-                    if resp.head.status != 200 {
-                        // Not an answer to store: whoever waits for it goes on now.
-                        lead = None;
-                    }
                     if resp.head.status == 429 || resp.head.status >= 500 {
                         snap.states.record(
                             t.backend,
@@ -568,6 +561,11 @@ pub async fn handle(
                             continue;
                         }
                         // Nothing left to try: the caller sees the backend's own error.
+                    }
+                    if resp.head.status != 200 {
+                        // Not an answer to store: whoever waits for it goes on now. (One that
+                        // is retried above keeps them: the next target may answer the key.)
+                        lead = None;
                     }
                     return relay(
                         worker,
@@ -1319,6 +1317,8 @@ async fn relay(
     let status = resp.head.status;
     // A drain that began while this request waited: the answer says the connection closes.
     ctx.keep_alive &= !worker.shared.is_draining();
+    // Larger answers are relayed as they arrive and not stored.
+    let max_entry = table.cache.max_entry_bytes;
     let sse = resp
         .head
         .header("content-type")
@@ -1330,7 +1330,7 @@ async fn relay(
         && status == 200
         && !sse
         && match resp.body.framing() {
-            BodyFraming::Length(n) => n <= MAX_CACHED_BODY,
+            BodyFraming::Length(n) => n <= max_entry,
             BodyFraming::Chunked => true,
             _ => false,
         };
@@ -1413,20 +1413,26 @@ async fn relay(
         };
         body_bytes += body.len();
         if let Some(f) = filter.as_mut() {
+            // The stream is cached as the upstream sent it, and filtered again on replay.
+            if store.is_some() && (stream_copy.len() + body.len()) as u64 > max_entry {
+                store = None;
+            }
             if store.is_some() {
-                // The stream is cached as the upstream sent it, and filtered again on replay.
-                if stream_copy.len() + body.len() > MAX_CACHED_BODY as usize {
-                    store = None;
+                stream_copy.extend_from_slice(body);
+            }
+            if let Some(l) = &lead {
+                // Followers need every byte, of an answer too large to store too; with none
+                // following by then, such an answer is not passed on (later waiters go on
+                // their own).
+                if store.is_some() || l.has_followers() && !l.is_abandoned() {
+                    let origin = || Origin {
+                        tier: answer_tier.cloned(),
+                        backend: backend.name.clone(),
+                        model: t.model.clone(),
+                    };
+                    l.publish(origin, body);
                 } else {
-                    stream_copy.extend_from_slice(body);
-                    if let Some(l) = &lead {
-                        let origin = || Origin {
-                            tier: answer_tier.cloned(),
-                            backend: backend.name.clone(),
-                            model: t.model.clone(),
-                        };
-                        l.publish(origin, body);
-                    }
+                    l.abandon();
                 }
             }
             events.clear();
@@ -1448,7 +1454,7 @@ async fn relay(
             }
         }
         let done = resp.body.is_done();
-        if buffer_whole && wire.len() as u64 > MAX_CACHED_BODY {
+        if buffer_whole && wire.len() as u64 > max_entry {
             // A chunked answer too large to store: send what is here, relay the rest.
             buffer_whole = false;
             store = None;
@@ -1502,7 +1508,8 @@ async fn relay(
             wire.clear();
             first_byte.get_or_insert_with(Instant::now);
             if res.is_err() {
-                if !followed() {
+                // Only a stream is followed; anything else needs no reading for others.
+                if !(sse && followed()) {
                     break Err(Cut::ClientLeft);
                 }
                 client_gone = true;
@@ -1513,8 +1520,7 @@ async fn relay(
         }
     };
     let complete = outcome.is_ok();
-    // Followers have every byte only while the stream fitted the cache (`store` still set).
-    if let (Some(l), true, Some(f), Some(_)) = (&lead, complete, &filter, &store) {
+    if let (Some(l), true, Some(f)) = (&lead, complete, &filter) {
         if f.ended_normally() {
             l.complete();
         }

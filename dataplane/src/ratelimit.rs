@@ -298,8 +298,9 @@ pub struct Refusal {
 pub struct TokenCharge {
     lease: Rc<Lease>,
     admitted: u64,
-    /// When it was admitted, on the limits' clock.
+    /// When it was admitted, on the limits' clock and on the wall clock.
     at: u64,
+    admitted_at: Instant,
 }
 
 impl TokenCharge {
@@ -317,8 +318,12 @@ impl TokenCharge {
             t.set(0);
         } else if balance as u64 > b.chunk {
             // Used less: what the lease holds beyond a chunk goes back to the shared bucket,
-            // for every worker (kept here, it would be a burst past the limit later).
-            b.refund(balance as u64 - b.chunk, self.at);
+            // for every worker (kept here, it would be a burst past the limit later); only
+            // within the bucket's window, past which the take no longer weighs on it.
+            let held = self.admitted_at.elapsed().as_nanos() as u64;
+            if held < WINDOW_NS {
+                b.refund(balance as u64 - b.chunk, self.at.saturating_add(held));
+            }
             t.set(b.chunk as i64);
         } else {
             t.set(balance);
@@ -415,6 +420,7 @@ impl WorkerLimits {
             lease,
             admitted: tokens,
             at: now,
+            admitted_at: Instant::now(),
         }))
     }
 }

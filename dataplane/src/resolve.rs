@@ -35,7 +35,8 @@ impl Resolved {
     }
 
     /// Looks up every backend name of the config in `snapshot`; a name that fails keeps the
-    /// addresses it had (a resolver hiccup does not take a backend away).
+    /// addresses it had (a resolver hiccup does not take a backend away), or has none: then
+    /// connections to it fail at once instead of asking the resolver on a worker.
     fn refresh(&self, snapshot: &SharedSnapshot) {
         let snap = snapshot.load();
         let mut next = Addresses::new();
@@ -50,10 +51,7 @@ impl Resolved {
                 .map(Iterator::collect::<Vec<_>>);
             let addrs = match found {
                 Ok(addrs) if !addrs.is_empty() => addrs.into(),
-                _ => match self.get(&b.host, b.port) {
-                    Some(addrs) => addrs,
-                    None => continue,
-                },
+                _ => self.get(&b.host, b.port).unwrap_or_else(|| Arc::from([])),
             };
             next.entry(b.host.clone())
                 .or_default()

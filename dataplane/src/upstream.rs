@@ -130,9 +130,10 @@ async fn connect(
         let stream = match b.host.parse::<std::net::IpAddr>() {
             Ok(ip) => TcpStream::connect_addr((ip, b.port).into()).await,
             Err(_) => match resolved.get(&b.host, b.port) {
-                // The first address that takes the connection.
+                // The first address that takes the connection (none: the name does not
+                // resolve).
                 Some(addrs) => {
-                    let mut last = io::Error::other("no address");
+                    let mut last = io::Error::other(format!("`{}` does not resolve", b.host));
                     let mut connected = None;
                     for addr in addrs.iter() {
                         match TcpStream::connect_addr(*addr).await {

@@ -166,6 +166,9 @@ pub struct CacheFile {
     pub enabled: bool,
     /// Upper bound on stored answers and their keys, in bytes.
     pub max_bytes: u64,
+    /// The largest answer stored, in bytes (a larger one is relayed and not kept; at most
+    /// `max_bytes`).
+    pub max_entry_bytes: u64,
     /// How long an answer is served from the cache, unless its category or rule says otherwise.
     pub ttl_secs: u64,
     /// category name -> seconds, overriding `ttl_secs`.
@@ -179,6 +182,7 @@ impl Default for CacheFile {
         CacheFile {
             enabled: true,
             max_bytes: 256 * 1024 * 1024,
+            max_entry_bytes: 4 * 1024 * 1024,
             ttl_secs: 3600,
             category_ttl_secs: BTreeMap::new(),
             share_across_services: false,
@@ -961,9 +965,14 @@ fn build(
             "must be at least 65536 (or set enabled = false)",
         );
     }
+    if c.enabled && c.max_entry_bytes < 1024 {
+        errs.push("cache.max_entry_bytes", "must be at least 1024");
+    }
     let cache = CacheSettings {
         enabled: c.enabled,
         max_bytes: c.max_bytes,
+        // No entry is larger than the whole cache.
+        max_entry_bytes: c.max_entry_bytes.min(c.max_bytes),
         category_ttl,
         share_across_services: c.share_across_services,
     };

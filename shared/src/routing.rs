@@ -89,6 +89,8 @@ pub struct AdminSettings {
 pub struct CacheSettings {
     pub enabled: bool,
     pub max_bytes: u64,
+    /// The largest answer stored.
+    pub max_entry_bytes: u64,
     /// Entry lifetime per `Category::index()` (the category's, else the default).
     pub category_ttl: [Duration; 10],
     pub share_across_services: bool,
