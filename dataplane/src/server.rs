@@ -278,14 +278,15 @@ async fn run_worker(
         match accepted {
             Ok((stream, _)) => {
                 // A bug that panics while serving one connection closes that connection; it
-                // must not end the worker thread and every other connection on it.
-                let serve = AssertUnwindSafe(crate::conn::serve(worker.clone(), stream));
+                // must not end the worker thread and every other connection on it. (Combinators,
+                // not an async block: one would hold the connection's future twice.)
                 let id = worker.id;
-                monoio::spawn(async move {
-                    if serve.catch_unwind().await.is_err() {
+                let serve = AssertUnwindSafe(crate::conn::serve(worker.clone(), stream));
+                monoio::spawn(serve.catch_unwind().map(move |served| {
+                    if served.is_err() {
                         eprintln!("switchyard: worker {id}: a connection's handler panicked; that connection was closed");
                     }
-                });
+                }));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
