@@ -143,7 +143,8 @@ struct Framing {
 }
 
 /// Reads the framing headers; rejects what could desynchronise us from a peer (RFC 9112 §6.3).
-fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, CodecError> {
+/// `minor_version`: an HTTP/1.0 message with Transfer-Encoding has faulty framing (§6.1).
+fn framing(headers: &[httparse::Header<'_>], minor_version: u8) -> Result<Framing, CodecError> {
     let mut f = Framing {
         length: None,
         chunked: false,
@@ -198,7 +199,20 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, CodecError> {
             "both Content-Length and Transfer-Encoding",
         ));
     }
+    if saw_te && minor_version == 0 {
+        return Err(err(
+            ErrorKind::MalformedHttp,
+            "Transfer-Encoding in an HTTP/1.0 message",
+        ));
+    }
     Ok(f)
+}
+
+impl Framing {
+    /// The connection stays open: HTTP/1.1 unless `close`, HTTP/1.0 only if `keep-alive`.
+    fn keep_alive(&self, minor_version: u8) -> bool {
+        !self.connection_close && (minor_version > 0 || self.connection_keep_alive)
+    }
 }
 
 fn collect(buf: &[u8], len: usize, headers: &[httparse::Header<'_>]) -> (Vec<u8>, HeaderRanges) {
@@ -246,20 +260,13 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)
         }
         Err(_) => return Err(err(ErrorKind::MalformedHttp, "malformed request head")),
     };
-    let f = framing(req.headers)?;
     let minor_version = req.version.unwrap_or(1);
-    // RFC 9112 §3.2: exactly one Host in HTTP/1.1; §6.1: an HTTP/1.0 message with
-    // Transfer-Encoding has faulty framing.
+    let f = framing(req.headers, minor_version)?;
+    // RFC 9112 §3.2: exactly one Host in HTTP/1.1.
     if minor_version == 1 && f.hosts != 1 {
         return Err(err(
             ErrorKind::MalformedHttp,
             "an HTTP/1.1 request needs exactly one Host header",
-        ));
-    }
-    if minor_version == 0 && f.chunked {
-        return Err(err(
-            ErrorKind::MalformedHttp,
-            "Transfer-Encoding in an HTTP/1.0 request",
         ));
     }
     let method = match req.method.unwrap_or("") {
@@ -294,7 +301,7 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)
             status: 0,
             minor_version,
             framing,
-            keep_alive: !f.connection_close && (minor_version > 0 || f.connection_keep_alive),
+            keep_alive: f.keep_alive(minor_version),
             expect_continue: f.expect_continue && minor_version == 1,
         },
         len,
@@ -327,17 +334,11 @@ pub fn parse_response(
         }
     };
     let status = resp.code.unwrap_or(0);
-    let f = framing(resp.headers).map_err(|e| CodecError {
+    let minor_version = resp.version.unwrap_or(1);
+    let f = framing(resp.headers, minor_version).map_err(|e| CodecError {
         kind: ErrorKind::UpstreamProtocol,
         ..e
     })?;
-    let minor_version = resp.version.unwrap_or(1);
-    if minor_version == 0 && f.chunked {
-        return Err(err(
-            ErrorKind::UpstreamProtocol,
-            "Transfer-Encoding in an HTTP/1.0 response",
-        ));
-    }
     let framing =
         if request_was_head || status == 204 || status == 304 || (100..200).contains(&status) {
             BodyFraming::Empty
@@ -348,9 +349,7 @@ pub fn parse_response(
         } else {
             BodyFraming::UntilClose
         };
-    let keep_alive = framing != BodyFraming::UntilClose
-        && !f.connection_close
-        && (minor_version > 0 || f.connection_keep_alive);
+    let keep_alive = framing != BodyFraming::UntilClose && f.keep_alive(minor_version);
     let (bytes, headers) = collect(buf, len, resp.headers);
     Ok(Some((
         Head {
@@ -383,8 +382,12 @@ enum ChunkState {
 /// would see other chunk boundaries than we do, a way to smuggle requests.
 fn plain_size_line(rest: &[u8]) -> bool {
     let line = rest.split(|&b| b == b'\r').next().unwrap_or(rest);
-    rest.first().is_none_or(u8::is_ascii_hexdigit)
-        && !line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
+    rest.first().is_none_or(u8::is_ascii_hexdigit) && !line.iter().any(is_control)
+}
+
+/// A control byte other than tab: nothing a line of a chunked body may hold.
+fn is_control(b: &u8) -> bool {
+    (*b < 0x20 && *b != b'\t') || *b == 0x7f
 }
 
 /// Whether what has arrived of a trailer line (`line`, up to its CRLF when `ended`) can be a
@@ -397,14 +400,13 @@ fn plain_trailer_line(line: &[u8], ended: bool) -> bool {
     } else {
         line.strip_suffix(b"\r").unwrap_or(line)
     };
-    let control = |b: &u8| (*b < 0x20 && *b != b'\t') || *b == 0x7f;
     let name_ok = |name: &[u8]| {
         !name.is_empty()
             && name
                 .iter()
                 .all(|b| b.is_ascii_graphic() && !b"\"(),/:;<=>?@[\\]{}".contains(b))
     };
-    !line.iter().any(control)
+    !line.iter().any(is_control)
         && match line.iter().position(|&b| b == b':') {
             Some(colon) => name_ok(&line[..colon]),
             None => !ended && name_ok(line),

@@ -1192,8 +1192,7 @@ async fn follow_stream(
             filter.finish(&mut events);
             if !p.complete {
                 let message = "the identical request this one followed was cut off upstream";
-                let error = ErrorKind::UpstreamBroken.error_object(message, None);
-                events.extend_from_slice(format!("data: {{\"error\":{error}}}\n\n").as_bytes());
+                events.extend_from_slice(&sse_error(ErrorKind::UpstreamBroken, message));
             }
         }
         frame(&mut wire, framing, &events);
@@ -1548,11 +1547,7 @@ async fn relay(
         // The head (200) is gone already: the error travels as a final SSE event, and the
         // chunked body still ends cleanly.
         let message = format!("upstream stream failed: {}", e.message);
-        let event = format!(
-            "data: {{\"error\":{}}}\n\n",
-            e.kind.error_object(&message, None)
-        );
-        frame(&mut wire, framing, event.as_bytes());
+        frame(&mut wire, framing, &sse_error(e.kind, &message));
         if framing == ClientFraming::Chunked {
             wire.extend_from_slice(codec::LAST_CHUNK);
         }
@@ -1621,6 +1616,15 @@ async fn relay(
     // A body cut short without chunked framing leaves the client unable to find the next response.
     let framed_end = !client_left && (complete || sse && framing == ClientFraming::Chunked);
     ctx.keep_alive && framed_end
+}
+
+/// The final event of a stream that broke off: an OpenAI-style error object.
+fn sse_error(kind: ErrorKind, message: &str) -> Vec<u8> {
+    format!(
+        "data: {{\"error\":{}}}\n\n",
+        kind.error_object(message, None)
+    )
+    .into_bytes()
 }
 
 fn frame(out: &mut Vec<u8>, framing: ClientFraming, payload: &[u8]) {
