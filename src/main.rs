@@ -423,9 +423,7 @@ fn serve(args: ServeArgs, local: bool) -> ExitCode {
 fn classify(config_path: Option<String>) -> ExitCode {
     let table = match &config_path {
         // Classifying sends nothing anywhere: the backends' API keys need not be set.
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| vec![format!("{path}: cannot read: {e}")])
-            .and_then(|text| config::load_str(&text, path, &|_| Some("unused".into()))),
+        Some(path) => config::load_file_with(path, &|_| Some("unused".into())),
         None => config::load_str(
             &demo::SIMULATED
                 .replace("{LOCAL}", "127.0.0.1:1")

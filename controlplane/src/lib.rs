@@ -266,7 +266,7 @@ impl ControlPlane {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         self.store.set_budget(&key, limit)?;
-        self.budgets.set_override(key, limit, &self.spent_today());
+        self.budgets.set_override(key, limit, || self.spent_today());
         Ok(())
     }
 
@@ -488,7 +488,7 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
     ));
     for (key, limit) in store.load_budgets()? {
         // `start_day` below seeds every pool with what was spent today.
-        budgets.set_override(key, Some(limit), &BTreeMap::new());
+        budgets.set_override(key, Some(limit), BTreeMap::new);
     }
     let out = already_out(&ledger, &store, &BTreeMap::new(), &today)?;
     budgets.start_day(today.clone(), out);
@@ -643,9 +643,13 @@ async fn follow_configs(cp: Arc<ControlPlane>) {
         }
         let snapshot = cp.configs.snapshot().load();
         let limits = Limits::from_settings(&snapshot.table.budgets);
-        let spent = cp.spent_today();
-        cp.budgets.set_limits(limits, &spent);
-        cp.roll_day();
+        // Today's spend is read (from the store) only when the limits changed.
+        let limiter = cp.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            limiter.budgets.set_limits(limits, || limiter.spent_today());
+            limiter.roll_day();
+        })
+        .await;
     }
 }
 

@@ -302,7 +302,7 @@ impl Remote {
                 let snapshot = self.configs.snapshot().load();
                 // A remote's pools hold grants: nothing to seed from spend.
                 let limits = Limits::from_settings(&snapshot.table.budgets);
-                self.budgets.set_limits(limits, &BTreeMap::new());
+                self.budgets.set_limits(limits, BTreeMap::new);
                 eprintln!("switchyard: config version {} in effect", record.version);
                 if !kept.is_empty() {
                     eprintln!(
@@ -351,13 +351,11 @@ impl Remote {
             .collect();
         let have = self.budgets.overrides();
         for key in have.keys().filter(|k| !wanted.contains_key(*k)) {
-            self.budgets
-                .set_override(key.clone(), None, &BTreeMap::new());
+            self.budgets.set_override(key.clone(), None, BTreeMap::new);
         }
         for (key, limit) in wanted {
             if have.get(&key) != Some(&limit) {
-                self.budgets
-                    .set_override(key, Some(limit), &BTreeMap::new());
+                self.budgets.set_override(key, Some(limit), BTreeMap::new);
             }
         }
         if reply.day != self.budgets.day() {

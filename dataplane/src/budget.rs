@@ -80,6 +80,9 @@ impl Pool {
 /// Which budget a pool is.
 pub type BudgetKey = (String, Option<Category>);
 
+/// Micro-dollars each budget has given out today.
+pub type Spent = BTreeMap<BudgetKey, u64>;
+
 struct BookState {
     day: String,
     settings: Limits,
@@ -287,15 +290,19 @@ impl BudgetBook {
     }
 
     /// A new config's limits; pools keep what they leased today. `spent_today`: what each
-    /// budget has given out today, for those the change limits that had no limit before.
-    pub fn set_limits(&self, settings: Limits, spent_today: &BTreeMap<BudgetKey, u64>) {
-        let mut s = self.state();
-        if s.settings != settings {
-            let was_limited = s.limited_now(spent_today);
-            s.settings = settings;
-            s.reseed_newly_limited(was_limited, spent_today);
-            self.bump(s);
+    /// budget has given out today, for those the change limits that had no limit before
+    /// (asked only when the limits change, and never by a granted book).
+    pub fn set_limits(&self, settings: Limits, spent_today: impl FnOnce() -> Spent) {
+        if self.state().settings == settings {
+            return;
         }
+        // Outside the lock: it may wait for the store.
+        let spent = self.spent_for_reseed(spent_today);
+        let mut s = self.state();
+        let was_limited = s.limited_now(&spent);
+        s.settings = settings;
+        s.reseed_newly_limited(was_limited, &spent);
+        self.bump(s);
     }
 
     /// A limit set (or, with `None`, cleared) through the control API; `spent_today` as for
@@ -304,17 +311,27 @@ impl BudgetBook {
         &self,
         key: BudgetKey,
         limit: Option<u64>,
-        spent_today: &BTreeMap<BudgetKey, u64>,
+        spent_today: impl FnOnce() -> Spent,
     ) {
+        let spent = self.spent_for_reseed(spent_today);
         let mut s = self.state();
-        let was_limited = s.limited_now(spent_today);
+        let was_limited = s.limited_now(&spent);
         let before = match limit {
             Some(l) => s.overrides.insert(key, l),
             None => s.overrides.remove(&key),
         };
         if before != limit {
-            s.reseed_newly_limited(was_limited, spent_today);
+            s.reseed_newly_limited(was_limited, &spent);
             self.bump(s);
+        }
+    }
+
+    /// What `spent_today` says, for a book whose pools are seeded from spend (not granted).
+    fn spent_for_reseed(&self, spent_today: impl FnOnce() -> Spent) -> Spent {
+        if self.granted.load(Relaxed) {
+            Spent::new()
+        } else {
+            spent_today()
         }
     }
 
@@ -647,7 +664,7 @@ mod tests {
         let b = granted(w.reserve(&book, "b", Category::Chat, 50));
         a.settle(50);
         b.settle(50);
-        book.set_override(("a".into(), None), Some(500), &BTreeMap::new());
+        book.set_override(("a".into(), None), Some(500), Spent::new);
         granted(w.reserve(&book, "a", Category::Chat, 400)).settle(400);
         assert!(matches!(
             w.reserve(&book, "b", Category::Chat, 1),
@@ -712,7 +729,7 @@ mod tests {
         let out = granted(w.reserve(&book, "etl", Category::Chat, 300));
         let over = granted(w.reserve(&book, "etl", Category::Chat, 100));
         // A config change: the worker returns its idle lease; the two requests still run.
-        book.set_override(("etl".into(), None), Some(1_000), &BTreeMap::new());
+        book.set_override(("etl".into(), None), Some(1_000), Spent::new);
         assert!(matches!(
             w.reserve(&book, "etl", Category::Chat, 1),
             Reserve::Granted(_)
@@ -746,7 +763,7 @@ mod tests {
             w.reserve(&book, "etl", Category::Chat, 1 << 40),
             Reserve::Unlimited
         ));
-        book.set_override(etl.clone(), Some(600), &spent);
+        book.set_override(etl.clone(), Some(600), || spent.clone());
         assert!(matches!(
             w.reserve(&book, "etl", Category::Chat, 150),
             Reserve::Refused
@@ -754,9 +771,9 @@ mod tests {
         granted(w.reserve(&book, "etl", Category::Chat, 100)).settle(100);
         // Unlimited for a while (spending 300 more), then limited again by the config: the
         // pool left from the first limit missed that spend.
-        book.set_override(etl.clone(), None, &BTreeMap::new());
+        book.set_override(etl.clone(), None, Spent::new);
         let spent = BTreeMap::from([(etl.clone(), 900)]);
-        book.set_limits(limits(None, 100), &spent);
+        book.set_limits(limits(None, 100), || spent.clone());
         assert!(matches!(
             w.reserve(&book, "etl", Category::Chat, 150),
             Reserve::Refused

@@ -136,7 +136,8 @@ impl Waiter {
         }
     }
 
-    /// Appends the streamed answer's bytes from offset `from` on to `out`.
+    /// Appends the streamed answer's bytes from offset `from` on to `out` (with its origin
+    /// on the first read, from 0).
     pub fn read(&self, from: usize, out: &mut Vec<u8>) -> Progress {
         // Looked at before the bytes: once done, every byte is there.
         let done = self.is_done();
@@ -145,7 +146,7 @@ impl Waiter {
         Progress {
             done,
             complete: s.complete,
-            origin: s.origin.clone(),
+            origin: if from == 0 { s.origin.clone() } else { None },
         }
     }
 }

@@ -65,8 +65,8 @@ struct Ctx<'r> {
     saved_micros: u64,
     /// Budget held for the current attempt; `log` settles it with the actual cost.
     reservation: Cell<Option<Reservation>>,
-    /// The budget did not fit the routed tier, so this cheaper tier (rank) answers.
-    downgraded_to: Option<usize>,
+    /// The budget did not fit the routed tier, so a cheaper one answers.
+    downgraded: bool,
     /// The tier (rank) the current attempt's target was taken from: the one the response
     /// headers, the usage event and a stored answer name.
     tier: Option<usize>,
@@ -171,7 +171,7 @@ pub async fn handle(
         cache: "",
         saved_micros: 0,
         reservation: Cell::new(None),
-        downgraded_to: None,
+        downgraded: false,
         tier: None,
         refused_by: "",
         token_charge: Cell::new(None),
@@ -328,15 +328,13 @@ pub async fn handle(
     let mut plan_groups = table.groups(decision.plan);
     // Once a reservation is refused: the ranks of the cheaper tiers, most capable first.
     let mut cheaper: Option<std::iter::Rev<std::ops::Range<usize>>> = None;
-    let mut cheaper_rank = None;
     // Groups taken so far: the plan's first is 1.
     let mut groups_taken = 0;
     'groups: loop {
         let next = match &mut cheaper {
-            Some(ranks) => ranks.next().map(|rank| {
-                cheaper_rank = Some(rank);
-                (Some(rank), table.tiers[rank].targets.as_slice())
-            }),
+            Some(ranks) => ranks
+                .next()
+                .map(|rank| (Some(rank), table.tiers[rank].targets.as_slice())),
             None => plan_groups.next(),
         };
         let Some((group_tier, group)) = next else {
@@ -484,7 +482,7 @@ pub async fn handle(
                     continue 'groups;
                 }
             }
-            ctx.downgraded_to = cheaper_rank;
+            ctx.downgraded = cheaper.is_some();
             // The tier of the group walked; an explicit target list names its target's first.
             ctx.tier = group_tier.or_else(|| table.first_tier_of(target));
             refused_since_attempt = false;
@@ -1754,7 +1752,7 @@ fn explain(out: &mut Vec<u8>, ctx: &Ctx<'_>, tier: &str, backend: &str, model: &
     if !ctx.cache.is_empty() {
         header(out, b"x-switchyard-cache", ctx.cache.as_bytes());
     }
-    if ctx.downgraded_to.is_some() {
+    if ctx.downgraded {
         header(out, b"x-switchyard-budget", b"downgraded");
     }
 }
@@ -1894,7 +1892,7 @@ fn log(
         completion_tokens: tokens.completion,
         tokens_estimated: reached && usage.is_none(),
         cost_micros,
-        budget_downgraded: ctx.downgraded_to.is_some(),
+        budget_downgraded: ctx.downgraded,
         refused_by: ctx.refused_by,
         first_byte_us: first_byte.map_or(0, |f| micros(f - ctx.started)),
         total_us: micros(ctx.started.elapsed()),

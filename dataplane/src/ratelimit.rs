@@ -298,9 +298,9 @@ pub struct Refusal {
 pub struct TokenCharge {
     lease: Rc<Lease>,
     admitted: u64,
-    /// When it was admitted, on the limits' clock and on the wall clock.
+    /// When it was admitted, on the limits' clock (nanoseconds since `epoch`).
     at: u64,
-    admitted_at: Instant,
+    epoch: Instant,
 }
 
 impl TokenCharge {
@@ -320,9 +320,9 @@ impl TokenCharge {
             // Used less: what the lease holds beyond a chunk goes back to the shared bucket,
             // for every worker (kept here, it would be a burst past the limit later); only
             // within the bucket's window, past which the take no longer weighs on it.
-            let held = self.admitted_at.elapsed().as_nanos() as u64;
-            if held < WINDOW_NS {
-                b.refund(balance as u64 - b.chunk, self.at.saturating_add(held));
+            let now = self.epoch.elapsed().as_nanos() as u64;
+            if now.saturating_sub(self.at) < WINDOW_NS {
+                b.refund(balance as u64 - b.chunk, now);
             }
             t.set(b.chunk as i64);
         } else {
@@ -420,7 +420,7 @@ impl WorkerLimits {
             lease,
             admitted: tokens,
             at: now,
-            admitted_at: Instant::now(),
+            epoch: limits.epoch,
         }))
     }
 }

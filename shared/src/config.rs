@@ -441,9 +441,17 @@ pub fn load_str(
 }
 
 pub fn load_file(path: &str) -> Result<RoutingTable, Vec<String>> {
+    load_file_with(path, &|name| std::env::var(name).ok())
+}
+
+/// `load_file` with environment variables looked up by `env`.
+pub fn load_file_with(
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RoutingTable, Vec<String>> {
     let text =
         std::fs::read_to_string(path).map_err(|e| vec![format!("{path}: cannot read: {e}")])?;
-    load_str(&text, path, &|name| std::env::var(name).ok())
+    load_str(&text, path, env)
 }
 
 /// Collects every error instead of stopping at the first, so one run shows them all.
