@@ -75,6 +75,11 @@ impl Lead<'_> {
         s.complete = !s.abandoned;
     }
 
+    /// Calls `f` with the stream passed on so far.
+    pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        f(&lock(&self.flight.stream).bytes)
+    }
+
     /// Stops passing the stream on: waiting requests go upstream on their own.
     pub fn abandon(&self) {
         lock(&self.flight.stream).abandoned = true;

@@ -1410,11 +1410,12 @@ async fn relay(
         };
         body_bytes += body.len();
         if let Some(f) = filter.as_mut() {
-            // The stream is cached as the upstream sent it, and filtered again on replay.
-            if store.is_some() && (stream_copy.len() + body.len()) as u64 > max_entry {
+            // The stream is cached as the upstream sent it, and filtered again on replay;
+            // a lead keeps that copy for its followers, and the answer is stored from it.
+            if store.is_some() && body_bytes as u64 > max_entry {
                 store = None;
             }
-            if store.is_some() {
+            if store.is_some() && lead.is_none() {
                 stream_copy.extend_from_slice(body);
             }
             if let Some(l) = &lead {
@@ -1525,18 +1526,17 @@ async fn relay(
     if let (true, 200, Some(f), Some(s)) = (complete, status, &filter, store.take()) {
         // The caller already has its head (`x-switchyard-cache: miss`); the usage event says
         // whether the stream was stored.
-        if f.ended_normally()
-            && store_answer(
-                worker,
-                table,
-                target,
-                answer_tier,
-                s,
-                b"text/event-stream",
-                &stream_copy,
-                f.usage.unwrap_or_default(),
-            )
-        {
+        let store_from = |stream: &[u8]| {
+            let usage = f.usage.unwrap_or_default();
+            let content_type = b"text/event-stream";
+            store_answer(worker, table, target, answer_tier, s, content_type, stream, usage)
+        };
+        let stored = f.ended_normally()
+            && match &lead {
+                Some(l) => l.with_bytes(store_from),
+                None => store_from(&stream_copy),
+            };
+        if stored {
             ctx.cache = "stored";
         }
     }
