@@ -17,6 +17,7 @@ pub mod remote;
 pub mod store;
 
 use api::pb;
+use compact_str::CompactString;
 use configs::{Configs, Overrides};
 use ledger::Ledger;
 use std::collections::BTreeMap;
@@ -63,9 +64,13 @@ pub struct ControlPlane {
 struct Remotes {
     /// Per remote data plane: the last usage sequence counted, and the events it dropped.
     sequences: HashMap<String, (u64, u64)>,
-    /// Per day and budget: what their counted records cost, since the last commit.
-    spent: BTreeMap<(String, BudgetKey), u64>,
+    /// What their counted records cost since the last commit.
+    spent: RemoteSpent,
 }
+
+/// (day, service, category or none for the service's whole budget) -> micro-dollars. Inline
+/// strings: counting a record allocates nothing.
+type RemoteSpent = BTreeMap<(CompactString, CompactString, Option<Category>), u64>;
 
 impl Remotes {
     fn from_store(store: &Store) -> Result<Remotes, String> {
@@ -109,7 +114,7 @@ impl ControlPlane {
                     let day = snapshot.table.budgets.day_of(at);
                     self.ledger.record(&event, &day);
                     for scope in [None, Some(event.category)] {
-                        let key = (day.clone(), (event.service.to_string(), scope));
+                        let key = (CompactString::from(&day), event.service.clone(), scope);
                         *remotes.spent.entry(key).or_default() += event.cost_micros;
                     }
                     reply.accepted += 1;
@@ -237,9 +242,11 @@ impl ControlPlane {
         if rows.is_empty() {
             return Ok(());
         }
-        let saved =
-            self.store
-                .save_spend(rows.iter().map(|(k, t)| (k, t)), &sequences, &remote_spent);
+        let saved = self.store.save_spend(
+            rows.iter().map(|(k, t)| (k, t)),
+            &sequences,
+            remote_added(&remote_spent),
+        );
         if saved.is_err() {
             self.ledger.mark_dirty(rows.into_iter().map(|(k, _)| k));
             let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
@@ -373,14 +380,14 @@ pub fn admin_token(env_name: &str, data_dir: &Path) -> Result<(String, TokenSour
 fn already_out(
     ledger: &Ledger,
     store: &Store,
-    remote_uncommitted: &BTreeMap<(String, BudgetKey), u64>,
+    remote_uncommitted: &RemoteSpent,
     day: &str,
 ) -> Result<BTreeMap<BudgetKey, u64>, String> {
     let mut out = ledger.spent_by_budget(day);
     let mut by_remotes = store.remote_spent_on(day)?;
-    for ((d, key), added) in remote_uncommitted {
+    for ((d, service, scope), added) in remote_uncommitted {
         if d == day {
-            *by_remotes.entry(key.clone()).or_default() += added;
+            *by_remotes.entry((service.to_string(), *scope)).or_default() += added;
         }
     }
     for (key, granted) in store.granted_on(day)? {
@@ -389,6 +396,13 @@ fn already_out(
         *spent = spent.saturating_sub(remote) + remote.max(granted);
     }
     Ok(out)
+}
+
+/// Remote spend as the store takes it: (day, service, category or none, micro-dollars).
+fn remote_added(spent: &RemoteSpent) -> impl Iterator<Item = (&str, &str, Option<Category>, u64)> {
+    spent
+        .iter()
+        .map(|((day, service, scope), added)| (day.as_str(), service.as_str(), *scope, *added))
 }
 
 /// The gauges of live state: config version, requests in flight, cache, backends, budgets.

@@ -74,7 +74,7 @@ impl Store {
         &self,
         rows: impl IntoIterator<Item = (&'a SpendKey, &'a SpendTotals)>,
         sequences: &[(String, u64)],
-        remote_added: &BTreeMap<(String, BudgetKey), u64>,
+        remote_added: impl IntoIterator<Item = (&'a str, &'a str, Option<Category>, u64)>,
     ) -> Result<(), String> {
         let txn = self.db.begin_write().map_err(err)?;
         {
@@ -85,10 +85,10 @@ impl Store {
         }
         {
             let mut t = txn.open_table(REMOTE_SPEND).map_err(err)?;
-            for ((day, key), added) in remote_added {
-                let k = (day.as_str(), key.0.as_str(), Category::scope_name(key.1));
+            for (day, service, scope, added) in remote_added {
+                let k = (day, service, Category::scope_name(scope));
                 let before = t.get(k).map_err(err)?.map_or(0, |v| v.value());
-                t.insert(k, before.saturating_add(*added)).map_err(err)?;
+                t.insert(k, before.saturating_add(added)).map_err(err)?;
             }
         }
         {
@@ -342,7 +342,7 @@ mod tests {
         };
         {
             let s = Store::open(&d).unwrap();
-            s.save_spend([(&key, &totals)], &[("dp1".into(), 41)], &BTreeMap::new())
+            s.save_spend([(&key, &totals)], &[("dp1".into(), 41)], [])
                 .unwrap();
             s.set_budget(&("etl".into(), Some(Category::Code)), Some(5))
                 .unwrap();

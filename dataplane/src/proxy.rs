@@ -1529,7 +1529,16 @@ async fn relay(
         let store_from = |stream: &[u8]| {
             let usage = f.usage.unwrap_or_default();
             let content_type = b"text/event-stream";
-            store_answer(worker, table, target, answer_tier, s, content_type, stream, usage)
+            store_answer(
+                worker,
+                table,
+                target,
+                answer_tier,
+                s,
+                content_type,
+                stream,
+                usage,
+            )
         };
         let stored = f.ended_normally()
             && match &lead {
