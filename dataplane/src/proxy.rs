@@ -18,6 +18,7 @@ use crate::sse::SseFilter;
 use crate::upstream::{self, AttemptError, Response};
 use std::cell::{Cell, OnceCell};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_shared::cache_key::{self, KeyScope};
@@ -41,6 +42,14 @@ const USAGE_SCAN_LIMIT: usize = 4 * 1024 * 1024;
 const CLIENT_CLOSED: u16 = 499;
 
 /// Per-request facts gathered by the phases, read by `log`.
+impl Ctx<'_> {
+    /// Whether an answer written now keeps its connection: not once a drain has begun, even
+    /// for a request that started before it.
+    fn keep_alive(&self) -> bool {
+        self.keep_alive && !self.draining.load(Relaxed)
+    }
+}
+
 struct Ctx<'r> {
     request_id: u64,
     /// The routing snapshot's config version, for `x-switchyard-config-version`.
@@ -56,7 +65,10 @@ struct Ctx<'r> {
     attempts: u32,
     streamed: bool,
     prompt_chars: usize,
+    /// The connection may stay open as far as the request and its answer go (see `keep_alive`).
     keep_alive: bool,
+    /// Set once the data plane drains: then no answer keeps its connection.
+    draining: &'r AtomicBool,
     /// The caller speaks HTTP/1.0 (a kept connection must be announced).
     http10: bool,
     /// `x-switchyard-cache` (empty: the request is not cacheable).
@@ -167,6 +179,7 @@ pub async fn handle(
         streamed: false,
         prompt_chars: 0,
         keep_alive,
+        draining: worker.shared.draining_flag(),
         http10: head.minor_version == 0,
         cache: "",
         saved_micros: 0,
@@ -856,7 +869,6 @@ async fn serve_hit(
 ) -> bool {
     ctx.cache = "hit";
     ctx.saved_micros = hit.cost_micros;
-    ctx.keep_alive &= !worker.shared.is_draining();
     // A stored stream is replayed at full speed, filtered like a live one: the usage chunk the
     // router asked for is hidden unless this caller asked for it.
     let streamed = &*hit.content_type == b"text/event-stream";
@@ -908,7 +920,7 @@ async fn serve_hit(
         Some(Instant::now()),
         !sent,
     );
-    sent && ctx.keep_alive
+    sent && ctx.keep_alive()
 }
 
 fn tried_backends<'t>(
@@ -1135,7 +1147,7 @@ fn stored_answer_head(
     }
     header(out, b"age", itoa::Buffer::new().format(age_secs).as_bytes());
     explain(out, ctx, tier, backend, model);
-    conn::connection_header(out, ctx.keep_alive, ctx.http10);
+    conn::connection_header(out, ctx.keep_alive(), ctx.http10);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -1154,7 +1166,6 @@ async fn follow_stream(
     replay: Replay,
 ) -> bool {
     ctx.cache = "hit";
-    ctx.keep_alive &= !worker.shared.is_draining();
     let framing = if replay.client_minor_version > 0 {
         ClientFraming::Chunked
     } else {
@@ -1240,7 +1251,7 @@ async fn follow_stream(
         first_byte,
         !complete,
     );
-    ctx.keep_alive
+    ctx.keep_alive()
 }
 
 /// How the response body is framed towards the client.
@@ -1312,8 +1323,6 @@ async fn relay(
     let t = &table.targets[target];
     let backend = &table.backends[t.backend];
     let status = resp.head.status;
-    // A drain that began while this request waited: the answer says the connection closes.
-    ctx.keep_alive &= !worker.shared.is_draining();
     // Larger answers are relayed as they arrive and not stored.
     let max_entry = table.cache.max_entry_bytes;
     let sse = resp
@@ -1622,7 +1631,7 @@ async fn relay(
     );
     // A body cut short without chunked framing leaves the client unable to find the next response.
     let framed_end = !client_left && (complete || sse && framing == ClientFraming::Chunked);
-    ctx.keep_alive && framed_end
+    ctx.keep_alive() && framed_end
 }
 
 /// The final event of a stream that broke off: an OpenAI-style error object.
@@ -1676,7 +1685,7 @@ fn response_head(
         _ => {}
     }
     explain(&mut out, ctx, tier, &backend.name, model);
-    conn::connection_header(&mut out, ctx.keep_alive, ctx.http10);
+    conn::connection_header(&mut out, ctx.keep_alive(), ctx.http10);
     out.extend_from_slice(b"\r\n");
     out
 }
@@ -1832,7 +1841,7 @@ async fn send_reject(
         kind,
         message,
         param,
-        ctx.keep_alive,
+        ctx.keep_alive(),
         Some(&headers),
         false,
     )

@@ -50,6 +50,11 @@ impl Shared {
         self.draining.load(Relaxed)
     }
 
+    /// The flag `is_draining` reads, for state that outlives one look at it.
+    pub fn draining_flag(&self) -> &AtomicBool {
+        &self.draining
+    }
+
     pub fn inflight(&self) -> usize {
         self.inflight.iter().map(|c| c.0.load(Relaxed)).sum()
     }
