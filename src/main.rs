@@ -118,7 +118,7 @@ struct DataArgs {
     /// Override `listener.address` of the control plane's config.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Override `listener.workers`.
+    /// Override `listener.workers` (at least 1).
     #[arg(long)]
     workers: Option<usize>,
     /// This data plane's name at the control plane; default: hostname and process id.
@@ -198,10 +198,11 @@ struct ServeArgs {
     /// Override `listener.address`.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Override `listener.workers`.
+    /// Override `listener.workers` (at least 1).
     #[arg(long)]
     workers: Option<usize>,
-    /// Override `admin.address` (the control API and /metrics).
+    /// Override `admin.address` (the control API and /metrics; ignored when `admin.enabled`
+    /// is false).
     #[arg(long)]
     admin_listen: Option<SocketAddr>,
 }

@@ -87,6 +87,21 @@ fn a_busy_port_fails_loudly_instead_of_sharing() {
 }
 
 #[test]
+fn the_example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/switchyard.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check-config", example])
+        .env("OPENAI_API_KEY", "x")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn classify_reads_jsonl_and_writes_one_line_each() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .arg("classify")
