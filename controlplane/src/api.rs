@@ -200,18 +200,24 @@ impl Control for Api {
     ) -> Result<Response<pb::ValidateConfigReply>, Status> {
         let r = request.into_inner();
         let source = source_or_api(r.source);
-        let reply = match self.0.configs.validate(&r.toml, &source) {
-            Ok(table) => pb::ValidateConfigReply {
-                valid: true,
-                errors: vec![],
-                resolved: table.describe(),
-            },
-            Err(errors) => pb::ValidateConfigReply {
-                valid: false,
-                errors,
-                resolved: String::new(),
-            },
-        };
+        // Parsing a config and building its classifier takes a while: not on the runtime's
+        // thread, which serves the data planes' leases meanwhile.
+        let reply = self
+            .blocking(move |cp| {
+                Ok(match cp.configs.validate(&r.toml, &source) {
+                    Ok(table) => pb::ValidateConfigReply {
+                        valid: true,
+                        errors: vec![],
+                        resolved: table.describe(),
+                    },
+                    Err(errors) => pb::ValidateConfigReply {
+                        valid: false,
+                        errors,
+                        resolved: String::new(),
+                    },
+                })
+            })
+            .await?;
         Ok(Response::new(reply))
     }
 
@@ -221,19 +227,22 @@ impl Control for Api {
     ) -> Result<Response<pb::ApplyConfigReply>, Status> {
         let r = request.into_inner();
         let source = source_or_api(r.source);
-        let configs = &self.0.configs;
-        let reply = match configs.apply(r.toml, &source) {
-            Ok(version) => pb::ApplyConfigReply {
-                applied: true,
-                version,
-                errors: vec![],
-            },
-            Err(errors) => pb::ApplyConfigReply {
-                applied: false,
-                version: configs.current().version,
-                errors,
-            },
-        };
+        let reply = self
+            .blocking(move |cp| {
+                Ok(match cp.configs.apply(r.toml, &source) {
+                    Ok(version) => pb::ApplyConfigReply {
+                        applied: true,
+                        version,
+                        errors: vec![],
+                    },
+                    Err(errors) => pb::ApplyConfigReply {
+                        applied: false,
+                        version: cp.configs.current().version,
+                        errors,
+                    },
+                })
+            })
+            .await?;
         Ok(Response::new(reply))
     }
 
@@ -288,8 +297,9 @@ impl Control for Api {
         let r = request.into_inner();
         let day = if r.day.is_empty() {
             self.0.budgets.day()
-        } else if jiff::civil::Date::strptime("%Y-%m-%d", &r.day).is_ok() {
-            r.day
+        } else if let Ok(date) = jiff::civil::Date::strptime("%Y-%m-%d", r.day.trim()) {
+            // As spend rows name days: `2026-1-5` finds 2026-01-05.
+            date.to_string()
         } else {
             return Err(Status::invalid_argument(format!(
                 "day `{}` is not YYYY-MM-DD",
@@ -380,11 +390,8 @@ impl Control for Api {
             created_unix_ms: crate::configs::now_unix_ms(),
         };
         let id = key_id(&stored.hash);
-        self.blocking(move |cp| {
-            cp.store.add_key(&stored)?;
-            cp.publish_keys()
-        })
-        .await?;
+        self.blocking(move |cp| cp.change_keys(|store| store.add_key(&stored)))
+            .await?;
         Ok(Response::new(pb::CreateKeyReply { key, id }))
     }
 
@@ -418,18 +425,17 @@ impl Control for Api {
         }
         let revoked = self
             .blocking(move |cp| {
-                let matching: Vec<[u8; 32]> = cp
-                    .store
-                    .load_keys()?
-                    .into_iter()
-                    .map(|k| k.hash)
-                    .filter(|h| key_id_full(h).starts_with(&id))
-                    .collect();
-                let revoked = cp.store.revoke_keys(&matching)?;
-                cp.publish_keys()?;
-                Ok(revoked as u64)
+                cp.change_keys(|store| {
+                    let matching: Vec<[u8; 32]> = store
+                        .load_keys()?
+                        .into_iter()
+                        .map(|k| k.hash)
+                        .filter(|h| key_id_full(h).starts_with(&id))
+                        .collect();
+                    store.revoke_keys(&matching)
+                })
             })
-            .await?;
+            .await? as u64;
         Ok(Response::new(pb::RevokeKeyReply { revoked }))
     }
 
@@ -446,6 +452,9 @@ impl Control for Api {
                 unlimited: false,
                 day,
             }));
+        }
+        if !is_valid_service(&r.service) {
+            return Err(Status::invalid_argument(SERVICE_NAME_RULE));
         }
         let key = (r.service, parse_category(&r.category)?);
         let granted = budgets.grant(key.clone(), r.micros);
@@ -527,16 +536,19 @@ pub struct Tokens {
 }
 
 impl Tokens {
+    fn is_data_plane(&self, authorization: Option<&[u8]>) -> bool {
+        self.data_plane
+            .as_deref()
+            .is_some_and(|t| authorized(authorization, t))
+    }
+
     /// Whether `authorization` allows a request for `path`.
     fn allow(&self, authorization: Option<&[u8]>, path: &str) -> bool {
         if authorized(authorization, &self.admin) {
             return true;
         }
         let call = path.strip_prefix("/switchyard.control.v1.Control/");
-        self.data_plane
-            .as_deref()
-            .is_some_and(|t| authorized(authorization, t))
-            && call.is_some_and(|c| DATA_PLANE_CALLS.contains(&c))
+        self.is_data_plane(authorization) && call.is_some_and(|c| DATA_PLANE_CALLS.contains(&c))
     }
 }
 
@@ -564,6 +576,12 @@ async fn guard(
             text,
         )
             .into_response();
+    }
+    if tokens.is_data_plane(authorization) {
+        return Status::permission_denied(
+            "this call needs the admin token, not the data-plane token",
+        )
+        .into_http();
     }
     Status::unauthenticated("this call needs `authorization: Bearer <admin token>`").into_http()
 }

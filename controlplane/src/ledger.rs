@@ -39,15 +39,16 @@ pub struct SpendTotals {
 }
 
 impl SpendTotals {
+    /// Saturating: a remote data plane's figures are not to be trusted to stay small.
     fn add(&mut self, o: &SpendTotals) {
-        self.requests += o.requests;
-        self.errors += o.errors;
-        self.prompt_tokens += o.prompt_tokens;
-        self.completion_tokens += o.completion_tokens;
-        self.cost_micros += o.cost_micros;
-        self.cache_hits += o.cache_hits;
-        self.saved_micros += o.saved_micros;
-        self.estimated += o.estimated;
+        self.requests = self.requests.saturating_add(o.requests);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.cost_micros = self.cost_micros.saturating_add(o.cost_micros);
+        self.cache_hits = self.cache_hits.saturating_add(o.cache_hits);
+        self.saved_micros = self.saved_micros.saturating_add(o.saved_micros);
+        self.estimated = self.estimated.saturating_add(o.estimated);
     }
 
     /// The stored form (see `store`).

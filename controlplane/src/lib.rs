@@ -57,6 +57,8 @@ pub struct ControlPlane {
     /// Held while an API-set budget is written to the store and put in force, so concurrent
     /// changes reach both in the same order.
     setting_budget: Mutex<()>,
+    /// The same for API keys (`change_keys`).
+    changing_keys: Mutex<()>,
 }
 
 /// What remote data planes reported, as far as it is not committed yet.
@@ -115,14 +117,15 @@ impl ControlPlane {
                     self.ledger.record(&event, &day);
                     for scope in [None, Some(event.category)] {
                         let key = (CompactString::from(&day), event.service.clone(), scope);
-                        *remotes.spent.entry(key).or_default() += event.cost_micros;
+                        let spent = remotes.spent.entry(key).or_default();
+                        *spent = spent.saturating_add(event.cost_micros);
                     }
                     reply.accepted += 1;
                 }
                 Err(e) => {
                     eprintln!(
                         "switchyard: usage record {sequence} from `{}` skipped: {e}",
-                        batch.data_plane
+                        batch.data_plane.escape_debug()
                     );
                     reply.rejected += 1;
                 }
@@ -213,13 +216,20 @@ impl ControlPlane {
             .scrape(|m| set_live_gauges(m, &stats, budgets))
     }
 
-    /// Gives the data plane the stored keys (after one is created or revoked).
-    pub fn publish_keys(&self) -> Result<(), String> {
+    /// Changes the stored keys (`change`) and gives the data plane the new table, one change
+    /// at a time: two overlapping ones could publish an older table last (a revoked key
+    /// accepted again).
+    pub fn change_keys<T>(
+        &self,
+        change: impl FnOnce(&Store) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let _one_at_a_time = self.changing_keys.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = change(&self.store)?;
         let keys = key_table(&self.store)?;
         if let Some(dp) = &self.local {
             dp.shared.keys.store(Arc::new(keys));
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// Commits changed spend rows; on failure they stay marked for the next flush.
@@ -356,10 +366,15 @@ pub fn admin_token(env_name: &str, data_dir: &Path) -> Result<(String, TokenSour
         return Ok((t, TokenSource::Env(env_name.to_string())));
     }
     let path = data_dir.join("admin-token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        if !t.trim().is_empty() {
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => {
             return Ok((t.trim().to_string(), TokenSource::File(path)));
         }
+        // Empty (a start cut short between creating and writing it): written anew.
+        Ok(_) => {
+            let _ = std::fs::remove_file(&path);
+        }
+        Err(_) => {}
     }
     let token = random_hex(24)?;
     use std::io::Write as _;
@@ -532,6 +547,7 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
         remotes: Mutex::new(remotes),
         flushing: Mutex::default(),
         setting_budget: Mutex::default(),
+        changing_keys: Mutex::default(),
     });
     if let Some(events) = events {
         let consumer = cp.clone();
@@ -745,6 +761,7 @@ mod tests {
             remotes: Mutex::new(remotes),
             flushing: Mutex::default(),
             setting_budget: Mutex::default(),
+            changing_keys: Mutex::default(),
         }
     }
 
