@@ -362,12 +362,13 @@ impl Control for Api {
         &self,
         _: Request<pb::PurgeCacheRequest>,
     ) -> Result<Response<pb::PurgeCacheReply>, Status> {
-        let cache = self
-            .0
-            .local
-            .as_ref()
-            .and_then(|dp| dp.shared.cache.as_ref());
-        let (entries_removed, bytes_removed) = cache.map_or((0, 0), |c| c.purge());
+        let Some(dp) = &self.0.local else {
+            return Err(Status::failed_precondition(
+                "this process runs no data plane (`switchyard control`): remote data planes keep their caches",
+            ));
+        };
+        let (entries_removed, bytes_removed) =
+            dp.shared.cache.as_ref().map_or((0, 0), |c| c.purge());
         Ok(Response::new(pb::PurgeCacheReply {
             entries_removed,
             bytes_removed,

@@ -82,10 +82,16 @@ impl Admin {
         let channel = if lazy {
             endpoint.connect_lazy()
         } else {
-            endpoint
-                .connect()
-                .await
-                .map_err(|e| format!("cannot reach the control API at {}: {e}", self.url))?
+            endpoint.connect().await.map_err(|e| {
+                // tonic's transport error says only "transport error": its causes say why.
+                let mut why = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                format!("cannot reach the control API at {}: {why}", self.url)
+            })?
         };
         let bearer = format!("Bearer {}", self.token)
             .parse()

@@ -664,10 +664,19 @@ pub(crate) async fn drain_on_signal(dataplane: Option<&DataPlane>, drain_timeout
 /// Each applied config: recorded in the store, its budget limits put in force.
 async fn follow_configs(cp: Arc<ControlPlane>) {
     let mut changes = cp.configs.subscribe();
+    let mut saved_up_to = changes.borrow().version;
     while changes.changed().await.is_ok() {
-        let record = changes.borrow_and_update().clone();
+        let newest = changes.borrow_and_update().version;
+        // The channel keeps only the newest: versions applied in between come from the history.
+        let versions: Vec<_> = (saved_up_to + 1..=newest)
+            .filter_map(|v| cp.configs.version(v))
+            .collect();
+        saved_up_to = newest;
         let store = cp.clone();
-        let saved = tokio::task::spawn_blocking(move || store.store.save_config(&record)).await;
+        let saved = tokio::task::spawn_blocking(move || {
+            versions.iter().try_for_each(|r| store.store.save_config(r))
+        })
+        .await;
         if let Ok(Err(e)) = saved {
             eprintln!("switchyard: config: {e}");
         }
