@@ -191,3 +191,37 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
     assert_eq!(spent_requests(admin, "other"), other_before);
     drop((dp1, dp2, c));
 }
+
+#[test]
+fn a_data_plane_with_a_refused_token_exits_saying_so() {
+    let s = sim("s", &[]);
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-refused-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("switchyard.toml"),
+        config_for(&[("s", s.url())], ""),
+    )
+    .unwrap();
+    let admin = addr();
+    let _control = control(&dir, admin);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "data",
+            "--control",
+            &format!("http://{admin}"),
+            "--listen",
+            &addr().to_string(),
+        ])
+        .current_dir(&dir)
+        .env("SWITCHYARD_DATA_PLANE_TOKEN", "not-the-token")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("refuses this data plane"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

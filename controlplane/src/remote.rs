@@ -87,16 +87,25 @@ async fn first_snapshot(
     }
 }
 
-/// Subscribes to the snapshots, retrying with back-off until the control plane answers.
+/// Subscribes to the snapshots, retrying with back-off until the control plane answers; a
+/// refused token is no reason to wait, and comes back as the error.
 async fn subscribe(
     client: &mut AuthedClient,
     name: &str,
     url: &str,
-) -> (tonic::Streaming<pb::ConfigVersion>, pb::ConfigVersion) {
+) -> Result<(tonic::Streaming<pb::ConfigVersion>, pb::ConfigVersion), tonic::Status> {
     let mut backoff = Duration::from_millis(100);
     loop {
         match first_snapshot(client, name).await {
-            Ok(got) => return got,
+            Ok(got) => return Ok(got),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
+                return Err(e)
+            }
             Err(e) => {
                 eprintln!(
                     "switchyard: waiting for the control plane at {url}: {}",
@@ -114,7 +123,15 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
     let mut client = runtime.block_on(start.control.client(true))?;
     let name = start.name;
     // Nothing to serve without a first snapshot: wait for the control plane, saying why.
-    let (watch, first) = runtime.block_on(subscribe(&mut client, &name, &start.control.url));
+    let (watch, first) = runtime
+        .block_on(subscribe(&mut client, &name, &start.control.url))
+        .map_err(|e| {
+            format!(
+                "the control plane at {} refuses this data plane: {} (check $SWITCHYARD_DATA_PLANE_TOKEN)",
+                start.control.url,
+                e.message()
+            )
+        })?;
     let source = format!("{} (version {})", start.control.url, first.version);
     let configs = Configs::start(first.toml, &source, first.version, start.overrides, true)
         .map_err(|errors| errors.join("\n"))?;
@@ -284,9 +301,19 @@ impl Remote {
                 Ok(Some(record)) => self.apply(record),
                 Ok(None) | Err(_) => {
                     eprintln!("switchyard: lost the control plane; serving on config version {} and reconnecting", self.configs.current().version);
-                    let (w, first) = subscribe(&mut client, &self.name, &url).await;
-                    watch = w;
-                    self.apply(first);
+                    match subscribe(&mut client, &self.name, &url).await {
+                        Ok((w, first)) => {
+                            watch = w;
+                            self.apply(first);
+                        }
+                        Err(e) => {
+                            eprintln!(
+                                "switchyard: the control plane refuses this data plane now: {}",
+                                e.message()
+                            );
+                            tokio::time::sleep(MAX_BACKOFF).await;
+                        }
+                    }
                 }
             }
         }
