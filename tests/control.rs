@@ -201,6 +201,10 @@ fn the_admin_api_and_metrics_need_the_token() {
     assert!(!ok && err.contains("Bearer"), "{err}");
     assert_eq!(metrics(r.admin.unwrap(), None).status, 401);
     assert_eq!(metrics(r.admin.unwrap(), Some("wrong")).status, 401);
+    // Any other plain HTTP request without the token: a 401 too, not a gRPC error on a 200.
+    let mut c = Conn::open(r.admin.unwrap());
+    c.send(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 401);
 
     for _ in 0..3 {
         let resp = post(

@@ -569,8 +569,14 @@ async fn guard(
     if tokens.allow(authorization, path) {
         return next.run(request).await;
     }
-    if path == "/metrics" {
-        let text = "metrics need `authorization: Bearer <admin token>`\n";
+    // Plain HTTP (`/metrics`, a browser, a health check) gets a plain 401; gRPC callers get a
+    // gRPC status (carried on an HTTP 200, which plain clients would take for success).
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc {
+        let text = "this needs `authorization: Bearer <admin token>`\n";
         return (
             StatusCode::UNAUTHORIZED,
             [(header::CONTENT_TYPE, "text/plain")],
