@@ -318,8 +318,10 @@ impl Ledger {
     pub fn spent_by_budget(&self, day: &str) -> BTreeMap<BudgetKey, u64> {
         let mut out = BTreeMap::new();
         for (k, t) in self.spend(day, None) {
-            *out.entry((k.service.clone(), None)).or_default() += t.cost_micros;
-            *out.entry((k.service, Some(k.category))).or_default() += t.cost_micros;
+            for key in [(k.service.clone(), None), (k.service, Some(k.category))] {
+                let spent: &mut u64 = out.entry(key).or_default();
+                *spent = spent.saturating_add(t.cost_micros);
+            }
         }
         out
     }

@@ -54,9 +54,10 @@ pub struct ControlPlane {
     started: Instant,
     remotes: Mutex<Remotes>,
     flushing: Mutex<()>,
-    /// Held while an API-set budget is written to the store and put in force, so concurrent
-    /// changes reach both in the same order.
-    setting_budget: Mutex<()>,
+    /// Held while the budget book changes (an API-set budget written to the store and put in
+    /// force, a config's limits, a new day), so changes reach the store and the book in the
+    /// same order, and a day roll never falls between reading spend and seeding from it.
+    changing_budgets: Mutex<()>,
     /// The same for API keys (`change_keys`).
     changing_keys: Mutex<()>,
 }
@@ -261,7 +262,8 @@ impl ControlPlane {
             self.ledger.mark_dirty(rows.into_iter().map(|(k, _)| k));
             let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
             for (key, added) in remote_spent {
-                *remotes.spent.entry(key).or_default() += added;
+                let spent = remotes.spent.entry(key).or_default();
+                *spent = spent.saturating_add(added);
             }
         }
         saved
@@ -276,15 +278,25 @@ impl ControlPlane {
         })
     }
 
+    fn changing_budgets(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changing_budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Sets (or, with `None`, clears) an API-set budget: stored, then in force.
     pub fn set_budget(&self, key: BudgetKey, limit: Option<u64>) -> Result<(), String> {
-        let _one_at_a_time = self
-            .setting_budget
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time = self.changing_budgets();
         self.store.set_budget(&key, limit)?;
         self.budgets.set_override(key, limit, || self.spent_today());
         Ok(())
+    }
+
+    /// Puts a config's budget limits in force, then starts a new day if midnight passed.
+    fn apply_budget_limits(&self, limits: Limits) {
+        let _one_at_a_time = self.changing_budgets();
+        self.budgets.set_limits(limits, || self.spent_today());
+        self.roll_day_now();
     }
 
     /// `already_out` of `day`, with remote spend not committed yet. No flush runs meanwhile
@@ -298,6 +310,12 @@ impl ControlPlane {
 
     /// Starts a new budget day when midnight has passed in the budget time zone.
     fn roll_day(&self) {
+        let _one_at_a_time = self.changing_budgets();
+        self.roll_day_now();
+    }
+
+    /// `roll_day` under `changing_budgets`, held by the caller.
+    fn roll_day_now(&self) {
         let today = self.today();
         if today != self.budgets.day() {
             match self.already_out(&today) {
@@ -402,13 +420,16 @@ fn already_out(
     let mut by_remotes = store.remote_spent_on(day)?;
     for ((d, service, scope), added) in remote_uncommitted {
         if d == day {
-            *by_remotes.entry((service.to_string(), *scope)).or_default() += added;
+            let spent = by_remotes.entry((service.to_string(), *scope)).or_default();
+            *spent = spent.saturating_add(*added);
         }
     }
     for (key, granted) in store.granted_on(day)? {
         let remote = by_remotes.get(&key).copied().unwrap_or(0);
         let spent = out.entry(key).or_default();
-        *spent = spent.saturating_sub(remote) + remote.max(granted);
+        *spent = spent
+            .saturating_sub(remote)
+            .saturating_add(remote.max(granted));
     }
     Ok(out)
 }
@@ -546,7 +567,7 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
         started: Instant::now(),
         remotes: Mutex::new(remotes),
         flushing: Mutex::default(),
-        setting_budget: Mutex::default(),
+        changing_budgets: Mutex::default(),
         changing_keys: Mutex::default(),
     });
     if let Some(events) = events {
@@ -667,26 +688,21 @@ async fn follow_configs(cp: Arc<ControlPlane>) {
     let mut saved_up_to = changes.borrow().version;
     while changes.changed().await.is_ok() {
         let newest = changes.borrow_and_update().version;
-        // The channel keeps only the newest: versions applied in between come from the history.
-        let versions: Vec<_> = (saved_up_to + 1..=newest)
-            .filter_map(|v| cp.configs.version(v))
-            .collect();
+        let from = saved_up_to + 1;
         saved_up_to = newest;
-        let store = cp.clone();
-        let saved = tokio::task::spawn_blocking(move || {
-            versions.iter().try_for_each(|r| store.store.save_config(r))
-        })
-        .await;
-        if let Ok(Err(e)) = saved {
-            eprintln!("switchyard: config: {e}");
-        }
-        let snapshot = cp.configs.snapshot().load();
-        let limits = Limits::from_settings(&snapshot.table.budgets);
-        // Today's spend is read (from the store) only when the limits changed.
-        let limiter = cp.clone();
+        let cp = cp.clone();
+        // Off the runtime thread: the history's lock is held while a config validates, and
+        // the store and today's spend (read only when the limits changed) wait for the disk.
         let _ = tokio::task::spawn_blocking(move || {
-            limiter.budgets.set_limits(limits, || limiter.spent_today());
-            limiter.roll_day();
+            // The channel keeps only the newest: versions applied in between come from the
+            // history, each saved on its own.
+            for record in (from..=newest).filter_map(|v| cp.configs.version(v)) {
+                if let Err(e) = cp.store.save_config(&record) {
+                    eprintln!("switchyard: config version {}: {e}", record.version);
+                }
+            }
+            let snapshot = cp.configs.snapshot().load();
+            cp.apply_budget_limits(Limits::from_settings(&snapshot.table.budgets));
         })
         .await;
     }
@@ -706,7 +722,8 @@ fn stamp(path: &Path) -> FileStamp {
 async fn tick(cp: Arc<ControlPlane>, file: Option<PathBuf>, mut seen: FileStamp) {
     loop {
         tokio::time::sleep(TICK).await;
-        cp.roll_day();
+        let roller = cp.clone();
+        let _ = tokio::task::spawn_blocking(move || roller.roll_day()).await;
         if let Some(path) = &file {
             let now = stamp(path);
             if now != seen {
@@ -769,7 +786,7 @@ mod tests {
             started: Instant::now(),
             remotes: Mutex::new(remotes),
             flushing: Mutex::default(),
-            setting_budget: Mutex::default(),
+            changing_budgets: Mutex::default(),
             changing_keys: Mutex::default(),
         }
     }

@@ -42,14 +42,6 @@ const USAGE_SCAN_LIMIT: usize = 4 * 1024 * 1024;
 const CLIENT_CLOSED: u16 = 499;
 
 /// Per-request facts gathered by the phases, read by `log`.
-impl Ctx<'_> {
-    /// Whether an answer written now keeps its connection: not once a drain has begun, even
-    /// for a request that started before it.
-    fn keep_alive(&self) -> bool {
-        self.keep_alive && !self.draining.load(Relaxed)
-    }
-}
-
 struct Ctx<'r> {
     request_id: u64,
     /// The routing snapshot's config version, for `x-switchyard-config-version`.
@@ -86,6 +78,14 @@ struct Ctx<'r> {
     refused_by: &'static str,
     /// Tokens admitted under the service's tokens-per-minute limit; `log` settles them.
     token_charge: Cell<Option<TokenCharge>>,
+}
+
+impl Ctx<'_> {
+    /// Whether an answer written now keeps its connection: not once a drain has begun, even
+    /// for a request that started before it.
+    fn keep_alive(&self) -> bool {
+        self.keep_alive && !self.draining.load(Relaxed)
+    }
 }
 
 /// What the caller asked of the cache (`x-switchyard-cache`, `cache-control`).
