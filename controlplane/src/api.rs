@@ -176,19 +176,18 @@ impl Control for Api {
         request: Request<pb::GetConfigRequest>,
     ) -> Result<Response<pb::ConfigVersion>, Status> {
         let version = request.into_inner().version;
-        let cp = &self.0;
-        let found = if version == 0 {
-            Some(cp.configs.current())
-        } else {
-            match cp.configs.version(version) {
-                Some(r) => Some(r),
-                None => cp
-                    .store
-                    .config(version)
-                    .map_err(Status::internal)?
-                    .map(Arc::new),
-            }
-        };
+        // The history waits while a config validates, the store for the disk.
+        let found = self
+            .blocking(move |cp| {
+                if version == 0 {
+                    return Ok(Some(cp.configs.current()));
+                }
+                match cp.configs.version(version) {
+                    Some(r) => Ok(Some(r)),
+                    None => Ok(cp.store.config(version)?.map(Arc::new)),
+                }
+            })
+            .await?;
         found
             .map(|r| Response::new(record(&r)))
             .ok_or_else(|| Status::not_found(format!("no config version {version}")))
