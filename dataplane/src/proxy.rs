@@ -1485,7 +1485,10 @@ async fn relay(
                 .unwrap_or(b"application/json");
             let stored = completed_normally(ctx.endpoint, &wire)
                 && store.take().is_some_and(|s| {
-                    let usage = parse_usage(&wire).unwrap_or_default();
+                    // Read already when the body came in one piece.
+                    let usage = body_usage
+                        .or_else(|| parse_usage(&wire))
+                        .unwrap_or_default();
                     store_answer(
                         worker,
                         table,
