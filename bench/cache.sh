@@ -11,34 +11,22 @@
 # the worker then have a core each on a 2-core box; two wrk threads make three busy threads on
 # two cores, and the preempted wrk thread caps the faster target (cache hits) most. wrk's own
 # CPU is printed too: a run where it is near 100% of one core per thread measured wrk.
+# SIM_CPUS, PROXY_CPUS, WRK_CPUS (taskset -c lists, unset by default) pin the simulator,
+# Switchyard and wrk on a machine with cores to spare, so each has its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-8}; ROUNDS=${ROUNDS:-3}; CONNS=${CONNS:-64}; WORKERS=${WORKERS:-1}; THREADS=${THREADS:-1}
 command -v wrk >/dev/null && [ -x /usr/bin/time ] || { apt-get update -qq && apt-get install -y -qq wrk time; }
 [ -x target/release/switchyard ] && [ -x target/release/switchyard-sim ] || cargo build --release --bins
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-sim_port=$(port); sy_port=$(port)
-target/release/switchyard-sim --listen 127.0.0.1:$sim_port --workers "$WORKERS" >/dev/null 2>&1 &
-sim_pid=$!
-cat > "$work/switchyard.toml" <<TOML
-[health]
-interval_ms = 0
-[admin]
-enabled = false
-[storage]
-data_dir = "$work/data"
-[[backends]]
-name = "sim"
-url = "http://127.0.0.1:$sim_port"
-models = [{ name = "m", input_per_mtok = 0.1, output_per_mtok = 0.2 }]
-[[tiers]]
-name = "small"
-targets = ["sim/m"]
-TOML
-target/release/switchyard serve --config "$work/switchyard.toml" --listen 127.0.0.1:$sy_port --workers "$WORKERS" >"$work/sy.log" 2>&1 &
-sy_pid=$!
+. bench/lib.sh
+TMP=$(mktemp -d)
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$TMP"' EXIT
+work=$TMP
+SY=target/release/switchyard SIM=target/release/switchyard-sim SIM_TOKENS=16 SIM_WORKERS=$WORKERS
+start_sim
+start_switchyard auto cache || die "Switchyard did not start: $SY_ERR"
+sim_port=$SIM_PORT sim_pid=$SIM_PID sy_port=$SY_PORT sy_pid=$SY_PID
 cat > "$work/post.lua" <<'LUA'
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -58,7 +46,7 @@ for round in $(seq "$ROUNDS"); do
     for target in direct cache-hit; do
         if [ $target = direct ]; then url=http://127.0.0.1:$sim_port; pid=$sim_pid; else url=http://127.0.0.1:$sy_port; pid=$sy_pid; fi
         read -r u0 s0 < <(cpu $pid)
-        out=$(/usr/bin/time -f '%U %S %e' -o "$work/wrk-time" \
+        out=$(pin "${WRK_CPUS:-}" /usr/bin/time -f '%U %S %e' -o "$work/wrk-time" \
             wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s "$work/post.lua" $url/v1/chat/completions)
         read -r u1 s1 < <(cpu $pid)
         reqs=$(echo "$out" | awk '/requests in/{print $1}')

@@ -21,6 +21,8 @@
 #   CONNS_IDLE [1000]   idle keep-alive connections for the connection-memory check
 #   BUILD [0]           1 = run `cargo build --release --bins` first (else only when missing)
 #   OUT [docs/BENCHMARKS.md]  file the dated section is appended to; "-" = do not write
+#   PROXY_CPUS, SIM_CPUS, WRK_CPUS [unset]  CPU lists (taskset -c) that pin Switchyard and
+#                       nginx, the simulator and wrk, on a machine with cores to spare
 #
 # Only 127.0.0.1 is used; every load run is bounded by wrk -d and timeout(1); every process
 # this script starts is killed on exit.
@@ -44,8 +46,7 @@ CONNS_IDLE=${CONNS_IDLE:-1000}
 BUILD=${BUILD:-0}
 OUT=${OUT:-docs/BENCHMARKS.md}
 
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+. bench/lib.sh
 
 # ---------------------------------------------------------------- tools
 need_apt=()
@@ -95,160 +96,8 @@ SIM=$TMP/switchyard-sim
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 CLK_TCK=$(getconf CLK_TCK)
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-# Waits until FILE contains PATTERN or the process dies (5 s at most).
-wait_for() {
-    local file=$1 pattern=$2 pid=$3 i
-    for i in $(seq 100); do
-        grep -q "$pattern" "$file" 2>/dev/null && return 0
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.05
-    done
-    return 1
-}
-
-# utime+stime in clock ticks, summed over the given pids (all threads of each).
-cpu_ticks() {
-    local p t=0 v
-    for p in "$@"; do
-        v=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat")
-        t=$((t + v))
-    done
-    echo "$t"
-}
-
-# Sum of a /proc/PID/status field (kB) over the given pids.
-status_kb() {
-    local field=$1 p t=0 v
-    shift
-    for p in "$@"; do
-        v=$(awk -v f="$field:" '$1 == f {print $2}' "/proc/$p/status")
-        t=$((t + ${v:-0}))
-    done
-    echo "$t"
-}
-
-nginx_pids() { # master and workers
-    local master
-    master=$(cat "$1/nginx.pid")
-    echo "$master" $(ps -o pid= --ppid "$master")
-}
-
-# ---------------------------------------------------------------- processes
-start_sim() {
-    SIM_PORT=$(free_port)
-    "$SIM" --listen "127.0.0.1:$SIM_PORT" --name sim --workers "$SIM_WORKERS" \
-        --completion-tokens "$SIM_TOKENS" --tokens-per-second 0 >"$TMP/sim.log" 2>&1 &
-    SIM_PID=$!
-    PIDS+=("$SIM_PID")
-    wait_for "$TMP/sim.log" "listening on" "$SIM_PID" || die "simulator did not start: $(cat "$TMP/sim.log")"
-}
-
-# start_switchyard DRIVER TAG -> SY_PID, SY_PORT; returns 1 (with SY_ERR) if it refuses to start.
-start_switchyard() {
-    local driver=$1 tag=$2
-    SY_PORT=$(free_port)
-    cat >"$TMP/sy-$tag.toml" <<EOF
-[listener]
-io_driver = "$driver"
-[health]
-interval_ms = 0
-[admin]
-enabled = false
-[storage]
-data_dir = "$TMP/data-$tag"
-[[backends]]
-name = "sim"
-url = "http://127.0.0.1:$SIM_PORT"
-models = [{ name = "m", input_per_mtok = 0.1, output_per_mtok = 0.2 }]
-[[tiers]]
-name = "small"
-targets = ["sim/m"]
-EOF
-    "$SY" serve --config "$TMP/sy-$tag.toml" --listen "127.0.0.1:$SY_PORT" --workers "$WORKERS" \
-        >"$TMP/sy-$tag.log" 2>&1 &
-    SY_PID=$!
-    PIDS+=("$SY_PID")
-    if ! wait_for "$TMP/sy-$tag.log" "listening on" "$SY_PID"; then
-        SY_ERR=$(tr '\n' ' ' <"$TMP/sy-$tag.log")
-        kill "$SY_PID" 2>/dev/null || true
-        return 1
-    fi
-}
-
-# start_nginx TAG -> NG_DIR, NG_PORT
-start_nginx() {
-    local tag=$1
-    NG_DIR=$TMP/nginx-$tag
-    NG_PORT=$(free_port)
-    mkdir -p "$NG_DIR"
-    cat >"$NG_DIR/nginx.conf" <<EOF
-worker_processes $WORKERS;
-worker_rlimit_nofile 16384;
-pid $NG_DIR/nginx.pid;
-error_log $NG_DIR/error.log warn;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path $NG_DIR/client_body;
-    proxy_temp_path $NG_DIR/proxy;
-    fastcgi_temp_path $NG_DIR/fastcgi;
-    uwsgi_temp_path $NG_DIR/uwsgi;
-    scgi_temp_path $NG_DIR/scgi;
-    keepalive_requests 1000000;
-    upstream sim {
-        server 127.0.0.1:$SIM_PORT;
-        keepalive 64;
-    }
-    server {
-        listen 127.0.0.1:$NG_PORT;
-        location / {
-            proxy_pass http://sim;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
-    "$NGINX" -p "$NG_DIR" -c "$NG_DIR/nginx.conf" -e "$NG_DIR/error.log" -g 'daemon off;' \
-        >"$NG_DIR/stdout.log" 2>&1 &
-    PIDS+=("$!")
-    local i
-    for i in $(seq 100); do
-        if [ -s "$NG_DIR/nginx.pid" ] && curl -s -o /dev/null "http://127.0.0.1:$NG_PORT/"; then
-            break
-        fi
-        sleep 0.05
-    done
-    [ -s "$NG_DIR/nginx.pid" ] || die "nginx did not start: $(cat "$NG_DIR/error.log" "$NG_DIR/stdout.log" 2>/dev/null)"
-    # Worker processes appear shortly after the pid file.
-    for i in $(seq 40); do
-        [ "$(nginx_pids "$NG_DIR" | wc -w)" -gt "$WORKERS" ] && break
-        sleep 0.05
-    done
-}
-
 # ---------------------------------------------------------------- request bodies
-BODY_JSON="{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"Summarise: the meeting moved to Friday.\"}],\"max_tokens\":$SIM_TOKENS}"
-BODY_STREAM="{\"model\":\"$MODEL\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"Summarise: the meeting moved to Friday.\"}],\"max_tokens\":$SIM_TOKENS}"
-for mode in json stream; do
-    if [ "$mode" = json ]; then body=$BODY_JSON; else body=$BODY_STREAM; fi
-    cat >"$TMP/$mode.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = [==[$body]==]
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d\n",
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.status + e.timeout))
-end
-EOF
-done
+write_wrk_scripts
 
 # ---------------------------------------------------------------- start everything
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -321,7 +170,7 @@ run_wrk() {
     local before after sbefore safter line
     before=$(cpu_ticks ${PROCS[$t]})
     sbefore=$(cpu_ticks "$SIM_PID")
-    timeout -k 5 $((secs + 30)) wrk -t"$threads" -c"$conns" -d"${secs}s" --timeout 5s --latency \
+    pin "${WRK_CPUS:-}" timeout -k 5 $((secs + 30)) wrk -t"$threads" -c"$conns" -d"${secs}s" --timeout 5s --latency \
         -s "$TMP/$mode.lua" "http://127.0.0.1:${PORT[$t]}$URL_PATH" >"$TMP/wrk.out" 2>&1 ||
         die "wrk failed against $t: $(tail -5 "$TMP/wrk.out")"
     after=$(cpu_ticks ${PROCS[$t]})
@@ -584,8 +433,8 @@ SECTION=$TMP/section.md
     echo "- Host: Linux $(uname -r), ${CPU_MODEL:-unknown CPU}, $CORES cores; load average ${LOAD_START} before, ${LOAD_END} after."
     echo "- Build: \`$REV\`$([ "$DIRTY" -gt 0 ] && echo " plus $DIRTY uncommitted modified files"), release binary built $BIN_DATE; $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///')."
     echo "- Switchyard: --workers $WORKERS, io_driver measured: $(for t in "${SY_TARGETS[@]}"; do printf '%s ' "${NOTE[$t]:-${t#switchyard-} (unconfirmed)}"; done | sed 's/ $//; s/ I\/O driver /, /g; s/ I\/O driver$//')$([ ${#SKIPPED[@]} -gt 0 ] && printf '; not measured: %s' "${SKIPPED[*]}"). nginx: worker_processes $WORKERS, upstream keepalive 64, proxy_http_version 1.1, access_log off, proxy_buffering at its default (on). Simulator: --workers $SIM_WORKERS, $SIM_TOKENS completion tokens, SSE chunks sent without pauses."
-    echo "- Load: wrk, $THREADS threads x $CONNS connections, ${DURATION}s per run, $ROUNDS interleaved rounds (each round: JSON then SSE, each over direct / Switchyard / nginx, then 1 thread x 1 connection JSON for ${LAT_DURATION}s per target), ${WARMUP}s warm-up per target and mode first. Request: POST /v1/chat/completions, model \"$MODEL\", one user message. Nothing is pinned: wrk, the simulator and the proxy share the $CORES cores, so throughput is bounded by the box, not by the proxy alone; CPU per request is the cleaner comparison."
-    echo "- Command: \`DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS THREADS=$THREADS WORKERS=$WORKERS SIM_WORKERS=$SIM_WORKERS DRIVER=\"$DRIVER\" bash bench/run.sh\`"
+    echo "- Load: wrk, $THREADS threads x $CONNS connections, ${DURATION}s per run, $ROUNDS interleaved rounds (each round: JSON then SSE, each over direct / Switchyard / nginx, then 1 thread x 1 connection JSON for ${LAT_DURATION}s per target), ${WARMUP}s warm-up per target and mode first. Request: POST /v1/chat/completions, model \"$MODEL\", one user message. $(if [ -n "${PROXY_CPUS:-}${SIM_CPUS:-}${WRK_CPUS:-}" ]; then echo "Pinned CPUs: proxy ${PROXY_CPUS:-any}, simulator ${SIM_CPUS:-any}, wrk ${WRK_CPUS:-any}."; else echo "Nothing is pinned: wrk, the simulator and the proxy share the $CORES cores, so throughput is bounded by the box, not by the proxy alone; CPU per request is the cleaner comparison."; fi)"
+    echo "- Command: \`$([ -n "${PROXY_CPUS:-}${SIM_CPUS:-}${WRK_CPUS:-}" ] && echo "PROXY_CPUS=${PROXY_CPUS:-} SIM_CPUS=${SIM_CPUS:-} WRK_CPUS=${WRK_CPUS:-} ")DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS THREADS=$THREADS WORKERS=$WORKERS SIM_WORKERS=$SIM_WORKERS DRIVER=\"$DRIVER\" bash bench/run.sh\`"
     echo
     cat "$TABLE"
 } >"$SECTION"
