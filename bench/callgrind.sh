@@ -9,6 +9,8 @@
 #   KEEP=1 bash bench/callgrind.sh     # also keeps callgrind.out.* for callgrind_annotate
 #   HIT=1 bash bench/callgrind.sh      # a deterministic request: every one after the first is
 #                                      # a response-cache hit
+#   NGINX=1 bash bench/callgrind.sh    # the same count for nginx in front of the simulator
+#                                      # (one process, upstream keep-alive, as in bench/run.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
@@ -35,9 +37,33 @@ models = [{ name = "m", input_per_mtok = 0.1, output_per_mtok = 0.2 }]
 name = "small"
 targets = ["sim/m"]
 TOML
+cat > "$work/nginx.conf" <<CONF
+master_process off;
+daemon off;
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $work/client_body;
+    proxy_temp_path $work/proxy;
+    keepalive_requests 1000000;
+    upstream sim { server 127.0.0.1:$sim_port; keepalive 64; }
+    server {
+        listen 127.0.0.1:$router_port;
+        location / { proxy_pass http://sim; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    }
+}
+CONF
+if [ -n "${NGINX:-}" ]; then
+    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt-get install -y -qq nginx-light
+    router=("$(command -v nginx || echo /usr/sbin/nginx)" -p "$work" -c "$work/nginx.conf" -e "$work/nginx-error.log")
+else
+    router=(target/release/switchyard serve --config "$work/switchyard.toml" --listen 127.0.0.1:$router_port --workers 1)
+fi
 run() {
-    valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out.$1" \
-        target/release/switchyard serve --config "$work/switchyard.toml" --listen 127.0.0.1:$router_port --workers 1 >"$work/log.$1" 2>&1 &
+    valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out.$1" "${router[@]}" >"$work/log.$1" 2>&1 &
     local vg=$!
     python3 - "$1" "$router_port" "${HIT:-}" <<'PY'
 import socket, sys, time
