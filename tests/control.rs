@@ -515,12 +515,12 @@ fn spend_and_budgets_survive_kill_9() {
     assert!(before.contains(" 5 "), "{before}");
     // ... and more than a second before the kill: it must be on disk.
     std::thread::sleep(Duration::from_millis(1100));
-    let (dir, addr) = (r.dir.clone().unwrap(), r.addr);
+    let dir = r.dir.clone().unwrap();
     let mut r = r;
     r.child.kill().unwrap(); // SIGKILL: no drain, no final flush.
     r.child.wait().unwrap();
     drop(r);
-    let r = start_router(&dir, &dir.join("switchyard.toml"), addr, 2);
+    let r = start_router(&dir, &dir.join("switchyard.toml"), free_addr(), 2);
     let (ok, after, err) = cli(&r, "spend", &["--service", "etl"]);
     assert!(ok, "{err}");
     assert_eq!(after, before);
@@ -638,7 +638,7 @@ fn api_keys_decide_the_service_and_survive_a_restart() {
     assert!(ok && out.contains("revoked 1"), "{out}");
     ask(&format!("authorization: Bearer {gateway}\r\n")).error(401);
 
-    let (dir, addr) = (r.dir.clone().unwrap(), r.addr);
+    let dir = r.dir.clone().unwrap();
     let err = stop_router(r);
     let mut services: Vec<String> = usage_events(&err)
         .iter()
@@ -654,7 +654,7 @@ fn api_keys_decide_the_service_and_survive_a_restart() {
             .count(),
         3
     );
-    let r = start_router(&dir, &dir.join("switchyard.toml"), addr, 2);
+    let r = start_router(&dir, &dir.join("switchyard.toml"), free_addr(), 2);
     let again = post(
         r.addr,
         "/v1/chat/completions",
@@ -812,7 +812,7 @@ fn kill_9_during_traffic_keeps_the_spend_clients_saw() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(2500));
-    let (dir, addr) = (r.dir.clone().unwrap(), r.addr);
+    let dir = r.dir.clone().unwrap();
     let mut r = r;
     let killed_at = Instant::now();
     r.child.kill().unwrap(); // SIGKILL, with requests in flight
@@ -830,7 +830,7 @@ fn kill_9_during_traffic_keeps_the_spend_clients_saw() {
         .sum();
     let all: u64 = answered.iter().map(|(_, cost)| cost).sum();
     assert!(answered.len() > 100, "traffic flowed: {}", answered.len());
-    let r = start_router(&dir, &dir.join("switchyard.toml"), addr, 2);
+    let r = start_router(&dir, &dir.join("switchyard.toml"), free_addr(), 2);
     let (ok, out, err) = cli(&r, "spend", &["--service", "etl"]);
     assert!(ok, "{err}");
     let stored = micros(

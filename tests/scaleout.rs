@@ -8,10 +8,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn addr() -> SocketAddr {
-    format!("127.0.0.1:{}", free_port()).parse().unwrap()
-}
-
 fn control(dir: &Path, admin: SocketAddr) -> Proc {
     let config = dir.join("switchyard.toml");
     spawn_switchyard(
@@ -64,12 +60,12 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
         "[budgets]\ndefault_daily_usd = 1.0\n[budgets.services.etl]\ndaily_usd = 1.0\n[budgets.services.tight]\ndaily_usd = 0.000001\n[budgets.services.unused]\ndaily_usd = 1.0\n[rate_limits.services.capped]\nrequests_per_minute = 4\n",
     );
     std::fs::write(dir.join("switchyard.toml"), &base).unwrap();
-    let admin = addr();
+    let admin = free_addr();
     let c = control(&dir, admin);
     let data_plane = |name: &str| {
         let data_dir = dir.join(name);
         std::fs::create_dir_all(&data_dir).unwrap();
-        let listen = addr();
+        let listen = free_addr();
         let control = format!("http://{admin}");
         let args = [
             "data",
@@ -206,7 +202,7 @@ fn a_data_plane_with_a_refused_token_exits_saying_so() {
         config_for(&[("s", s.url())], ""),
     )
     .unwrap();
-    let admin = addr();
+    let admin = free_addr();
     let _control = control(&dir, admin);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args([
@@ -214,7 +210,7 @@ fn a_data_plane_with_a_refused_token_exits_saying_so() {
             "--control",
             &format!("http://{admin}"),
             "--listen",
-            &addr().to_string(),
+            &free_addr().to_string(),
         ])
         .current_dir(&dir)
         .env("SWITCHYARD_DATA_PLANE_TOKEN", "not-the-token")

@@ -27,6 +27,12 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A loopback address on a port that was free a moment ago. A router restarted in a test
+/// gets a new one: its old port may have been handed to another test since it stopped.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 fn wait_listening(addr: SocketAddr, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(addr).is_err() {
@@ -133,8 +139,7 @@ pub fn router_on_workers(config: &str, workers: usize) -> Proc {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("switchyard.toml");
     std::fs::write(&path, config).unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    start_router(&dir, &path, addr, workers)
+    start_router(&dir, &path, free_addr(), workers)
 }
 
 /// Starts a router in `dir` (where its data directory lives) on `addr`.
@@ -144,7 +149,7 @@ pub fn start_router(
     addr: SocketAddr,
     workers: usize,
 ) -> Proc {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin = free_addr();
     let args = [
         "serve",
         "--config",
