@@ -508,7 +508,8 @@ pub async fn handle(
             let request = upstream_request(head, backend, ctx.request_id, |out| {
                 view.rewrite_into(out, body, &t.model, inject_usage)
             });
-            let exchange = upstream::exchange(
+            // Pinned here so that watching the client moves a pointer, not the whole exchange.
+            let exchange = std::pin::pin!(upstream::exchange(
                 &worker.pool,
                 table.version,
                 t.backend,
@@ -517,7 +518,7 @@ pub async fn handle(
                 &worker.shared.resolved,
                 request,
                 false,
-            );
+            ));
             let result = watch_client(&client.stream, exchange).await;
             match result {
                 None => {
@@ -938,15 +939,16 @@ fn tried_backends<'t>(
 const CLIENT_WATCH_DELAY: Duration = Duration::from_millis(5);
 
 /// Runs `work`, or returns `None` if the client disconnects first (then `work` is dropped,
-/// which closes its upstream connection).
+/// which closes its upstream connection). A large `work` is best passed pinned (`Pin<&mut _>`),
+/// so that it is not moved into this future and again into `select!`.
 async fn watch_client<T>(
     stream: &monoio::net::TcpStream,
     work: impl std::future::Future<Output = T>,
 ) -> Option<T> {
-    let watch = async {
+    let watch = std::pin::pin!(async {
         monoio::time::sleep(CLIENT_WATCH_DELAY).await;
         client_gone(stream).await
-    };
+    });
     monoio::select! {
         r = work => Some(r),
         _ = watch => None,
