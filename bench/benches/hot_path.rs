@@ -1,12 +1,13 @@
 //! Per-request data-plane costs outside the classifier: parsing a request head, validating
-//! and viewing a chat body, rewriting `model`, the routing decision, and SSE event scanning.
+//! and viewing a chat body, rewriting `model`, reading `usage` from an answer, the routing
+//! decision, and SSE event scanning.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
 use switchyard_dataplane::codec;
 use switchyard_dataplane::sse::SseFilter;
 use switchyard_shared::category::Category;
-use switchyard_shared::openai::{Endpoint, RequestView};
+use switchyard_shared::openai::{parse_usage, Endpoint, RequestView};
 use switchyard_shared::routing::{Priority, RequestFacts};
 
 const HEAD: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: OpenAI/Python 1.54.0\r\n\
@@ -61,6 +62,12 @@ fn hot_path(c: &mut Criterion) {
             )
             .len()
         })
+    });
+
+    // A vLLM-style answer: `usage` last, with a nested details object.
+    const ANSWER: &[u8] = br#"{"id":"chatcmpl-9f2","object":"chat.completion","created":1700000000,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"INV-2291, 1,234.50 EUR"},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":58,"total_tokens":70,"completion_tokens":12,"prompt_tokens_details":{"cached_tokens":32}}}"#;
+    c.bench_function("openai/parse_usage", |b| {
+        b.iter(|| parse_usage(black_box(ANSWER)).unwrap().completion)
     });
 
     let table = switchyard_shared::config::load_str(CONFIG, "bench", &|_| None).unwrap();
