@@ -261,6 +261,36 @@ fn failing_backend_is_ejected_then_recovers() {
 }
 
 #[test]
+fn a_hung_backend_is_ejected_when_callers_give_up_first() {
+    // `stuck` takes requests but answers none within the callers' patience (300 ms here),
+    // far shorter than its first-byte timeout (3 s): only callers leaving can tell.
+    let stuck = sim("stuck", &["--latency-ms", "20000"]);
+    let good = sim("good", &[]);
+    let config = config_for(&[("stuck", stuck.url()), ("good", good.url())], "").replacen(
+        "interval_ms = 100\n",
+        "interval_ms = 0\nstall_after_ms = 200\n",
+        1,
+    );
+    let r = router(&config);
+    let pinned = "x-switchyard-tier: stuck\r\n";
+    for _ in 0..2 {
+        // eject_after_failures = 2
+        let mut c = Conn::open(r.addr);
+        c.send(&post_raw("/v1/chat/completions", &chat("hi"), pinned));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let resp = post(r.addr, "/v1/chat/completions", &chat("hi"), pinned);
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-switchyard-backend"), Some("good"));
+    assert_eq!(
+        resp.header("x-switchyard-attempts"),
+        Some("1"),
+        "stuck is ejected"
+    );
+}
+
+#[test]
 fn midstream_failure_ends_with_an_error_event() {
     let s = sim("s", &["--completion-tokens", "8"]);
     let r = router(&config_for(&[("s", s.url())], ""));

@@ -1,7 +1,8 @@
 //! Live backend state shared by all workers, and target choice within a tier.
 //! Owns: in-flight counts and concurrency caps, passive outlier detection (consecutive
-//! failures eject a backend for an exponentially growing period, then one half-open probe),
-//! and power-of-two-choices selection weighted by backend weight.
+//! failures eject a backend for an exponentially growing period, then one half-open probe;
+//! a backend that answers nothing while callers give up is failing too), and
+//! power-of-two-choices selection weighted by backend weight.
 //! Must not: allocate or lock; every field is an atomic touched at most twice per attempt.
 
 use std::cell::Cell;
@@ -24,7 +25,12 @@ pub struct BackendState {
     probing: AtomicBool,
     /// Last active check or proxied request succeeded (drives `/readyz`).
     healthy: AtomicBool,
+    /// When a response head last arrived from this backend (same clock; 0 = never), kept to
+    /// within `ANSWERED_GRAIN_MS` so that most requests only read it.
+    answered_ms: AtomicU64,
 }
+
+const ANSWERED_GRAIN_MS: u64 = 100;
 
 /// Backend states indexed like `RoutingTable::backends`. Each state is shared with the
 /// snapshots before and after a reload that keeps its backend (see `carried_over`).
@@ -216,6 +222,24 @@ impl BackendStates {
         s.consecutive_failures.store(0, Relaxed);
     }
 
+    /// A response head arrived from `backend` (any status: it answers).
+    pub fn answered(&self, backend: usize) {
+        let s = &self.states[backend];
+        let now = self.now_ms();
+        if now > s.answered_ms.load(Relaxed) + ANSWERED_GRAIN_MS {
+            s.answered_ms.store(now, Relaxed);
+        }
+    }
+
+    /// Whether a request sent to `backend` at `sent` and still unanswered shows the backend
+    /// hung: `after` has passed and no response head arrived from it, to any request, since.
+    pub fn stalled(&self, backend: usize, sent: Instant, after: Duration) -> bool {
+        let sent_ms = sent.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
+        let answered = self.states[backend].answered_ms.load(Relaxed);
+        (answered == 0 || answered + ANSWERED_GRAIN_MS < sent_ms)
+            && self.now_ms().saturating_sub(sent_ms) >= after.as_millis() as u64
+    }
+
     /// An active check passed: the backend answers again (readiness). An ejected backend is not
     /// restored by it (its check endpoint may answer while completions fail); its next request
     /// becomes the half-open probe instead. Request failures counted so far stand.
@@ -352,6 +376,27 @@ name = "t"
 targets = ["a/m", "b/m"]
 "#;
         switchyard_shared::config::load_str(text, "t", &|_| None).unwrap()
+    }
+
+    #[test]
+    fn a_backend_that_answers_nobody_is_stalled() {
+        let s = BackendStates::new(2, false);
+        let after = Duration::from_secs(10);
+        let sent = Instant::now();
+        assert!(!s.stalled(0, sent, after), "not before `after` has passed");
+        s.advance(Duration::from_secs(11));
+        assert!(
+            s.stalled(0, sent, after),
+            "no head from it since the request went out"
+        );
+        // A head from it, to any request, after this one was sent: it is slow, not hung.
+        s.answered(0);
+        assert!(!s.stalled(0, sent, after));
+        assert!(s.stalled(1, sent, after), "per backend");
+        // A head before the request went out says nothing about it.
+        let later = Instant::now() + Duration::from_secs(12);
+        s.advance(Duration::from_secs(30));
+        assert!(s.stalled(0, later, after));
     }
 
     #[test]

@@ -508,6 +508,7 @@ pub async fn handle(
             let request = upstream_request(head, backend, ctx.request_id, |out| {
                 view.rewrite_into(out, body, &t.model, inject_usage)
             });
+            let sent = Instant::now();
             // Pinned here so that watching the client moves a pointer, not the whole exchange.
             let exchange = std::pin::pin!(upstream::exchange(
                 &worker.pool,
@@ -522,6 +523,18 @@ pub async fn handle(
             let result = watch_client(&client.stream, exchange).await;
             match result {
                 None => {
+                    // The caller gave up waiting; a backend that answered nobody meanwhile is
+                    // hung, whatever the first-byte timeout (often longer than callers wait).
+                    if let Some(after) = table.health.stall_after {
+                        if snap.states.stalled(t.backend, sent, after) {
+                            snap.states.record(
+                                t.backend,
+                                Verdict::Failure,
+                                &table.health,
+                                slot.is_probe(),
+                            );
+                        }
+                    }
                     log(
                         worker,
                         snap,
@@ -537,6 +550,7 @@ pub async fn handle(
                     return false;
                 }
                 Some(Ok(resp)) => {
+                    snap.states.answered(t.backend);
                     if resp.head.status == 429 || resp.head.status >= 500 {
                         snap.states.record(
                             t.backend,

@@ -285,6 +285,10 @@ pub struct HealthFile {
     /// First ejection length; each further ejection doubles it up to `max_ejection_ms`.
     pub base_ejection_ms: u64,
     pub max_ejection_ms: u64,
+    /// A caller that gives up on a request after this long, while the backend sent no response
+    /// head to any request since this one went out, counts as a failure of that backend (it
+    /// takes requests but answers none). 0 = callers leaving never count.
+    pub stall_after_ms: u64,
 }
 
 impl Default for HealthFile {
@@ -295,6 +299,7 @@ impl Default for HealthFile {
             eject_after_failures: 3,
             base_ejection_ms: 5_000,
             max_ejection_ms: 300_000,
+            stall_after_ms: 10_000,
         }
     }
 }
@@ -1089,6 +1094,7 @@ fn build(
             eject_after_failures: h.eject_after_failures,
             base_ejection: Duration::from_millis(h.base_ejection_ms),
             max_ejection: Duration::from_millis(h.max_ejection_ms),
+            stall_after: (h.stall_after_ms > 0).then(|| Duration::from_millis(h.stall_after_ms)),
         },
         usage: UsageSettings {
             channel_capacity: file.usage.channel_capacity,

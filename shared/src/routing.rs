@@ -274,6 +274,8 @@ pub struct HealthSettings {
     pub eject_after_failures: u32,
     pub base_ejection: Duration,
     pub max_ejection: Duration,
+    /// See `HealthFile::stall_after_ms`; `None` = off.
+    pub stall_after: Option<Duration>,
 }
 
 pub struct UsageSettings {
