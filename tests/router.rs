@@ -876,7 +876,7 @@ fn a_pooled_connection_without_traffic_is_closed_after_the_idle_timeout() {
 #[test]
 fn client_disconnect_closes_the_upstream_request() {
     // A hand-rolled backend that accepts, reads the request, and waits to see it cancelled.
-    let (backend, r) = router_with_hand_rolled_backend("hold", "");
+    let (backend, r) = router_with_hand_rolled_backend("hold", "[usage]\nlog_events = true\n");
     let mut c = Conn::open(r.addr);
     c.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
     let mut upstream = accept_request(&backend);
@@ -890,6 +890,16 @@ fn client_disconnect_closes_the_upstream_request() {
     );
     assert!(start.elapsed() < Duration::from_secs(4));
     let _ = upstream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+    // The backend read the prompt: its estimated cost counts, flagged as an estimate.
+    let err = stop_router(r);
+    let events = usage_events(&err);
+    assert_eq!(events.len(), 1, "{err}");
+    let e = &events[0];
+    assert_eq!(e["status"], 499);
+    assert_eq!(e["tokens_estimated"], true);
+    assert_eq!(e["completion_tokens"], 0);
+    assert!(e["prompt_tokens"].as_u64().unwrap() > 0, "{e}");
+    assert!(e["cost_micros"].as_u64().unwrap() > 0, "{e}");
 }
 
 #[test]

@@ -1895,8 +1895,10 @@ fn log(
         None => (Arc::from(""), Arc::from(""), Arc::from(""), None),
     };
     // Requests that never reached a backend cost nothing; answered ones are priced even when
-    // the backend sent no usage (then from estimates, flagged as such).
-    let reached = target.is_some() && first_byte.is_some();
+    // the backend sent no usage (then from estimates, flagged as such), and so is one whose
+    // caller left while a backend worked on it: the backend read (and providers bill) the
+    // prompt, so budgets count it.
+    let reached = target.is_some() && (first_byte.is_some() || status == CLIENT_CLOSED);
     let tokens = match (reached, usage) {
         (false, _) => TokenUsage::default(),
         (true, Some(u)) => u,
