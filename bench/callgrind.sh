@@ -48,6 +48,9 @@ http {
     access_log off;
     client_body_temp_path $work/client_body;
     proxy_temp_path $work/proxy;
+    fastcgi_temp_path $work/fastcgi;
+    uwsgi_temp_path $work/uwsgi;
+    scgi_temp_path $work/scgi;
     keepalive_requests 1000000;
     upstream sim { server 127.0.0.1:$sim_port; keepalive 64; }
     server {
@@ -57,7 +60,8 @@ http {
 }
 CONF
 if [ -n "${NGINX:-}" ]; then
-    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt-get install -y -qq nginx-light
+    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] ||
+        apt-get install -y -qq nginx-light || { apt-get update -qq && apt-get install -y -qq nginx-light; }
     router=("$(command -v nginx || echo /usr/sbin/nginx)" -p "$work" -c "$work/nginx.conf" -e "$work/nginx-error.log")
 else
     router=(target/release/switchyard serve --config "$work/switchyard.toml" --listen 127.0.0.1:$router_port --workers 1)
@@ -65,6 +69,8 @@ fi
 run() {
     valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out.$1" "${router[@]}" >"$work/log.$1" 2>&1 &
     local vg=$!
+    # This runs in a command substitution: its own trap stops the router if the client fails.
+    trap 'kill $vg 2>/dev/null' EXIT
     python3 - "$1" "$router_port" "${HIT:-}" <<'PY'
 import socket, sys, time
 n, port, hit = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"

@@ -29,13 +29,14 @@ spawn() {
     PIDS+=("$SPAWNED")
 }
 
-# Logical CPUs, one per line: the first hyper-thread of every physical core before the others.
+# The logical CPUs this process may use, one per line: the first hyper-thread of every
+# physical core before the others.
 cpu_order() {
-    local c n first
-    for c in /sys/devices/system/cpu/cpu[0-9]*; do
-        n=${c##*cpu}
-        first=$(cut -d, -f1 <"$c/topology/thread_siblings_list" | cut -d- -f1)
-        echo "$([ "$n" = "$first" ] && echo 0 || echo 1) $n"
+    local n first list
+    list=$(awk '/^Cpus_allowed_list/ {print $2}' /proc/self/status)
+    for n in $(echo "$list" | tr , '\n' | awk -F- '{for (i = $1; i <= ($2 == "" ? $1 : $2); i++) print i}'); do
+        first=$(cut -d, -f1 </sys/devices/system/cpu/cpu$n/topology/thread_siblings_list 2>/dev/null | cut -d- -f1)
+        echo "$([ "${first:-$n}" = "$n" ] && echo 0 || echo 1) $n"
     done | sort -n -k1,1 -k2,2 | awk '{print $2}'
 }
 

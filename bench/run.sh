@@ -292,6 +292,7 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---------------------------------------------------------------- report
 export CLK_TCK ROUNDS DURATION LAT_DURATION CONNS THREADS WORKERS SIM_WORKERS CONNS_IDLE
+export PINNED="${PROXY_CPUS:-}${SIM_CPUS:-}${WRK_CPUS:-}"
 export TARGETS_STR="${TARGETS[*]}" SY_TARGETS_STR="${SY_TARGETS[*]}"
 META=$TMP/meta.tsv
 : >"$META"
@@ -408,7 +409,8 @@ w("")
 add_ng = ng1["p99"] - d1["p99"]
 add50 = ", ".join(f"{t} {stats('json', t, 1)['p50'] - d1['p50']:+.0f} us" for t in sys_targets)
 w(f"Reference: nginx adds {add_ng:+,.0f} us p99 at 1 connection ({ng1['p99']:,.0f} vs {d1['p99']:,.0f} us). Added p50 at 1 connection: nginx {ng1['p50'] - d1['p50']:+.0f} us, {add50}.")
-w("On a 2-core box where wrk, the simulator and the proxy share the cores, a 1-connection p99 is dominated by scheduling noise (compare the per-round values below); the p50 difference is the steadier view of the added hop.")
+if not os.environ.get("PINNED"):
+    w("On a box where wrk, the simulator and the proxy share the cores, a 1-connection p99 is dominated by scheduling noise (compare the per-round values below); the p50 difference is the steadier view of the added hop.")
 w("")
 w("<details><summary>every run</summary>")
 w("")

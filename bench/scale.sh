@@ -30,10 +30,11 @@ SIM_TOKENS=${SIM_TOKENS:-16}
 REPORT=${REPORT:-docs/BENCHMARKS.md}
 
 . bench/lib.sh
-for t in wrk nginx taskset python3 curl; do
+for t in wrk taskset python3 curl; do
     command -v "$t" >/dev/null 2>&1 || die "$t is required"
 done
-NGINX=$(command -v nginx)
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || die "nginx is required"
 [ -x target/release/switchyard ] && [ -x target/release/switchyard-sim ] || cargo build --release --bins
 
 TMP=$(mktemp -d /tmp/switchyard-scale.XXXXXX)

@@ -262,24 +262,28 @@ fn failing_backend_is_ejected_then_recovers() {
 
 #[test]
 fn a_hung_backend_is_ejected_when_callers_give_up_first() {
-    // `stuck` takes requests but answers none within the callers' patience (300 ms here),
+    // `stuck` takes requests but answers none within the callers' patience (600 ms here),
     // far shorter than its first-byte timeout (3 s): only callers leaving can tell.
     let stuck = sim("stuck", &["--latency-ms", "20000"]);
     let good = sim("good", &[]);
-    let config = config_for(&[("stuck", stuck.url()), ("good", good.url())], "").replacen(
-        "interval_ms = 100\n",
-        "interval_ms = 0\nstall_after_ms = 200\n",
-        1,
-    );
+    let config = config_for(&[("stuck", stuck.url()), ("good", good.url())], "")
+        .replacen(
+            "interval_ms = 100\n",
+            "interval_ms = 0\nstall_after_ms = 200\n",
+            1,
+        )
+        .replacen("base_ejection_ms = 300\n", "base_ejection_ms = 2000\n", 1);
     let r = router(&config);
     let pinned = "x-switchyard-tier: stuck\r\n";
+    // eject_after_failures = 2, one after the other: each caller's wait is a silence of its own
+    // (a request sent before the last stall was counted is part of that silence).
     for _ in 0..2 {
-        // eject_after_failures = 2
         let mut c = Conn::open(r.addr);
         c.send(&post_raw("/v1/chat/completions", &chat("hi"), pinned));
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(600));
+        drop(c);
+        std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_millis(100));
     let resp = post(r.addr, "/v1/chat/completions", &chat("hi"), pinned);
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("x-switchyard-backend"), Some("good"));

@@ -25,9 +25,11 @@ pub struct BackendState {
     probing: AtomicBool,
     /// Last active check or proxied request succeeded (drives `/readyz`).
     healthy: AtomicBool,
-    /// When a response head last arrived from this backend (same clock; 0 = never), kept to
-    /// within `ANSWERED_GRAIN_MS` so that most requests only read it.
+    /// When a response head or body bytes last arrived from this backend (same clock; 0 =
+    /// never), kept to within `ANSWERED_GRAIN_MS` so that most reads only load it.
     answered_ms: AtomicU64,
+    /// When a stall was last counted as a failure (same clock; 0 = never).
+    stall_counted_ms: AtomicU64,
 }
 
 const ANSWERED_GRAIN_MS: u64 = 100;
@@ -204,40 +206,62 @@ impl BackendStates {
                 s.healthy.store(false, Relaxed);
                 let failures = s.consecutive_failures.fetch_add(1, Relaxed) + 1;
                 if half_open || until == 0 && failures >= h.eject_after_failures {
-                    self.eject(s, h, self.now_ms());
+                    self.eject(s, h, until, self.now_ms());
                 }
             }
         }
     }
 
-    fn eject(&self, s: &BackendState, h: &HealthSettings, now: u64) {
+    /// Ejects from the state `until` was read in: of workers that failed the same backend at
+    /// once, one ejects it (the others would double the period).
+    fn eject(&self, s: &BackendState, h: &HealthSettings, until: u64, now: u64) {
         let recovered = s.recovered_ms.load(Relaxed);
+        let mut n = s.ejections.load(Relaxed);
         if recovered != 0 && now.saturating_sub(recovered) > h.max_ejection.as_millis() as u64 {
-            s.ejections.store(0, Relaxed);
+            n = 0;
         }
-        let n = s.ejections.fetch_add(1, Relaxed).min(20);
-        let period = h.base_ejection.saturating_mul(1 << n).min(h.max_ejection);
-        s.ejected_until_ms
-            .store(now + period.as_millis() as u64, Relaxed);
-        s.consecutive_failures.store(0, Relaxed);
+        let period = h
+            .base_ejection
+            .saturating_mul(1 << n.min(20))
+            .min(h.max_ejection);
+        let new_until = now + period.as_millis() as u64;
+        if s.ejected_until_ms
+            .compare_exchange(until, new_until, Relaxed, Relaxed)
+            .is_ok()
+        {
+            s.ejections.store(n + 1, Relaxed);
+            s.consecutive_failures.store(0, Relaxed);
+        }
     }
 
-    /// A response head arrived from `backend` (any status: it answers).
+    /// A response head or body bytes arrived from `backend` (any status: it answers).
     pub fn answered(&self, backend: usize) {
         let s = &self.states[backend];
         let now = self.now_ms();
         if now > s.answered_ms.load(Relaxed) + ANSWERED_GRAIN_MS {
-            s.answered_ms.store(now, Relaxed);
+            s.answered_ms.fetch_max(now, Relaxed);
         }
     }
 
-    /// Whether a request sent to `backend` at `sent` and still unanswered shows the backend
-    /// hung: `after` has passed and no response head arrived from it, to any request, since.
-    pub fn stalled(&self, backend: usize, sent: Instant, after: Duration) -> bool {
+    /// The caller of a request sent to `backend` at `sent` gave up before the response head:
+    /// whether that counts as a failure of the backend. It does when `after` has passed and
+    /// nothing arrived from the backend, for any request, since `sent`; and at most once per
+    /// silence, for a request sent after the last stall counted, so that callers leaving
+    /// together (the same timeout) count once, and ejection takes `eject_after_failures`
+    /// such periods of silence in a row, not one burst of long generations.
+    pub fn count_stall(&self, backend: usize, sent: Instant, after: Duration) -> bool {
+        let s = &self.states[backend];
         let sent_ms = sent.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
-        let answered = self.states[backend].answered_ms.load(Relaxed);
-        (answered == 0 || answered + ANSWERED_GRAIN_MS < sent_ms)
-            && self.now_ms().saturating_sub(sent_ms) >= after.as_millis() as u64
+        let answered = s.answered_ms.load(Relaxed);
+        let now = self.now_ms();
+        let silent = (answered == 0 || answered + ANSWERED_GRAIN_MS < sent_ms)
+            && now.saturating_sub(sent_ms) >= after.as_millis() as u64;
+        let counted = s.stall_counted_ms.load(Relaxed);
+        silent
+            && sent_ms > counted
+            && s.stall_counted_ms
+                .compare_exchange(counted, now, Relaxed, Relaxed)
+                .is_ok()
     }
 
     /// An active check passed: the backend answers again (readiness). An ejected backend is not
@@ -379,24 +403,52 @@ targets = ["a/m", "b/m"]
     }
 
     #[test]
-    fn a_backend_that_answers_nobody_is_stalled() {
-        let s = BackendStates::new(2, false);
+    fn a_backend_that_answers_nobody_counts_one_stall_per_silence() {
+        let s = BackendStates::new(3, false);
         let after = Duration::from_secs(10);
         let sent = Instant::now();
-        assert!(!s.stalled(0, sent, after), "not before `after` has passed");
-        s.advance(Duration::from_secs(11));
         assert!(
-            s.stalled(0, sent, after),
-            "no head from it since the request went out"
+            !s.count_stall(0, sent, after),
+            "not before `after` has passed"
         );
-        // A head from it, to any request, after this one was sent: it is slow, not hung.
-        s.answered(0);
-        assert!(!s.stalled(0, sent, after));
-        assert!(s.stalled(1, sent, after), "per backend");
-        // A head before the request went out says nothing about it.
-        let later = Instant::now() + Duration::from_secs(12);
-        s.advance(Duration::from_secs(30));
-        assert!(s.stalled(0, later, after));
+        s.advance(Duration::from_secs(11));
+        // Something from it, to any request, after this one was sent: slow, not hung.
+        s.answered(1);
+        assert!(!s.count_stall(1, sent, after));
+        assert!(
+            s.count_stall(0, sent, after),
+            "nothing from it since the request went out"
+        );
+        // Callers that were waiting as long leave together: one silence, one failure.
+        assert!(!s.count_stall(0, sent, after));
+        // A request sent after that one was counted, and as unanswered: the silence goes on.
+        let next = Instant::now() + Duration::from_secs(12);
+        s.advance(Duration::from_secs(5));
+        assert!(
+            !s.count_stall(0, next, after),
+            "not yet `after` since it was sent"
+        );
+        s.advance(Duration::from_secs(7));
+        assert!(s.count_stall(0, next, after));
+        // Something that arrived before a request went out says nothing about it.
+        let last = Instant::now() + Duration::from_secs(30);
+        s.advance(Duration::from_secs(20));
+        assert!(s.count_stall(1, last, after));
+        assert!(s.count_stall(2, sent, after), "per backend");
+    }
+
+    #[test]
+    fn failures_at_once_on_several_workers_eject_once() {
+        let t = table();
+        let s = BackendStates::new(2, false);
+        // Two workers each see the backend not ejected, then both reach the threshold.
+        let until = s.get(0).ejected_until_ms.load(Relaxed);
+        s.eject(s.get(0), &t.health, until, s.now_ms());
+        s.eject(s.get(0), &t.health, until, s.now_ms());
+        assert_eq!(s.get(0).ejections.load(Relaxed), 1);
+        // The base period (50 ms), not twice it.
+        s.advance(Duration::from_millis(60));
+        assert!(!s.is_ejected(0));
     }
 
     #[test]

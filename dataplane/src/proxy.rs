@@ -526,7 +526,7 @@ pub async fn handle(
                     // The caller gave up waiting; a backend that answered nobody meanwhile is
                     // hung, whatever the first-byte timeout (often longer than callers wait).
                     if let Some(after) = table.health.stall_after {
-                        if snap.states.stalled(t.backend, sent, after) {
+                        if snap.states.count_stall(t.backend, sent, after) {
                             snap.states.record(
                                 t.backend,
                                 Verdict::Failure,
@@ -952,9 +952,10 @@ fn tried_backends<'t>(
 /// or a poll op (io_uring) per request, which answers faster than this never need.
 const CLIENT_WATCH_DELAY: Duration = Duration::from_millis(5);
 
-/// Runs `work`, or returns `None` if the client disconnects first (then `work` is dropped,
-/// which closes its upstream connection). A large `work` is best passed pinned (`Pin<&mut _>`),
-/// so that it is not moved into this future and again into `select!`.
+/// Runs `work`, or returns `None` if the client disconnects first; the caller then drops the
+/// work (which closes its upstream connection). A large `work` is best passed pinned
+/// (`Pin<&mut _>`, dropped where it was pinned), so that it is not moved into this future and
+/// again into `select!`.
 async fn watch_client<T>(
     stream: &monoio::net::TcpStream,
     work: impl std::future::Future<Output = T>,
@@ -1422,7 +1423,7 @@ async fn relay(
             match next {
                 None => break Err(Cut::ClientLeft),
                 Some(Err(e)) => break Err(Cut::Upstream(e)),
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => snap.states.answered(t.backend),
             }
         } else if let Err(e) = resp.body.decode(sink) {
             break Err(Cut::Upstream(e));

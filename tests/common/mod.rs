@@ -28,7 +28,8 @@ pub fn free_port() -> u16 {
 }
 
 /// A loopback address on a port that was free a moment ago. A router restarted in a test
-/// gets a new one: its old port may have been handed to another test since it stopped.
+/// gets a new one: its old port may have been taken since it stopped (as the local port of
+/// an outgoing connection, or by another test's listener).
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
