@@ -15,54 +15,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
 [ -x target/release/switchyard ] && [ -x target/release/switchyard-sim ] || cargo build --release --bins
+. bench/lib.sh
 work=$(mktemp -d)
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-sim_port=$(port); router_port=$(port)
+sim_port=$(free_port); router_port=$(free_port)
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 target/release/switchyard-sim --listen 127.0.0.1:$sim_port --workers 1 >/dev/null 2>&1 &
-cat > "$work/switchyard.toml" <<TOML
-[listener]
-io_driver = "epoll"
-[health]
-interval_ms = 0
-[admin]
-enabled = false
-[storage]
-data_dir = "$work/data"
-[[backends]]
-name = "sim"
-url = "http://127.0.0.1:$sim_port"
-models = [{ name = "m", input_per_mtok = 0.1, output_per_mtok = 0.2 }]
-[[tiers]]
-name = "small"
-targets = ["sim/m"]
-TOML
-cat > "$work/nginx.conf" <<CONF
-master_process off;
-daemon off;
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $work/client_body;
-    proxy_temp_path $work/proxy;
-    fastcgi_temp_path $work/fastcgi;
-    uwsgi_temp_path $work/uwsgi;
-    scgi_temp_path $work/scgi;
-    keepalive_requests 1000000;
-    upstream sim { server 127.0.0.1:$sim_port; keepalive 64; }
-    server {
-        listen 127.0.0.1:$router_port;
-        location / { proxy_pass http://sim; proxy_http_version 1.1; proxy_set_header Connection ""; }
-    }
-}
-CONF
+switchyard_config epoll "$work/data" "$sim_port" >"$work/switchyard.toml"
+# One process (no master), so that valgrind measures the one that serves.
+nginx_config "$work" "$router_port" "$sim_port" 1 "master_process off; daemon off;" >"$work/nginx.conf"
 if [ -n "${NGINX:-}" ]; then
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] ||
         apt-get install -y -qq nginx-light || { apt-get update -qq && apt-get install -y -qq nginx-light; }
-    router=("$(command -v nginx || echo /usr/sbin/nginx)" -p "$work" -c "$work/nginx.conf" -e "$work/nginx-error.log")
+    router=("$(command -v nginx || echo /usr/sbin/nginx)" -p "$work" -c "$work/nginx.conf" -e "$work/error.log")
 else
     router=(target/release/switchyard serve --config "$work/switchyard.toml" --listen 127.0.0.1:$router_port --workers 1)
 fi

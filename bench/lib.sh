@@ -94,23 +94,7 @@ start_sim() {
 start_switchyard() {
     local driver=$1 tag=$2
     SY_PORT=$(free_port)
-    cat >"$TMP/sy-$tag.toml" <<EOF
-[listener]
-io_driver = "$driver"
-[health]
-interval_ms = 0
-[admin]
-enabled = false
-[storage]
-data_dir = "$TMP/data-$tag"
-[[backends]]
-name = "sim"
-url = "http://127.0.0.1:$SIM_PORT"
-models = [{ name = "m", input_per_mtok = 0.1, output_per_mtok = 0.2 }]
-[[tiers]]
-name = "small"
-targets = ["sim/m"]
-EOF
+    switchyard_config "$driver" "$TMP/data-$tag" "$SIM_PORT" >"$TMP/sy-$tag.toml"
     spawn "${PROXY_CPUS:-}" "$TMP/sy-$tag.log" \
         "$SY" serve --config "$TMP/sy-$tag.toml" --listen "127.0.0.1:$SY_PORT" --workers "$WORKERS"
     SY_PID=$SPAWNED
@@ -121,32 +105,54 @@ EOF
     fi
 }
 
-# start_nginx TAG -> NG_DIR, NG_PORT
-start_nginx() {
-    local tag=$1
-    NG_DIR=$TMP/nginx-$tag
-    NG_PORT=$(free_port)
-    mkdir -p "$NG_DIR"
-    cat >"$NG_DIR/nginx.conf" <<EOF
-worker_processes $WORKERS;
+# switchyard_config DRIVER DATA_DIR SIM_PORT: the benchmarks' config, on stdout (one tier, one
+# simulated backend, no health checks, no admin API).
+switchyard_config() {
+    cat <<EOF
+[listener]
+io_driver = "$1"
+[health]
+interval_ms = 0
+[admin]
+enabled = false
+[storage]
+data_dir = "$2"
+[[backends]]
+name = "sim"
+url = "http://127.0.0.1:$3"
+models = [{ name = "m", input_per_mtok = 0.1, output_per_mtok = 0.2 }]
+[[tiers]]
+name = "small"
+targets = ["sim/m"]
+EOF
+}
+
+# nginx_config DIR PORT SIM_PORT WORKERS [MAIN]: the reference proxy's config, on stdout: on
+# PORT, in front of the simulator with upstream keep-alive, its files in DIR; MAIN adds lines
+# to the main context.
+nginx_config() {
+    local dir=$1
+    cat <<EOF
+${5:-}
+worker_processes $4;
 worker_rlimit_nofile 16384;
-pid $NG_DIR/nginx.pid;
-error_log $NG_DIR/error.log warn;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
 events { worker_connections 8192; }
 http {
     access_log off;
-    client_body_temp_path $NG_DIR/client_body;
-    proxy_temp_path $NG_DIR/proxy;
-    fastcgi_temp_path $NG_DIR/fastcgi;
-    uwsgi_temp_path $NG_DIR/uwsgi;
-    scgi_temp_path $NG_DIR/scgi;
+    client_body_temp_path $dir/client_body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
     keepalive_requests 1000000;
     upstream sim {
-        server 127.0.0.1:$SIM_PORT;
+        server 127.0.0.1:$3;
         keepalive 64;
     }
     server {
-        listen 127.0.0.1:$NG_PORT;
+        listen 127.0.0.1:$2;
         location / {
             proxy_pass http://sim;
             proxy_http_version 1.1;
@@ -155,6 +161,15 @@ http {
     }
 }
 EOF
+}
+
+# start_nginx TAG -> NG_DIR, NG_PORT
+start_nginx() {
+    local tag=$1
+    NG_DIR=$TMP/nginx-$tag
+    NG_PORT=$(free_port)
+    mkdir -p "$NG_DIR"
+    nginx_config "$NG_DIR" "$NG_PORT" "$SIM_PORT" "$WORKERS" >"$NG_DIR/nginx.conf"
     spawn "${PROXY_CPUS:-}" "$NG_DIR/stdout.log" \
         "$NGINX" -p "$NG_DIR" -c "$NG_DIR/nginx.conf" -e "$NG_DIR/error.log" -g 'daemon off;'
     local i
