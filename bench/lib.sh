@@ -35,7 +35,7 @@ cpu_order() {
     local n first list
     list=$(awk '/^Cpus_allowed_list/ {print $2}' /proc/self/status)
     for n in $(echo "$list" | tr , '\n' | awk -F- '{for (i = $1; i <= ($2 == "" ? $1 : $2); i++) print i}'); do
-        first=$(cut -d, -f1 </sys/devices/system/cpu/cpu$n/topology/thread_siblings_list 2>/dev/null | cut -d- -f1)
+        first=$(cut -d, -f1 2>/dev/null </sys/devices/system/cpu/cpu$n/topology/thread_siblings_list | cut -d- -f1)
         echo "$([ "${first:-$n}" = "$n" ] && echo 0 || echo 1) $n"
     done | sort -n -k1,1 -k2,2 | awk '{print $2}'
 }

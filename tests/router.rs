@@ -907,6 +907,30 @@ fn client_disconnect_closes_the_upstream_request() {
 }
 
 #[test]
+fn a_caller_leaving_before_the_backend_has_the_request_costs_nothing() {
+    // A backend that accepts and reads nothing more than a first piece: a 24 MB prompt stalls
+    // in the socket buffers on its way there, and the caller leaves meanwhile.
+    let (backend, r) = router_with_hand_rolled_backend("deaf", "[usage]\nlog_events = true\n");
+    let mut c = Conn::open(r.addr);
+    c.send(&post_raw(
+        "/v1/chat/completions",
+        &chat(&"word ".repeat(4_800_000)),
+        "",
+    ));
+    let _upstream = accept_request(&backend);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(c);
+    let err = stop_router(r);
+    let events = usage_events(&err);
+    assert_eq!(events.len(), 1, "{err}");
+    let e = &events[0];
+    assert_eq!(e["status"], 499);
+    assert_eq!(e["cost_micros"], 0, "{e}");
+    assert_eq!(e["prompt_tokens"], 0, "{e}");
+    assert_eq!(e["tokens_estimated"], false, "{e}");
+}
+
+#[test]
 fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
     // A backend that streams without end to a client that never reads: once every buffer on
     // the way is full, the router's write to the client waits; after the send timeout it

@@ -217,7 +217,11 @@ impl BackendStates {
     fn eject(&self, s: &BackendState, h: &HealthSettings, until: u64, now: u64) {
         let recovered = s.recovered_ms.load(Relaxed);
         let mut n = s.ejections.load(Relaxed);
-        if recovered != 0 && now.saturating_sub(recovered) > h.max_ejection.as_millis() as u64 {
+        // Only a backend that was taking traffic starts over; a failed probe keeps doubling.
+        if until == 0
+            && recovered != 0
+            && now.saturating_sub(recovered) > h.max_ejection.as_millis() as u64
+        {
             n = 0;
         }
         let period = h
@@ -257,10 +261,12 @@ impl BackendStates {
         let silent = (answered == 0 || answered + ANSWERED_GRAIN_MS < sent_ms)
             && now.saturating_sub(sent_ms) >= after.as_millis() as u64;
         let counted = s.stall_counted_ms.load(Relaxed);
+        let after_ms = after.as_millis() as u64;
+        // The next silence counted starts `after` past this one's start.
         silent
             && sent_ms > counted
             && s.stall_counted_ms
-                .compare_exchange(counted, now, Relaxed, Relaxed)
+                .compare_exchange(counted, sent_ms + after_ms, Relaxed, Relaxed)
                 .is_ok()
     }
 
@@ -270,8 +276,13 @@ impl BackendStates {
     pub fn check_passed(&self, backend: usize) {
         let s = &self.states[backend];
         s.healthy.store(true, Relaxed);
-        if s.ejected_until_ms.load(Relaxed) > self.now_ms() {
-            s.ejected_until_ms.store(self.now_ms(), Relaxed);
+        let until = s.ejected_until_ms.load(Relaxed);
+        let now = self.now_ms();
+        if until > now {
+            // Not over a re-ejection a failed probe made meanwhile.
+            let _ = s
+                .ejected_until_ms
+                .compare_exchange(until, now, Relaxed, Relaxed);
         }
     }
 
@@ -636,11 +647,19 @@ targets = ["a/m", "b/m"]
         let probe = s.admit(0, 10).unwrap();
         s.record(0, Verdict::Success, &t.health, probe.is_probe());
         drop(probe);
-        // Up for longer than max_ejection (400 ms): the next ejection is 50 ms again.
+        // Up for longer than max_ejection (400 ms): the next ejection is 50 ms again ...
         s.advance(Duration::from_millis(450));
         s.record(0, Verdict::Failure, &t.health, false);
         s.record(0, Verdict::Failure, &t.health, false);
         s.advance(Duration::from_millis(60));
+        assert!(!s.is_ejected(0));
+        // ... and a failed probe doubles it from there (100 ms), not from the base again.
+        let probe = s.admit(0, 10).unwrap();
+        s.record(0, Verdict::Failure, &t.health, probe.is_probe());
+        drop(probe);
+        s.advance(Duration::from_millis(60));
+        assert!(s.is_ejected(0), "the second is 100 ms");
+        s.advance(Duration::from_millis(50));
         assert!(!s.is_ejected(0));
     }
 }

@@ -45,6 +45,7 @@ async fn check(snap: Arc<Snapshot>, resolved: Arc<Resolved>, backend: usize) {
     request.extend_from_slice(b"connection: close\r\n\r\n");
     // A fresh connection each time: a check must prove the backend accepts connections.
     let fresh = upstream::Pool::default();
+    let written = std::cell::Cell::new(None);
     let probe = upstream::exchange(
         &fresh,
         table.version,
@@ -54,6 +55,7 @@ async fn check(snap: Arc<Snapshot>, resolved: Arc<Resolved>, backend: usize) {
         &resolved,
         request,
         false,
+        &written,
     );
     let healthy = matches!(monoio::time::timeout(table.health.timeout, probe).await, Ok(Ok(r)) if (200..300).contains(&r.head.status));
     if healthy {

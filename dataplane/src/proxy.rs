@@ -508,7 +508,7 @@ pub async fn handle(
             let request = upstream_request(head, backend, ctx.request_id, |out| {
                 view.rewrite_into(out, body, &t.model, inject_usage)
             });
-            let sent = Instant::now();
+            let written = std::cell::Cell::new(None);
             // Pinned here so that watching the client moves a pointer, not the whole exchange.
             let exchange = std::pin::pin!(upstream::exchange(
                 &worker.pool,
@@ -519,13 +519,14 @@ pub async fn handle(
                 &worker.shared.resolved,
                 request,
                 false,
+                &written,
             ));
             let result = watch_client(&client.stream, exchange).await;
             match result {
                 None => {
                     // The caller gave up waiting; a backend that answered nobody meanwhile is
                     // hung, whatever the first-byte timeout (often longer than callers wait).
-                    if let Some(after) = table.health.stall_after {
+                    if let (Some(after), Some(sent)) = (table.health.stall_after, written.get()) {
                         if snap.states.count_stall(t.backend, sent, after) {
                             snap.states.record(
                                 t.backend,
@@ -535,6 +536,8 @@ pub async fn handle(
                             );
                         }
                     }
+                    // Priced from its prompt once the backend has it; before, it cost nothing.
+                    let usage = written.get().map_or(Some(TokenUsage::default()), |_| None);
                     log(
                         worker,
                         snap,
@@ -542,7 +545,7 @@ pub async fn handle(
                         Some(target),
                         tier_name(table, &ctx),
                         CLIENT_CLOSED,
-                        None,
+                        usage,
                         0,
                         None,
                         true,
@@ -1898,7 +1901,8 @@ fn log(
     // Requests that never reached a backend cost nothing; answered ones are priced even when
     // the backend sent no usage (then from estimates, flagged as such), and so is one whose
     // caller left while a backend worked on it: the backend read (and providers bill) the
-    // prompt, so budgets count it.
+    // prompt, so budgets count it. (A caller-closed request with a target that the backend
+    // never got is logged with zero usage.)
     let reached = target.is_some() && (first_byte.is_some() || status == CLIENT_CLOSED);
     let tokens = match (reached, usage) {
         (false, _) => TokenUsage::default(),

@@ -9,7 +9,7 @@ use crate::resolve::Resolved;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -276,6 +276,8 @@ pub struct Response {
 /// the server while idle: the request is resent once on a fresh connection, invisibly to the
 /// caller. One that fails later may have been working on it (a backend dying mid-generation):
 /// that is an attempt's failure, not resent here, so an inference is not run twice unseen.
+/// `written` is set (to when) once the request is written on the connection that answers or
+/// fails for good: from then on the backend has it.
 #[allow(clippy::too_many_arguments)]
 pub async fn exchange(
     pool: &Pool,
@@ -286,21 +288,24 @@ pub async fn exchange(
     resolved: &Resolved,
     request: Vec<u8>,
     is_head: bool,
+    written: &Cell<Option<Instant>>,
 ) -> Result<Response, AttemptError> {
     let mut request = request;
     if let Some(conn) = pool.take(version, backend_idx) {
-        match send_on(conn, backend, request, is_head).await {
+        match send_on(conn, backend, request, is_head, written).await {
             Ok(r) => return Ok(r),
             Err((e, req, stale)) => {
                 if !stale {
                     return Err(e);
                 }
+                // Written to a connection the backend had closed: it never read it.
+                written.set(None);
                 request = req;
             }
         }
     }
     let conn = connect(backend, tls, resolved).await?;
-    send_on(conn, backend, request, is_head)
+    send_on(conn, backend, request, is_head, written)
         .await
         .map_err(|(e, _, _)| e)
 }
@@ -311,6 +316,7 @@ async fn send_on(
     backend: &Backend,
     request: Vec<u8>,
     is_head: bool,
+    written: &Cell<Option<Instant>>,
 ) -> Result<Response, (AttemptError, Vec<u8>, bool)> {
     let (res, request) = conn.write_all(request).await;
     if let Err(e) = res {
@@ -322,6 +328,7 @@ async fn send_on(
         ));
     }
     let sent = Instant::now();
+    written.set(Some(sent));
     let deadline = sent + backend.first_byte_timeout;
     let mut buf = Vec::with_capacity(READ_CHUNK);
     loop {
