@@ -285,9 +285,11 @@ pub struct HealthFile {
     /// First ejection length; each further ejection doubles it up to `max_ejection_ms`.
     pub base_ejection_ms: u64,
     pub max_ejection_ms: u64,
-    /// A caller that gives up on a request after this long, while the backend sent no response
-    /// head to any request since this one went out, counts as a failure of that backend (it
-    /// takes requests but answers none). 0 = callers leaving never count.
+    /// A caller that gives up on a request after this long, while the backend sent nothing
+    /// (no response head, no body bytes) for any request since this one was written to it,
+    /// counts as a failure of that backend (it takes requests but answers none); once per
+    /// such silence. 0 = callers leaving never count. The default (30 s) stays above what
+    /// slow models take to a first byte while callers still wait.
     pub stall_after_ms: u64,
 }
 
@@ -299,7 +301,7 @@ impl Default for HealthFile {
             eject_after_failures: 3,
             base_ejection_ms: 5_000,
             max_ejection_ms: 300_000,
-            stall_after_ms: 10_000,
+            stall_after_ms: 30_000,
         }
     }
 }
