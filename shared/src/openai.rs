@@ -100,6 +100,17 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
     }
 }
 
+/// A JSON string as text: borrowed from the body unless it has escapes. (A bare `Cow<str>`
+/// always deserializes owned; a `#[serde(borrow)]` field borrows.)
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// `raw` (a JSON string) as text; see [`Text`].
+fn text_of<'a>(raw: &'a RawValue) -> serde_json::Result<Cow<'a, str>> {
+    serde_json::from_str::<Text<'a>>(raw.get()).map(|t| t.0)
+}
+
 /// A field that is there, `null` included (a plain `Option` reads `null` as absent): the
 /// rewrite must replace such a value, not add its key a second time.
 fn present<'a, D: serde::Deserializer<'a>>(d: D) -> Result<Option<&'a RawValue>, D::Error> {
@@ -210,8 +221,7 @@ fn push_content<'a>(
     let Some(raw) = content else { return Ok(0) };
     match raw.get().as_bytes().first() {
         Some(b'"') => {
-            let text: Cow<'a, str> =
-                serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
+            let text = text_of(raw).map_err(RequestError::from_serde)?;
             let len = text.len();
             append(out, text);
             Ok(len)
@@ -250,7 +260,7 @@ impl<'a> RequestView<'a> {
             // `null` routes like an absent model; its value is still what the rewrite replaces.
             view.model_span = Some(span_of(body, raw));
             if raw.get() != "null" {
-                let model: Cow<'a, str> = serde_json::from_str(raw.get())
+                let model = text_of(raw)
                     .map_err(|_| RequestError::invalid("`model` must be a string", "model"))?;
                 view.model = Some(model);
             }
@@ -339,8 +349,7 @@ impl<'a> RequestView<'a> {
         let mut prompts = 1;
         match raw.get().as_bytes().first() {
             Some(b'"') => {
-                let text: Cow<'a, str> =
-                    serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
+                let text = text_of(raw).map_err(RequestError::from_serde)?;
                 append(&mut self.last_user, text);
             }
             // Arrays of strings are joined; token-id arrays carry no text to classify.
@@ -349,7 +358,7 @@ impl<'a> RequestView<'a> {
                     serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
                 let mut lists = 0u64;
                 for item in items {
-                    if let Ok(text) = serde_json::from_str::<Cow<'a, str>>(item.get()) {
+                    if let Ok(text) = text_of(item) {
                         append(&mut self.last_user, text);
                         lists += 1;
                     } else if item.get().starts_with('[') {
@@ -601,6 +610,19 @@ mod tests {
         );
         assert_eq!(v.max_tokens, Some(50));
         assert!(v.needs_injected_usage(Endpoint::ChatCompletions));
+    }
+
+    #[test]
+    fn text_is_borrowed_from_the_body_unless_it_has_escapes() {
+        let body = r#"{"model":"m\u0031","messages":[{"role":"system","content":"plain"},{"role":"user","content":"line\none"}]}"#;
+        let v = parse(Endpoint::ChatCompletions, body).unwrap();
+        assert_eq!(v.model.as_deref(), Some("m1"));
+        assert!(matches!(v.model, Some(Cow::Owned(_))));
+        assert!(matches!(v.system, Cow::Borrowed("plain")));
+        assert_eq!(v.last_user, "line\none");
+        let v = parse(Endpoint::Completions, r#"{"model":"m","prompt":"p"}"#).unwrap();
+        assert!(matches!(v.model, Some(Cow::Borrowed("m"))));
+        assert!(matches!(v.last_user, Cow::Borrowed("p")));
     }
 
     #[test]
