@@ -295,6 +295,42 @@ fn a_hung_backend_is_ejected_when_callers_give_up_first() {
 }
 
 #[test]
+fn a_backend_that_hangs_mid_stream_is_ejected_when_callers_give_up() {
+    // `stuck` sends a head and a few chunks, then nothing; its idle timeout (60 s) is far
+    // longer than the callers' patience here.
+    let stuck = sim(
+        "stuck",
+        &["--stall-rate", "1.0", "--completion-tokens", "50"],
+    );
+    let good = sim("good", &[]);
+    let config = config_for(&[("stuck", stuck.url()), ("good", good.url())], "")
+        .replacen(
+            "interval_ms = 100\n",
+            "interval_ms = 0\nstall_after_ms = 200\n",
+            1,
+        )
+        .replacen("base_ejection_ms = 300\n", "base_ejection_ms = 2000\n", 1);
+    let r = router(&config);
+    let pinned = "x-switchyard-tier: stuck\r\n";
+    let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    for _ in 0..2 {
+        let mut c = Conn::open(r.addr);
+        c.send(&post_raw("/v1/chat/completions", body, pinned));
+        std::thread::sleep(Duration::from_millis(600));
+        drop(c);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let resp = post(r.addr, "/v1/chat/completions", &chat("hi"), pinned);
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-switchyard-backend"), Some("good"));
+    assert_eq!(
+        resp.header("x-switchyard-attempts"),
+        Some("1"),
+        "stuck is ejected"
+    );
+}
+
+#[test]
 fn midstream_failure_ends_with_an_error_event() {
     let s = sim("s", &["--completion-tokens", "8"]);
     let r = router(&config_for(&[("s", s.url())], ""));

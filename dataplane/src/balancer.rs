@@ -238,28 +238,33 @@ impl BackendStates {
         }
     }
 
-    /// A response head or body bytes arrived from `backend` (any status: it answers).
-    pub fn answered(&self, backend: usize) {
+    /// A response head or body bytes arrived from `backend` at `at` (any status: it answers).
+    pub fn answered(&self, backend: usize, at: Instant) {
         let s = &self.states[backend];
-        let now = self.now_ms();
-        if now > s.answered_ms.load(Relaxed) + ANSWERED_GRAIN_MS {
-            s.answered_ms.fetch_max(now, Relaxed);
+        let at = self.ms_of(at);
+        if at > s.answered_ms.load(Relaxed) + ANSWERED_GRAIN_MS {
+            s.answered_ms.fetch_max(at, Relaxed);
         }
     }
 
-    /// The caller of a request sent to `backend` at `sent` gave up before the response head:
-    /// whether that counts as a failure of the backend. It does when `after` has passed and
-    /// nothing arrived from the backend, for any request, since `sent`; and at most once per
-    /// silence, for a request sent after the last stall counted, so that callers leaving
-    /// together (the same timeout) count once, and ejection takes `eject_after_failures`
-    /// such periods of silence in a row, not one burst of long generations.
+    /// `at` on this clock (tests' skew aside: an instant is not moved by it).
+    fn ms_of(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+
+    /// The caller of a request to `backend` gave up waiting for more of the answer, which it
+    /// last had news of at `sent` (written to the backend, or its last bytes read): whether
+    /// that counts as a failure of the backend. It does when `after` has passed and nothing
+    /// arrived from the backend, for any request, since `sent`; and at most once per silence,
+    /// for a request sent after the last stall counted, so that callers leaving together (the
+    /// same timeout) count once, and ejection takes `eject_after_failures` such periods of
+    /// silence in a row, not one burst of long generations.
     pub fn count_stall(&self, backend: usize, sent: Instant, after: Duration) -> bool {
         let s = &self.states[backend];
-        let sent_ms = sent.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
-        let answered = s.answered_ms.load(Relaxed);
-        let now = self.now_ms();
-        let silent = (answered == 0 || answered + ANSWERED_GRAIN_MS < sent_ms)
-            && now.saturating_sub(sent_ms) >= after.as_millis() as u64;
+        let sent_ms = self.ms_of(sent);
+        // Nothing newer recorded (what came within the grain after `sent` may not be).
+        let silent = s.answered_ms.load(Relaxed) <= sent_ms
+            && self.now_ms().saturating_sub(sent_ms) >= after.as_millis() as u64;
         let counted = s.stall_counted_ms.load(Relaxed);
         let after_ms = after.as_millis() as u64;
         // The next silence counted starts `after` past this one's start.
@@ -424,7 +429,7 @@ targets = ["a/m", "b/m"]
         );
         s.advance(Duration::from_secs(11));
         // Something from it, to any request, after this one was sent: slow, not hung.
-        s.answered(1);
+        s.answered(1, sent + Duration::from_millis(500));
         assert!(!s.count_stall(1, sent, after));
         assert!(
             s.count_stall(0, sent, after),

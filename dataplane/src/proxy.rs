@@ -553,7 +553,7 @@ pub async fn handle(
                     return false;
                 }
                 Some(Ok(resp)) => {
-                    snap.states.answered(t.backend);
+                    snap.states.answered(t.backend, Instant::now());
                     if resp.head.status == 429 || resp.head.status >= 500 {
                         snap.states.record(
                             t.backend,
@@ -1406,6 +1406,8 @@ async fn relay(
     // The client left while others follow this stream: it is read to its end for them.
     let mut client_gone = false;
     let followed = || lead.as_ref().is_some_and(Lead::has_followers);
+    // When the backend last sent something for this request (its head, then body bytes).
+    let mut last_heard = Instant::now();
     let outcome: Result<(), Cut> = loop {
         let body_start = wire.len();
         let sink = if raw_passthrough {
@@ -1426,7 +1428,10 @@ async fn relay(
             match next {
                 None => break Err(Cut::ClientLeft),
                 Some(Err(e)) => break Err(Cut::Upstream(e)),
-                Some(Ok(_)) => snap.states.answered(t.backend),
+                Some(Ok(_)) => {
+                    last_heard = Instant::now();
+                    snap.states.answered(t.backend, last_heard);
+                }
             }
         } else if let Err(e) = resp.body.decode(sink) {
             break Err(Cut::Upstream(e));
@@ -1611,8 +1616,16 @@ async fn relay(
         )
         .await;
     }
+    // A caller that gave up on a backend gone silent for everyone: hung mid-answer.
+    let stalled = || {
+        table
+            .health
+            .stall_after
+            .is_some_and(|after| snap.states.count_stall(t.backend, last_heard, after))
+    };
     let verdict = match (&outcome, status) {
         (Err(Cut::Upstream(_)), _) => Verdict::Failure,
+        (Err(Cut::ClientLeft), _) if stalled() => Verdict::Failure,
         (Err(Cut::ClientLeft), _) => Verdict::Neutral,
         (Ok(()), 429 | 500..) => Verdict::Failure,
         (Ok(()), _) => Verdict::Success,

@@ -285,11 +285,12 @@ pub struct HealthFile {
     /// First ejection length; each further ejection doubles it up to `max_ejection_ms`.
     pub base_ejection_ms: u64,
     pub max_ejection_ms: u64,
-    /// A caller that gives up on a request after this long, while the backend sent nothing
-    /// (no response head, no body bytes) for any request since this one was written to it,
-    /// counts as a failure of that backend (it takes requests but answers none); once per
-    /// such silence. 0 = callers leaving never count. The default (30 s) stays above what
-    /// slow models take to a first byte while callers still wait.
+    /// A caller that gives up waiting on a request after this long, while the backend sent
+    /// nothing (no response head, no body bytes) for any request since this one was written
+    /// to it or last had bytes, counts as a failure of that backend (it takes requests but
+    /// answers none, or stopped mid-answer); once per such silence. 0 = callers leaving never
+    /// count. The default (30 s) stays above what slow models take to a first byte while
+    /// callers still wait.
     pub stall_after_ms: u64,
 }
 
