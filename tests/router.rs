@@ -260,74 +260,96 @@ fn failing_backend_is_ejected_then_recovers() {
     }
 }
 
-#[test]
-fn a_hung_backend_is_ejected_when_callers_give_up_first() {
-    // `stuck` takes requests but answers none within the callers' patience (600 ms here),
-    // far shorter than its first-byte timeout (3 s): only callers leaving can tell.
-    let stuck = sim("stuck", &["--latency-ms", "20000"]);
+/// Two backends, `name` (run with `sim_args`) and `good`, each its own tier; callers pin the
+/// first. Stalls count after 1 s; an ejection lasts 5 s.
+fn stall_setup(name: &str, sim_args: &[&str], extra: &str) -> (Proc, Proc, Proc) {
+    let watched = sim(name, sim_args);
     let good = sim("good", &[]);
-    let config = config_for(&[("stuck", stuck.url()), ("good", good.url())], "")
+    let config = config_for(&[(name, watched.url()), ("good", good.url())], extra)
         .replacen(
             "interval_ms = 100\n",
-            "interval_ms = 0\nstall_after_ms = 200\n",
+            "interval_ms = 0\nstall_after_ms = 1000\n",
             1,
         )
-        .replacen("base_ejection_ms = 300\n", "base_ejection_ms = 2000\n", 1);
-    let r = router(&config);
-    let pinned = "x-switchyard-tier: stuck\r\n";
-    // eject_after_failures = 2, one after the other: each caller's wait is a silence of its own
-    // (a request sent before the last stall was counted is part of that silence).
+        .replacen("base_ejection_ms = 300\n", "base_ejection_ms = 5000\n", 1)
+        .replacen("max_ejection_ms = 2000\n", "max_ejection_ms = 10000\n", 1);
+    (router(&config), watched, good)
+}
+
+/// Callers that send `body` pinned to `tier`, wait `patience`, and leave; one after the
+/// other (eject_after_failures = 2), so that each wait is a silence of its own.
+fn impatient_callers(r: &Proc, tier: &str, body: &str, patience: Duration) {
     for _ in 0..2 {
         let mut c = Conn::open(r.addr);
-        c.send(&post_raw("/v1/chat/completions", &chat("hi"), pinned));
-        std::thread::sleep(Duration::from_millis(600));
+        c.send(&post_raw(
+            "/v1/chat/completions",
+            body,
+            &format!("x-switchyard-tier: {tier}\r\n"),
+        ));
+        std::thread::sleep(patience);
         drop(c);
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(400));
     }
-    let resp = post(r.addr, "/v1/chat/completions", &chat("hi"), pinned);
-    assert_eq!(resp.status, 200);
-    assert_eq!(resp.header("x-switchyard-backend"), Some("good"));
-    assert_eq!(
-        resp.header("x-switchyard-attempts"),
-        Some("1"),
-        "stuck is ejected"
+}
+
+/// Who answers a short request pinned to `tier` now, and in how many attempts.
+fn who_answers(r: &Proc, tier: &str) -> (Option<String>, Option<String>) {
+    let body = r#"{"model":"auto","max_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#;
+    let resp = post(
+        r.addr,
+        "/v1/chat/completions",
+        body,
+        &format!("x-switchyard-tier: {tier}\r\n"),
     );
+    assert_eq!(resp.status, 200);
+    let h = |name| resp.header(name).map(str::to_string);
+    (h("x-switchyard-backend"), h("x-switchyard-attempts"))
+}
+
+const STREAM: &str =
+    r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+#[test]
+fn a_hung_backend_is_ejected_when_callers_give_up_first() {
+    // `stuck` takes requests but answers none within the callers' patience, far shorter than
+    // its first-byte timeout (3 s): only callers leaving can tell.
+    let (r, _stuck, _good) = stall_setup("stuck", &["--latency-ms", "20000"], "");
+    impatient_callers(&r, "stuck", &chat("hi"), Duration::from_millis(1300));
+    let answer = (Some("good".to_string()), Some("1".to_string()));
+    assert_eq!(who_answers(&r, "stuck"), answer, "stuck is ejected");
 }
 
 #[test]
 fn a_backend_that_hangs_mid_stream_is_ejected_when_callers_give_up() {
     // `stuck` sends a head and a few chunks, then nothing; its idle timeout (60 s) is far
-    // longer than the callers' patience here.
-    let stuck = sim(
-        "stuck",
-        &["--stall-rate", "1.0", "--completion-tokens", "50"],
+    // longer than the callers' patience.
+    let (r, _stuck, _good) = stall_setup("stuck", &["--stall-rate", "1.0"], "");
+    impatient_callers(&r, "stuck", STREAM, Duration::from_millis(1300));
+    let answer = (Some("good".to_string()), Some("1".to_string()));
+    assert_eq!(who_answers(&r, "stuck"), answer, "stuck is ejected");
+}
+
+#[test]
+fn callers_leaving_a_flowing_stream_or_not_reading_are_no_stall() {
+    // A stream that flows (20 tokens a second, for 10 s) while its callers leave.
+    let (r, _slow, _good) = stall_setup(
+        "slow",
+        &["--tokens-per-second", "20", "--completion-tokens", "200"],
+        "",
     );
-    let good = sim("good", &[]);
-    let config = config_for(&[("stuck", stuck.url()), ("good", good.url())], "")
-        .replacen(
-            "interval_ms = 100\n",
-            "interval_ms = 0\nstall_after_ms = 200\n",
-            1,
-        )
-        .replacen("base_ejection_ms = 300\n", "base_ejection_ms = 2000\n", 1);
-    let r = router(&config);
-    let pinned = "x-switchyard-tier: stuck\r\n";
-    let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-    for _ in 0..2 {
-        let mut c = Conn::open(r.addr);
-        c.send(&post_raw("/v1/chat/completions", body, pinned));
-        std::thread::sleep(Duration::from_millis(600));
-        drop(c);
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let resp = post(r.addr, "/v1/chat/completions", &chat("hi"), pinned);
-    assert_eq!(resp.status, 200);
-    assert_eq!(resp.header("x-switchyard-backend"), Some("good"));
-    assert_eq!(
-        resp.header("x-switchyard-attempts"),
-        Some("1"),
-        "stuck is ejected"
+    impatient_callers(&r, "slow", STREAM, Duration::from_millis(1300));
+    let answer = (Some("slow".to_string()), Some("1".to_string()));
+    assert_eq!(who_answers(&r, "slow"), answer, "slow is not ejected");
+    // Callers that stop reading a large stream: the router's writes to them time out after
+    // 1.5 s, while it reads nothing more from the backend; the backend is not to blame.
+    let (r, _flood, _good) = stall_setup(
+        "flood",
+        &["--completion-tokens", "100000"],
+        "[listener]\nsend_timeout_ms = 1500\n",
     );
+    impatient_callers(&r, "flood", STREAM, Duration::from_millis(2000));
+    let answer = (Some("flood".to_string()), Some("1".to_string()));
+    assert_eq!(who_answers(&r, "flood"), answer, "flood is not ejected");
 }
 
 #[test]

@@ -262,7 +262,8 @@ impl BackendStates {
     pub fn count_stall(&self, backend: usize, sent: Instant, after: Duration) -> bool {
         let s = &self.states[backend];
         let sent_ms = self.ms_of(sent);
-        // Nothing newer recorded (what came within the grain after `sent` may not be).
+        // Nothing newer recorded. What came within the grain (100 ms) after `sent` may not be,
+        // so a silence can be overstated by that much (stall_after is at least 1 s).
         let silent = s.answered_ms.load(Relaxed) <= sent_ms
             && self.now_ms().saturating_sub(sent_ms) >= after.as_millis() as u64;
         let counted = s.stall_counted_ms.load(Relaxed);
@@ -451,6 +452,13 @@ targets = ["a/m", "b/m"]
         s.advance(Duration::from_secs(20));
         assert!(s.count_stall(1, last, after));
         assert!(s.count_stall(2, sent, after), "per backend");
+        // A stream's own last bytes, recorded when they came, start its silence; they do not
+        // break it.
+        let s = BackendStates::new(1, false);
+        let heard = Instant::now() + Duration::from_secs(5);
+        s.answered(0, heard);
+        s.advance(Duration::from_secs(16));
+        assert!(s.count_stall(0, heard, after));
     }
 
     #[test]

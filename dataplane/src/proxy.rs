@@ -1406,8 +1406,10 @@ async fn relay(
     // The client left while others follow this stream: it is read to its end for them.
     let mut client_gone = false;
     let followed = || lead.as_ref().is_some_and(Lead::has_followers);
-    // When the backend last sent something for this request (its head, then body bytes).
+    // When the backend last sent something for this request (its head, then body bytes),
+    // and whether the caller left while waiting for more of it (not on a failed write to it).
     let mut last_heard = Instant::now();
+    let mut left_waiting = false;
     let outcome: Result<(), Cut> = loop {
         let body_start = wire.len();
         let sink = if raw_passthrough {
@@ -1426,7 +1428,10 @@ async fn relay(
                 Some(next.await)
             };
             match next {
-                None => break Err(Cut::ClientLeft),
+                None => {
+                    left_waiting = true;
+                    break Err(Cut::ClientLeft);
+                }
                 Some(Err(e)) => break Err(Cut::Upstream(e)),
                 Some(Ok(_)) => {
                     last_heard = Instant::now();
@@ -1616,12 +1621,18 @@ async fn relay(
         )
         .await;
     }
-    // A caller that gave up on a backend gone silent for everyone: hung mid-answer.
+    // A 429/5xx answer was already counted as a failure when it arrived (once per request,
+    // even when its body then breaks off).
+    let counted = status == 429 || status >= 500;
+    // A caller that gave up waiting on a backend gone silent for everyone: hung mid-stream.
+    // (One whose write failed says nothing of the backend: it stopped reading.)
     let stalled = || {
-        table
-            .health
-            .stall_after
-            .is_some_and(|after| snap.states.count_stall(t.backend, last_heard, after))
+        left_waiting
+            && !counted
+            && table
+                .health
+                .stall_after
+                .is_some_and(|after| snap.states.count_stall(t.backend, last_heard, after))
     };
     let verdict = match (&outcome, status) {
         (Err(Cut::Upstream(_)), _) => Verdict::Failure,
@@ -1630,9 +1641,7 @@ async fn relay(
         (Ok(()), 429 | 500..) => Verdict::Failure,
         (Ok(()), _) => Verdict::Success,
     };
-    // A 429/5xx answer was already counted as a failure when it arrived (once per request,
-    // even when its body then breaks off).
-    if !(status == 429 || status >= 500) {
+    if !counted {
         snap.states
             .record(t.backend, verdict, &table.health, slot.is_probe());
     }

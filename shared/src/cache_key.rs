@@ -3,6 +3,7 @@
 //! flag, and every body field but a short list that cannot change the output).
 //! Must not: hash (the cache does) or look at responses.
 
+use crate::openai::Text;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -69,8 +70,9 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
                 let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(entry) = map.next_entry::<Cow<'de, str>, &'de RawValue>()? {
-                    out.push(entry);
+                // Keys as `Text`: a bare `Cow` key would be copied even without escapes.
+                while let Some((k, v)) = map.next_entry::<Text<'de>, &'de RawValue>()? {
+                    out.push((k.0, v));
                 }
                 Ok(Members(out))
             }

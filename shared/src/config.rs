@@ -287,10 +287,10 @@ pub struct HealthFile {
     pub max_ejection_ms: u64,
     /// A caller that gives up waiting on a request after this long, while the backend sent
     /// nothing (no response head, no body bytes) for any request since this one was written
-    /// to it or last had bytes, counts as a failure of that backend (it takes requests but
-    /// answers none, or stopped mid-answer); once per such silence. 0 = callers leaving never
-    /// count. The default (30 s) stays above what slow models take to a first byte while
-    /// callers still wait.
+    /// to it (or, for a stream, since its last bytes), counts as a failure of that backend (it
+    /// takes requests but answers none, or stopped mid-stream); once per such silence. 0 =
+    /// callers leaving never count; else at least 1000. The default (30 s) stays above what
+    /// slow models take to a first byte, or pause inside a stream, while callers still wait.
     pub stall_after_ms: u64,
 }
 
@@ -957,6 +957,12 @@ fn build(
     let h = &file.health;
     if h.eject_after_failures == 0 {
         errs.push("health.eject_after_failures", "must be at least 1");
+    }
+    if h.stall_after_ms != 0 && h.stall_after_ms < 1000 {
+        errs.push(
+            "health.stall_after_ms",
+            "must be 0 (off) or at least 1000: shorter silences are within the clock's grain",
+        );
     }
     if h.base_ejection_ms == 0 || h.max_ejection_ms < h.base_ejection_ms {
         errs.push(

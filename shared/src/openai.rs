@@ -100,11 +100,12 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
     }
 }
 
-/// A JSON string as text: borrowed from the body unless it has escapes. (A bare `Cow<str>`
-/// always deserializes owned; a `#[serde(borrow)]` field borrows.)
+/// A JSON string as text: borrowed from the body unless it has escapes. (A bare `Cow<str>`,
+/// or one inside an `Option` or as a map key, always deserializes owned; only a
+/// `#[serde(borrow)]` field of type `Cow<str>` itself borrows.)
 #[derive(Deserialize)]
 #[serde(transparent)]
-struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+pub(crate) struct Text<'a>(#[serde(borrow)] pub(crate) Cow<'a, str>);
 
 /// `raw` (a JSON string) as text; see [`Text`].
 fn text_of<'a>(raw: &'a RawValue) -> serde_json::Result<Cow<'a, str>> {
@@ -155,7 +156,7 @@ struct Message<'a> {
 #[derive(Deserialize)]
 struct Part<'a> {
     #[serde(borrow, default)]
-    text: Option<Cow<'a, str>>,
+    text: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -235,7 +236,7 @@ fn push_content<'a>(
                     )
                 })?;
             let mut len = 0;
-            for text in parts.into_iter().filter_map(|p| p.0.text) {
+            for text in parts.into_iter().filter_map(|p| p.0.text.map(|t| t.0)) {
                 len += text.len();
                 append(out, text);
             }
@@ -537,7 +538,7 @@ pub fn completed_normally(endpoint: Endpoint, body: &[u8]) -> bool {
     #[derive(Deserialize)]
     struct Choice<'a> {
         #[serde(borrow, default)]
-        finish_reason: Option<Cow<'a, str>>,
+        finish_reason: Option<Text<'a>>,
     }
     #[derive(Deserialize)]
     struct Answer<'a> {
@@ -559,9 +560,12 @@ pub fn completed_normally(endpoint: Endpoint, body: &[u8]) -> bool {
         Endpoint::ChatCompletions | Endpoint::Completions => {
             answer.choices.is_some_and(|choices| {
                 !choices.is_empty()
-                    && choices
-                        .iter()
-                        .all(|c| matches!(c.finish_reason.as_deref(), Some("stop" | "length")))
+                    && choices.iter().all(|c| {
+                        matches!(
+                            c.finish_reason.as_ref().map(|t| &*t.0),
+                            Some("stop" | "length")
+                        )
+                    })
             })
         }
     }
@@ -623,6 +627,9 @@ mod tests {
         let v = parse(Endpoint::Completions, r#"{"model":"m","prompt":"p"}"#).unwrap();
         assert!(matches!(v.model, Some(Cow::Borrowed("m"))));
         assert!(matches!(v.last_user, Cow::Borrowed("p")));
+        let parts = r#"{"messages":[{"role":"user","content":[{"type":"text","text":"part"}]}]}"#;
+        let v = parse(Endpoint::ChatCompletions, parts).unwrap();
+        assert!(matches!(v.last_user, Cow::Borrowed("part")));
     }
 
     #[test]
