@@ -1285,9 +1285,13 @@ targets = ["local/org/big:latest"]
         let text = MINIMAL
             .replace("local/small-model", "nope/small-model")
             .replace("name = \"large\"", "name = \"small\"")
-            + "\n[categories]\ncode = \"huge\"\n[routing]\nmax_attempts = 0\n";
+            + "\n[categories]\ncode = \"huge\"\n[routing]\nmax_attempts = 0\n[health]\nstall_after_ms = 200\n";
         let err = load(&text).unwrap_err();
         let all = err.join("\n");
+        assert!(
+            all.contains("health.stall_after_ms: must be 0 (off) or at least 1000"),
+            "{all}"
+        );
         assert!(all.contains("unknown backend `nope`"), "{all}");
         assert!(all.contains("name must be non-empty and unique"), "{all}");
         assert!(
