@@ -4,8 +4,7 @@
 # connection (epoll driver; valgrind does not follow io_uring), difference divided by 1,000,
 # so start-up and shutdown cancel out. Counted per thread too: the busiest is the data-plane
 # worker. Work on wall-clock periods, which valgrind stretches (the control plane's usage
-# ledger, the worker's timers and its 5 ms client watch), moves both counts by a few hundred
-# from run to run. Needs valgrind and python3; release binaries are built if missing.
+# ledger, timers), moves both counts by a few hundred from run to run. Needs valgrind and python3; release binaries are built if missing.
 #
 #   bash bench/callgrind.sh            # prints "instructions per request: N (worker thread W)"
 #   KEEP=1 bash bench/callgrind.sh     # also keeps callgrind.out.* for callgrind_annotate
