@@ -3,7 +3,8 @@
 //! failures eject a backend for an exponentially growing period, then one half-open probe;
 //! a backend that answers nothing while callers give up is failing too), and
 //! power-of-two-choices selection weighted by backend weight.
-//! Must not: allocate or lock; every field is an atomic touched at most twice per attempt.
+//! Must not: allocate or lock; every field is an atomic touched at most twice per attempt,
+//! except `answered_ms`, read per body read and written at most every `ANSWERED_GRAIN_MS`.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -32,6 +33,7 @@ pub struct BackendState {
     stall_counted_ms: AtomicU64,
 }
 
+/// How stale `answered_ms` may be: a shared cache line written at most this often.
 const ANSWERED_GRAIN_MS: u64 = 100;
 
 /// Backend states indexed like `RoutingTable::backends`. Each state is shared with the
