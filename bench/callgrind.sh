@@ -13,7 +13,6 @@
 #   NGINX=1 bash bench/callgrind.sh    # the same count for nginx in front of the simulator
 #                                      # (one process, upstream keep-alive, as in bench/run.sh)
 set -euo pipefail
-shopt -s inherit_errexit # a failed client inside $(run N) stops the script, not a wrong count
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
 [ -x target/release/switchyard ] && [ -x target/release/switchyard-sim ] || cargo build --release --bins
@@ -35,8 +34,6 @@ fi
 run() {
     valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$work/callgrind.out.$1" "${router[@]}" >"$work/log.$1" 2>&1 &
     vg=$!
-    # This runs in a command substitution: its own trap stops the router if the client fails.
-    trap 'kill $vg 2>/dev/null || true' EXIT
     python3 - "$1" "$router_port" "${HIT:-}" <<'PY'
 import socket, sys, time
 n, port, hit = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
