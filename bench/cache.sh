@@ -22,6 +22,7 @@ command -v wrk >/dev/null && [ -x /usr/bin/time ] || { apt-get update -qq && apt
 TMP=$(mktemp -d)
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$TMP"' EXIT
+trap 'exit 130' INT TERM # so that the exit trap stops what was started
 work=$TMP
 SY=target/release/switchyard SIM=target/release/switchyard-sim SIM_TOKENS=16 SIM_WORKERS=$WORKERS
 start_sim

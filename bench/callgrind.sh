@@ -20,6 +20,7 @@ command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq
 work=$(mktemp -d)
 sim_port=$(free_port); router_port=$(free_port)
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM # so that the exit trap stops what was started
 target/release/switchyard-sim --listen 127.0.0.1:$sim_port --workers 1 >/dev/null 2>&1 &
 switchyard_config epoll "$work/data" "$sim_port" >"$work/switchyard.toml"
 # One process (no master), so that valgrind measures the one that serves.

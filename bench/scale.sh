@@ -40,6 +40,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 TMP=$(mktemp -d /tmp/switchyard-scale.XXXXXX)
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; sleep 0.3; kill -9 "${PIDS[@]}" 2>/dev/null || true; rm -rf "$TMP"' EXIT
+trap 'exit 130' INT TERM # so that the exit trap stops what was started
 cp target/release/switchyard target/release/switchyard-sim "$TMP/"
 SY=$TMP/switchyard
 SIM=$TMP/switchyard-sim
