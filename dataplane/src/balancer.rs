@@ -135,7 +135,7 @@ impl BackendStates {
     }
 
     fn now_ms(&self) -> u64 {
-        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let now = self.ms_of(Instant::now());
         #[cfg(test)]
         let now = now + self.skew_ms.load(Relaxed);
         now
@@ -264,12 +264,12 @@ impl BackendStates {
     pub fn count_stall(&self, backend: usize, sent: Instant, after: Duration) -> bool {
         let s = &self.states[backend];
         let sent_ms = self.ms_of(sent);
+        let after_ms = after.as_millis() as u64;
         // Nothing newer recorded. What came within the grain (100 ms) after `sent` may not be,
         // so a silence can be overstated by that much (stall_after is at least 1 s).
         let silent = s.answered_ms.load(Relaxed) <= sent_ms
-            && self.now_ms().saturating_sub(sent_ms) >= after.as_millis() as u64;
+            && self.now_ms().saturating_sub(sent_ms) >= after_ms;
         let counted = s.stall_counted_ms.load(Relaxed);
-        let after_ms = after.as_millis() as u64;
         // The next silence counted starts `after` past this one's start.
         silent
             && sent_ms > counted
