@@ -4,6 +4,7 @@
 # WORKERS (Switchyard and nginx workers), SIM_WORKERS, SIM_TOKENS and an array PIDS that
 # collects what to kill on exit. Optional CPU lists pin the processes (taskset -c):
 # SIM_CPUS for the simulator, PROXY_CPUS for Switchyard and nginx; empty = not pinned.
+# SIM_TPS paces the simulator's streams (tokens per second; unset or 0: sent without pauses).
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -85,7 +86,7 @@ nginx_pids() { # master and workers
 start_sim() {
     SIM_PORT=$(free_port)
     spawn "${SIM_CPUS:-}" "$TMP/sim.log" "$SIM" --listen "127.0.0.1:$SIM_PORT" --name sim \
-        --workers "$SIM_WORKERS" --completion-tokens "$SIM_TOKENS" --tokens-per-second 0
+        --workers "$SIM_WORKERS" --completion-tokens "$SIM_TOKENS" --tokens-per-second "${SIM_TPS:-0}"
     SIM_PID=$SPAWNED
     wait_for "$TMP/sim.log" "listening on" "$SIM_PID" || die "simulator did not start: $(cat "$TMP/sim.log")"
 }

@@ -147,11 +147,12 @@ fn hot_path(c: &mut Criterion) {
     });
 
     // 64 token events of a typical vLLM stream, then a usage chunk and [DONE].
-    let mut stream = Vec::new();
-    for i in 0..64 {
-        stream.extend_from_slice(format!("data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i}\"}},\"finish_reason\":null}}]}}\n\n").as_bytes());
-    }
-    stream.extend_from_slice(b"data: {\"id\":\"chatcmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":64}}\n\ndata: [DONE]\n\n");
+    let mut events: Vec<Vec<u8>> = (0..64)
+        .map(|i| format!("data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i}\"}},\"finish_reason\":null}}]}}\n\n").into_bytes())
+        .collect();
+    events.push(b"data: {\"id\":\"chatcmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":64}}\n\n".to_vec());
+    events.push(b"data: [DONE]\n\n".to_vec());
+    let stream = events.concat();
     let mut group = c.benchmark_group("sse");
     group.throughput(Throughput::Bytes(stream.len() as u64));
     group.bench_function("filter_stream_in_512b_reads", |b| {
@@ -161,6 +162,19 @@ fn hot_path(c: &mut Criterion) {
             out.clear();
             for piece in stream.chunks(512) {
                 f.feed(piece, &mut out);
+            }
+            f.finish(&mut out);
+            out.len()
+        })
+    });
+    // As a paced backend sends them: each event read on its own.
+    group.bench_function("filter_stream_event_per_read", |b| {
+        let mut out = Vec::with_capacity(stream.len());
+        b.iter(|| {
+            let mut f = SseFilter::new(true);
+            out.clear();
+            for event in &events {
+                f.feed(event, &mut out);
             }
             f.finish(&mut out);
             out.len()
