@@ -10,7 +10,10 @@ use crate::snapshot::Snapshot;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
+use monoio::time::Sleep;
 use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use switchyard_shared::error::ErrorKind;
@@ -26,6 +29,11 @@ pub struct Client {
     pub spare: Vec<u8>,
     /// The longest one write may wait for the client to take bytes (`listener.send_timeout_ms`).
     send_timeout: Duration,
+    /// One timer for the connection's life, moved forward for each write: extending a timer
+    /// is a store, where a new one per write is an insertion into the wheel and a removal.
+    send_deadline: Pin<Box<Sleep>>,
+    /// When `unless_gone` starts watching for a disconnect; kept for the same reason.
+    watch_from: Pin<Box<Sleep>>,
     /// The request being answered is HTTP/1.0, whose connections close unless the answer says
     /// otherwise.
     pub http10: bool,
@@ -40,6 +48,9 @@ impl Client {
             buf: Vec::with_capacity(8192),
             spare: Vec::new(),
             send_timeout,
+            // Both are set before each use.
+            send_deadline: Box::pin(monoio::time::sleep(Duration::MAX)),
+            watch_from: Box::pin(monoio::time::sleep(Duration::MAX)),
             http10: false,
         }
     }
@@ -74,15 +85,75 @@ impl Client {
     /// client stopped reading (the buffer then stays with the cancelled write; an empty one
     /// comes back).
     pub async fn write(&mut self, bytes: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        match monoio::time::timeout(self.send_timeout, self.stream.write_all(bytes)).await {
-            Ok((res, bytes)) => (res.map(|_| ()), bytes),
-            Err(_) => (
+        let deadline = Instant::now() + self.send_timeout;
+        self.send_deadline.as_mut().reset(deadline.into());
+        monoio::select! {
+            biased;
+            (res, bytes) = self.stream.write_all(bytes) => (res.map(|_| ()), bytes),
+            _ = self.send_deadline.as_mut() => (
                 Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "the client took no bytes within the send timeout",
                 )),
                 Vec::new(),
             ),
+        }
+    }
+
+    /// Runs `work`, or returns `None` if the client disconnects first; the caller then drops
+    /// the work (which closes its upstream connection). The watch costs a poll (epoll) or a
+    /// poll op (io_uring), so it starts `after` a delay that most work finishes within. A large
+    /// `work` is best passed pinned (`Pin<&mut _>`), so that it is not moved into this future.
+    pub async fn unless_gone<T>(
+        &mut self,
+        after: Duration,
+        work: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        self.watch_from
+            .as_mut()
+            .reset((Instant::now() + after).into());
+        let (from, stream) = (self.watch_from.as_mut(), &self.stream);
+        let watch = std::pin::pin!(async move {
+            from.await;
+            client_gone(stream).await
+        });
+        monoio::select! {
+            biased;
+            r = work => Some(r),
+            _ = watch => None,
+        }
+    }
+}
+
+/// Resolves once the client has closed its end. A client that sends more (a pipelined
+/// request) is alive, so the watch stops without consuming anything.
+async fn client_gone(stream: &TcpStream) {
+    loop {
+        if stream.readable(false).await.is_err() {
+            return;
+        }
+        let mut byte = 0u8;
+        // SAFETY: `byte` is a valid one-byte buffer for the duration of the call; MSG_PEEK leaves
+        // the data in the socket for the connection loop to read later.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => return,
+            n if n > 0 => std::future::pending::<()>().await,
+            _ => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::WouldBlock
+                    && err.kind() != std::io::ErrorKind::Interrupted
+                {
+                    return;
+                }
+            }
         }
     }
 }

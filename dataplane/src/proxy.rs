@@ -17,7 +17,6 @@ use crate::snapshot::Snapshot;
 use crate::sse::SseFilter;
 use crate::upstream::{self, AttemptError, Response};
 use std::cell::{Cell, OnceCell};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -435,7 +434,8 @@ pub async fn handle(
                         // or, for a stream, as soon as it starts (then followed live).
                         let stored = || cache.get(&store.key, Instant::now()).is_some();
                         let ready = || stored() || view.stream && wait.started();
-                        if watch_client(&client.stream, wait.wait(ready))
+                        if client
+                            .unless_gone(CLIENT_WATCH_DELAY, wait.wait(ready))
                             .await
                             .is_none()
                         {
@@ -521,7 +521,7 @@ pub async fn handle(
                 false,
                 &written,
             ));
-            let result = watch_client(&client.stream, exchange).await;
+            let result = client.unless_gone(CLIENT_WATCH_DELAY, exchange).await;
             match result {
                 None => {
                     // The caller gave up waiting; a backend that answered nobody meanwhile is
@@ -955,56 +955,10 @@ fn tried_backends<'t>(
 /// or a poll op (io_uring) per request, which answers faster than this never need.
 const CLIENT_WATCH_DELAY: Duration = Duration::from_millis(5);
 
-/// Runs `work`, or returns `None` if the client disconnects first; the caller then drops the
-/// work (which closes its upstream connection). A large `work` is best passed pinned
-/// (`Pin<&mut _>`, dropped where it was pinned), so that it is not moved into this future and
-/// again into `select!`.
-async fn watch_client<T>(
-    stream: &monoio::net::TcpStream,
-    work: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    let watch = std::pin::pin!(async {
-        monoio::time::sleep(CLIENT_WATCH_DELAY).await;
-        client_gone(stream).await
-    });
-    monoio::select! {
-        r = work => Some(r),
-        _ = watch => None,
-    }
-}
-
-/// Resolves once the client has closed its end while we wait on the upstream. A client that
-/// sends more (a pipelined request) is alive, so the watch stops without consuming anything.
-async fn client_gone(stream: &monoio::net::TcpStream) {
-    loop {
-        if stream.readable(false).await.is_err() {
-            return;
-        }
-        let mut byte = 0u8;
-        // SAFETY: `byte` is a valid one-byte buffer for the duration of the call; MSG_PEEK leaves
-        // the data in the socket for the connection loop to read later.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        match n {
-            0 => return,
-            n if n > 0 => std::future::pending::<()>().await,
-            _ => {
-                let err = std::io::Error::last_os_error();
-                if err.kind() != std::io::ErrorKind::WouldBlock
-                    && err.kind() != std::io::ErrorKind::Interrupted
-                {
-                    return;
-                }
-            }
-        }
-    }
-}
+/// The same mid-stream, where a caller that left is also found by the next write failing
+/// while the backend sends: the watch is for a backend gone quiet, so token gaps (tens of
+/// milliseconds) do not each cost a poll and its cancellation.
+const STREAM_WATCH_DELAY: Duration = Duration::from_millis(250);
 
 /// Whether a caller's header goes on to the backend. Dropped: hop-by-hop, framing we
 /// recompute, the caller's credentials (they are for the router, not the backend), compression
@@ -1410,6 +1364,8 @@ async fn relay(
     // and whether the caller left while waiting for more of it (not on a failed write to it).
     let mut last_heard = Instant::now();
     let mut left_waiting = false;
+    // The wait for each read of the body, in one timer moved forward (cheaper than one each).
+    let mut idle = std::pin::pin!(monoio::time::sleep(backend.idle_timeout));
     let outcome: Result<(), Cut> = loop {
         let body_start = wire.len();
         let sink = if raw_passthrough {
@@ -1419,11 +1375,16 @@ async fn relay(
             &mut data
         };
         if read_socket {
-            let next = resp.body.next(&mut resp.conn, backend.idle_timeout, sink);
+            let next = std::pin::pin!(resp.body.next(
+                &mut resp.conn,
+                backend.idle_timeout,
+                idle.as_mut(),
+                sink
+            ));
             // A followed stream is not watched for the client leaving (that drops a read half
             // done); a failed write tells instead.
             let next = if sse && !client_gone && !followed() {
-                watch_client(&client.stream, next).await
+                client.unless_gone(STREAM_WATCH_DELAY, next).await
             } else {
                 Some(next.await)
             };

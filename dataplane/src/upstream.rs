@@ -9,8 +9,10 @@ use crate::resolve::Resolved;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
+use monoio::time::Sleep;
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_shared::error::ErrorKind;
@@ -481,11 +483,13 @@ impl BodyReader {
     }
 
     /// Appends the next decoded bytes to `out`, reading from `conn` when none are buffered.
-    /// Returns `Ok(false)` once the body has ended.
+    /// Returns `Ok(false)` once the body has ended. Each read fails after `idle` without bytes,
+    /// timed by `timer` (one for the whole body: moving it forward costs less than a new one).
     pub async fn next(
         &mut self,
         conn: &mut Conn,
         idle: Duration,
+        mut timer: Pin<&mut Sleep>,
         out: &mut Vec<u8>,
     ) -> Result<bool, AttemptError> {
         loop {
@@ -498,9 +502,11 @@ impl BodyReader {
                 return Ok(false);
             }
             let raw = std::mem::take(&mut self.raw);
-            let (res, raw) = match monoio::time::timeout(idle, conn.read_more(raw)).await {
-                Ok(r) => r,
-                Err(_) => {
+            timer.as_mut().reset((Instant::now() + idle).into());
+            let (res, raw) = monoio::select! {
+                biased;
+                r = conn.read_more(raw) => r,
+                _ = timer.as_mut() => {
                     return Err(AttemptError::new(
                         ErrorKind::UpstreamTimeout,
                         format!("backend sent nothing for {idle:?} mid-response"),
