@@ -965,6 +965,50 @@ fn client_disconnect_closes_the_upstream_request() {
 }
 
 #[test]
+fn a_client_leaving_mid_stream_closes_the_upstream_request() {
+    // Whether the backend goes on sending (the next write to the caller fails) or has gone
+    // quiet (the caller is watched for leaving), its connection is closed.
+    for flowing in [true, false] {
+        let (backend, r) = router_with_hand_rolled_backend("leave", "[usage]\nlog_events = true\n");
+        let mut c = Conn::open(r.addr);
+        let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        c.send(&post_raw("/v1/chat/completions", body, ""));
+        let mut upstream = accept_request(&backend);
+        let event = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\n";
+        let chunk = [format!("{:x}\r\n", event.len()).as_bytes(), event, b"\r\n"].concat();
+        upstream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            .unwrap();
+        upstream.write_all(&chunk).unwrap();
+        // The caller has the first event, then leaves.
+        let mut seen = Vec::new();
+        while !seen.windows(5).any(|w| w == b"data:") {
+            let mut buf = [0u8; 4096];
+            let n = c.stream.read(&mut buf).unwrap();
+            assert!(n > 0, "the stream ended early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        drop(c);
+        if flowing {
+            let start = Instant::now();
+            while upstream.write_all(&chunk).is_ok() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "the router kept reading a stream nobody reads"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            assert_closed_within(&mut upstream, Duration::from_secs(5));
+        }
+        let err = stop_router(r);
+        let events = usage_events(&err);
+        assert_eq!(events.len(), 1, "{err}");
+        assert_eq!(events[0]["status"], 499, "{err}");
+    }
+}
+
+#[test]
 fn a_caller_leaving_before_the_backend_has_the_request_costs_nothing() {
     // A backend that accepts and reads nothing more than a first piece: a 24 MB prompt stalls
     // in the socket buffers on its way there, and the caller leaves meanwhile.
