@@ -1318,12 +1318,16 @@ fn stream_in_flight(per_second: &str, tokens: &str) -> (Proc, Proc, Conn) {
 
 #[test]
 fn sigterm_drains_streams_in_flight_then_exits_zero() {
-    let (_s, mut r, mut c) = stream_in_flight("20", "20");
+    // A two-second stream.
+    let (_s, mut r, mut c) = stream_in_flight("20", "40");
     let pid = r.child.id().to_string();
-    // A kept connection, open before the signal.
-    let mut kept = Conn::open(r.addr);
-    kept.send(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n");
-    assert_eq!(kept.read_response().unwrap().status, 200);
+    // Kept connections, open before the signal: one idle between requests, one with a
+    // request half sent.
+    let mut idle = Conn::open(r.addr);
+    idle.send(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!(idle.read_response().unwrap().status, 200);
+    let mut busy = Conn::open(r.addr);
+    busy.send(b"GET /readyz HTTP/1.1\r\n");
     let mut signalled: Option<Instant> = None;
     let mut checked = false;
     let resp = c
@@ -1339,9 +1343,15 @@ fn sigterm_drains_streams_in_flight_then_exits_zero() {
             };
             if !checked && at.elapsed() > Duration::from_millis(150) {
                 checked = true;
-                // Draining: not ready for more, and the answer closes the connection.
-                kept.send(b"GET /readyz HTTP/1.1\r\nhost: t\r\n\r\n");
-                let ready = kept.read_response().unwrap();
+                // The drain closed the idle connection (its caller goes elsewhere) and not
+                // the other, whose request is answered: not ready for more, and the answer
+                // closes the connection.
+                idle.stream
+                    .set_read_timeout(Some(Duration::from_secs(1)))
+                    .unwrap();
+                assert!(idle.is_closed(), "an idle connection outlived the drain");
+                busy.send(b"host: t\r\n\r\n");
+                let ready = busy.read_response().unwrap();
                 assert_eq!(ready.status, 503, "{}", ready.text());
                 assert!(ready.text().contains("draining"));
                 assert_eq!(ready.header("connection"), Some("close"));

@@ -11,8 +11,10 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use monoio::time::Sleep;
+use slab::Slab;
+use std::cell::{Cell, RefCell};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -37,6 +39,8 @@ pub struct Client {
     /// The request being answered is HTTP/1.0, whose connections close unless the answer says
     /// otherwise.
     pub http10: bool,
+    /// Waiting for a next request with nothing of it here (what a drain closes at once).
+    idle: Rc<Cell<bool>>,
 }
 
 impl Client {
@@ -52,6 +56,7 @@ impl Client {
             send_deadline: Box::pin(monoio::time::sleep(Duration::MAX)),
             watch_from: Box::pin(monoio::time::sleep(Duration::MAX)),
             http10: false,
+            idle: Rc::default(),
         }
     }
 
@@ -164,8 +169,45 @@ pub enum HeadError {
     Bad(CodecError),
 }
 
+/// A worker's open client connections, so that a drain can close at once those waiting for a
+/// next request: callers holding them in a pool would otherwise go on starting new work on an
+/// instance that is going away (and have it cut at the drain deadline).
+#[derive(Default)]
+pub struct OpenConnections(RefCell<Slab<(RawFd, Rc<Cell<bool>>)>>);
+
+impl OpenConnections {
+    /// Ends the wait of every idle connection (`Client::idle`): its read sees the end of the
+    /// stream (bytes already received are still read first), and the connection closes.
+    pub fn close_idle(&self) {
+        for (_, (fd, _)) in self.0.borrow().iter().filter(|(_, (_, idle))| idle.get()) {
+            // SAFETY: the fd is open: a connection leaves the set before its socket closes.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+        }
+    }
+}
+
+/// A connection's place in `OpenConnections`, left when it drops (before the socket closes).
+struct Registered<'w> {
+    set: &'w OpenConnections,
+    key: usize,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.set.0.borrow_mut().remove(self.key);
+    }
+}
+
 pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
     let mut client = Client::new(stream, worker.snapshot().table.listener.send_timeout);
+    // Declared after `client`, so dropped before it. Between requests no await separates the
+    // drain check below from `read_head` marking the connection idle, so a drain closes it
+    // either there or through `close_idle`.
+    let _registered = Registered {
+        set: &worker.connections,
+        key: (worker.connections.0.borrow_mut())
+            .insert((client.stream.as_raw_fd(), client.idle.clone())),
+    };
     loop {
         let snap = worker.snapshot();
         let head = match read_head(&mut client, &snap.table.listener).await {
@@ -235,7 +277,10 @@ pub async fn read_head(client: &mut Client, l: &Listener) -> Result<Head, HeadEr
             let d = *deadline.get_or_insert_with(|| Instant::now() + l.header_timeout);
             d.saturating_duration_since(Instant::now())
         };
-        match monoio::time::timeout(wait, client.read_more()).await {
+        client.idle.set(client.buf.is_empty());
+        let read = monoio::time::timeout(wait, client.read_more()).await;
+        client.idle.set(false);
+        match read {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(HeadError::Closed),
             Ok(Ok(_)) => {}
             Err(_) if client.buf.is_empty() => return Err(HeadError::Closed),

@@ -70,6 +70,7 @@ pub struct Worker {
     /// This worker's rate-limit leases.
     pub limits: crate::ratelimit::WorkerLimits,
     pub service_names: crate::services::WorkerServiceNames,
+    pub connections: crate::conn::OpenConnections,
     seq: Cell<u64>,
     cache: RefCell<arc_swap::Cache<SharedSnapshot, Arc<Snapshot>>>,
 }
@@ -186,6 +187,7 @@ pub fn start(
                     budgets: Default::default(),
                     limits: Default::default(),
                     service_names: Default::default(),
+                    connections: Default::default(),
                     seq: Cell::new(0),
                 });
                 let result = if use_uring {
@@ -301,6 +303,7 @@ async fn run_worker(
         }
     }
     drop(listener);
+    worker.connections.close_idle();
     // Connections in flight keep running on this runtime until the process exits.
     std::future::pending::<()>().await;
 }

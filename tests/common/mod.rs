@@ -353,9 +353,21 @@ impl Conn {
         self.read_response_with(|_| {})
     }
 
-    /// True when the server closed the connection (EOF) within the read timeout.
+    /// True when the server closed the connection (end of stream or reset) within the read
+    /// timeout; bytes that come instead are kept for the next response.
     pub fn is_closed(&mut self) -> bool {
-        self.buf.is_empty() && self.fill() == 0
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut tmp = [0u8; 16384];
+        match self.stream.read(&mut tmp) {
+            Ok(0) => true,
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                false
+            }
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
     }
 }
 
