@@ -1561,6 +1561,34 @@ fn http10_keep_alive_is_announced_and_kept() {
 }
 
 #[test]
+fn a_head_or_body_sent_too_slowly_is_answered_408() {
+    let s = sim("s", &[]);
+    let r = router(&config_for(
+        &[("s", s.url())],
+        "[listener]\nheader_timeout_ms = 300\nbody_timeout_ms = 300\nkeepalive_timeout_ms = 300\n",
+    ));
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n";
+    for (sent, what) in [
+        (head.to_string(), "request head"),
+        (format!("{head}\r\n{{\"model\""), "request body"),
+    ] {
+        let mut c = Conn::open(r.addr);
+        c.send(sent.as_bytes());
+        let resp = c.read_response().expect("an answer");
+        let e = resp.error(408);
+        assert!(
+            e["message"].as_str().unwrap().contains(what),
+            "{}",
+            resp.text()
+        );
+        assert!(c.is_closed());
+    }
+    // Nothing of a request: the keep-alive timeout closes quietly.
+    let mut c = Conn::open(r.addr);
+    assert!(c.is_closed());
+}
+
+#[test]
 fn garbage_on_the_wire_never_takes_a_worker_down() {
     let s = sim("s", &[]);
     let r = router(&config_for(

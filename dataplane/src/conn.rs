@@ -34,8 +34,10 @@ pub struct Client {
     /// One timer for the connection's life, moved forward for each write: extending a timer
     /// is a store, where a new one per write is an insertion into the wheel and a removal.
     send_deadline: Pin<Box<Sleep>>,
-    /// When `unless_gone` starts watching for a disconnect; kept for the same reason.
+    /// When `unless_gone` starts watching for a disconnect, and when a read gives up: kept for
+    /// the same reason.
     watch_from: Pin<Box<Sleep>>,
+    read_deadline: Pin<Box<Sleep>>,
     /// The request being answered is HTTP/1.0, whose connections close unless the answer says
     /// otherwise.
     pub http10: bool,
@@ -52,26 +54,35 @@ impl Client {
             buf: Vec::with_capacity(8192),
             spare: Vec::new(),
             send_timeout,
-            // Both are set before each use.
+            // All are set before each use.
             send_deadline: Box::pin(monoio::time::sleep(Duration::MAX)),
             watch_from: Box::pin(monoio::time::sleep(Duration::MAX)),
+            read_deadline: Box::pin(monoio::time::sleep(Duration::MAX)),
             http10: false,
             idle: Rc::default(),
         }
     }
 
-    /// Appends what the socket has; 0 means the client closed.
-    async fn read_more(&mut self) -> io::Result<usize> {
+    /// Appends what the socket has by `deadline`; 0 means the client closed, `None` that the
+    /// deadline passed first.
+    async fn read_more_by(&mut self, deadline: Instant) -> Option<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < 2048 {
             self.buf.reserve(8192);
         }
         let len = self.buf.len();
-        let (res, slice) = self
+        let read = self
             .stream
-            .read(std::mem::take(&mut self.buf).slice_mut(len..))
-            .await;
-        self.buf = slice.into_inner();
-        res
+            .read(std::mem::take(&mut self.buf).slice_mut(len..));
+        self.read_deadline.as_mut().reset(deadline.into());
+        monoio::select! {
+            biased;
+            (res, slice) = read => {
+                self.buf = slice.into_inner();
+                Some(res)
+            }
+            // The buffer stays with the cancelled read; the connection is closed after this.
+            _ = self.read_deadline.as_mut() => None,
+        }
     }
 
     /// Between requests: buffers a large body grew are given back, so that a connection left
@@ -241,9 +252,8 @@ async fn linger(client: &mut Client) {
     let deadline = Instant::now() + LINGER;
     loop {
         client.buf.clear();
-        let left = deadline.saturating_duration_since(Instant::now());
-        match monoio::time::timeout(left, client.read_more()).await {
-            Ok(Ok(n)) if n > 0 => {}
+        match client.read_more_by(deadline).await {
+            Some(Ok(n)) if n > 0 => {}
             _ => return,
         }
     }
@@ -271,20 +281,20 @@ pub async fn read_head(client: &mut Client, l: &Listener) -> Result<Head, HeadEr
         }
         scanned = client.buf.len();
         // Idle between requests: the keep-alive timeout; once a head started: the header timeout.
-        let wait = if client.buf.is_empty() {
-            l.keepalive_timeout
+        let by = if client.buf.is_empty() {
+            Instant::now() + l.keepalive_timeout
         } else {
-            let d = *deadline.get_or_insert_with(|| Instant::now() + l.header_timeout);
-            d.saturating_duration_since(Instant::now())
+            *deadline.get_or_insert_with(|| Instant::now() + l.header_timeout)
         };
-        client.idle.set(client.buf.is_empty());
-        let read = monoio::time::timeout(wait, client.read_more()).await;
+        let idle = client.buf.is_empty();
+        client.idle.set(idle);
+        let read = client.read_more_by(by).await;
         client.idle.set(false);
         match read {
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(HeadError::Closed),
-            Ok(Ok(_)) => {}
-            Err(_) if client.buf.is_empty() => return Err(HeadError::Closed),
-            Err(_) => {
+            Some(Ok(0) | Err(_)) => return Err(HeadError::Closed),
+            Some(Ok(_)) => {}
+            None if idle => return Err(HeadError::Closed),
+            None => {
                 return Err(HeadError::Bad(CodecError {
                     kind: ErrorKind::ClientTimeout,
                     message: "request head not received in time",
@@ -349,15 +359,10 @@ pub async fn read_body(
                 }
             }
         }
-        match monoio::time::timeout(
-            deadline.saturating_duration_since(Instant::now()),
-            client.read_more(),
-        )
-        .await
-        {
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(closed),
-            Ok(Ok(_)) => {}
-            Err(_) => return Err(timed_out),
+        match client.read_more_by(deadline).await {
+            Some(Ok(0) | Err(_)) => return Err(closed),
+            Some(Ok(_)) => {}
+            None => return Err(timed_out),
         }
     }
 }
