@@ -965,27 +965,37 @@ fn client_disconnect_closes_the_upstream_request() {
 }
 
 #[test]
-fn a_client_leaving_mid_stream_closes_the_upstream_request() {
-    // Whether the backend goes on sending (the next write to the caller fails) or has gone
-    // quiet (the caller is watched for leaving), its connection is closed.
-    for flowing in [true, false] {
+fn a_client_leaving_mid_answer_closes_the_upstream_request() {
+    // Whether the backend goes on streaming (the next write to the caller fails) or has gone
+    // quiet in a stream or a plain body (the caller is watched for leaving), its connection is
+    // closed, long before the backend's idle timeout.
+    let event = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\n";
+    let chunk = [format!("{:x}\r\n", event.len()).as_bytes(), event, b"\r\n"].concat();
+    for (stream, flowing) in [(true, true), (true, false), (false, false)] {
         let (backend, r) = router_with_hand_rolled_backend("leave", "[usage]\nlog_events = true\n");
         let mut c = Conn::open(r.addr);
-        let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-        c.send(&post_raw("/v1/chat/completions", body, ""));
+        let body = format!(
+            r#"{{"model":"auto","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        );
+        c.send(&post_raw("/v1/chat/completions", &body, ""));
         let mut upstream = accept_request(&backend);
-        let event = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\n";
-        let chunk = [format!("{:x}\r\n", event.len()).as_bytes(), event, b"\r\n"].concat();
-        upstream
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-            .unwrap();
-        upstream.write_all(&chunk).unwrap();
-        // The caller has the first event, then leaves.
+        if stream {
+            upstream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                .unwrap();
+            upstream.write_all(&chunk).unwrap();
+        } else {
+            upstream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":")
+                .unwrap();
+        }
+        // The caller has the first bytes of the answer, then leaves.
         let mut seen = Vec::new();
-        while !seen.windows(5).any(|w| w == b"data:") {
+        let first = if stream { &b"data:"[..] } else { b"{\"id\":" };
+        while !seen.windows(first.len()).any(|w| w == first) {
             let mut buf = [0u8; 4096];
             let n = c.stream.read(&mut buf).unwrap();
-            assert!(n > 0, "the stream ended early");
+            assert!(n > 0, "the answer ended early");
             seen.extend_from_slice(&buf[..n]);
         }
         drop(c);

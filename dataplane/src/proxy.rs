@@ -955,10 +955,10 @@ fn tried_backends<'t>(
 /// or a poll op (io_uring) per request, which answers faster than this never need.
 const CLIENT_WATCH_DELAY: Duration = Duration::from_millis(5);
 
-/// The same mid-stream, where a caller that left is also found by the next write failing
-/// while the backend sends: the watch is for a backend gone quiet, so token gaps (tens of
-/// milliseconds) do not each cost a poll and its cancellation.
-const STREAM_WATCH_DELAY: Duration = Duration::from_millis(250);
+/// The same while a body is relayed, where a caller that left is also found by the next write
+/// failing while the backend sends: the watch is for a backend gone quiet, so the gaps between
+/// a stream's tokens (tens of milliseconds) do not each cost a poll and its cancellation.
+const BODY_WATCH_DELAY: Duration = Duration::from_millis(250);
 
 /// Whether a caller's header goes on to the backend. Dropped: hop-by-hop, framing we
 /// recompute, the caller's credentials (they are for the router, not the backend), compression
@@ -1381,10 +1381,11 @@ async fn relay(
                 idle.as_mut(),
                 sink
             ));
-            // A followed stream is not watched for the client leaving (that drops a read half
-            // done); a failed write tells instead.
-            let next = if sse && !client_gone && !followed() {
-                client.unless_gone(STREAM_WATCH_DELAY, next).await
+            // The client is watched for leaving, so that a body that stopped does not hold
+            // its connection until the idle timeout; not for a followed stream (that drops a
+            // read half done; a failed write tells instead).
+            let next = if !client_gone && !followed() {
+                client.unless_gone(BODY_WATCH_DELAY, next).await
             } else {
                 Some(next.await)
             };
@@ -1585,7 +1586,7 @@ async fn relay(
     // A 429/5xx answer was already counted as a failure when it arrived (once per request,
     // even when its body then breaks off).
     let counted = status == 429 || status >= 500;
-    // A caller that gave up waiting on a backend gone silent for everyone: hung mid-stream.
+    // A caller that gave up waiting on a backend gone silent for everyone: hung mid-answer.
     // (One whose write failed says nothing of the backend: it stopped reading.)
     let stalled = || {
         left_waiting
