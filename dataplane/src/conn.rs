@@ -118,16 +118,14 @@ impl Client {
 
     /// Runs `work`, or returns `None` if the client disconnects first; the caller then drops
     /// the work (which closes its upstream connection). The watch costs a poll (epoll) or a
-    /// poll op (io_uring), so it starts `after` a delay that most work finishes within. A large
+    /// poll op (io_uring), so it starts `from` a time that most work finishes by. A large
     /// `work` is best passed pinned (`Pin<&mut _>`), so that it is not moved into this future.
     pub async fn unless_gone<T>(
         &mut self,
-        after: Duration,
+        from: Instant,
         work: impl std::future::Future<Output = T>,
     ) -> Option<T> {
-        self.watch_from
-            .as_mut()
-            .reset((Instant::now() + after).into());
+        self.watch_from.as_mut().reset(from.into());
         let (from, stream) = (self.watch_from.as_mut(), &self.stream);
         let watch = std::pin::pin!(async move {
             from.await;

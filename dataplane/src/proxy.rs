@@ -435,7 +435,7 @@ pub async fn handle(
                         let stored = || cache.get(&store.key, Instant::now()).is_some();
                         let ready = || stored() || view.stream && wait.started();
                         if client
-                            .unless_gone(CLIENT_WATCH_DELAY, wait.wait(ready))
+                            .unless_gone(Instant::now() + CLIENT_WATCH_DELAY, wait.wait(ready))
                             .await
                             .is_none()
                         {
@@ -521,7 +521,9 @@ pub async fn handle(
                 false,
                 &written,
             ));
-            let result = client.unless_gone(CLIENT_WATCH_DELAY, exchange).await;
+            let result = client
+                .unless_gone(Instant::now() + CLIENT_WATCH_DELAY, exchange)
+                .await;
             match result {
                 None => {
                     // The caller gave up waiting; a backend that answered nobody meanwhile is
@@ -1354,7 +1356,6 @@ async fn relay(
     let mut body_bytes = 0usize;
     let mut data = Vec::new();
     let mut events = Vec::new();
-    let mut sse_events = 0u64;
     let mut stream_copy = Vec::new();
     let mut read_socket = false;
     // The client left while others follow this stream: it is read to its end for them.
@@ -1365,7 +1366,9 @@ async fn relay(
     let mut last_heard = Instant::now();
     let mut left_waiting = false;
     // The wait for each read of the body, in one timer moved forward (cheaper than one each).
-    let mut idle = std::pin::pin!(monoio::time::sleep(backend.idle_timeout));
+    let mut idle = std::pin::pin!(monoio::time::sleep_until(
+        (last_heard + backend.idle_timeout).into()
+    ));
     let outcome: Result<(), Cut> = loop {
         let body_start = wire.len();
         let sink = if raw_passthrough {
@@ -1375,6 +1378,9 @@ async fn relay(
             &mut data
         };
         if read_socket {
+            // Timed from the last bytes (a clock read fewer per read).
+            idle.as_mut()
+                .reset((last_heard + backend.idle_timeout).into());
             let next = std::pin::pin!(resp.body.next(
                 &mut resp.conn,
                 backend.idle_timeout,
@@ -1385,7 +1391,9 @@ async fn relay(
             // its connection until the idle timeout; not for a followed stream (that drops a
             // read half done; a failed write tells instead).
             let next = if !client_gone && !followed() {
-                client.unless_gone(BODY_WATCH_DELAY, next).await
+                client
+                    .unless_gone(last_heard + BODY_WATCH_DELAY, next)
+                    .await
             } else {
                 Some(next.await)
             };
@@ -1439,7 +1447,6 @@ async fn relay(
             if resp.body.is_done() {
                 f.finish(&mut events);
             }
-            sse_events += finder!(b"data:").find_iter(&events).count() as u64;
             frame(&mut wire, framing, &events);
         } else {
             if resp.body.is_done() && kept.is_empty() {
@@ -1618,10 +1625,10 @@ async fn relay(
         .or_else(|| parse_usage(&kept))
         // Providers do not bill an error answer: without usage in it, it costs nothing.
         .or((status >= 400).then(TokenUsage::default));
-    let completion_estimate = if sse {
-        sse_events.saturating_sub(1)
-    } else {
-        estimate_tokens(body_bytes) / 4
+    let completion_estimate = match &filter {
+        // One event per token, less `[DONE]`.
+        Some(f) => f.data_lines_passed.saturating_sub(1),
+        None => estimate_tokens(body_bytes) / 4,
     };
     let logged_status = if client_left { CLIENT_CLOSED } else { answered };
     log(

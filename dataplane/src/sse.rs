@@ -23,6 +23,8 @@ pub struct SseFilter {
     pub saw_done: bool,
     /// The upstream sent an `error` event itself.
     pub saw_error: bool,
+    /// `data:` lines in the events passed on (one per token event; `[DONE]` included).
+    pub data_lines_passed: u64,
     /// A choice finished with `stop` or `length`...
     finished: bool,
     /// ...and none finished any other way (tool calls, content filter, ...).
@@ -39,31 +41,55 @@ impl SseFilter {
 
     /// Takes decoded body bytes; appends every event they complete to `out`, verbatim.
     pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) {
-        self.pending.extend_from_slice(data);
-        let mut event_start = 0;
-        let mut scan = self.scanned.max(self.line_start);
-        while let Some(i) = memchr::memchr(b'\n', &self.pending[scan..]) {
-            let line_end = scan + i;
-            let line = &self.pending[self.line_start..line_end];
-            self.line_start = line_end + 1;
-            scan = self.line_start;
-            // A blank line (LF or CRLF) ends the event.
-            if line.is_empty() || line == b"\r" {
-                let event = event_start..self.line_start;
-                if self.keep_event(event.clone()) {
-                    out.extend_from_slice(&self.pending[event]);
-                }
-                event_start = self.line_start;
-            }
+        if self.pending.is_empty() {
+            // The usual case, whole events per read: passed on from `data` itself, and only an
+            // unfinished rest is kept.
+            let (end, line_start) = self.pass_events(data, 0, 0, out);
+            self.pending.extend_from_slice(&data[end..]);
+            self.line_start = line_start - end;
+        } else {
+            let mut pending = std::mem::take(&mut self.pending);
+            pending.extend_from_slice(data);
+            let scan = self.scanned.max(self.line_start);
+            let (end, line_start) = self.pass_events(&pending, self.line_start, scan, out);
+            pending.drain(..end);
+            self.line_start = line_start - end;
+            self.pending = pending;
         }
-        self.pending.drain(..event_start);
-        self.line_start -= event_start;
         self.scanned = self.pending.len();
         // An event that does not end is passed on as it is rather than held without bound;
         // the filter only misses what it would have read in it.
         if self.pending.len() > MAX_PENDING_EVENT {
             self.finish(out);
         }
+    }
+
+    /// Passes on the complete events of `buf`, whose current line starts at `line_start` and
+    /// has been searched for its end up to `scan`; returns where the unfinished rest starts and
+    /// where its last line starts.
+    fn pass_events(
+        &mut self,
+        buf: &[u8],
+        mut line_start: usize,
+        mut scan: usize,
+        out: &mut Vec<u8>,
+    ) -> (usize, usize) {
+        let mut event_start = 0;
+        while let Some(i) = memchr::memchr(b'\n', &buf[scan..]) {
+            let line_end = scan + i;
+            let line = &buf[line_start..line_end];
+            line_start = line_end + 1;
+            scan = line_start;
+            // A blank line (LF or CRLF) ends the event.
+            if line.is_empty() || line == b"\r" {
+                let event = &buf[event_start..line_start];
+                if self.keep_event(event) {
+                    out.extend_from_slice(event);
+                }
+                event_start = line_start;
+            }
+        }
+        (event_start, line_start)
     }
 
     /// Bytes of an unterminated last event, passed on as-is when the body ends.
@@ -73,13 +99,17 @@ impl SseFilter {
         self.scanned = 0;
     }
 
-    fn keep_event(&mut self, event: std::ops::Range<usize>) -> bool {
-        let bytes = &self.pending[event];
+    fn keep_event(&mut self, event: &[u8]) -> bool {
         let mut keep = true;
-        for line in bytes.split(|&b| b == b'\n') {
+        let mut data_lines = 0;
+        let mut rest = event;
+        while let Some(end) = memchr::memchr(b'\n', rest) {
+            let line = &rest[..end];
+            rest = &rest[end + 1..];
             let Some(data) = line.strip_prefix(b"data:") else {
                 continue;
             };
+            data_lines += 1;
             let data = data.strip_prefix(b" ").unwrap_or(data).trim_ascii_end();
             if data == b"[DONE]" {
                 self.saw_done = true;
@@ -104,6 +134,9 @@ impl SseFilter {
                     keep = !(self.hide_usage_chunk && usage_only);
                 }
             }
+        }
+        if keep {
+            self.data_lines_passed += data_lines;
         }
         keep
     }
@@ -196,6 +229,19 @@ data: [DONE]\n\n";
             assert!(text.contains("\"Hi\"") && text.ends_with("data: [DONE]\n\n"));
             assert_eq!(f.usage.unwrap().prompt, 7);
         }
+    }
+
+    #[test]
+    fn data_lines_passed_count_token_events_only() {
+        // Content that looks like a field is not a line; the hidden usage chunk is not passed.
+        let (_, f) = run(true, 3);
+        assert_eq!(f.data_lines_passed, 3, "two token events and [DONE]");
+        let mut f = SseFilter::new(false);
+        f.feed(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"data: x\"}}]}\n\n",
+            &mut Vec::new(),
+        );
+        assert_eq!(f.data_lines_passed, 1);
     }
 
     #[test]

@@ -483,8 +483,9 @@ impl BodyReader {
     }
 
     /// Appends the next decoded bytes to `out`, reading from `conn` when none are buffered.
-    /// Returns `Ok(false)` once the body has ended. Each read fails after `idle` without bytes,
-    /// timed by `timer` (one for the whole body: moving it forward costs less than a new one).
+    /// Returns `Ok(false)` once the body has ended, and fails when `timer` fires first: the
+    /// caller sets it to `idle` after the backend last sent something (one timer for the whole
+    /// body: moving it forward costs less than a new one per read).
     pub async fn next(
         &mut self,
         conn: &mut Conn,
@@ -502,7 +503,6 @@ impl BodyReader {
                 return Ok(false);
             }
             let raw = std::mem::take(&mut self.raw);
-            timer.as_mut().reset((Instant::now() + idle).into());
             let (res, raw) = monoio::select! {
                 biased;
                 r = conn.read_more(raw) => r,
