@@ -1643,6 +1643,54 @@ fn garbage_on_the_wire_never_takes_a_worker_down() {
 }
 
 #[test]
+fn a_slow_client_does_not_make_a_backend_look_idle() {
+    // The backend streams more than the socket buffers hold while the client pauses for longer
+    // than the backend's idle timeout: the router waits on the client meanwhile (the backend
+    // cannot send more then), which must not count as the backend going silent.
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", backend.local_addr().unwrap());
+    let config = config_for(&[("b", url)], "")
+        .replace("interval_ms = 100", "interval_ms = 0")
+        .replace(
+            "first_byte_timeout_ms = 3000",
+            "first_byte_timeout_ms = 3000\nidle_timeout_ms = 300",
+        );
+    let r = router_on_workers(&config, 1);
+    let mut c = Conn::open(r.addr);
+    let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    c.send(&post_raw("/v1/chat/completions", body, ""));
+    let mut upstream = accept_request(&backend);
+    let streaming = std::thread::spawn(move || {
+        let event = format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+            "x".repeat(8000)
+        );
+        let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+        let done = "data: [DONE]\n\n";
+        let mut all = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..4000 {
+            all.extend_from_slice(chunk.as_bytes());
+        }
+        all.extend_from_slice(format!("{:x}\r\n{done}\r\n0\r\n\r\n", done.len()).as_bytes());
+        // 32 MB: far more than the buffers between here and the paused client.
+        upstream.write_all(&all).is_ok()
+    });
+    let mut paused = false;
+    let resp = c
+        .read_response_with(|_| {
+            if !paused {
+                paused = true;
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+        })
+        .unwrap();
+    assert!(streaming.join().unwrap(), "the router stopped reading");
+    let text = resp.text();
+    assert!(!text.contains("\"error\""), "{}", &text[text.len() - 300..]);
+    assert!(text.ends_with("data: [DONE]\n\n"));
+}
+
+#[test]
 fn a_stalled_stream_times_out_into_an_error_event() {
     let s = sim("s", &["--completion-tokens", "8"]);
     let config = config_for(&[("s", s.url())], "").replace(

@@ -1366,9 +1366,7 @@ async fn relay(
     let mut last_heard = Instant::now();
     let mut left_waiting = false;
     // The wait for each read of the body, in one timer moved forward (cheaper than one each).
-    let mut idle = std::pin::pin!(monoio::time::sleep_until(
-        (last_heard + backend.idle_timeout).into()
-    ));
+    let mut idle = std::pin::pin!(monoio::time::sleep(Duration::MAX));
     let outcome: Result<(), Cut> = loop {
         let body_start = wire.len();
         let sink = if raw_passthrough {
@@ -1378,13 +1376,12 @@ async fn relay(
             &mut data
         };
         if read_socket {
-            // Timed from the last bytes (a clock read fewer per read).
-            idle.as_mut()
-                .reset((last_heard + backend.idle_timeout).into());
+            // Timed from now, not from the last bytes: writing them to a slow client may have
+            // taken longer than the backend may stay silent (it cannot send while we do not read).
+            let waiting_from = Instant::now();
             let next = std::pin::pin!(resp.body.next(
                 &mut resp.conn,
-                backend.idle_timeout,
-                idle.as_mut(),
+                (backend.idle_timeout, idle.as_mut(), waiting_from),
                 sink
             ));
             // The client is watched for leaving, so that a body that stopped does not hold
@@ -1392,7 +1389,7 @@ async fn relay(
             // read half done; a failed write tells instead).
             let next = if !client_gone && !followed() {
                 client
-                    .unless_gone(last_heard + BODY_WATCH_DELAY, next)
+                    .unless_gone(waiting_from + BODY_WATCH_DELAY, next)
                     .await
             } else {
                 Some(next.await)

@@ -483,14 +483,13 @@ impl BodyReader {
     }
 
     /// Appends the next decoded bytes to `out`, reading from `conn` when none are buffered.
-    /// Returns `Ok(false)` once the body has ended, and fails when `timer` fires first: the
-    /// caller sets it to `idle` after the backend last sent something (one timer for the whole
-    /// body: moving it forward costs less than a new one per read).
+    /// Returns `Ok(false)` once the body has ended. `(idle, timer, from)`: fails when the
+    /// backend sends nothing for `idle` from `from` (any bytes start the wait again), timed by
+    /// `timer` (one for the whole body: moving it forward costs less than a new one per read).
     pub async fn next(
         &mut self,
         conn: &mut Conn,
-        idle: Duration,
-        mut timer: Pin<&mut Sleep>,
+        (idle, mut timer, mut from): (Duration, Pin<&mut Sleep>, Instant),
         out: &mut Vec<u8>,
     ) -> Result<bool, AttemptError> {
         loop {
@@ -503,6 +502,7 @@ impl BodyReader {
                 return Ok(false);
             }
             let raw = std::mem::take(&mut self.raw);
+            timer.as_mut().reset((from + idle).into());
             let (res, raw) = monoio::select! {
                 biased;
                 r = conn.read_more(raw) => r,
@@ -531,7 +531,8 @@ impl BodyReader {
                         format!("reading from backend failed mid-response: {e}"),
                     ))
                 }
-                Ok(_) => {}
+                // Bytes that complete nothing yet (a chunk's size line) count as heard too.
+                Ok(_) => from = Instant::now(),
             }
         }
     }
