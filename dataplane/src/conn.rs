@@ -34,15 +34,27 @@ pub struct Client {
     /// One timer for the connection's life, moved forward for each write: extending a timer
     /// is a store, where a new one per write is an insertion into the wheel and a removal.
     send_deadline: Pin<Box<Sleep>>,
-    /// When `unless_gone` starts watching for a disconnect, and when a read gives up: kept for
-    /// the same reason.
+    /// When `unless_gone` starts watching for a disconnect: kept for the same reason.
     watch_from: Pin<Box<Sleep>>,
+    /// When a read gives up (`read_more_by`): kept for the same reason. The three are polled
+    /// only from the connection's own task (a monoio timer keeps the first waker it is given).
     read_deadline: Pin<Box<Sleep>>,
     /// The request being answered is HTTP/1.0, whose connections close unless the answer says
     /// otherwise.
     pub http10: bool,
-    /// Waiting for a next request with nothing of it here (what a drain closes at once).
-    idle: Rc<Cell<bool>>,
+    /// Whether it waits for a next request with nothing of it here (what a drain closes).
+    waiting: Rc<Cell<Waiting>>,
+}
+
+/// Where a connection stands for a drain.
+#[derive(Clone, Copy, PartialEq, Default)]
+enum Waiting {
+    #[default]
+    Busy,
+    /// Between requests, nothing of the next one here.
+    Idle,
+    /// Closed by a drain while idle: whatever was read meanwhile is not served.
+    Shut,
 }
 
 impl Client {
@@ -59,7 +71,7 @@ impl Client {
             watch_from: Box::pin(monoio::time::sleep(Duration::MAX)),
             read_deadline: Box::pin(monoio::time::sleep(Duration::MAX)),
             http10: false,
-            idle: Rc::default(),
+            waiting: Rc::default(),
         }
     }
 
@@ -182,15 +194,19 @@ pub enum HeadError {
 /// next request: callers holding them in a pool would otherwise go on starting new work on an
 /// instance that is going away (and have it cut at the drain deadline).
 #[derive(Default)]
-pub struct OpenConnections(RefCell<Slab<(RawFd, Rc<Cell<bool>>)>>);
+pub struct OpenConnections(RefCell<Slab<(RawFd, Rc<Cell<Waiting>>)>>);
 
 impl OpenConnections {
-    /// Ends the wait of every idle connection (`Client::idle`): its read sees the end of the
-    /// stream (bytes already received are still read first), and the connection closes.
+    /// Ends the wait of every idle connection: its read returns, and the connection closes
+    /// without serving what the read brought (a request that raced the drain is never sent
+    /// to a backend, and its caller sees a plain close, safe to retry elsewhere).
     pub fn close_idle(&self) {
-        for (_, (fd, _)) in self.0.borrow().iter().filter(|(_, (_, idle))| idle.get()) {
-            // SAFETY: the fd is open: a connection leaves the set before its socket closes.
-            unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+        for (_, (fd, waiting)) in self.0.borrow().iter() {
+            if waiting.get() == Waiting::Idle {
+                waiting.set(Waiting::Shut);
+                // SAFETY: the fd is open: a connection leaves the set before its socket closes.
+                unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+            }
         }
     }
 }
@@ -208,14 +224,18 @@ impl Drop for Registered<'_> {
 }
 
 pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
+    // Accepted as a drain began (after `close_idle` ran): closed as an idle one would be.
+    if worker.shared.is_draining() {
+        return;
+    }
     let mut client = Client::new(stream, worker.snapshot().table.listener.send_timeout);
-    // Declared after `client`, so dropped before it. Between requests no await separates the
-    // drain check below from `read_head` marking the connection idle, so a drain closes it
-    // either there or through `close_idle`.
+    // Declared after `client`, so dropped before it. No await separates the drain checks (above,
+    // and after each request) from `read_head` marking the connection idle, so a drain closes
+    // it either there or through `close_idle`.
     let _registered = Registered {
         set: &worker.connections,
         key: (worker.connections.0.borrow_mut())
-            .insert((client.stream.as_raw_fd(), client.idle.clone())),
+            .insert((client.stream.as_raw_fd(), client.waiting.clone())),
     };
     loop {
         let snap = worker.snapshot();
@@ -278,16 +298,21 @@ pub async fn read_head(client: &mut Client, l: &Listener) -> Result<Head, HeadEr
             }
         }
         scanned = client.buf.len();
-        // Idle between requests: the keep-alive timeout; once a head started: the header timeout.
-        let by = if client.buf.is_empty() {
+        // Idle between requests (stray empty lines are ignored there, RFC 9112 section 2.2):
+        // the keep-alive timeout; once a head started: the header timeout.
+        let idle = client.buf.iter().all(|&b| b == b'\r' || b == b'\n');
+        let by = if idle {
             Instant::now() + l.keepalive_timeout
         } else {
             *deadline.get_or_insert_with(|| Instant::now() + l.header_timeout)
         };
-        let idle = client.buf.is_empty();
-        client.idle.set(idle);
+        client
+            .waiting
+            .set(if idle { Waiting::Idle } else { Waiting::Busy });
         let read = client.read_more_by(by).await;
-        client.idle.set(false);
+        if client.waiting.replace(Waiting::Busy) == Waiting::Shut {
+            return Err(HeadError::Closed);
+        }
         match read {
             Some(Ok(0) | Err(_)) => return Err(HeadError::Closed),
             Some(Ok(_)) => {}

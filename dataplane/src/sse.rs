@@ -23,7 +23,7 @@ pub struct SseFilter {
     pub saw_done: bool,
     /// The upstream sent an `error` event itself.
     pub saw_error: bool,
-    /// `data:` lines in the events passed on (one per token event; `[DONE]` included).
+    /// `data:` lines in the events passed on (servers send one per token event, and `[DONE]`).
     pub data_lines_passed: u64,
     /// A choice finished with `stop` or `length`...
     finished: bool,
