@@ -334,6 +334,13 @@ fn banner(ready: &switchyard_controlplane::Ready, demo: Option<&str>) {
             dp.driver,
             ready.config_version
         );
+        if dp.uring_refused {
+            println!(
+                "  io_uring is refused here (container runtimes' default seccomp profiles block it): \
+                 epoll costs more CPU per request; allow io_uring_setup, io_uring_enter and \
+                 io_uring_register to use io_uring"
+            );
+        }
     } else {
         println!(
             "Switchyard {} control plane (config version {})",

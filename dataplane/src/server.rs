@@ -108,6 +108,8 @@ pub struct DataPlane {
     pub shared: Arc<Shared>,
     pub address: SocketAddr,
     pub driver: &'static str,
+    /// `io_driver = "auto"` found io_uring refused (old kernel, or a sandbox that blocks it).
+    pub uring_refused: bool,
 }
 
 impl DataPlane {
@@ -229,6 +231,7 @@ pub fn start(
         shared,
         address,
         driver,
+        uring_refused: driver_setting == IoDriver::Auto && !use_uring,
     })
 }
 
