@@ -9,6 +9,7 @@ use clap::Parser;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use std::cell::Cell;
+use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -466,29 +467,34 @@ async fn stream_answer(
             "text_completion"
         },
     );
+    // Events are written as text around the parts that change, not built as JSON values per
+    // token: the simulator must cost little next to the proxies it is used to measure.
+    let quoted = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let opening = format!(
+        "data: {{\"id\":{},\"object\":\"{object}\",\"created\":1700000000,\"model\":{},\"choices\":[",
+        quoted(&id),
+        quoted(model)
+    );
+    let (first_word, next_word) = (quoted(&c.name), quoted(" word"));
     // A few chunks in, or before the last of a short answer.
     let fault_at = tokens.saturating_sub(1).min(2);
     for i in 0..tokens {
         if i == fault_at && matches!(fault, Fault::ResetAfterHead | Fault::Stall) {
             return stall_or_reset(client, fault).await;
         }
-        let word = if i == 0 {
-            c.name.clone()
+        let word = if i == 0 { &first_word } else { &next_word };
+        let finish = if i + 1 == tokens { "\"stop\"" } else { "null" };
+        let mut event = String::with_capacity(opening.len() + 96);
+        event.push_str(&opening);
+        let _ = if chat {
+            write!(event, "{{\"index\":0,\"delta\":{{\"content\":{word}}},\"finish_reason\":{finish}}}]}}\n\n")
         } else {
-            " word".to_string()
+            write!(
+                event,
+                "{{\"index\":0,\"text\":{word},\"finish_reason\":{finish}}}]}}\n\n"
+            )
         };
-        let finish = if i + 1 == tokens {
-            serde_json::json!("stop")
-        } else {
-            serde_json::Value::Null
-        };
-        let choice = if chat {
-            serde_json::json!({"index": 0, "delta": {"content": word}, "finish_reason": finish})
-        } else {
-            serde_json::json!({"index": 0, "text": word, "finish_reason": finish})
-        };
-        let event = serde_json::json!({"id": id, "object": object, "created": 1_700_000_000, "model": model, "choices": [choice]});
-        if !write(client, chunk(&format!("data: {event}\n\n"))).await {
+        if !write(client, chunk(&event)).await {
             return false;
         }
         if let Some(p) = pause {
@@ -497,8 +503,7 @@ async fn stream_answer(
     }
     let mut tail = String::new();
     if let Some(u) = usage {
-        let event = serde_json::json!({"id": id, "object": object, "created": 1_700_000_000, "model": model, "choices": [], "usage": u});
-        tail.push_str(&format!("data: {event}\n\n"));
+        let _ = write!(tail, "{opening}],\"usage\":{u}}}\n\n");
     }
     tail.push_str("data: [DONE]\n\n");
     let mut out = chunk(&tail);
