@@ -331,17 +331,21 @@ async fn send_on(
     }
     let sent = Instant::now();
     written.set(Some(sent));
-    let deadline = sent + backend.first_byte_timeout;
+    // One timer for the whole head, beside the reads rather than wrapped around each (a
+    // wrapper is one more move of the read's future per request).
+    let mut deadline = std::pin::pin!(monoio::time::sleep_until(
+        (sent + backend.first_byte_timeout).into()
+    ));
     let mut buf = Vec::with_capacity(READ_CHUNK);
     loop {
-        let read = monoio::time::timeout_at(
-            monoio::time::Instant::from_std(deadline),
-            conn.read_more(buf),
-        )
-        .await;
+        let read = monoio::select! {
+            biased;
+            r = conn.read_more(buf) => Ok(r),
+            _ = deadline.as_mut() => Err(()),
+        };
         let (res, b) = match read {
             Ok(r) => r,
-            Err(_) => {
+            Err(()) => {
                 let msg = format!(
                     "backend `{}` sent no response head within {:?}",
                     backend.name, backend.first_byte_timeout
