@@ -1657,7 +1657,7 @@ fn a_slow_client_does_not_make_a_backend_look_idle() {
         .replace("interval_ms = 100", "interval_ms = 0")
         .replace(
             "first_byte_timeout_ms = 3000",
-            "first_byte_timeout_ms = 3000\nidle_timeout_ms = 300",
+            "first_byte_timeout_ms = 3000\nidle_timeout_ms = 500",
         );
     let r = router_on_workers(&config, 1);
     let mut c = Conn::open(r.addr);
@@ -1684,7 +1684,7 @@ fn a_slow_client_does_not_make_a_backend_look_idle() {
         .read_response_with(|_| {
             if !paused {
                 paused = true;
-                std::thread::sleep(Duration::from_millis(1500));
+                std::thread::sleep(Duration::from_millis(2000));
             }
         })
         .unwrap();
