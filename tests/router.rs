@@ -731,9 +731,23 @@ targets = ["slow/s"]
 /// A router (one worker, so one connection pool) in front of one backend the test plays
 /// itself on the returned listener (health checks off, so the only connections are requests').
 fn router_with_hand_rolled_backend(name: &str, extra: &str) -> (TcpListener, Proc) {
+    router_with_hand_rolled_backend_settings(name, "", extra)
+}
+
+/// The same with `settings` (lines) added to the backend's own table.
+fn router_with_hand_rolled_backend_settings(
+    name: &str,
+    settings: &str,
+    extra: &str,
+) -> (TcpListener, Proc) {
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", backend.local_addr().unwrap());
-    let config = config_for(&[(name, url)], extra).replace("interval_ms = 100", "interval_ms = 0");
+    let config = config_for(&[(name, url)], extra)
+        .replace("interval_ms = 100", "interval_ms = 0")
+        .replace(
+            "first_byte_timeout_ms = 3000",
+            &format!("first_byte_timeout_ms = 3000\n{settings}"),
+        );
     (backend, router_on_workers(&config, 1))
 }
 
@@ -1651,15 +1665,7 @@ fn a_slow_client_does_not_make_a_backend_look_idle() {
     // The backend streams more than the socket buffers hold while the client pauses for longer
     // than the backend's idle timeout: the router waits on the client meanwhile (the backend
     // cannot send more then), which must not count as the backend going silent.
-    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", backend.local_addr().unwrap());
-    let config = config_for(&[("b", url)], "")
-        .replace("interval_ms = 100", "interval_ms = 0")
-        .replace(
-            "first_byte_timeout_ms = 3000",
-            "first_byte_timeout_ms = 3000\nidle_timeout_ms = 500",
-        );
-    let r = router_on_workers(&config, 1);
+    let (backend, r) = router_with_hand_rolled_backend_settings("b", "idle_timeout_ms = 500", "");
     let mut c = Conn::open(r.addr);
     let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     c.send(&post_raw("/v1/chat/completions", body, ""));
