@@ -22,7 +22,7 @@ impl Weighter<u64, Arc<[u8]>> for Bytes {
     }
 }
 
-/// Key draws for one thread: Zipf(1.0) by inverse CDF, xorshift-seeded per thread.
+/// Key draws for one thread: Zipf(1.0) by inverse CDF, seeded per thread.
 fn zipf_draws(seed: u64) -> Vec<u64> {
     let mut cdf = Vec::with_capacity(KEYS);
     let mut total = 0.0;
@@ -30,13 +30,10 @@ fn zipf_draws(seed: u64) -> Vec<u64> {
         total += 1.0 / rank as f64;
         cdf.push(total);
     }
-    let mut x = seed | 1;
+    let mut rng = fastrand::Rng::with_seed(seed);
     (0..OPS_PER_THREAD)
         .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let u = (x >> 11) as f64 / (1u64 << 53) as f64 * total;
+            let u = rng.f64() * total;
             cdf.partition_point(|&c| c < u) as u64
         })
         .collect()

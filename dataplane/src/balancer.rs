@@ -6,7 +6,6 @@
 //! Must not: allocate or lock; every field is an atomic touched at most twice per attempt,
 //! except `answered_ms`, read per body read and written at most every `ANSWERED_GRAIN_MS`.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,25 +77,6 @@ impl Drop for Slot<'_> {
             self.state.probing.store(false, Relaxed);
         }
     }
-}
-
-static SEED: AtomicU64 = AtomicU64::new(0x2545_F491_4F6C_DD1D);
-
-thread_local! {
-    // Each thread starts from a different odd seed; xorshift never leaves a non-zero state.
-    static RNG: Cell<u64> = Cell::new(SEED.fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed) | 1);
-}
-
-/// xorshift64*: per-thread, no locking, good enough to spread load.
-fn random(below: usize) -> usize {
-    RNG.with(|r| {
-        let mut x = r.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        r.set(x);
-        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % below
-    })
 }
 
 impl BackendStates {
@@ -368,13 +348,13 @@ pub fn choose<'s>(
             // of weight than the first has now. So a lightly loaded group splits traffic by
             // weight (a canary at weight 1 of 10 gets a tenth, not every request the heavy one
             // is busy for), and a busy one balances load per unit of weight.
-            let mut r = random((0..n).map(weight).sum::<u64>() as usize) as u64;
+            let mut r = fastrand::u64(..(0..n).map(weight).sum::<u64>());
             let mut a = 0;
             while r >= weight(a) {
                 r -= weight(a);
                 a += 1;
             }
-            let b = (a + 1 + random(n - 1)) % n;
+            let b = (a + 1 + fastrand::usize(..n - 1)) % n;
             let inflight = |i: usize| u64::from(states.get(backend(i)).inflight.load(Relaxed));
             // (inflight(b)+1)/weight(b) < inflight(a)/weight(a), without division.
             if (inflight(b) + 1) * weight(a) < inflight(a) * weight(b) {
