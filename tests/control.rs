@@ -151,6 +151,10 @@ fn the_config_file_reloads_on_change_and_on_sighup() {
         }
     };
     assert_eq!(version(), 1);
+    // A connection kept alive across the reload, idle while it happens.
+    let mut kept = Conn::open(r.addr);
+    kept.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
+    assert_eq!(config_version(&kept.read_response().unwrap()), 1);
     std::fs::write(&path, base.clone() + "[routing]\nmax_attempts = 2\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while version() != 2 {
@@ -160,6 +164,9 @@ fn the_config_file_reloads_on_change_and_on_sighup() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Its next request is served under the config in effect when it arrives.
+    kept.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
+    assert_eq!(config_version(&kept.read_response().unwrap()), 2);
     // A broken file is refused and the running config stays.
     let fixed = base.clone() + "[routing]\nmax_attempts = 3\n";
     std::fs::write(&path, fixed.replace("[routing]", "[routing ")).unwrap();

@@ -154,6 +154,7 @@ fn framing(headers: &[httparse::Header<'_>], minor_version: u8) -> Result<Framin
         hosts: 0,
     };
     let mut saw_te = false;
+    let mut unsupported_te = false;
     for h in headers {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -176,12 +177,7 @@ fn framing(headers: &[httparse::Header<'_>], minor_version: u8) -> Result<Framin
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // `chunked` alone, once: another coding (gzip, ...) would reach the backend still
             // encoded, and chunked twice is invalid (RFC 9112 §6.1).
-            if saw_te || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Err(err(
-                    ErrorKind::UnsupportedTransferCoding,
-                    "unsupported Transfer-Encoding: only `chunked` is accepted",
-                ));
-            }
+            unsupported_te |= saw_te || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
             saw_te = true;
             f.chunked = true;
         } else if name.eq_ignore_ascii_case(b"connection") {
@@ -193,10 +189,18 @@ fn framing(headers: &[httparse::Header<'_>], minor_version: u8) -> Result<Framin
             f.hosts += 1;
         }
     }
+    // Both framings is the smuggling case (400), whatever the coding; decided after the loop
+    // so that the order of the headers does not change the answer.
     if saw_te && f.length.is_some() {
         return Err(err(
             ErrorKind::AmbiguousLength,
             "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    if unsupported_te {
+        return Err(err(
+            ErrorKind::UnsupportedTransferCoding,
+            "unsupported Transfer-Encoding: only `chunked` is accepted",
         ));
     }
     if saw_te && minor_version == 0 {
@@ -282,7 +286,9 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)
     // Absolute form (`POST http://host/v1/...`, RFC 9112 §3.2.2): the path is what routes.
     if let Some((scheme, rest)) = path.split_once("://") {
         if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") {
-            path = rest.find('/').map_or("", |i| &rest[i..]);
+            // No path (`http://host`): an empty one, still a slice of `buf` (it is stored as
+            // offsets), which no endpoint matches.
+            path = rest.find('/').map_or(&rest[rest.len()..], |i| &rest[i..]);
         }
     }
     let target_start = path.as_ptr() as usize - buf.as_ptr() as usize;
@@ -535,25 +541,12 @@ pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
 
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
+/// The status line's reason phrase; empty for a code without a registered one (allowed).
 pub fn reason(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        413 => "Content Too Large",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "",
-    }
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("")
 }
 
 #[cfg(test)]
@@ -653,6 +646,14 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(coding)
             );
+        }
+        // Both framings is a 400 whatever the coding and the order of the headers.
+        for head in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: gzip\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        ] {
+            assert_eq!(e(head), ErrorKind::AmbiguousLength);
         }
         let chunked = parse_request(
             b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:  Chunked \r\n\r\n",
@@ -805,6 +806,11 @@ mod tests {
             (absolute.path(), absolute.target()),
             ("/v1/chat/completions", "/v1/chat/completions?x=1")
         );
+        // No path at all: an empty one, which no endpoint matches.
+        for target in [&b"http://router"[..], b"https://router?x=1", b"http://"] {
+            let head = [&b"POST "[..], target, b" HTTP/1.1\r\nHost: router\r\n\r\n"].concat();
+            assert_eq!(h(&head).path(), "", "{}", String::from_utf8_lossy(target));
+        }
     }
 
     #[test]
@@ -887,11 +893,12 @@ mod robustness {
     /// a parser consumes stays within its input.
     #[test]
     fn mutated_input_never_panics() {
-        let seeds: [&[u8]; 4] = [
+        let seeds: [&[u8]; 5] = [
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
             b"5\r\nhello\r\n1;x=y\r\n!\r\n0\r\nTrailer: v\r\n\r\n",
             b"GET /v1/models?x=1 HTTP/1.0\r\nConnection: keep-alive\r\nExpect: 100-continue\r\n\r\n",
+            b"POST https://r/v1/embeddings HTTP/1.1\r\nHost: r\r\n\r\n",
         ];
         // Seeded so that failures reproduce.
         let mut rng = fastrand::Rng::with_seed(0x5eed_1234_abcd_0001);
@@ -909,8 +916,8 @@ mod robustness {
                     _ => input.insert(at, rng.u8(..)),
                 }
             }
-            if let Ok(Some((_, n))) = parse_request(&input, 1024) {
-                assert!(n <= input.len());
+            if let Ok(Some((head, n))) = parse_request(&input, 1024) {
+                assert!(n <= input.len() && head.path().len() <= head.target().len());
             }
             if let Ok(Some((_, n))) = parse_response(&input, round % 2 == 0) {
                 assert!(n <= input.len());

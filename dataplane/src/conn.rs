@@ -228,7 +228,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
     if worker.shared.is_draining() {
         return;
     }
-    let mut client = Client::new(stream, worker.snapshot().table.listener.send_timeout);
+    let mut client = Client::new(stream, worker.listener().send_timeout);
     // Declared after `client`, so dropped before it. No await separates the drain checks (above,
     // and after each request) from `read_head` marking the connection idle, so a drain closes
     // it either there or through `close_idle`.
@@ -238,8 +238,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
             .insert((client.stream.as_raw_fd(), client.waiting.clone())),
     };
     loop {
-        let snap = worker.snapshot();
-        let head = match read_head(&mut client, &snap.table.listener).await {
+        let head = match read_head(&mut client, &worker.listener()).await {
             Ok(h) => h,
             Err(HeadError::Closed) => return,
             Err(HeadError::Bad(e)) => {
@@ -248,6 +247,8 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
             }
         };
         client.http10 = head.minor_version == 0;
+        // Taken once the head is here: the wait for it may have outlasted a reload.
+        let snap = worker.snapshot();
         let in_flight = worker.request_in_flight();
         let keep_alive = handle(&worker, &snap, &mut client, head).await;
         drop(in_flight);

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_shared::config::IoDriver;
+use switchyard_shared::routing::Listener;
 
 /// A per-worker counter on its own cache line, so workers never share one.
 #[repr(align(128))]
@@ -79,6 +80,12 @@ impl Worker {
     /// The current snapshot; a thread-local cache makes this a pointer compare plus a refcount.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.cache.borrow_mut().load().clone()
+    }
+
+    /// The current snapshot's listener settings, copied: what waiting for a request needs,
+    /// without holding a snapshot that may be replaced during the wait.
+    pub fn listener(&self) -> Listener {
+        self.cache.borrow_mut().load().table.listener
     }
 
     /// Unique per process: worker id in the top byte, a per-worker sequence below.

@@ -102,6 +102,7 @@ impl fmt::Debug for RoutingTable {
     }
 }
 
+#[derive(Clone, Copy)]
 pub struct Listener {
     pub address: SocketAddr,
     pub workers: usize,
