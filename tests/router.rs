@@ -1614,6 +1614,22 @@ fn a_head_or_body_sent_too_slowly_is_answered_408() {
         c.send(sent.as_bytes());
         assert!(c.is_closed(), "{sent:?}");
     }
+    // Empty lines trickled in do not keep a connection open past the keep-alive timeout.
+    let mut c = Conn::open(r.addr);
+    let mut writer = c.stream.try_clone().unwrap();
+    let opened = Instant::now();
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..30 {
+            if writer.write_all(b"\r\n").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    assert!(c.is_closed());
+    let open_for = opened.elapsed();
+    assert!(open_for < Duration::from_millis(2000), "open for {open_for:?}");
+    trickle.join().unwrap();
 }
 
 #[test]

@@ -279,6 +279,8 @@ async fn linger(client: &mut Client) {
 }
 
 pub async fn read_head(client: &mut Client, l: &Listener) -> Result<Head, HeadError> {
+    // Both from the first wait of their kind: empty lines trickled in do not renew the idle one.
+    let mut idle_deadline = None;
     let mut deadline = None;
     // Bytes already parsed without finding the end of the head: a head trickled in byte by
     // byte is parsed again only once its blank line may have come (not once per byte, which
@@ -303,7 +305,7 @@ pub async fn read_head(client: &mut Client, l: &Listener) -> Result<Head, HeadEr
         // the keep-alive timeout; once a head started: the header timeout.
         let idle = client.buf.iter().all(|&b| b == b'\r' || b == b'\n');
         let by = if idle {
-            Instant::now() + l.keepalive_timeout
+            *idle_deadline.get_or_insert_with(|| Instant::now() + l.keepalive_timeout)
         } else {
             *deadline.get_or_insert_with(|| Instant::now() + l.header_timeout)
         };
