@@ -882,7 +882,15 @@ fn build(
 
     let mut rules = Vec::new();
     for (i, r) in file.rules.iter().enumerate() {
-        let key = format!("rules[{i}] ({})", r.name);
+        let key = format!("rules[{i}] ({})", r.name.escape_debug());
+        // It is sent in `x-switchyard-rule` and labels usage: a line break would split the
+        // response head.
+        if r.name.is_empty() || !crate::usage::is_label_safe(&r.name) {
+            errs.push(
+                &key,
+                "name must be non-empty, without quotes, backslashes or control characters",
+            );
+        }
         let action = match (&r.tier, &r.targets) {
             (Some(t), None) => match tier_rank(t) {
                 Some(rank) => RuleAction::Tier(rank),
@@ -1308,9 +1316,10 @@ targets = ["local/org/big:latest"]
             .replace("name = \"local\"", "name = \"lo\\\"cal\"")
             .replace("\"local/", "\"lo\\\"cal/")
             .replace("small-model\"", "small\\nmodel\"")
-            .replace("name = \"large\"", "name = \"lar\\\\ge\"");
+            .replace("name = \"large\"", "name = \"lar\\\\ge\"")
+            + "[[rules]]\nname = \"a\\r\\nset-cookie: x=y\"\ntier = \"small\"\n";
         let all = load(&text).unwrap_err().join("\n");
-        for key in ["backends[0]", "models[0]", "tiers[1]"] {
+        for key in ["backends[0]", "models[0]", "tiers[1]", "rules[0]"] {
             assert!(
                 all.lines()
                     .any(|l| l.contains(key) && l.contains("quotes, backslashes")),
