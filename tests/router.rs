@@ -1628,7 +1628,10 @@ fn a_head_or_body_sent_too_slowly_is_answered_408() {
     });
     assert!(c.is_closed());
     let open_for = opened.elapsed();
-    assert!(open_for < Duration::from_millis(2000), "open for {open_for:?}");
+    assert!(
+        open_for < Duration::from_millis(2000),
+        "open for {open_for:?}"
+    );
     trickle.join().unwrap();
 }
 

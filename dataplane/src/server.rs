@@ -19,7 +19,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_shared::config::IoDriver;
+use switchyard_shared::config::{IoDriver, MAX_WORKERS};
 use switchyard_shared::routing::Listener;
 
 /// A per-worker counter on its own cache line, so workers never share one.
@@ -76,6 +76,14 @@ pub struct Worker {
     cache: RefCell<arc_swap::Cache<SharedSnapshot, Arc<Snapshot>>>,
 }
 
+/// Bits of a request id below the worker's index: as many as `MAX_WORKERS` leaves (54).
+const SEQUENCE_BITS: u32 = u64::BITS - MAX_WORKERS.trailing_zeros();
+
+/// The worker's index in the top bits, its sequence number below (2^54 requests before it wraps).
+fn request_id(worker: usize, seq: u64) -> u64 {
+    ((worker as u64) << SEQUENCE_BITS) | (seq & ((1 << SEQUENCE_BITS) - 1))
+}
+
 impl Worker {
     /// The current snapshot; a thread-local cache makes this a pointer compare plus a refcount.
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -88,11 +96,11 @@ impl Worker {
         self.cache.borrow_mut().load().table.listener
     }
 
-    /// Unique per process: worker id in the top byte, a per-worker sequence below.
+    /// Unique per process: see `request_id`.
     pub fn next_request_id(&self) -> u64 {
         let n = self.seq.get() + 1;
         self.seq.set(n);
-        ((self.id as u64) << 56) | (n & 0x00ff_ffff_ffff_ffff)
+        request_id(self.id, n)
     }
 
     /// Counts a request in flight (what a drain waits for) until the guard drops, however the
@@ -316,4 +324,25 @@ async fn run_worker(
     worker.connections.close_idle();
     // Connections in flight keep running on this runtime until the process exits.
     std::future::pending::<()>().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_differ_across_all_workers() {
+        let last = MAX_WORKERS - 1;
+        let ids = [
+            (0, 1),
+            (256, 1),
+            (last, 1),
+            (0, 1 << 40),
+            (last, u64::MAX >> 10),
+        ];
+        let made: std::collections::HashSet<u64> =
+            ids.iter().map(|&(w, n)| request_id(w, n)).collect();
+        assert_eq!(made.len(), ids.len());
+        assert_eq!(request_id(last, 1) >> SEQUENCE_BITS, last as u64);
+    }
 }

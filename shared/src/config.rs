@@ -210,6 +210,9 @@ impl IoDriver {
     }
 }
 
+/// Worker threads at most (a power of two: request ids hold the worker's index in their top bits).
+pub const MAX_WORKERS: usize = 1024;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenerFile {
@@ -617,13 +620,13 @@ fn build(
     }
     let workers = if l.workers == 0 {
         std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+            .map_or(1, |n| n.get())
+            .min(MAX_WORKERS)
     } else {
         l.workers
     };
-    if workers > 1024 {
-        errs.push("listener.workers", "must be at most 1024");
+    if workers > MAX_WORKERS {
+        errs.push("listener.workers", format!("must be at most {MAX_WORKERS}"));
     }
 
     let mut backends = Vec::new();
