@@ -247,6 +247,24 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
             }
         };
         client.http10 = head.minor_version == 0;
+        if worker.shared.is_draining() {
+            // Completed after the drain began, which does not wait for it: not started, so
+            // the caller can safely send it elsewhere.
+            let head_only = head.method == Method::Head;
+            let message =
+                "the router is draining to shut down; send the request to another instance";
+            send_error(
+                &mut client,
+                ErrorKind::ShuttingDown,
+                message,
+                None,
+                false,
+                None,
+                head_only,
+            )
+            .await;
+            return linger(&mut client).await;
+        }
         // Taken once the head is here: the wait for it may have outlasted a reload.
         let snap = worker.snapshot();
         let in_flight = worker.request_in_flight();
