@@ -784,6 +784,77 @@ fn a_backend_that_takes_a_request_and_goes_away_is_a_protocol_error() {
     );
 }
 
+/// One chunk of chunked framing.
+fn chunk(data: &str) -> String {
+    format!("{:x}\r\n{data}\r\n", data.len())
+}
+
+/// A deterministic stream asked for twice, the second time while the backend is half way
+/// through answering the first: `finish` is what the backend sends then. Returns the first
+/// caller's answer and the follower's.
+fn a_stream_and_its_follower(
+    finish: impl FnOnce(&mut std::net::TcpStream),
+) -> (Response, Response) {
+    let (backend, r) = router_with_hand_rolled_backend("h", "");
+    let body = r#"{"model":"auto","stream":true,"temperature":0,"messages":[{"role":"user","content":"What is the weather in Paris?"}]}"#;
+    let addr = r.addr;
+    let first = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
+    let mut upstream = accept_request(&backend);
+    let opening = r#"data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":"Let me check."},"finish_reason":null}]}"#;
+    upstream
+        .write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{}",
+                chunk(&format!("{opening}\n\n"))
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let follower = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
+    std::thread::sleep(Duration::from_millis(300));
+    finish(&mut upstream);
+    drop(upstream);
+    (first.join().unwrap(), follower.join().unwrap())
+}
+
+#[test]
+fn a_followed_stream_reaches_its_follower_as_its_first_caller_got_it() {
+    // Complete, but not cacheable (tool calls): the follower gets it all, and no error.
+    let (first, follower) = a_stream_and_its_follower(|upstream| {
+        let events = [
+            r#"data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"weather","arguments":"{}"}}]},"finish_reason":null}]}"#,
+            r#"data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+            r#"data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":5,"total_tokens":14}}"#,
+            "data: [DONE]",
+        ];
+        let mut rest: String = events.iter().map(|e| chunk(&format!("{e}\n\n"))).collect();
+        rest.push_str("0\r\n\r\n");
+        upstream.write_all(rest.as_bytes()).unwrap();
+    });
+    assert_eq!(follower.header("x-switchyard-cache"), Some("hit"));
+    assert!(
+        first.text().ends_with("data: [DONE]\n\n"),
+        "{}",
+        first.text()
+    );
+    assert_eq!(follower.text(), first.text());
+    // Cut off upstream half way through an event: the follower's last event is the error,
+    // whole (the half event is dropped, as for the first caller).
+    let (first, follower) = a_stream_and_its_follower(|upstream| {
+        let half = r#"data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel"#;
+        upstream.write_all(chunk(half).as_bytes()).unwrap();
+    });
+    for resp in [&first, &follower] {
+        let text = resp.text();
+        let last = text.trim_end().rsplit("\n\n").next().unwrap();
+        let event: serde_json::Value = serde_json::from_str(last.strip_prefix("data: ").unwrap())
+            .unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(event["error"]["code"], "upstream_stream_broken", "{text}");
+        assert!(!text.contains("Hel"), "{text}");
+    }
+}
+
 #[test]
 fn a_chunked_answer_is_stored_and_served_with_its_length() {
     let (backend, r) = router_with_hand_rolled_backend("chunky", "");

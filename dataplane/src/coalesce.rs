@@ -35,7 +35,7 @@ struct Stream {
     bytes: Vec<u8>,
     /// Who answers, for the followers' headers.
     origin: Option<Origin>,
-    /// It ended the way a complete answer does.
+    /// The leader read it to its end (cacheable or not); else it was cut off upstream.
     complete: bool,
     /// Not passed on (too large to keep with nobody following): waiters go on their own.
     abandoned: bool,
@@ -69,7 +69,7 @@ impl Lead<'_> {
         s.bytes.extend_from_slice(bytes);
     }
 
-    /// The streamed answer ended the way a complete one does (else followers get an error).
+    /// The streamed answer was read to its end (else followers get an error event).
     pub fn complete(&self) {
         let mut s = lock(&self.flight.stream);
         s.complete = !s.abandoned;
@@ -116,7 +116,7 @@ pub struct Waiter(Arc<Flight>);
 pub struct Progress {
     /// The leader is done: no more bytes will come.
     pub done: bool,
-    /// ... and the stream ended the way a complete answer does.
+    /// ... and the leader read the stream to its end.
     pub complete: bool,
     pub origin: Option<Origin>,
 }

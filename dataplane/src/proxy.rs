@@ -1174,8 +1174,10 @@ async fn follow_stream(
         events.clear();
         filter.feed(&raw, &mut events);
         if p.done {
-            filter.finish(&mut events);
-            if !p.complete {
+            if p.complete {
+                filter.finish(&mut events);
+            } else {
+                // As the first caller got it: an event cut off is dropped, then the error.
                 let message = "the identical request this one followed was cut off upstream";
                 events.extend_from_slice(&sse_error(ErrorKind::UpstreamBroken, message));
             }
@@ -1526,10 +1528,9 @@ async fn relay(
         }
     };
     let complete = outcome.is_ok();
-    if let (Some(l), true, Some(f)) = (&lead, complete, &filter) {
-        if f.ended_normally() {
-            l.complete();
-        }
+    if let (Some(l), true) = (&lead, complete) {
+        // Read to its end, cacheable or not (tool calls are not): followers get it as is.
+        l.complete();
     }
     if let (true, 200, Some(f), Some(s)) = (complete, status, &filter, store.take()) {
         // The caller already has its head (`x-switchyard-cache: miss`); the usage event says
