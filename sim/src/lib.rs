@@ -371,6 +371,12 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
         .or(req["max_completion_tokens"].as_u64())
         .map_or(c.completion_tokens, |m| m.min(c.completion_tokens))
         .max(1);
+    // Cut short by the caller's limit, as OpenAI reports it.
+    let finish_reason = if completion < c.completion_tokens {
+        "length"
+    } else {
+        "stop"
+    };
     let path = head.path();
     if path == "/v1/embeddings" {
         let inputs = match &req["input"] {
@@ -386,9 +392,9 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
     if !stream {
         let text = words(&c.name, completion);
         let choice = if chat {
-            serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+            serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason})
         } else {
-            serde_json::json!({"index": 0, "text": text, "finish_reason": "stop"})
+            serde_json::json!({"index": 0, "text": text, "finish_reason": finish_reason})
         };
         let object = if chat {
             "chat.completion"
@@ -421,7 +427,7 @@ async fn answer(sim: &Sim, client: &mut Client, head: &Head, body: &[u8]) -> boo
         chat,
         &model,
         n,
-        completion,
+        (completion, finish_reason),
         include_usage.then_some(usage),
         fault,
     )
@@ -448,7 +454,7 @@ async fn stream_answer(
     chat: bool,
     model: &str,
     n: u64,
-    tokens: u64,
+    (tokens, finish_reason): (u64, &str),
     usage: Option<serde_json::Value>,
     fault: Fault,
 ) -> bool {
@@ -478,12 +484,13 @@ async fn stream_answer(
     let (first_word, next_word) = (quoted(&c.name), quoted(" word"));
     // A few chunks in, or before the last of a short answer.
     let fault_at = tokens.saturating_sub(1).min(2);
+    let last = format!("\"{finish_reason}\"");
     for i in 0..tokens {
         if i == fault_at && matches!(fault, Fault::ResetAfterHead | Fault::Stall) {
             return stall_or_reset(client, fault).await;
         }
         let word = if i == 0 { &first_word } else { &next_word };
-        let finish = if i + 1 == tokens { "\"stop\"" } else { "null" };
+        let finish = if i + 1 == tokens { &last } else { "null" };
         let mut event = String::with_capacity(opening.len() + 96);
         event.push_str(&opening);
         let _ = if chat {
