@@ -856,6 +856,36 @@ fn a_followed_stream_reaches_its_follower_as_its_first_caller_got_it() {
 }
 
 #[test]
+fn an_answer_read_whole_that_breaks_off_is_a_502_and_still_priced() {
+    // Deterministic, so read whole before it is sent (to be stored); the backend sends a
+    // tenth of its body and closes.
+    let (backend, r) = router_with_hand_rolled_backend("h", "[usage]\nlog_events = true\n");
+    let body = r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"Extract the date: 2024-05-01"}]}"#;
+    let addr = r.addr;
+    let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
+    let mut upstream = accept_request(&backend);
+    upstream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":\"x\",")
+        .unwrap();
+    drop(upstream);
+    let resp = client.join().unwrap();
+    resp.error(502);
+    let err = stop_router(r);
+    let events = usage_events(&err);
+    assert_eq!(events.len(), 1, "{err}");
+    let e = &events[0];
+    assert_eq!(
+        (e["status"].as_u64(), e["tokens_estimated"].as_bool()),
+        (Some(502), Some(true)),
+        "{e}"
+    );
+    assert!(
+        e["prompt_tokens"].as_u64() > Some(0) && e["cost_micros"].as_u64() > Some(0),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_chunked_answer_is_stored_and_served_with_its_length() {
     let (backend, r) = router_with_hand_rolled_backend("chunky", "");
     let body = r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"Extract the date: 2024-05-01"}]}"#;

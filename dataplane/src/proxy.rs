@@ -1587,6 +1587,8 @@ async fn relay(
             false,
         )
         .await;
+        // What the client got first; and the backend had the request, so it is priced.
+        first_byte = Some(Instant::now());
     }
     // A 429/5xx answer was already counted as a failure when it arrived (once per request,
     // even when its body then breaks off).
