@@ -99,9 +99,11 @@ fn a_stored_answer_is_served_without_the_upstream() {
 
 #[test]
 fn stored_answers_are_served_while_their_backend_is_full() {
-    // One request at a time: a slow one in flight leaves no slot for anything else.
+    // One request at a time: a slow one in flight leaves no slot for anything else. Callers
+    // marked interactive want nothing from the cache.
     let s = sim("s", &[]);
-    let r = router(&config_for(&[("s", s.url())], "").replace(
+    let fresh = "[[rules]]\nname = \"fresh\"\ntier = \"s\"\ncache_ttl_secs = 0\nmatch = { priority = [\"interactive\"] }\n";
+    let r = router(&config_for(&[("s", s.url())], fresh).replace(
         "first_byte_timeout_ms = 3000",
         "first_byte_timeout_ms = 3000\nmax_concurrency = 1",
     ));
@@ -127,6 +129,14 @@ fn stored_answers_are_served_while_their_backend_is_full() {
         hit.text()
     );
     assert_eq!(hit.body, first.body);
+    // Not for a request whose rule says "not cached".
+    let fresh = post(
+        r.addr,
+        "/v1/chat/completions",
+        SAME_AGAIN,
+        "x-switchyard-priority: interactive\r\n",
+    );
+    assert_eq!(fresh.status, 503, "{}", fresh.text());
     // Anything not stored still waits for a slot that is not there.
     let other = DETERMINISTIC.replace("INV-2291", "INV-2292");
     let miss = post(r.addr, "/v1/chat/completions", &other, "");

@@ -358,6 +358,10 @@ pub async fn handle(
             client_minor_version: head.minor_version,
         };
         let embeddings = ctx.endpoint == Endpoint::Embeddings;
+        // A zero TTL is how a rule or a category says "not cached": neither stored nor served.
+        let ttl = decision
+            .cache_ttl
+            .unwrap_or(table.cache.category_ttl[ctx.category.index()]);
         while ctx.attempts < table.max_attempts {
             let Some((target, slot)) = balancer::choose(table, &snap.states, group, &tried) else {
                 // No target of the group can take the request now (ejected or full): an
@@ -366,7 +370,7 @@ pub async fn handle(
                     let model = &table.targets[target].model;
                     let scope =
                         cache_scope(worker, table, &ctx, &view, cache_mode, model, &variant)
-                            .filter(|_| cache_mode == CacheMode::Use)?;
+                            .filter(|_| cache_mode == CacheMode::Use && !ttl.is_zero())?;
                     let key = cache_key::key(&scope, body, embeddings)?;
                     let hit = worker.shared.cache.as_ref()?.get(&key, Instant::now())?;
                     Some((target, hit))
@@ -379,10 +383,6 @@ pub async fn handle(
             let t = &table.targets[target];
             // The key names the resolved target model, so it is known only once a target is.
             let scope = cache_scope(worker, table, &ctx, &view, cache_mode, &t.model, &variant);
-            let ttl = decision
-                .cache_ttl
-                .unwrap_or(table.cache.category_ttl[ctx.category.index()]);
-            // A zero TTL is how a rule or a category says "not cached".
             let store = scope
                 .filter(|_| !ttl.is_zero())
                 .and_then(|s| cache_key::key(&s, body, embeddings))
