@@ -1745,18 +1745,16 @@ fn garbage_on_the_wire_never_takes_a_worker_down() {
         "[listener]\nheader_timeout_ms = 300\nbody_timeout_ms = 300\n",
     ));
     let valid = post_raw("/v1/chat/completions", &chat("hello"), "");
-    let mut x = 0xdead_beef_u64;
+    let mut rng = fastrand::Rng::with_seed(0xdead_beef);
+    let inserted = b"\r\n:{\"0 \x00\xff";
     for round in 0..300 {
         let mut bytes = valid.clone();
         for _ in 0..1 + round % 5 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let at = (x >> 16) as usize % bytes.len();
-            match x % 3 {
-                0 => bytes[at] = (x >> 40) as u8,
+            let at = rng.usize(..bytes.len());
+            match rng.usize(..3) {
+                0 => bytes[at] = rng.u8(..),
                 1 => bytes.truncate(at.max(1)),
-                _ => bytes.insert(at, b"\r\n:{\"0 \x00\xff"[(x >> 8) as usize % 9]),
+                _ => bytes.insert(at, inserted[rng.usize(..inserted.len())]),
             }
         }
         let mut c = std::net::TcpStream::connect(r.addr).unwrap();

@@ -946,20 +946,16 @@ mod tests {
     #[test]
     fn mutated_bodies_never_panic() {
         let seed = br#"{"model":"auto","stream":true,"stream_options":{"include_usage":false},"messages":[{"role":"system","content":"s\u00e9"},{"role":"user","content":[{"type":"text","text":"a"}]}],"tools":[],"max_tokens":5,"usage":{"prompt_tokens":1}}"#;
-        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut rng = fastrand::Rng::with_seed(0x1234_5678_9abc_def1);
+        let bytes = b"{}[]\",:0\"x\\\xc3";
         for _ in 0..20_000 {
             let mut body = seed.to_vec();
-            for _ in 0..1 + x % 4 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let at = (x >> 8) as usize % (body.len() + 1);
-                match x % 3 {
-                    0 if at < body.len() => {
-                        body[at] = b"{}[]\",:0\"x\\\xc3"[(x >> 20) as usize % 12]
-                    }
+            for _ in 0..rng.usize(1..=4) {
+                let at = rng.usize(..=body.len());
+                match rng.usize(..3) {
+                    0 if at < body.len() => body[at] = bytes[rng.usize(..bytes.len())],
                     1 => body.truncate(at),
-                    _ => body.insert(at, (x >> 24) as u8),
+                    _ => body.insert(at, rng.u8(..)),
                 }
             }
             for endpoint in [

@@ -90,23 +90,15 @@ enum Fault {
 struct Sim {
     config: SimConfig,
     seq: Cell<u64>,
-    rng: Cell<u64>,
     last_request: Arc<Mutex<Vec<u8>>>,
     /// Inference requests received, over all workers (tests count upstream calls with it).
     received: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Sim {
+    /// True with probability `rate`.
     fn roll(&self, rate: f64) -> bool {
-        if rate <= 0.0 {
-            return false;
-        }
-        let mut x = self.rng.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng.set(x);
-        (x >> 11) as f64 / (1u64 << 53) as f64 <= rate
+        rate > 0.0 && fastrand::f64() < rate
     }
 
     fn fault(&self, head: &Head, stream: bool) -> Fault {
@@ -155,7 +147,6 @@ pub fn spawn(config: SimConfig) -> io::Result<SocketAddr> {
                 let sim = Rc::new(Sim {
                     config,
                     seq: Cell::new(0),
-                    rng: Cell::new(0x853c_49e6_748f_ea9b ^ (id as u64 + 1)),
                     last_request,
                     received,
                 });
