@@ -194,6 +194,17 @@ impl BackendStates {
         }
     }
 
+    /// The half-open probe `slot` got an answer that shows the backend working (its head):
+    /// full traffic returns now, not once a generation streaming for minutes ends. What the
+    /// rest of that answer does then counts like any request's.
+    pub fn probe_answered(&self, backend: usize, slot: &mut Slot<'_>, h: &HealthSettings) {
+        if slot.probe {
+            self.record(backend, Verdict::Success, h, true);
+            slot.probe = false;
+            slot.state.probing.store(false, Relaxed);
+        }
+    }
+
     /// Ejects from the state `until` was read in: of workers that failed the same backend at
     /// once, one ejects it (the others would double the period).
     fn eject(&self, s: &BackendState, h: &HealthSettings, until: u64, now: u64) {
@@ -590,6 +601,31 @@ targets = ["a/m", "b/m"]
         s.record(0, Verdict::Success, &t.health, probe.is_probe());
         drop(probe);
         assert!(s.admit(0, 10).is_some() && s.admit(0, 10).is_some());
+    }
+
+    #[test]
+    fn a_probe_answered_well_restores_traffic_while_it_still_runs() {
+        let t = table();
+        let s = BackendStates::new(2, false);
+        s.record(0, Verdict::Failure, &t.health, false);
+        s.record(0, Verdict::Failure, &t.health, false);
+        s.advance(Duration::from_millis(60));
+        let mut probe = s.admit(0, 10).expect("the probe");
+        assert!(s.admit(0, 10).is_none(), "only the probe");
+        s.probe_answered(0, &mut probe, &t.health);
+        assert!(!s.is_ejected(0) && !probe.is_probe());
+        let other = s
+            .admit(0, 10)
+            .expect("full traffic while the probe's answer streams");
+        // Its answer then breaks off: an ordinary failure, not a failed probe.
+        s.record(0, Verdict::Failure, &t.health, probe.is_probe());
+        assert!(!s.is_ejected(0), "one failure of two");
+        drop((probe, other));
+        // A later ejection gets its own probe.
+        s.record(0, Verdict::Failure, &t.health, false);
+        assert!(s.is_ejected(0));
+        s.advance(Duration::from_millis(200));
+        assert!(s.admit(0, 10).is_some_and(|p| p.is_probe()));
     }
 
     #[test]

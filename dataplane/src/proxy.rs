@@ -1290,7 +1290,7 @@ async fn relay(
     ctx: &mut Ctx<'_>,
     mut resp: Response,
     target: usize,
-    slot: Slot<'_>,
+    mut slot: Slot<'_>,
     inject_usage: bool,
     client_minor_version: u8,
     mut store: Option<Store>,
@@ -1301,6 +1301,10 @@ async fn relay(
     let t = &table.targets[target];
     let backend = &table.backends[t.backend];
     let status = resp.head.status;
+    if status != 429 && status < 500 {
+        snap.states
+            .probe_answered(t.backend, &mut slot, &table.health);
+    }
     // Larger answers are relayed as they arrive and not stored.
     let max_entry = table.cache.max_entry_bytes;
     let sse = resp
