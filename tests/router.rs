@@ -763,6 +763,24 @@ fn accept_request(backend: &TcpListener) -> std::net::TcpStream {
 }
 
 #[test]
+fn a_backend_that_stops_reading_times_out_like_a_silent_one() {
+    // Connections are queued (the kernel accepts them) but nothing reads them: a 16 MiB body
+    // fills the socket buffers and the write to the backend can never finish.
+    let (_backend, r) = router_with_hand_rolled_backend("deaf", "");
+    let content = "x".repeat(16 << 20);
+    let started = Instant::now();
+    let resp = post(r.addr, "/v1/chat/completions", &chat(&content), "");
+    let e = resp.error(504);
+    assert!(
+        e["message"].as_str().unwrap().contains("did not take the request"),
+        "{}",
+        resp.text()
+    );
+    // The backend's first-byte timeout (3 s), not forever.
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
 fn a_backend_that_takes_a_request_and_goes_away_is_a_protocol_error() {
     let (backend, r) = router_with_hand_rolled_backend("crashy", "");
     let addr = r.addr;

@@ -320,7 +320,23 @@ async fn send_on(
     is_head: bool,
     written: &Cell<Option<Instant>>,
 ) -> Result<Response, (AttemptError, Vec<u8>, bool)> {
-    let (res, request) = conn.write_all(request).await;
+    // The backend must take the request within the first-byte time too: one that stopped
+    // reading (hung, with its accept queue still open) would hold the attempt forever. Not
+    // taken whole, it was never read as a request: failing over is safe.
+    let mut deadline = std::pin::pin!(monoio::time::sleep(backend.first_byte_timeout));
+    let write = monoio::select! {
+        biased;
+        w = conn.write_all(request) => Some(w),
+        _ = deadline.as_mut() => None,
+    };
+    let Some((res, request)) = write else {
+        let msg = format!(
+            "backend `{}` did not take the request within {:?}",
+            backend.name, backend.first_byte_timeout
+        );
+        let e = AttemptError::new(ErrorKind::UpstreamTimeout, msg);
+        return Err((e, Vec::new(), false));
+    };
     if let Err(e) = res {
         let msg = format!("sending to backend `{}` failed: {e}", backend.name);
         return Err((
@@ -331,11 +347,11 @@ async fn send_on(
     }
     let sent = Instant::now();
     written.set(Some(sent));
-    // One timer for the whole head, beside the reads rather than wrapped around each (a
+    // The same timer for the whole head, beside the reads rather than wrapped around each (a
     // wrapper is one more move of the read's future per request).
-    let mut deadline = std::pin::pin!(monoio::time::sleep_until(
-        (sent + backend.first_byte_timeout).into()
-    ));
+    deadline
+        .as_mut()
+        .reset((sent + backend.first_byte_timeout).into());
     let mut buf = Vec::with_capacity(READ_CHUNK);
     loop {
         let read = monoio::select! {
