@@ -390,23 +390,20 @@ impl BudgetBook {
 
     fn leases_for(&self, service: &str) -> ServiceLeases {
         let mut s = self.state();
+        let chunk = s.settings.lease_micros;
         let lease = |pool: Option<Arc<Pool>>| {
             pool.map(|pool| {
                 Rc::new(Lease {
                     pool,
                     balance: Cell::new(0),
+                    chunk,
                     detached: Cell::new(false),
                 })
             })
         };
         let own = lease(s.pool((service.to_string(), None)));
         let categories = Category::ALL.map(|c| lease(s.pool((service.to_string(), Some(c)))));
-        let settings = &s.settings;
-        ServiceLeases {
-            own,
-            categories,
-            chunk: settings.lease_micros,
-        }
+        ServiceLeases { own, categories }
     }
 }
 
@@ -419,15 +416,17 @@ struct Lease {
     pool: Arc<Pool>,
     /// May go below zero when a request cost more than it reserved.
     balance: Cell<i64>,
+    /// What a lease takes from its pool at a time, and the most it keeps unused.
+    chunk: u64,
     /// Returned to the pool (the book changed): reservations still out settle with the pool.
     detached: Cell<bool>,
 }
 
 impl Lease {
-    fn reserve(&self, amount: u64, chunk: u64) -> bool {
+    fn reserve(&self, amount: u64) -> bool {
         let short = amount as i64 - self.balance.get();
         if short > 0 {
-            let Some(taken) = self.pool.take(short as u64, chunk.max(short as u64)) else {
+            let Some(taken) = self.pool.take(short as u64, self.chunk.max(short as u64)) else {
                 return false;
             };
             self.balance.set(self.balance.get() + taken as i64);
@@ -440,8 +439,17 @@ impl Lease {
         let delta = reserved as i64 - actual.min(MAX_AMOUNT) as i64;
         if self.detached.get() {
             self.pool.settle(delta);
+            return;
+        }
+        // Unused money beyond one chunk goes back (a request's worst case may have taken
+        // much more): held here, other workers could not reserve it.
+        let balance = self.balance.get() + delta;
+        let excess = balance - self.chunk as i64;
+        if excess > 0 {
+            self.pool.settle(excess);
+            self.balance.set(self.chunk as i64);
         } else {
-            self.balance.set(self.balance.get() + delta);
+            self.balance.set(balance);
         }
     }
 
@@ -455,7 +463,6 @@ impl Lease {
 struct ServiceLeases {
     own: Option<Rc<Lease>>,
     categories: [Option<Rc<Lease>>; Category::COUNT],
-    chunk: u64,
 }
 
 /// One worker's leases, per service, for the book's current generation.
@@ -558,7 +565,7 @@ impl WorkerBudgets {
         let mut granted: [Option<Rc<Lease>>; 2] = [None, None];
         for (slot, lease) in granted.iter_mut().zip(applicable) {
             let Some(lease) = lease else { continue };
-            if !lease.reserve(amount, leases.chunk) {
+            if !lease.reserve(amount) {
                 // Release what the other budget already granted (the Drop of this partial
                 // reservation settles it at zero).
                 drop(Reservation {
@@ -631,6 +638,19 @@ mod tests {
         assert!(matches!(
             workers[0].reserve(&book, "etl", Category::Chat, 50),
             Reserve::Granted(_)
+        ));
+    }
+
+    #[test]
+    fn money_a_worst_case_held_but_did_not_spend_goes_back_to_the_pool() {
+        let book = book(None, 10);
+        let (a, b) = (WorkerBudgets::default(), WorkerBudgets::default());
+        granted(a.reserve(&book, "etl", Category::Chat, 600)).settle(10);
+        // 10 spent of 1,000: the other worker may reserve the rest less a's one-chunk lease.
+        granted(b.reserve(&book, "etl", Category::Chat, 980)).settle(980);
+        assert!(matches!(
+            b.reserve(&book, "etl", Category::Chat, 11),
+            Reserve::Refused
         ));
     }
 
