@@ -13,7 +13,7 @@
 use ahash::AHashMap;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use switchyard_shared::routing::{Limit, RateLimitSettings};
@@ -27,8 +27,10 @@ struct Bucket {
     interval: u64,
     /// Units a chunk takes: about 10 ms of allowance, at least 1.
     chunk: u64,
-    /// Units granted by the control plane and not yet taken (remote data planes only).
-    granted: Option<AtomicU64>,
+    /// Units granted by the control plane and not yet taken (remote data planes only); below
+    /// zero when more was used than granted: later grants pay that first, so the service waits
+    /// in proportion as it would on the control plane's own bucket.
+    granted: Option<AtomicI64>,
     /// The largest take a grant could not cover: the next lease asks for at least this.
     wanted: AtomicU64,
 }
@@ -48,7 +50,7 @@ impl Bucket {
             chunk,
             wanted: AtomicU64::new(0),
             // A first chunk on credit, so a service's first request does not wait for a lease.
-            granted: granted.then(|| AtomicU64::new(chunk)),
+            granted: granted.then(|| AtomicI64::new(chunk as i64)),
         }
     }
 
@@ -60,8 +62,12 @@ impl Bucket {
     /// Takes `units`, or says how long until they would fit.
     fn take(&self, units: u64, now: u64) -> Result<(), Duration> {
         if let Some(granted) = &self.granted {
+            // `units` is at most MAX_UNITS: no wrap.
+            let units_signed = units as i64;
             return granted
-                .fetch_update(Relaxed, Relaxed, |g| g.checked_sub(units))
+                .fetch_update(Relaxed, Relaxed, |g| {
+                    (g >= units_signed).then(|| g - units_signed)
+                })
                 .map(drop)
                 .map_err(|_| {
                     self.wanted.fetch_max(units, Relaxed);
@@ -91,6 +97,7 @@ impl Bucket {
     /// longer (a remote data plane's grant goes down as far as it has).
     fn charge(&self, units: u64, now: u64) {
         if let Some(granted) = &self.granted {
+            let units = units.min(MAX_UNITS) as i64;
             let _ = granted.fetch_update(Relaxed, Relaxed, |g| Some(g.saturating_sub(units)));
             return;
         }
@@ -103,7 +110,7 @@ impl Bucket {
     /// Gives back `units` taken but not used (no further than a full bucket).
     fn refund(&self, units: u64, now: u64) {
         if let Some(granted) = &self.granted {
-            granted.fetch_add(units, Relaxed);
+            granted.fetch_add(units.min(MAX_UNITS) as i64, Relaxed);
             return;
         }
         let cost = units.saturating_mul(self.interval);
@@ -253,7 +260,7 @@ impl RateLimits {
                     continue;
                 };
                 let size = bucket.lease_size();
-                if granted.load(Relaxed) < size {
+                if granted.load(Relaxed) < size as i64 {
                     out.push((service.clone(), tokens, size));
                 }
             }
@@ -271,7 +278,7 @@ impl RateLimits {
         };
         if let Some(b) = bucket {
             if let Some(granted) = &b.granted {
-                granted.fetch_add(units, Relaxed);
+                granted.fetch_add(units.min(MAX_UNITS) as i64, Relaxed);
                 b.wanted.store(0, Relaxed);
             }
         }
@@ -469,6 +476,14 @@ mod tests {
         );
         tokens.add_grant("etl", true, 50_000);
         assert!(w.admit(&tokens, "etl", 50_000).is_ok());
+        // An answer far larger than admitted: the overrun is a debt later grants pay first.
+        let tokens = RateLimits::new(settings(None, Some(1_000)), true);
+        tokens.add_grant("etl", true, 100);
+        w.admit(&tokens, "etl", 10).unwrap().unwrap().settle(5_000);
+        tokens.add_grant("etl", true, 100);
+        assert!(w.admit(&tokens, "etl", 10).is_err(), "still in debt");
+        tokens.add_grant("etl", true, 5_000);
+        assert!(w.admit(&tokens, "etl", 10).is_ok(), "paid off");
     }
 
     fn limits(rpm: Option<u64>, tpm: Option<u64>) -> RateLimits {
