@@ -772,7 +772,10 @@ fn a_backend_that_stops_reading_times_out_like_a_silent_one() {
     let resp = post(r.addr, "/v1/chat/completions", &chat(&content), "");
     let e = resp.error(504);
     assert!(
-        e["message"].as_str().unwrap().contains("did not take the request"),
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not take the request"),
         "{}",
         resp.text()
     );

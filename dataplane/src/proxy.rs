@@ -219,7 +219,7 @@ pub async fn handle(
     if let Some((shortcut, hit)) = &shortcut {
         ctx.streamed = shortcut.streamed;
         ctx.prompt_chars = shortcut.prompt_chars;
-        if let Some(keep) = admit(worker, snap, client, &mut ctx, shortcut.admit_tokens).await {
+        if let Some(keep) = admit(worker, snap, client, &mut ctx, shortcut.admit_tokens, 0).await {
             return keep;
         }
         ctx.category = shortcut.category;
@@ -239,7 +239,16 @@ pub async fn handle(
     ctx.prompt_chars = view.total_chars;
     let admit_tokens = estimate_tokens(view.total_chars)
         .saturating_add(view.max_tokens.unwrap_or(0).saturating_mul(view.choices));
-    if let Some(keep) = admit(worker, snap, client, &mut ctx, admit_tokens).await {
+    // Without max_tokens, the output cap the budgets assume too.
+    let assumed = match view.max_tokens {
+        None => snap
+            .table
+            .budgets
+            .default_max_output_tokens
+            .saturating_mul(view.choices),
+        Some(_) => 0,
+    };
+    if let Some(keep) = admit(worker, snap, client, &mut ctx, admit_tokens, assumed).await {
         return keep;
     }
     let (priority, category_override, cache_mode) = match headers {
@@ -696,8 +705,12 @@ async fn admit(
     client: &mut Client,
     ctx: &mut Ctx<'_>,
     tokens: u64,
+    assumed: u64,
 ) -> Option<bool> {
-    let refusal = match worker.limits.admit(&snap.limits, ctx.service, tokens) {
+    let refusal = match worker
+        .limits
+        .admit(&snap.limits, ctx.service, tokens, assumed)
+    {
         Ok(charge) => {
             ctx.token_charge.set(charge);
             return None;

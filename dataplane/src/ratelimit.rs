@@ -363,13 +363,17 @@ fn draw(balance: &Cell<i64>, bucket: &Bucket, units: u64, now: u64) -> Result<()
 }
 
 impl WorkerLimits {
-    /// Admits one request of about `tokens` tokens (prompt estimate plus `max_tokens`).
+    /// Admits one request of about `tokens` tokens (prompt estimate plus `max_tokens`), plus
+    /// `assumed` output tokens when the caller set no `max_tokens`, counted as far as the
+    /// request still fits a minute's allowance (so concurrent answers cannot burst far past
+    /// the limit before they are charged, yet no request is refused for an assumption).
     /// `Ok(None)`: the service has no token limit.
     pub fn admit(
         &self,
         limits: &RateLimits,
         service: &str,
         tokens: u64,
+        assumed: u64,
     ) -> Result<Option<TokenCharge>, Refusal> {
         if !limits.limited() {
             return Ok(None);
@@ -409,6 +413,7 @@ impl WorkerLimits {
         // leases' `i64` math sound).
         let capacity = b.capacity();
         let too_large = tokens > capacity.min(MAX_UNITS);
+        let tokens = tokens.saturating_add(assumed.min(capacity.saturating_sub(tokens)));
         let drawn = if too_large {
             Err(Duration::ZERO)
         } else {
@@ -456,8 +461,8 @@ mod tests {
         let remote = RateLimits::new(settings(Some(60), None), true);
         let w = WorkerLimits::default();
         // One on credit, then nothing until a grant.
-        assert!(w.admit(&remote, "etl", 0).is_ok());
-        assert!(w.admit(&remote, "etl", 0).is_err());
+        assert!(w.admit(&remote, "etl", 0, 0).is_ok());
+        assert!(w.admit(&remote, "etl", 0, 0).is_err());
         assert_eq!(remote.running_low(), vec![("etl".to_string(), false, 1)]);
         // 60 per minute: the control plane's bucket holds 60, and grants what fits.
         assert_eq!(control.lease("etl", false, 50), Some(50));
@@ -465,25 +470,28 @@ mod tests {
         assert_eq!(control.lease("etl", false, 50), Some(0));
         assert_eq!(control.lease("etl", true, 50), None, "no token limit");
         remote.add_grant("etl", false, 3);
-        assert!((0..3).all(|_| w.admit(&remote, "etl", 0).is_ok()));
-        assert!(w.admit(&remote, "etl", 0).is_err());
+        assert!((0..3).all(|_| w.admit(&remote, "etl", 0, 0).is_ok()));
+        assert!(w.admit(&remote, "etl", 0, 0).is_err());
         // A request larger than a usual lease makes the next lease big enough for it.
         let tokens = RateLimits::new(settings(None, Some(600_000)), true);
-        assert!(w.admit(&tokens, "etl", 50_000).is_err());
+        assert!(w.admit(&tokens, "etl", 50_000, 0).is_err());
         assert_eq!(
             tokens.running_low(),
             vec![("etl".to_string(), true, 50_000)]
         );
         tokens.add_grant("etl", true, 50_000);
-        assert!(w.admit(&tokens, "etl", 50_000).is_ok());
+        assert!(w.admit(&tokens, "etl", 50_000, 0).is_ok());
         // An answer far larger than admitted: the overrun is a debt later grants pay first.
         let tokens = RateLimits::new(settings(None, Some(1_000)), true);
         tokens.add_grant("etl", true, 100);
-        w.admit(&tokens, "etl", 10).unwrap().unwrap().settle(5_000);
+        w.admit(&tokens, "etl", 10, 0)
+            .unwrap()
+            .unwrap()
+            .settle(5_000);
         tokens.add_grant("etl", true, 100);
-        assert!(w.admit(&tokens, "etl", 10).is_err(), "still in debt");
+        assert!(w.admit(&tokens, "etl", 10, 0).is_err(), "still in debt");
         tokens.add_grant("etl", true, 5_000);
-        assert!(w.admit(&tokens, "etl", 10).is_ok(), "paid off");
+        assert!(w.admit(&tokens, "etl", 10, 0).is_ok(), "paid off");
     }
 
     fn limits(rpm: Option<u64>, tpm: Option<u64>) -> RateLimits {
@@ -495,14 +503,14 @@ mod tests {
         let l = limits(Some(10), None);
         let workers = [WorkerLimits::default(), WorkerLimits::default()];
         let admitted = (0..30)
-            .filter(|i| workers[i % 2].admit(&l, "etl", 0).is_ok())
+            .filter(|i| workers[i % 2].admit(&l, "etl", 0, 0).is_ok())
             .count();
         assert_eq!(admitted, 10, "exact for a low rate");
-        let refusal = workers[0].admit(&l, "etl", 0).err().unwrap();
+        let refusal = workers[0].admit(&l, "etl", 0, 0).err().unwrap();
         assert!(!refusal.tokens);
         assert!(refusal.retry_after <= Duration::from_secs(6), "{refusal:?}");
         assert!(
-            workers[0].admit(&l, "other", 0).is_ok(),
+            workers[0].admit(&l, "other", 0, 0).is_ok(),
             "unlimited service"
         );
     }
@@ -517,35 +525,35 @@ mod tests {
         let first = RateLimits::new(with(3, 2), false);
         let w = WorkerLimits::default();
         for service in ["etl", "etl", "etl", "other", "other"] {
-            assert!(w.admit(&first, service, 0).is_ok(), "{service}");
+            assert!(w.admit(&first, service, 0, 0).is_ok(), "{service}");
         }
-        assert!(w.admit(&first, "etl", 0).is_err() && w.admit(&first, "other", 0).is_err());
+        assert!(w.admit(&first, "etl", 0, 0).is_err() && w.admit(&first, "other", 0, 0).is_err());
         let second = first.replacing(with(3, 4));
         assert!(
-            w.admit(&second, "etl", 0).is_err(),
+            w.admit(&second, "etl", 0, 0).is_err(),
             "etl's minute is still used up"
         );
         assert!(
-            w.admit(&second, "other", 0).is_ok(),
+            w.admit(&second, "other", 0, 0).is_ok(),
             "other's limit changed: afresh"
         );
         let third = second.replacing(with(5, 4));
-        assert!(w.admit(&third, "etl", 0).is_ok(), "etl's limit changed");
+        assert!(w.admit(&third, "etl", 0, 0).is_ok(), "etl's limit changed");
     }
 
     #[test]
     fn leases_on_kept_buckets_survive_a_reload() {
         let first = limits(None, Some(1000));
         let w = WorkerLimits::default();
-        let charge = w.admit(&first, "etl", 800).unwrap().unwrap();
+        let charge = w.admit(&first, "etl", 800, 0).unwrap().unwrap();
         // Another service's limit changes while the request is out; it used 100 of its 800.
         let mut changed = settings(None, Some(1000));
         changed.default.requests_per_minute = Some(50);
         let second = first.replacing(changed);
-        assert!(w.admit(&second, "other", 0).is_ok());
+        assert!(w.admit(&second, "other", 0, 0).is_ok());
         charge.settle(100);
         assert!(
-            w.admit(&second, "etl", 800).is_ok(),
+            w.admit(&second, "etl", 800, 0).is_ok(),
             "the 700 given back are still this worker's"
         );
     }
@@ -554,15 +562,15 @@ mod tests {
     fn tokens_are_admitted_by_estimate_and_settled_by_use() {
         let l = limits(None, Some(1000));
         let w = WorkerLimits::default();
-        let charge = w.admit(&l, "etl", 600).unwrap().unwrap();
-        let refusal = w.admit(&l, "etl", 600).err().unwrap();
+        let charge = w.admit(&l, "etl", 600, 0).unwrap().unwrap();
+        let refusal = w.admit(&l, "etl", 600, 0).err().unwrap();
         assert!(refusal.tokens && refusal.too_large.is_none());
-        let never = w.admit(&l, "etl", 1001).err().unwrap();
+        let never = w.admit(&l, "etl", 1001, 0).err().unwrap();
         assert_eq!(never.too_large, Some(1000), "more than a minute's tokens");
         // Used less than estimated: the difference is available again.
         charge.settle(100);
-        w.admit(&l, "etl", 800).unwrap().unwrap().settle(800);
-        assert!(w.admit(&l, "etl", 200).is_err());
+        w.admit(&l, "etl", 800, 0).unwrap().unwrap().settle(800);
+        assert!(w.admit(&l, "etl", 200, 0).is_err());
     }
 
     #[test]
@@ -571,15 +579,38 @@ mod tests {
         let (a, b) = (WorkerLimits::default(), WorkerLimits::default());
         // Thirty requests estimated at 2,000 tokens that use 10 each, on one worker.
         for _ in 0..30 {
-            a.admit(&l, "etl", 2_000).unwrap().unwrap().settle(10);
+            a.admit(&l, "etl", 2_000, 0).unwrap().unwrap().settle(10);
         }
         // The other worker can take (almost) all the rest of the minute: nothing is banked
         // in the first one's lease beyond a chunk.
-        b.admit(&l, "etl", 59_000).unwrap().unwrap().settle(59_000);
+        b.admit(&l, "etl", 59_000, 0)
+            .unwrap()
+            .unwrap()
+            .settle(59_000);
         assert!(
-            a.admit(&l, "etl", 2_000).is_err(),
+            a.admit(&l, "etl", 2_000, 0).is_err(),
             "and the minute is spent"
         );
+    }
+
+    #[test]
+    fn without_max_tokens_the_assumed_output_is_admitted_as_far_as_it_fits() {
+        let l = limits(None, Some(10_000));
+        let w = WorkerLimits::default();
+        // 100 of prompt and 4,096 assumed: two fit in the minute, a third waits ...
+        let a = w.admit(&l, "etl", 100, 4_096).unwrap().unwrap();
+        let b = w.admit(&l, "etl", 100, 4_096).unwrap().unwrap();
+        let refused = w.admit(&l, "etl", 100, 4_096).err().unwrap();
+        assert!(refused.tokens && refused.too_large.is_none(), "{refused:?}");
+        // ... until the answers turn out short and give back what they did not use.
+        a.settle(300);
+        b.settle(300);
+        assert!(w.admit(&l, "etl", 100, 4_096).is_ok());
+        // An assumption never makes a request too large: on a small limit it counts as far
+        // as the request fits.
+        let small = limits(None, Some(1_000));
+        assert!(w.admit(&small, "etl", 100, 4_096).is_ok());
+        assert!(w.admit(&small, "etl", 100, 4_096).is_err());
     }
 
     #[test]
@@ -587,8 +618,8 @@ mod tests {
         let l = limits(None, Some(1000));
         let w = WorkerLimits::default();
         // Admitted at 1 token (no max_tokens), used 5,000: five minutes' worth.
-        w.admit(&l, "etl", 1).unwrap().unwrap().settle(5000);
-        let wait = w.admit(&l, "etl", 10).err().unwrap().retry_after;
+        w.admit(&l, "etl", 1, 0).unwrap().unwrap().settle(5000);
+        let wait = w.admit(&l, "etl", 10, 0).err().unwrap().retry_after;
         assert!(wait > Duration::from_secs(200), "{wait:?}");
         assert!(
             wait < Duration::from_secs(300),
@@ -607,7 +638,7 @@ mod tests {
         let workers: Vec<_> = (0..4).map(|_| WorkerLimits::default()).collect();
         let mut admitted = 0;
         for i in 0..1_000_000 {
-            if workers[i % 4].admit(&l, "etl", 0).is_ok() {
+            if workers[i % 4].admit(&l, "etl", 0, 0).is_ok() {
                 admitted += 1;
             }
         }

@@ -66,8 +66,9 @@ pub struct RateLimitsFile {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitFile {
     pub requests_per_minute: Option<u64>,
-    /// Admission counts the prompt estimate plus `max_tokens`; answers are then charged what
-    /// they really used.
+    /// Admission counts the prompt estimate plus `max_tokens` (without it, the budgets'
+    /// `default_max_output_tokens`, as far as the request fits a minute's allowance); answers
+    /// are then charged what they really used.
     pub tokens_per_minute: Option<u64>,
 }
 
