@@ -8,7 +8,7 @@ use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use switchyard_controlplane::{client, TokenSource};
-use switchyard_shared::config;
+use switchyard_shared::config::{self, MAX_WORKERS};
 use switchyard_shared::openai::{Endpoint, RequestView};
 use switchyard_shared::routing::{Plan, Priority, RequestFacts, RoutingTable};
 
@@ -118,8 +118,8 @@ struct DataArgs {
     /// Override `listener.address` of the control plane's config.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Override `listener.workers` (at least 1).
-    #[arg(long)]
+    /// Override `listener.workers` (1 to 1024).
+    #[arg(long, value_parser = parse_workers)]
     workers: Option<usize>,
     /// This data plane's name at the control plane; default: hostname and process id.
     #[arg(long)]
@@ -198,8 +198,8 @@ struct ServeArgs {
     /// Override `listener.address`.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Override `listener.workers` (at least 1).
-    #[arg(long)]
+    /// Override `listener.workers` (1 to 1024).
+    #[arg(long, value_parser = parse_workers)]
     workers: Option<usize>,
     /// Override `admin.address` (the control API and /metrics; ignored when `admin.enabled`
     /// is false).
@@ -298,6 +298,13 @@ fn admin_call(admin: &AdminArgs, command: client::Command) -> ExitCode {
     }
 }
 
+fn parse_workers(arg: &str) -> Result<usize, String> {
+    match arg.parse() {
+        Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(n),
+        _ => Err(format!("must be a number from 1 to {MAX_WORKERS}")),
+    }
+}
+
 fn fail(errors: &[String]) -> ExitCode {
     for e in errors {
         eprintln!("error: {e}");
@@ -316,7 +323,7 @@ fn overrides(
             table.listener.address = addr;
         }
         if let Some(n) = workers {
-            table.listener.workers = n.max(1);
+            table.listener.workers = n;
         }
         if let (Some(addr), Some(_)) = (admin, table.admin.address) {
             table.admin.address = Some(addr);
@@ -502,12 +509,12 @@ fn classify_line(table: &RoutingTable, line: &str) -> Result<serde_json::Value, 
         long_context: c.long_context,
         classified: true,
     };
+    // None: the request names a model in no tier (it goes to that model alone).
     let rank = match table.decide(&facts).map_err(|e| format!("{e:?}"))?.plan {
-        Plan::FromTier(rank) => rank,
+        Plan::FromTier(rank) => Some(rank),
         Plan::Targets(ids) => ids
             .first()
-            .and_then(|&id| table.tiers.iter().position(|t| t.targets.contains(&id)))
-            .unwrap_or(0),
+            .and_then(|&id| table.tiers.iter().position(|t| t.targets.contains(&id))),
     };
     Ok(serde_json::json!({
         "id": id,
@@ -516,7 +523,7 @@ fn classify_line(table: &RoutingTable, line: &str) -> Result<serde_json::Value, 
         "rule": c.rule,
         "alternative": c.alternative.map(|a| a.as_str()),
         "long_context": c.long_context,
-        "tier": table.tiers[rank].name,
+        "tier": rank.map(|r| &table.tiers[r].name),
         "tier_rank": rank,
     }))
 }

@@ -84,6 +84,17 @@ fn a_busy_port_fails_loudly_instead_of_sharing() {
         err.contains(&format!("cannot listen on {}", first.addr)),
         "{err}"
     );
+    // More workers than request ids can tell apart: refused before anything starts.
+    let out = switchyard(&[
+        "serve",
+        "--config",
+        path.to_str().unwrap(),
+        "--workers",
+        "2000",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("from 1 to 1024"), "{err}");
 }
 
 #[test]
@@ -159,11 +170,14 @@ fn classify_reads_jsonl_and_writes_one_line_each() {
 
 #[test]
 fn classify_needs_no_backend_secrets() {
+    // `a-extra` is served but in no tier.
     let config = write_config(
-        &config_for(&[("a", "http://127.0.0.1:9".to_string())], "").replace(
-            "first_byte_timeout_ms",
-            "api_key_env = \"SWITCHYARD_TEST_NEVER_SET\"\nfirst_byte_timeout_ms",
-        ),
+        &config_for(&[("a", "http://127.0.0.1:9".to_string())], "")
+            .replace(
+                "first_byte_timeout_ms",
+                "api_key_env = \"SWITCHYARD_TEST_NEVER_SET\"\nfirst_byte_timeout_ms",
+            )
+            .replace("}]", "}, { name = \"a-extra\" }]"),
     );
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["classify", "--config", config.to_str().unwrap()])
@@ -176,7 +190,14 @@ fn classify_needs_no_backend_secrets() {
         .stdin
         .take()
         .unwrap()
-        .write_all(br#"{"id":1,"messages":[{"role":"user","content":"hi"}]}"#)
+        .write_all(
+            concat!(
+                r#"{"id":1,"messages":[{"role":"user","content":"hi"}]}"#,
+                "\n",
+                r#"{"id":2,"body":{"model":"a-extra","messages":[{"role":"user","content":"hi"}]}}"#
+            )
+            .as_bytes(),
+        )
         .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -184,5 +205,15 @@ fn classify_needs_no_backend_secrets() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["tier"], "a");
+    // A model in no tier: no tier to name (not the cheapest one).
+    assert!(
+        lines[1]["tier"].is_null() && lines[1]["tier_rank"].is_null(),
+        "{}",
+        lines[1]
+    );
 }

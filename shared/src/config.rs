@@ -556,6 +556,13 @@ fn parse_backend_url(url: &str) -> Result<(Scheme, String, u16, String), String>
     } else {
         return Err(format!("`{url}` must start with http:// or https://"));
     };
+    // The base path is put before each request's path: a query or fragment there would end up
+    // in the middle of the request line.
+    if rest.contains(|c: char| c == '?' || c == '#' || c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "`{url}`: no query, fragment or whitespace (a base URL is a scheme, a host and an optional path)"
+        ));
+    }
     let (authority, base) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
         None => (rest, ""),
@@ -578,6 +585,9 @@ fn parse_backend_url(url: &str) -> Result<(Scheme, String, u16, String), String>
         (v6[..end].to_string(), port)
     } else {
         match authority.rsplit_once(':') {
+            Some((h, _)) if h.contains(':') => {
+                return Err(format!("`{url}`: an IPv6 address goes in brackets"));
+            }
             Some((h, p)) => (
                 h.to_string(),
                 p.parse().map_err(|_| format!("`{url}`: bad port `{p}`"))?,
@@ -656,7 +666,16 @@ fn build(
         };
         let api_key = match &b.api_key_env {
             None => None,
-            Some(var) => match env(var) {
+            // Surrounding whitespace is how secrets mounted from files usually end (a newline).
+            Some(var) => match env(var).map(|v| v.trim().to_string()) {
+                // It goes into a header line: a control character would break the request.
+                Some(v) if v.chars().any(|c| c.is_control()) => {
+                    errs.push(
+                        format!("{key}.api_key_env"),
+                        format!("environment variable `{var}` holds a control character"),
+                    );
+                    None
+                }
                 Some(v) if !v.is_empty() => Some(v),
                 _ => {
                     errs.push(
@@ -941,10 +960,11 @@ fn build(
             }
         }
         for p in &r.when.path {
-            if !p.starts_with('/') {
+            // Only routed endpoints reach rules: any other path could never match.
+            if crate::openai::Endpoint::from_path(p).is_none() {
                 errs.push(
                     format!("{key}.match.path"),
-                    format!("`{p}` must start with `/`"),
+                    format!("`{p}` is not a routed endpoint; expected /v1/chat/completions, /v1/completions or /v1/embeddings"),
                 );
             }
         }
@@ -967,6 +987,9 @@ fn build(
         Classifier::new(&ClassifierConfig::default()).expect("default classifier config is valid")
     });
     let h = &file.health;
+    if h.timeout_ms == 0 {
+        errs.push("health.timeout_ms", "must be greater than 0");
+    }
     if h.eject_after_failures == 0 {
         errs.push("health.eject_after_failures", "must be at least 1");
     }
@@ -1111,7 +1134,7 @@ fn build(
         unknown_model: file.routing.unknown_model,
         health: HealthSettings {
             interval: (h.interval_ms > 0).then(|| Duration::from_millis(h.interval_ms)),
-            timeout: Duration::from_millis(h.timeout_ms.max(1)),
+            timeout: Duration::from_millis(h.timeout_ms),
             eject_after_failures: h.eject_after_failures,
             base_ejection: Duration::from_millis(h.base_ejection_ms),
             max_ejection: Duration::from_millis(h.max_ejection_ms),
@@ -1297,9 +1320,13 @@ targets = ["local/org/big:latest"]
         let text = MINIMAL
             .replace("local/small-model", "nope/small-model")
             .replace("name = \"large\"", "name = \"small\"")
-            + "\n[categories]\ncode = \"huge\"\n[routing]\nmax_attempts = 0\n[health]\nstall_after_ms = 200\n";
+            + "\n[categories]\ncode = \"huge\"\n[routing]\nmax_attempts = 0\n[health]\nstall_after_ms = 200\ntimeout_ms = 0\n";
         let err = load(&text).unwrap_err();
         let all = err.join("\n");
+        assert!(
+            all.contains("health.timeout_ms: must be greater than 0"),
+            "{all}"
+        );
         assert!(
             all.contains("health.stall_after_ms: must be 0 (off) or at least 1000"),
             "{all}"
@@ -1348,6 +1375,20 @@ targets = ["local/org/big:latest"]
         assert!(
             !format!("{b:?}").contains("sk-secret"),
             "Debug must redact the key"
+        );
+        // A trailing newline (a secret mounted from a file) is not part of the key; a line
+        // break inside it is refused, without showing it.
+        let env =
+            |value: &'static str| move |name: &str| (name == "SET_KEY").then(|| value.to_string());
+        let t = load_str(&with_key, "test.toml", &env("sk-secret\n")).unwrap();
+        assert_eq!(t.backends[0].api_key.as_deref(), Some("sk-secret"));
+        let err = load_str(&with_key, "test.toml", &env("sk-se\r\ncret"))
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            err.contains("api_key_env: environment variable `SET_KEY` holds a control character")
+                && !err.contains("sk-se"),
+            "{err}"
         );
         let missing = with_key.replace("SET_KEY", "UNSET_KEY");
         let err = load(&missing).unwrap_err().join("\n");
@@ -1440,6 +1481,14 @@ targets = ["local/org/big:latest"]
         assert!(parse_backend_url("http://h:99999").is_err());
         assert!(parse_backend_url("http://:80").is_err());
         assert!(parse_backend_url("http://u:p@h").is_err());
+        for url in [
+            "http://2001:db8::1",
+            "https://x.openai.azure.com/openai?api-version=2024-06-01",
+            "http://h/v1#top",
+            "http://h/v 1",
+        ] {
+            assert!(parse_backend_url(url).is_err(), "{url}");
+        }
     }
 
     #[test]
@@ -1458,6 +1507,13 @@ targets = ["local/org/big:latest"]
         assert!(err.contains("rules[0] (r): set exactly one"), "{err}");
         assert!(
             err.contains("rules[1] (p).match.priority: unknown priority `urgent`"),
+            "{err}"
+        );
+        let text = format!("{MINIMAL}\n[[rules]]\nname = \"p\"\ntier = \"large\"\nmatch = {{ path = [\"/v1/embeddings\", \"/chat/completions\"] }}\n");
+        let err = load(&text).unwrap_err().join("\n");
+        assert!(
+            err.contains("rules[0] (p).match.path: `/chat/completions` is not a routed endpoint")
+                && !err.contains("`/v1/embeddings`"),
             "{err}"
         );
     }
