@@ -433,7 +433,7 @@ fn bad_input_gets_clear_errors() {
     let (a, b) = body.split_at(10);
     let chunked = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n", a.len(), b.len());
     assert_eq!(raw(chunked.as_bytes()).0.status, 200);
-    let cases: [(&str, &str, u16, &str); 8] = [
+    let cases: [(&str, &str, u16, &str); 9] = [
         ("/v1/chat/completions", "{not json", 400, "invalid_json"),
         // The fields of a request object written as an array, in order: once a worker panic.
         (
@@ -475,6 +475,13 @@ fn bad_input_gets_clear_errors() {
         (
             "/v1/chat/completions",
             r#"{"model":"gpt-nope","messages":[{"role":"user","content":"x"}]}"#,
+            404,
+            "model_not_found",
+        ),
+        // Nothing to classify: `auto` on embeddings needs a named model or a rule.
+        (
+            "/v1/embeddings",
+            r#"{"model":"auto","input":"x"}"#,
             404,
             "model_not_found",
         ),

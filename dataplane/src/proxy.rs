@@ -294,31 +294,28 @@ pub async fn handle(
     };
     let decision = match table.decide(&facts) {
         Ok(d) => d,
-        Err(RouteError::UnknownTier(t)) => {
-            let msg = format!("x-switchyard-tier `{t}` is not a configured tier");
-            return reject(
-                worker,
-                snap,
-                client,
-                &ctx,
-                ErrorKind::InvalidRequest,
-                &msg,
-                None,
-            )
-            .await;
-        }
-        Err(RouteError::UnknownModel(m)) => {
-            let msg = format!("The model `{m}` does not exist or is not served by this router");
-            return reject(
-                worker,
-                snap,
-                client,
-                &ctx,
-                ErrorKind::ModelNotFound,
-                &msg,
-                Some("model"),
-            )
-            .await;
+        Err(e) => {
+            let (kind, msg, param) = match e {
+                RouteError::UnknownTier(t) => (
+                    ErrorKind::InvalidRequest,
+                    format!("x-switchyard-tier `{t}` is not a configured tier"),
+                    None,
+                ),
+                RouteError::UnknownModel(m) => (
+                    ErrorKind::ModelNotFound,
+                    format!("The model `{m}` does not exist or is not served by this router"),
+                    Some("model"),
+                ),
+                RouteError::Unclassifiable(m) => (
+                    ErrorKind::ModelNotFound,
+                    format!(
+                        "The model `{m}` is chosen by classifying a prompt, and {path} has none: name a served model, or route {path} with a rule",
+                        path = ctx.endpoint.path()
+                    ),
+                    Some("model"),
+                ),
+            };
+            return reject(worker, snap, client, &ctx, kind, &msg, param).await;
         }
     };
     ctx.rule = decision.rule;

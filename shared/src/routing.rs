@@ -323,6 +323,9 @@ pub struct Decision<'t> {
 pub enum RouteError {
     UnknownTier(String),
     UnknownModel(String),
+    /// `auto` (or an unknown name routed like it) on a request with no prompt to classify
+    /// (embeddings): it needs a named model, or a rule for its path.
+    Unclassifiable(String),
 }
 
 impl RoutingTable {
@@ -365,11 +368,17 @@ impl RoutingTable {
                 rule: "alias",
                 cache_ttl: None,
             }),
-            Some(AliasRoute::Classify) => Ok(self.by_category(facts)),
-            None if self.unknown_model == UnknownModel::Classify && facts.classified => {
-                Ok(self.by_category(facts))
-            }
+            Some(AliasRoute::Classify) => self.classified(facts),
+            None if self.unknown_model == UnknownModel::Classify => self.classified(facts),
             None => Err(RouteError::UnknownModel(facts.model.to_string())),
+        }
+    }
+
+    fn classified(&self, facts: &RequestFacts<'_>) -> Result<Decision<'_>, RouteError> {
+        if facts.classified {
+            Ok(self.by_category(facts))
+        } else {
+            Err(RouteError::Unclassifiable(facts.model.to_string()))
         }
     }
 
