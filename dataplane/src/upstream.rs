@@ -12,6 +12,7 @@ use monoio::net::TcpStream;
 use monoio::time::Sleep;
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::net::ToSocketAddrs;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -131,26 +132,30 @@ async fn connect(
     let work = async {
         let stream = match b.host.parse::<std::net::IpAddr>() {
             Ok(ip) => TcpStream::connect_addr((ip, b.port).into()).await,
-            Err(_) => match resolved.get(&b.host, b.port) {
-                // The first address that takes the connection (none: the name does not
-                // resolve).
-                Some(addrs) => {
-                    let mut last = io::Error::other(format!("`{}` does not resolve", b.host));
-                    let mut connected = None;
-                    for addr in addrs.iter() {
-                        match TcpStream::connect_addr(*addr).await {
-                            Ok(s) => {
-                                connected = Some(s);
-                                break;
-                            }
-                            Err(e) => last = e,
+            Err(_) => {
+                let addrs = match resolved.get(&b.host, b.port) {
+                    Some(addrs) => addrs,
+                    // Not looked up yet (a name just added): this once, on the worker.
+                    None => (b.host.as_str(), b.port)
+                        .to_socket_addrs()
+                        .map_err(fail)?
+                        .collect(),
+                };
+                // The first address that takes the connection (a name may resolve to an
+                // IPv6 address the server does not listen on before its IPv4 one).
+                let mut last = io::Error::other(format!("`{}` does not resolve", b.host));
+                let mut connected = None;
+                for addr in addrs.iter() {
+                    match TcpStream::connect_addr(*addr).await {
+                        Ok(s) => {
+                            connected = Some(s);
+                            break;
                         }
+                        Err(e) => last = e,
                     }
-                    connected.ok_or(last)
                 }
-                // Not looked up yet (a name just added): this once, on the worker.
-                None => TcpStream::connect((b.host.as_str(), b.port)).await,
-            },
+                connected.ok_or(last)
+            }
         }
         .map_err(fail)?;
         stream.set_nodelay(true).map_err(fail)?;
