@@ -25,6 +25,9 @@ pub struct BackendState {
     probing: AtomicBool,
     /// Last active check or proxied request succeeded (drives `/readyz`).
     healthy: AtomicBool,
+    /// Active checks failed in a row (counted apart from requests: a check passing says
+    /// nothing of completions, and requests failing nothing of the check endpoint).
+    check_failures: AtomicU32,
     /// When a response head or body bytes last arrived from this backend (same clock; 0 =
     /// never), kept to within `ANSWERED_GRAIN_MS` so that most reads only load it.
     answered_ms: AtomicU64,
@@ -269,15 +272,29 @@ impl BackendStates {
                 .is_ok()
     }
 
-    /// An active check passed: the backend answers again (readiness). An ejected backend is not
-    /// restored by it (its check endpoint may answer while completions fail); its next request
-    /// becomes the half-open probe instead. Request failures counted so far stand.
+    /// An active check failed: the backend is not ready, and enough of them in a row eject it
+    /// (an idle backend that went down is found without a request failing on it).
+    pub fn check_failed(&self, backend: usize, h: &HealthSettings) {
+        let s = &self.states[backend];
+        s.healthy.store(false, Relaxed);
+        let failures = s.check_failures.fetch_add(1, Relaxed) + 1;
+        let until = s.ejected_until_ms.load(Relaxed);
+        if until == 0 && failures >= h.eject_after_failures {
+            self.eject(s, h, until, self.now_ms());
+        }
+    }
+
+    /// An active check passed (readiness). After checks had failed, the backend came back:
+    /// an ejection ends early, its next request being the half-open probe. Otherwise the
+    /// check says nothing new (its endpoint may answer while completions fail): an ejection
+    /// runs its course, growing as probes fail. Request failures counted so far stand.
     pub fn check_passed(&self, backend: usize) {
         let s = &self.states[backend];
         s.healthy.store(true, Relaxed);
+        let came_back = s.check_failures.swap(0, Relaxed) > 0;
         let until = s.ejected_until_ms.load(Relaxed);
         let now = self.now_ms();
-        if until > now {
+        if came_back && until > now {
             // Not over a re-ejection a failed probe made meanwhile.
             let _ = s
                 .ejected_until_ms
@@ -639,17 +656,37 @@ targets = ["a/m", "b/m"]
     }
 
     #[test]
-    fn a_passing_check_makes_the_next_request_a_probe_not_full_traffic() {
+    fn a_check_passing_after_failing_makes_the_next_request_a_probe_not_full_traffic() {
         let t = table();
         let s = BackendStates::new(2, true);
         s.record(0, Verdict::Failure, &t.health, false);
         s.record(0, Verdict::Failure, &t.health, false);
+        // Checks passing all along say nothing new: the ejection runs its course.
+        s.check_passed(0);
+        assert!(s.is_ejected(0) && s.admit(0, 10).is_none());
+        // A backend that went down and came back, as checks saw it, gets its probe at once.
+        s.check_failed(0, &t.health);
         s.check_passed(0);
         let probe = s.admit(0, 10).expect("the probe");
         assert!(s.admit(0, 10).is_none(), "only the probe until it passes");
         s.record(0, Verdict::Failure, &t.health, probe.is_probe());
         drop(probe);
         assert!(s.is_ejected(0), "the failed probe ejects again");
+    }
+
+    #[test]
+    fn only_checks_failing_in_a_row_eject() {
+        let t = table();
+        let s = BackendStates::new(1, true);
+        // Failures hours apart with passes between: never ejected.
+        for _ in 0..5 {
+            s.check_failed(0, &t.health);
+            s.check_passed(0);
+        }
+        assert!(!s.is_ejected(0));
+        s.check_failed(0, &t.health);
+        s.check_failed(0, &t.health);
+        assert!(s.is_ejected(0) && !s.any_ready());
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! worker 0, feeding the verdicts into the shared backend states.
 //! Must not: run on more than one worker (the states are shared, one prober is enough).
 
-use crate::balancer::Verdict;
 use crate::resolve::Resolved;
 use crate::server::Worker;
 use crate::snapshot::Snapshot;
@@ -61,7 +60,6 @@ async fn check(snap: Arc<Snapshot>, resolved: Arc<Resolved>, backend: usize) {
     if healthy {
         snap.states.check_passed(backend);
     } else {
-        snap.states
-            .record(backend, Verdict::Failure, &table.health, false);
+        snap.states.check_failed(backend, &table.health);
     }
 }
