@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use switchyard_dataplane::auth::key_hash;
 use switchyard_shared::category::Category;
+use switchyard_shared::config::MAX_BUDGET_MICROS;
 use switchyard_shared::openai::Endpoint;
 use switchyard_shared::usage::{
     is_counted_service, is_label_safe, is_valid_service, UsageEvent, REFUSED_BY, SERVICE_NAME_RULE,
@@ -345,6 +346,11 @@ impl Control for Api {
             return Err(Status::invalid_argument(SERVICE_NAME_RULE));
         }
         let key = (r.service, parse_category(&r.category)?);
+        if !r.clear && r.daily_micros > MAX_BUDGET_MICROS {
+            return Err(Status::invalid_argument(format!(
+                "daily_micros must be at most {MAX_BUDGET_MICROS} ($1e9)"
+            )));
+        }
         let limit = (!r.clear).then_some(r.daily_micros);
         self.blocking(move |cp| cp.set_budget(key, limit)).await?;
         Ok(Response::new(self.0.budget_report()))

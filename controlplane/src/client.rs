@@ -5,6 +5,7 @@
 
 use crate::api::pb::{self, control_client::ControlClient};
 use std::fmt::Write as _;
+use switchyard_shared::config::MAX_BUDGET_MICROS;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::Channel;
@@ -187,7 +188,11 @@ async fn call(admin: &Admin, command: Command) -> Result<String, String> {
             daily_usd,
         } => {
             let daily_micros = match daily_usd {
-                Some(u) if u.is_finite() && (0.0..=1e9).contains(&u) => (u * 1e6).round() as u64,
+                Some(u)
+                    if u.is_finite() && (0.0..=MAX_BUDGET_MICROS as f64).contains(&(u * 1e6)) =>
+                {
+                    (u * 1e6).round() as u64
+                }
                 Some(u) => return Err(format!("{u} is not a daily budget in USD")),
                 None => 0,
             };

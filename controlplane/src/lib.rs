@@ -465,9 +465,10 @@ fn set_live_gauges(m: &metrics::Metrics, stats: &pb::Stats, budgets: Vec<pb::Bud
             service: b.service,
             category: b.category,
         };
-        m.budget_remaining
-            .get_or_create(&labels)
-            .set(b.daily_micros as i64 - b.spent_micros as i64);
+        m.budget_remaining.get_or_create(&labels).set(
+            (i128::from(b.daily_micros) - i128::from(b.spent_micros))
+                .clamp(i64::MIN.into(), i64::MAX.into()) as i64,
+        );
     }
 }
 

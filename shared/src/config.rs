@@ -486,12 +486,16 @@ fn price_micros(errs: &mut Errors, key: &str, usd_per_mtok: f64) -> u64 {
     (usd_per_mtok * 1_000_000.0).round() as u64
 }
 
+/// The largest daily budget, in micro-dollars ($1e9): from the config, the CLI or the API.
+pub const MAX_BUDGET_MICROS: u64 = 1_000_000_000 * 1_000_000;
+
 fn usd_micros(errs: &mut Errors, key: &str, usd: f64) -> u64 {
-    if !usd.is_finite() || !(0.0..=1e9).contains(&usd) {
+    let micros = usd * 1_000_000.0;
+    if !usd.is_finite() || !(0.0..=MAX_BUDGET_MICROS as f64).contains(&micros) {
         errs.push(key, format!("{usd} must be between 0 and 1000000000 USD"));
         return 0;
     }
-    (usd * 1_000_000.0).round() as u64
+    micros.round() as u64
 }
 
 fn build_budgets(errs: &mut Errors, b: &BudgetsFile) -> BudgetSettings {
