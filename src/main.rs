@@ -8,6 +8,7 @@ use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use switchyard_controlplane::{client, TokenSource};
+use switchyard_dataplane::snapshot::Snapshot;
 use switchyard_shared::config::{self, MAX_WORKERS};
 use switchyard_shared::openai::{Endpoint, RequestView};
 use switchyard_shared::routing::{Plan, Priority, RequestFacts, RoutingTable};
@@ -215,10 +216,14 @@ fn main() -> ExitCode {
         Some(Command::Control(args)) => serve(args, false),
         Some(Command::Data(args)) => data(args),
         Some(Command::CheckConfig { file }) => match config::load_file(&file) {
-            Ok(table) => {
-                print!("{file}: OK\n{}", table.describe());
-                ExitCode::SUCCESS
-            }
+            // Built as `serve` would, so that TLS material (CA files) is loaded too.
+            Ok(table) => match Snapshot::new(table, false) {
+                Ok(snapshot) => {
+                    print!("{file}: OK\n{}", snapshot.table.describe());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&[format!("{file}: {e}")]),
+            },
             Err(errors) => fail(&errors),
         },
         Some(Command::Classify { config }) => classify(config),

@@ -58,6 +58,29 @@ fn check_config_prints_the_table_or_every_error() {
     );
     let missing = switchyard(&["check-config", "/nonexistent/switchyard.toml"]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read"));
+
+    // A CA file that looks like PEM but holds no usable certificate fails here, not at start.
+    let ca = good.with_file_name("ca.pem");
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let tls = write_config(
+        &config_for(&[("a", "https://127.0.0.1:9".to_string())], "").replace(
+            "first_byte_timeout_ms",
+            &format!("tls_ca_file = \"{}\"\nfirst_byte_timeout_ms", ca.display()),
+        ),
+    );
+    let out = switchyard(&["check-config", tls.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(tls.to_str().unwrap())
+            && err.contains("tls_ca_file")
+            && err.contains("certificate"),
+        "{err}"
+    );
 }
 
 #[test]

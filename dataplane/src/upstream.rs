@@ -74,20 +74,20 @@ pub fn tls_config(backend: &Backend) -> Result<Arc<rustls::ClientConfig>, String
     if let Some(path) = &backend.tls_ca_file {
         let certs = CertificateDer::pem_file_iter(path).map_err(|e| {
             format!(
-                "backend `{}`: cannot read tls_ca_file `{path}`: {e}",
+                "backend `{}`: tls_ca_file `{path}`: cannot read it: {e}",
                 backend.name
             )
         })?;
         for cert in certs {
             let cert = cert.map_err(|e| {
                 format!(
-                    "backend `{}`: bad certificate in `{path}`: {e}",
+                    "backend `{}`: tls_ca_file `{path}`: bad certificate: {e}",
                     backend.name
                 )
             })?;
             roots.add(cert).map_err(|e| {
                 format!(
-                    "backend `{}`: unusable CA certificate in `{path}`: {e}",
+                    "backend `{}`: tls_ca_file `{path}`: unusable CA certificate: {e}",
                     backend.name
                 )
             })?;
