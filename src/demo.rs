@@ -69,6 +69,16 @@ fn probe_models(port: u16, path: &str) -> Option<Vec<String>> {
     (!ids.is_empty()).then_some(ids)
 }
 
+/// Embedding models answer only /v1/embeddings: served by name, kept out of the chat tier.
+/// Known by their names (Ollama's and Hugging Face's embedding models say so, or are of
+/// these families).
+fn is_embedding_model(id: &str) -> bool {
+    let id = id.to_ascii_lowercase();
+    ["embed", "bge-", "bge:", "minilm", "e5-"]
+        .iter()
+        .any(|marker| id.contains(marker))
+}
+
 fn toml_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }
@@ -80,16 +90,24 @@ pub fn build() -> std::io::Result<Demo> {
             found.push((name, port, models));
         }
     }
-    if !found.is_empty() {
+    let targets: Vec<String> = found
+        .iter()
+        .flat_map(|(name, _, models)| {
+            models
+                .iter()
+                .filter(|m| !is_embedding_model(m))
+                .map(move |m| toml_string(&format!("{name}/{m}")))
+        })
+        .collect();
+    // Embedding models alone make no chat tier: the simulated demo then.
+    if !targets.is_empty() {
         let mut config = String::new();
-        let mut targets = Vec::new();
         for (name, port, models) in &found {
             let list: Vec<String> = models
                 .iter()
                 .map(|m| format!("{{ name = {} }}", toml_string(m)))
                 .collect();
             config.push_str(&format!("[[backends]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:{port}/\"\nmodels = [{}]\n\n", list.join(", ")));
-            targets.extend(models.iter().map(|m| toml_string(&format!("{name}/{m}"))));
         }
         config.push_str(&format!(
             "[[tiers]]\nname = \"local\"\ntargets = [{}]\n",
@@ -123,4 +141,33 @@ pub fn build() -> std::io::Result<Demo> {
              Point Switchyard at real models with `switchyard serve --config switchyard.toml` (see examples/switchyard.toml)."
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedding_models_are_known_by_name() {
+        for id in [
+            "nomic-embed-text:latest",
+            "mxbai-embed-large",
+            "BAAI/bge-m3",
+            "bge:latest",
+            "all-minilm",
+            "intfloat/e5-large-v2",
+            "text-embedding-3-small",
+        ] {
+            assert!(is_embedding_model(id), "{id}");
+        }
+        for id in [
+            "llama3.1:8b",
+            "qwen2.5-coder:32b",
+            "mistral-nemo",
+            "gemma2:27b",
+            "deepseek-r1:14b",
+        ] {
+            assert!(!is_embedding_model(id), "{id}");
+        }
+    }
 }
