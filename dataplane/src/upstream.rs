@@ -317,6 +317,10 @@ pub async fn exchange(
         .map_err(|(e, _, _)| e)
 }
 
+/// Requests up to this size fit the kernel's socket buffers (a send buffer starts at 16 KiB)
+/// whether or not the backend reads: writing them never waits on the backend.
+const UNTIMED_WRITE_BYTES: usize = 16 * 1024;
+
 /// `Err((error, request, nothing_received))`: the request comes back for a resend.
 async fn send_on(
     mut conn: Conn,
@@ -327,12 +331,17 @@ async fn send_on(
 ) -> Result<Response, (AttemptError, Vec<u8>, bool)> {
     // The backend must take the request within the first-byte time too: one that stopped
     // reading (hung, with its accept queue still open) would hold the attempt forever. Not
-    // taken whole, it was never read as a request: failing over is safe.
+    // taken whole, it was never read as a request: failing over is safe. A small request
+    // cannot wait on that (the socket buffers take it whole), and is written untimed (cheaper).
     let mut deadline = std::pin::pin!(monoio::time::sleep(backend.first_byte_timeout));
-    let write = monoio::select! {
-        biased;
-        w = conn.write_all(request) => Some(w),
-        _ = deadline.as_mut() => None,
+    let write = if request.len() <= UNTIMED_WRITE_BYTES {
+        Some(conn.write_all(request).await)
+    } else {
+        monoio::select! {
+            biased;
+            w = conn.write_all(request) => Some(w),
+            _ = deadline.as_mut() => None,
+        }
     };
     let Some((res, request)) = write else {
         let msg = format!(
