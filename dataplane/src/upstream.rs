@@ -333,14 +333,13 @@ async fn send_on(
     // reading (hung, with its accept queue still open) would hold the attempt forever. Not
     // taken whole, it was never read as a request: failing over is safe. A small request
     // cannot wait on that (the socket buffers take it whole), and is written untimed (cheaper).
-    let mut deadline = std::pin::pin!(monoio::time::sleep(backend.first_byte_timeout));
     let write = if request.len() <= UNTIMED_WRITE_BYTES {
         Some(conn.write_all(request).await)
     } else {
         monoio::select! {
             biased;
             w = conn.write_all(request) => Some(w),
-            _ = deadline.as_mut() => None,
+            _ = monoio::time::sleep(backend.first_byte_timeout) => None,
         }
     };
     let Some((res, request)) = write else {
@@ -361,11 +360,11 @@ async fn send_on(
     }
     let sent = Instant::now();
     written.set(Some(sent));
-    // The same timer for the whole head, beside the reads rather than wrapped around each (a
+    // One timer for the whole head, beside the reads rather than wrapped around each (a
     // wrapper is one more move of the read's future per request).
-    deadline
-        .as_mut()
-        .reset((sent + backend.first_byte_timeout).into());
+    let mut deadline = std::pin::pin!(monoio::time::sleep_until(
+        (sent + backend.first_byte_timeout).into()
+    ));
     let mut buf = Vec::with_capacity(READ_CHUNK);
     loop {
         let read = monoio::select! {
