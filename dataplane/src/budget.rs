@@ -11,6 +11,8 @@
 //! audio parts that cost more tokens than their bytes. The overrun is charged to the pool, so
 //! later requests see it. Remote data planes reserve from grants (`BudgetBook::grant`), which
 //! the control plane records before sending, so a restart does not grant the same money twice.
+//! A request still running when its budget day ends is charged to the new day, on which the
+//! ledger books its spend.
 //! Must not: lock per request (the book's mutex is taken once per worker, service and
 //! generation), or let a lease outlive its generation (workers return it when the book changes).
 
@@ -21,7 +23,7 @@ use std::rc::Rc;
 use std::sync::atomic::{
     AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use switchyard_shared::category::Category;
 use switchyard_shared::routing::BudgetSettings;
 
@@ -33,6 +35,9 @@ pub struct Pool {
     leased: AtomicU64,
     /// A remote data plane's pool: the control plane has answered a lease request for it.
     answered: AtomicBool,
+    /// The pool of the same budget that replaced this one (a new day): reservations made here
+    /// and settled after that are charged there, on the day the spend is booked.
+    successor: OnceLock<Arc<Pool>>,
 }
 
 impl Pool {
@@ -62,6 +67,15 @@ impl Pool {
                 Err(now) => leased = now,
             }
         }
+    }
+
+    /// The pool now in effect for this budget, if this one was replaced.
+    fn current_successor(&self) -> Option<&Arc<Pool>> {
+        let mut next = self.successor.get()?;
+        while let Some(later) = next.successor.get() {
+            next = later;
+        }
+        Some(next)
     }
 
     /// Returns unused money (`delta` > 0) or charges an overrun (`delta` < 0).
@@ -173,9 +187,8 @@ impl BookState {
         let spent = self.spent_before.get(&key).copied().unwrap_or(0);
         let pool = self.pools.entry(key).or_insert_with(|| {
             Arc::new(Pool {
-                limit: AtomicU64::new(0),
                 leased: AtomicU64::new(spent),
-                answered: AtomicBool::new(false),
+                ..Pool::default()
             })
         });
         if !self.granted {
@@ -345,7 +358,11 @@ impl BudgetBook {
         let mut s = self.state();
         s.day = day;
         s.spent_before = spent_before;
-        s.pools.clear();
+        for (key, old) in std::mem::take(&mut s.pools) {
+            if let Some(new) = s.pool(key) {
+                let _ = old.successor.set(new);
+            }
+        }
         self.bump(s);
     }
 
@@ -436,7 +453,19 @@ impl Lease {
     }
 
     fn settle(&self, reserved: u64, actual: u64) {
-        let delta = reserved as i64 - actual.min(MAX_AMOUNT) as i64;
+        let actual = actual.min(MAX_AMOUNT);
+        if let Some(current) = self.pool.current_successor() {
+            // Reserved on a day that has ended: the reservation goes back to this lease (its
+            // pool's day is over), the cost to the day it is booked on.
+            self.give_back(reserved as i64);
+            current.settle(-(actual as i64));
+            return;
+        }
+        self.give_back(reserved as i64 - actual as i64);
+    }
+
+    /// `delta` > 0: money back to this lease (or its pool, once detached); < 0: a charge.
+    fn give_back(&self, delta: i64) {
         if self.detached.get() {
             self.pool.settle(delta);
             return;
@@ -650,6 +679,26 @@ mod tests {
         granted(b.reserve(&book, "etl", Category::Chat, 980)).settle(980);
         assert!(matches!(
             b.reserve(&book, "etl", Category::Chat, 11),
+            Reserve::Refused
+        ));
+    }
+
+    #[test]
+    fn a_request_that_ends_on_the_next_day_is_charged_to_that_day() {
+        let book = book(None, 10);
+        let w = WorkerBudgets::default();
+        let running = granted(w.reserve(&book, "etl", Category::Chat, 600));
+        book.start_day("2026-11-28".into(), Spent::new());
+        // Booked when it ends: on the new day, whose pool counts it.
+        running.settle(300);
+        let leased = |book: &BudgetBook| {
+            let views = book.views([]);
+            views.iter().find(|v| v.key == ("etl".into(), None)).unwrap().leased
+        };
+        assert_eq!(leased(&book), 300);
+        granted(w.reserve(&book, "etl", Category::Chat, 700)).settle(700);
+        assert!(matches!(
+            w.reserve(&book, "etl", Category::Chat, 1),
             Reserve::Refused
         ));
     }
