@@ -239,14 +239,14 @@ pub async fn handle(
     ctx.prompt_chars = view.total_chars;
     let admit_tokens = estimate_tokens(view.total_chars)
         .saturating_add(view.max_tokens.unwrap_or(0).saturating_mul(view.choices));
-    // Without max_tokens, the output cap the budgets assume too.
-    let assumed = match view.max_tokens {
-        None => snap
+    // Without max_tokens, the output cap the budgets assume too (embeddings have no output).
+    let assumed = match (view.max_tokens, endpoint) {
+        (_, Endpoint::Embeddings) | (Some(_), _) => 0,
+        (None, _) => snap
             .table
             .budgets
             .default_max_output_tokens
             .saturating_mul(view.choices),
-        Some(_) => 0,
     };
     if let Some(keep) = admit(worker, snap, client, &mut ctx, admit_tokens, assumed).await {
         return keep;
@@ -1582,6 +1582,8 @@ async fn relay(
             wire.extend_from_slice(codec::LAST_CHUNK);
         }
         client_left = client.write(wire).await.0.is_err();
+        // The head may have gone only now, with the error (the stream broke at its start).
+        first_byte.get_or_insert_with(Instant::now);
     }
     // What the client was answered: the upstream's status, unless nothing had reached the
     // client when the upstream failed (a cacheable answer is read whole before it is sent);
