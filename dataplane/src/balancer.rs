@@ -25,8 +25,9 @@ pub struct BackendState {
     probing: AtomicBool,
     /// Last active check or proxied request succeeded (drives `/readyz`).
     healthy: AtomicBool,
-    /// Active checks failed in a row (counted apart from requests: a check passing says
-    /// nothing of completions, and requests failing nothing of the check endpoint).
+    /// Active checks failed in a row, since the last check passed, request succeeded or
+    /// ejection (counted apart from request failures: a check passing says nothing of
+    /// completions).
     check_failures: AtomicU32,
     /// When a response head or body bytes last arrived from this backend (same clock; 0 =
     /// never), kept to within `ANSWERED_GRAIN_MS` so that most reads only load it.
@@ -182,6 +183,10 @@ impl BackendStates {
                 if s.consecutive_failures.load(Relaxed) != 0 {
                     s.consecutive_failures.store(0, Relaxed);
                 }
+                // Serving requests: failed checks say more about the check than the backend.
+                if s.check_failures.load(Relaxed) != 0 {
+                    s.check_failures.store(0, Relaxed);
+                }
                 if half_open {
                     s.ejected_until_ms.store(0, Relaxed);
                     s.recovered_ms.store(self.now_ms(), Relaxed);
@@ -231,6 +236,7 @@ impl BackendStates {
         {
             s.ejections.store(n + 1, Relaxed);
             s.consecutive_failures.store(0, Relaxed);
+            s.check_failures.store(0, Relaxed);
         }
     }
 
@@ -687,6 +693,19 @@ targets = ["a/m", "b/m"]
         s.check_failed(0, &t.health);
         s.check_failed(0, &t.health);
         assert!(s.is_ejected(0) && !s.any_ready());
+        // Its probe passes: one more failed check does not eject it again at once.
+        s.advance(Duration::from_millis(60));
+        let probe = s.admit(0, 10).expect("the probe");
+        s.record(0, Verdict::Success, &t.health, probe.is_probe());
+        drop(probe);
+        s.check_failed(0, &t.health);
+        assert!(!s.is_ejected(0));
+        // A backend that serves requests is not ejected for a check that keeps failing.
+        for _ in 0..5 {
+            s.record(0, Verdict::Success, &t.health, false);
+            s.check_failed(0, &t.health);
+        }
+        assert!(!s.is_ejected(0));
     }
 
     #[test]
