@@ -69,10 +69,12 @@ impl Bucket {
                     (g >= units_signed).then(|| g - units_signed)
                 })
                 .map(drop)
-                .map_err(|_| {
+                .map_err(|g| {
                     self.wanted.fetch_max(units, Relaxed);
-                    // About when the control plane's bucket has refilled that much.
-                    Duration::from_nanos(units.saturating_mul(self.interval))
+                    // About when the control plane's bucket has refilled that much, and paid
+                    // any debt first.
+                    let debt = g.min(0).unsigned_abs();
+                    Duration::from_nanos(units.saturating_add(debt).saturating_mul(self.interval))
                 });
         }
         let cost = units.saturating_mul(self.interval);
@@ -489,7 +491,12 @@ mod tests {
             .unwrap()
             .settle(5_000);
         tokens.add_grant("etl", true, 100);
-        assert!(w.admit(&tokens, "etl", 10, 0).is_err(), "still in debt");
+        let refused = w.admit(&tokens, "etl", 10, 0).err().expect("still in debt");
+        // About 4,800 tokens of debt at 1,000 a minute: minutes, not the 10 tokens' 0.6 s.
+        assert!(
+            refused.retry_after > Duration::from_secs(200),
+            "{refused:?}"
+        );
         tokens.add_grant("etl", true, 5_000);
         assert!(w.admit(&tokens, "etl", 10, 0).is_ok(), "paid off");
     }
