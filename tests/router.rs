@@ -839,8 +839,19 @@ fn a_stream_and_its_follower(
         )
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let follower = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
-    std::thread::sleep(Duration::from_millis(300));
+    // The backend goes on once the follower has the first event (it follows the stream).
+    let (following, follows) = std::sync::mpsc::channel();
+    let follower = std::thread::spawn(move || {
+        let mut c = Conn::open(addr);
+        c.send(&post_raw("/v1/chat/completions", body, ""));
+        c.read_response_with(|_| {
+            let _ = following.send(());
+        })
+        .expect("a response")
+    });
+    follows
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the second request follows the first");
     finish(&mut upstream);
     drop(upstream);
     (first.join().unwrap(), follower.join().unwrap())
