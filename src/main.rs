@@ -7,8 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use switchyard_controlplane::{client, TokenSource};
-use switchyard_dataplane::snapshot::Snapshot;
+use switchyard_controlplane::{client, token_from_env, TokenSource};
+use switchyard_dataplane::snapshot::tls_configs;
 use switchyard_shared::config::{self, MAX_WORKERS};
 use switchyard_shared::openai::{Endpoint, RequestView};
 use switchyard_shared::routing::{Plan, Priority, RequestFacts, RoutingTable};
@@ -173,9 +173,9 @@ impl AdminArgs {
             .clone()
             .or_else(|| std::env::var("SWITCHYARD_ADMIN_URL").ok())
             .unwrap_or_else(|| "http://127.0.0.1:8081".into());
-        let token = match std::env::var("SWITCHYARD_ADMIN_TOKEN") {
-            Ok(t) if !t.is_empty() => t,
-            _ => {
+        let token = match token_from_env("SWITCHYARD_ADMIN_TOKEN") {
+            Some(t) => t,
+            None => {
                 let path = std::path::Path::new(&self.data_dir).join("admin-token");
                 std::fs::read_to_string(&path)
                     .map(|t| t.trim().to_string())
@@ -216,10 +216,10 @@ fn main() -> ExitCode {
         Some(Command::Control(args)) => serve(args, false),
         Some(Command::Data(args)) => data(args),
         Some(Command::CheckConfig { file }) => match config::load_file(&file) {
-            // Built as `serve` would, so that TLS material (CA files) is loaded too.
-            Ok(table) => match Snapshot::new(table, false) {
-                Ok(snapshot) => {
-                    print!("{file}: OK\n{}", snapshot.table.describe());
+            // TLS material (CA files) is loaded too, as serving would.
+            Ok(table) => match tls_configs(&table) {
+                Ok(_) => {
+                    print!("{file}: OK\n{}", table.describe());
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&[format!("{file}: {e}")]),
@@ -388,12 +388,12 @@ fn data(args: DataArgs) -> ExitCode {
         data_dir: args.data_dir.clone(),
     };
     // A data plane needs only the data-plane token, when the control plane has one.
-    let control = match std::env::var("SWITCHYARD_DATA_PLANE_TOKEN") {
-        Ok(token) if !token.is_empty() => client::Admin {
+    let control = match token_from_env("SWITCHYARD_DATA_PLANE_TOKEN") {
+        Some(token) => client::Admin {
             url: args.control.clone(),
             token,
         },
-        _ => match admin.resolve() {
+        None => match admin.resolve() {
             Ok(a) => a,
             Err(e) => return fail(&[e]),
         },

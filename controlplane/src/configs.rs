@@ -7,7 +7,7 @@
 use arc_swap::ArcSwap;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use switchyard_dataplane::snapshot::{SharedSnapshot, Snapshot};
+use switchyard_dataplane::snapshot::{tls_configs, SharedSnapshot, Snapshot};
 use switchyard_shared::config;
 use switchyard_shared::routing::RoutingTable;
 use tokio::sync::watch;
@@ -90,6 +90,7 @@ impl Configs {
     /// The table `toml` would produce, or every error in it (restart-only changes included).
     pub fn validate(&self, toml: &str, source: &str) -> Result<RoutingTable, Vec<String>> {
         let mut table = load(toml, source, &self.overrides)?;
+        tls_configs(&table).map_err(|e| vec![format!("{source}: {e}")])?;
         let changed = restart_only(&self.snapshot.load().table, &mut table, false);
         if changed.is_empty() {
             Ok(table)

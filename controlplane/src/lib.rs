@@ -377,10 +377,18 @@ pub struct Ready<'a> {
     pub admin: Option<(SocketAddr, TokenSource)>,
 }
 
+/// A token from the environment variable `name`, trimmed (a secret mounted from a file
+/// usually ends in a newline); `None` when unset or blank.
+pub fn token_from_env(name: &str) -> Option<String> {
+    let token = std::env::var(name).ok()?;
+    let token = token.trim();
+    (!token.is_empty()).then(|| token.to_string())
+}
+
 /// The admin token: from the environment variable the config names, else from (or newly
 /// written to) `<data_dir>/admin-token`, readable only by this user.
 pub fn admin_token(env_name: &str, data_dir: &Path) -> Result<(String, TokenSource), String> {
-    if let Some(t) = std::env::var(env_name).ok().filter(|t| !t.is_empty()) {
+    if let Some(t) = token_from_env(env_name) {
         return Ok((t, TokenSource::Env(env_name.to_string())));
     }
     let path = data_dir.join("admin-token");
@@ -606,10 +614,7 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
             let api_cp = cp.clone();
             let tokens = api::Tokens {
                 admin: token.into(),
-                data_plane: std::env::var(&admin.data_plane_token_env)
-                    .ok()
-                    .filter(|t| !t.is_empty())
-                    .map(Into::into),
+                data_plane: token_from_env(&admin.data_plane_token_env).map(Into::into),
             };
             runtime.spawn(async move {
                 let never = std::future::pending::<()>();

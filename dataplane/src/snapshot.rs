@@ -63,14 +63,7 @@ impl Snapshot {
         states: BackendStates,
         limits: Arc<RateLimits>,
     ) -> Result<Snapshot, String> {
-        let tls = table
-            .backends
-            .iter()
-            .map(|b| match b.scheme {
-                Scheme::Https => crate::upstream::tls_config(b).map(Some),
-                Scheme::Http => Ok(None),
-            })
-            .collect::<Result<_, _>>()?;
+        let tls = tls_configs(&table)?;
         let models_body = models_body(&table);
         Ok(Snapshot {
             limits,
@@ -80,6 +73,19 @@ impl Snapshot {
             tls,
         })
     }
+}
+
+/// Each backend's TLS client config (`None` for plain HTTP), or why one cannot be built: the
+/// TLS material (CA files) a table needs, loaded as serving it would.
+pub fn tls_configs(table: &RoutingTable) -> Result<Vec<Option<Arc<rustls::ClientConfig>>>, String> {
+    table
+        .backends
+        .iter()
+        .map(|b| match b.scheme {
+            Scheme::Https => crate::upstream::tls_config(b).map(Some),
+            Scheme::Http => Ok(None),
+        })
+        .collect()
 }
 
 fn models_body(table: &RoutingTable) -> Vec<u8> {
