@@ -693,7 +693,11 @@ mod tests {
         running.settle(300);
         let leased = |book: &BudgetBook| {
             let views = book.views([]);
-            views.iter().find(|v| v.key == ("etl".into(), None)).unwrap().leased
+            views
+                .iter()
+                .find(|v| v.key == ("etl".into(), None))
+                .unwrap()
+                .leased
         };
         assert_eq!(leased(&book), 300);
         granted(w.reserve(&book, "etl", Category::Chat, 700)).settle(700);
