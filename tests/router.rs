@@ -1490,10 +1490,15 @@ fn sigterm_drains_streams_in_flight_then_exits_zero() {
     let mut idle = Conn::open(r.addr);
     idle.send(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n");
     assert_eq!(idle.read_response().unwrap().status, 200);
+    // Answered once (so accepted: a connection still in the listen queue is reset when the
+    // listener closes), then a request begun, and time for the router to read it.
     let mut busy = Conn::open(r.addr);
+    busy.send(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!(busy.read_response().unwrap().status, 200);
     let request = post_raw("/v1/chat/completions", &chat("hi"), "");
     let (head_start, rest) = request.split_at(20);
     busy.send(head_start);
+    std::thread::sleep(Duration::from_millis(200));
     let mut signalled: Option<Instant> = None;
     let mut checked = false;
     let resp = c
