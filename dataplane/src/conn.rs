@@ -53,7 +53,7 @@ enum Waiting {
     Busy,
     /// Between requests, nothing of the next one here.
     Idle,
-    /// Closed by a drain while idle: whatever was read meanwhile is not served.
+    /// Closed for reading by a drain while idle.
     Shut,
 }
 
@@ -198,8 +198,8 @@ pub struct OpenConnections(RefCell<Slab<(RawFd, Rc<Cell<Waiting>>)>>);
 
 impl OpenConnections {
     /// Ends the wait of every idle connection: its read returns, and the connection closes
-    /// without serving what the read brought (a request that raced the drain is never sent
-    /// to a backend, and its caller sees a plain close, safe to retry elsewhere).
+    /// (a request that raced the drain, read whole by then, is refused as not started, like
+    /// any request completed during a drain; one cut by the shutdown is closed).
     pub fn close_idle(&self) {
         for (_, (fd, waiting)) in self.0.borrow().iter() {
             if waiting.get() == Waiting::Idle {
@@ -331,7 +331,9 @@ pub async fn read_head(client: &mut Client, l: &Listener) -> Result<Head, HeadEr
             .waiting
             .set(if idle { Waiting::Idle } else { Waiting::Busy });
         let read = client.read_more_by(by).await;
-        if client.waiting.replace(Waiting::Busy) == Waiting::Shut {
+        if client.waiting.replace(Waiting::Busy) == Waiting::Shut
+            && !matches!(read, Some(Ok(n)) if n > 0)
+        {
             return Err(HeadError::Closed);
         }
         match read {
