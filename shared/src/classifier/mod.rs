@@ -203,7 +203,7 @@ pub struct ClassifierConfig {
     /// Multiple-choice markers ("(a)", "\nb.", "options:"); two or more add
     /// `multiple_choice_weight` to qa.
     pub option_markers: Vec<String>,
-    /// Default 2.5.
+    /// Default 1.5.
     pub multiple_choice_weight: f32,
     /// Score a code fence (```) adds to code. Default 5.0.
     pub code_fence_weight: f32,
