@@ -160,8 +160,10 @@ struct Part<'a> {
 }
 
 #[derive(Deserialize)]
-struct StreamOptions {
-    include_usage: Option<bool>,
+struct StreamOptions<'a> {
+    /// Raw, so that the rewrite can set it in place; `Some` when present, `null` too.
+    #[serde(borrow, default, deserialize_with = "present")]
+    include_usage: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -180,7 +182,9 @@ pub struct RequestView<'a> {
     pub stream: bool,
     /// The caller asked for the final usage chunk itself (`stream_options.include_usage`).
     pub caller_wants_usage: bool,
+    /// Byte range of the `stream_options` value, and of its `include_usage` value.
     stream_options_span: Option<Range<usize>>,
+    include_usage_span: Option<Range<usize>>,
     pub system: Cow<'a, str>,
     pub last_user: Cow<'a, str>,
     pub earlier_turns: usize,
@@ -254,8 +258,18 @@ impl<'a> RequestView<'a> {
     /// Validates `body` for `endpoint` and extracts the routing view. One JSON pass for the
     /// body, one more over `messages` only.
     pub fn parse(endpoint: Endpoint, body: &'a [u8]) -> Result<RequestView<'a>, RequestError> {
+        // Checked whole: serde skips the strings of fields it does not read without checking
+        // them, and those reach the backend too (JSON text is UTF-8, RFC 8259 section 8.1).
+        let text = std::str::from_utf8(body).map_err(|e| RequestError {
+            kind: ErrorKind::InvalidJson,
+            message: format!(
+                "request body is not valid JSON: not UTF-8 at byte {}",
+                e.valid_up_to()
+            ),
+            param: None,
+        })?;
         let ObjectOnly(top): ObjectOnly<Top<'a>> =
-            serde_json::from_slice(body).map_err(RequestError::from_serde)?;
+            serde_json::from_str(text).map_err(RequestError::from_serde)?;
         let mut view = RequestView::default();
         if let Some(raw) = top.model {
             // `null` routes like an absent model; its value is still what the rewrite replaces.
@@ -273,14 +287,25 @@ impl<'a> RequestView<'a> {
                     .map_err(|_| {
                     RequestError::invalid("`stream_options` must be an object", "stream_options")
                 })?;
-                view.caller_wants_usage = opts.include_usage == Some(true);
+                if let Some(usage) = opts.include_usage {
+                    if !matches!(usage.get(), "true" | "false" | "null") {
+                        return Err(RequestError::invalid(
+                            "`stream_options.include_usage` must be a boolean",
+                            "stream_options",
+                        ));
+                    }
+                    view.caller_wants_usage = usage.get() == "true";
+                    view.include_usage_span = Some(span_of(body, usage));
+                }
             }
             view.stream_options_span = Some(span_of(body, raw));
         }
+        // Present and not empty (`[ ]` is as empty as `[]`).
         view.has_tools = [top.tools, top.functions]
             .into_iter()
             .flatten()
-            .any(|raw| raw.get() != "null" && raw.get() != "[]");
+            .map(RawValue::get)
+            .any(|v| v != "null" && v.strip_prefix('[').map(str::trim_start) != Some("]"));
         if let Some(raw) = top.response_format {
             if let Ok(ObjectOnly(rf)) =
                 serde_json::from_str::<ObjectOnly<ResponseFormat>>(raw.get())
@@ -416,19 +441,6 @@ impl<'a> RequestView<'a> {
     ) {
         let mut model_json = String::with_capacity(target_model.len() + 2);
         push_json_string(&mut model_json, target_model);
-        let stream_options = if inject_usage {
-            Some(match &self.stream_options_span {
-                Some(span) => {
-                    let mut obj: serde_json::Map<String, serde_json::Value> =
-                        serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
-                    obj.insert("include_usage".into(), serde_json::Value::Bool(true));
-                    serde_json::Value::Object(obj).to_string()
-                }
-                None => "{\"include_usage\":true}".to_string(),
-            })
-        } else {
-            None
-        };
         // Splices in body order; insertions of absent keys go right after the opening brace.
         let open = body.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
         let empty_object = body[open..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
@@ -442,14 +454,29 @@ impl<'a> RequestView<'a> {
                 Cow::Owned(format!("\"model\":{model_json}{sep}")),
             ),
         };
-        if let Some(value) = stream_options {
-            edits[1] = match &self.stream_options_span {
-                Some(span) => (span.clone(), Cow::Owned(value)),
-                None => (
-                    open..open,
-                    Cow::Owned(format!("\"stream_options\":{value},")),
-                ),
-            };
+        if inject_usage {
+            // Only `include_usage` is written: the caller's other options stay as they came.
+            let usage: (Range<usize>, &'static str) =
+                match (&self.stream_options_span, &self.include_usage_span) {
+                    (_, Some(value)) => (value.clone(), "true"),
+                    (Some(span), None) if &body[span.clone()] == b"null" => {
+                        (span.clone(), "{\"include_usage\":true}")
+                    }
+                    (Some(span), None) => {
+                        let inside = span.start + 1;
+                        let empty = body[inside..span.end - 1]
+                            .iter()
+                            .all(u8::is_ascii_whitespace);
+                        let member = if empty {
+                            "\"include_usage\":true"
+                        } else {
+                            "\"include_usage\":true,"
+                        };
+                        (inside..inside, member)
+                    }
+                    (None, None) => (open..open, "\"stream_options\":{\"include_usage\":true},"),
+                };
+            edits[1] = (usage.0, Cow::Borrowed(usage.1));
         }
         edits.sort_by_key(|(r, _)| r.start);
         out.reserve(body.len() + 64);
@@ -597,6 +624,13 @@ mod tests {
         assert_eq!(v.earlier_turns, 2);
         assert!(v.has_tools && v.json_output && v.stream && !v.caller_wants_usage);
         assert!(!v.deterministic);
+        let tools = |t: &str| {
+            let body = format!(r#"{{"tools":{t},"messages":[{{"role":"user","content":"x"}}]}}"#);
+            parse(Endpoint::ChatCompletions, &body).unwrap().has_tools
+        };
+        assert!(
+            !tools("[]") && !tools("[ \n ]") && !tools("null") && tools(r#"[{"type":"function"}]"#)
+        );
         let d = |b: &str| parse(Endpoint::Completions, b).unwrap().deterministic;
         assert!(d(r#"{"prompt":"p","temperature":0}"#) && d(r#"{"prompt":"p","top_k":1,"n":1}"#));
         assert!(
@@ -737,6 +771,24 @@ mod tests {
                 .kind,
             ErrorKind::InvalidJson
         );
+        // Bytes that are not UTF-8, in a field the router does not read too.
+        for (endpoint, body) in [
+            (
+                Endpoint::ChatCompletions,
+                &b"{\"stop\":\"\xff\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}"[..],
+            ),
+            (
+                Endpoint::Completions,
+                b"{\"x-vendor\":\"\xc3\",\"prompt\":\"p\"}",
+            ),
+            (
+                Endpoint::Embeddings,
+                b"{\"user\":\"\xed\xa0\x80\",\"input\":\"x\"}",
+            ),
+        ] {
+            let e = RequestView::parse(endpoint, body).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidJson, "{}", e.message);
+        }
     }
 
     #[test]
@@ -807,6 +859,34 @@ mod tests {
         assert!(!parse(Endpoint::Completions, asked)
             .unwrap()
             .needs_injected_usage(Endpoint::Completions));
+        // Only include_usage is written: the caller's other options reach the backend as they
+        // were spelled, even those a JSON value type would change or refuse.
+        for (options, sent) in [
+            (
+                r#"{"x":1e400,"y":-0,"z":"\ud800"}"#,
+                r#"{"include_usage":true,"x":1e400,"y":-0,"z":"\ud800"}"#,
+            ),
+            (
+                r#"{"a":1, "include_usage" : false, "a2":2}"#,
+                r#"{"a":1, "include_usage" : true, "a2":2}"#,
+            ),
+            (r#"{"include_usage":null}"#, r#"{"include_usage":true}"#),
+            ("{ }", r#"{"include_usage":true }"#),
+            ("null", r#"{"include_usage":true}"#),
+        ] {
+            let body =
+                format!(r#"{{"model":"a","stream":true,"stream_options":{options},"prompt":"p"}}"#);
+            let v = parse(Endpoint::Completions, &body).unwrap();
+            let out = v.rewrite(body.as_bytes(), "a", true);
+            let expected = body.replace(options, sent);
+            assert_eq!(String::from_utf8_lossy(&out), expected, "{options}");
+        }
+        let e = parse(
+            Endpoint::Completions,
+            r#"{"stream":true,"stream_options":{"include_usage":"yes"},"prompt":"p"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param, Some("stream_options"));
     }
 
     #[test]
