@@ -195,9 +195,21 @@ fn any_body_is_refused_or_parsed_and_rewritten_faithfully() {
             if inject {
                 let options = take(&mut after, "stream_options");
                 assert_eq!(options.len(), 1, "{shown}");
-                let options: Value = serde_json::from_str(&options[0]).unwrap();
-                assert_eq!(options["include_usage"], true, "{shown}");
-                take(&mut before, "stream_options");
+                let parsed: Value = serde_json::from_str(&options[0]).unwrap();
+                assert_eq!(parsed["include_usage"], true, "{shown}");
+                // The caller's other options as they were written, include_usage once.
+                let mut after_options = top_level(options[0].as_bytes()).unwrap();
+                assert_eq!(
+                    take(&mut after_options, "include_usage"),
+                    ["true"],
+                    "{shown}"
+                );
+                let mut before_options = take(&mut before, "stream_options")
+                    .first()
+                    .and_then(|o| top_level(o.as_bytes()))
+                    .unwrap_or_default();
+                take(&mut before_options, "include_usage");
+                assert_eq!(before_options, after_options, "{body}\n-> {shown}");
             }
             // Everything else as it came, byte for byte and in order.
             assert_eq!(before, after, "{body}\n-> {shown}");
