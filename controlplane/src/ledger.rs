@@ -364,6 +364,7 @@ impl Ledger {
         today: impl Fn() -> String,
     ) {
         let mut batch = Vec::with_capacity(BATCH);
+        let mut trim = crate::trim::IdleTrim::default();
         loop {
             let day = today();
             let mut drained = false;
@@ -388,6 +389,7 @@ impl Ledger {
             if disconnected {
                 return;
             }
+            trim.drained(drained, std::time::Instant::now());
             std::thread::sleep(if drained { busy } else { idle });
         }
     }

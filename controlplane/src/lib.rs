@@ -15,6 +15,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod remote;
 pub mod store;
+mod trim;
 
 use api::pb;
 use compact_str::CompactString;

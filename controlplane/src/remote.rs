@@ -216,10 +216,13 @@ async fn fetch_keys(client: &mut AuthedClient) -> Result<KeyTable, String> {
 impl Remote {
     /// Moves usage events from the workers' channel into the outbox, stamped with the time.
     fn collect(&self, events: UsageReceiver) {
+        let mut trim = crate::trim::IdleTrim::default();
         loop {
+            let mut drained = false;
             let disconnected = loop {
                 match events.try_recv() {
                     Ok(e) => {
+                        drained = true;
                         let record = record_from_event(&e, jiff::Timestamp::now().as_millisecond());
                         let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
                         if outbox.records.len() < outbox.capacity {
@@ -235,6 +238,7 @@ impl Remote {
             if disconnected {
                 return;
             }
+            trim.drained(drained, std::time::Instant::now());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
