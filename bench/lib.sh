@@ -151,9 +151,11 @@ http {
     upstream sim {
         server 127.0.0.1:$3;
         keepalive 64;
+        keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$2;
+        # One listening socket per worker, as Switchyard's SO_REUSEPORT.
+        listen 127.0.0.1:$2 reuseport;
         location / {
             proxy_pass http://sim;
             proxy_http_version 1.1;

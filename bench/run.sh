@@ -152,6 +152,12 @@ for t in "${TARGETS[@]}"; do
             grep -q '"chat.completion"' "$TMP/check.body" || die "$t json: unexpected body"
         else
             grep -q 'data: \[DONE\]' "$TMP/check.body" || die "$t stream: no [DONE] in the stream"
+            grep -qi '^content-type: text/event-stream' "$TMP/check.head" || die "$t stream: not an event stream"
+            grep -qi '^transfer-encoding: chunked' "$TMP/check.head" || die "$t stream: not chunked"
+            # Every token as an event, and no usage chunk the caller did not ask for.
+            events=$(grep -c '^data: {' "$TMP/check.body" || true)
+            [ "$events" = "$SIM_TOKENS" ] || die "$t stream: $events events, not $SIM_TOKENS"
+            ! grep -q '"usage"' "$TMP/check.body" || die "$t stream: a usage chunk reached the caller"
         fi
         case $t in switchyard-*)
             grep -qi '^x-switchyard-tier:' "$TMP/check.head" || die "$t: no x-switchyard-* headers" ;;
@@ -194,28 +200,36 @@ if [ "$WARMUP" -gt 0 ]; then
 fi
 
 for r in $(seq "$ROUNDS"); do
+    # Each round starts with another target, so that none always runs first or after the same one.
+    ORDER=()
+    for i in $(seq 0 $((${#TARGETS[@]} - 1))); do
+        ORDER+=("${TARGETS[$(((i + r - 1) % ${#TARGETS[@]}))]}")
+    done
     for mode in json stream; do
-        for t in "${TARGETS[@]}"; do
+        for t in "${ORDER[@]}"; do
             run_wrk "$r" "$mode" "$t" "$CONNS" "$THREADS" "$DURATION"
             sleep 1
         done
     done
-    for t in "${TARGETS[@]}"; do
+    for t in "${ORDER[@]}"; do
         run_wrk "$r" json "$t" 1 1 "$LAT_DURATION"
         sleep 1
     done
 done
 
-declare -A PEAK_KB
-for t in "${SY_TARGETS[@]}"; do
+declare -A PEAK_KB AFTER_KB
+# Idle again after the load: what the allocator kept counts as idle memory too (Switchyard
+# returns free memory after 10 s without requests).
+sleep 12
+for t in "${SY_TARGETS[@]}" nginx; do
     PEAK_KB[$t]=$(status_kb VmHWM ${PROCS[$t]})
+    AFTER_KB[$t]=$(status_kb VmRSS ${PROCS[$t]})
 done
-PEAK_KB[nginx]=$(status_kb VmHWM ${PROCS[nginx]})
 
 # ---------------------------------------------------------------- idle keep-alive connections
 # Fresh processes, so the load runs above do not colour the number.
 cat >"$TMP/idle_conns.py" <<'EOF'
-import socket, sys, time
+import os, socket, sys, time
 port, n, pids = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 def rss():
     total = 0
@@ -227,7 +241,11 @@ def rss():
     return total
 before = rss()
 socks, ok = [], 0
-req = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+# A proxied request on each (the same chat completion as the load runs), so that every
+# connection holds what serving a request leaves with it.
+body = os.environ["BODY"].encode()
+req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+       b"Content-Length: %d\r\n\r\n" % len(body)) + body
 for i in range(n):
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     s.sendall(req)
@@ -248,7 +266,7 @@ for i in range(n):
         if not chunk:
             break
         rest += chunk
-    if head.startswith(b"HTTP/1.1 "):
+    if head.startswith(b"HTTP/1.1 200 ") and len(rest) >= length:
         ok += 1
     socks.append(s)
 time.sleep(1.0)
@@ -268,12 +286,14 @@ declare -A CONN_BEFORE CONN_WITH CONN_OK
 idle_conns() { # idle_conns TARGET PORT PIDS...
     local t=$1 port=$2 out
     shift 2
-    out=$(timeout 120 python3 "$TMP/idle_conns.py" "$port" "$CONNS_IDLE" "$@") ||
+    out=$(BODY=$BODY_JSON timeout 120 python3 "$TMP/idle_conns.py" "$port" "$CONNS_IDLE" "$@") ||
         { log "idle-connection check failed for $t"; CONN_OK[$t]="failed"; return 0; }
     eval "local $out"
     CONN_BEFORE[$t]=$before_kb
     CONN_WITH[$t]=$with_kb
-    CONN_OK[$t]="$answered answered, $open open"
+    CONN_OK[$t]="$answered answered 200, $open open"
+    # The RSS counts only when every connection was answered and stayed open.
+    [ "$answered" = "$CONNS_IDLE" ] && [ "$open" = "$CONNS_IDLE" ] || CONN_WITH[$t]=""
     log "$t: RSS ${before_kb} kB idle, ${with_kb} kB with $CONNS_IDLE keep-alive connections ($answered answered, $open still open)"
 }
 log "memory with $CONNS_IDLE idle keep-alive connections (fresh processes)"
@@ -302,6 +322,7 @@ for t in "${SY_TARGETS[@]}" nginx; do
     meta "idle_anon_kb:$t" "${IDLE_ANON_KB[$t]:-}"
     meta "idle_file_kb:$t" "${IDLE_FILE_KB[$t]:-}"
     meta "peak_kb:$t" "${PEAK_KB[$t]:-}"
+    meta "after_kb:$t" "${AFTER_KB[$t]:-}"
     meta "conn_before_kb:$t" "${CONN_BEFORE[$t]:-}"
     meta "conn_with_kb:$t" "${CONN_WITH[$t]:-}"
     meta "conn_ok:$t" "${CONN_OK[$t]:-}"
@@ -363,6 +384,7 @@ memrow("idle, right after start", "idle_kb")
 memrow("... of which anonymous (RssAnon)", "idle_anon_kb")
 memrow("... of which file-backed (RssFile: binary, libraries)", "idle_file_kb")
 memrow("peak during the load runs (VmHWM)", "peak_kb")
+memrow("idle again, 12 s after the load runs", "after_kb")
 memrow(f"fresh process, before the idle connections", "conn_before_kb")
 memrow(f"fresh process, with {idle_n} idle keep-alive connections", "conn_with_kb")
 w(f"| idle-connection check | " + " | ".join(meta.get(f"conn_ok:{t}", "") for t in sys_targets + ["nginx"]) + " |")
@@ -377,19 +399,23 @@ w("| target check | " + " | ".join(sys_targets) + " |")
 w("|---|" + "---:|" * len(sys_targets))
 def verdict(ok):
     return "meets" if ok else "misses"
+def checked(s, ok):
+    # wrk counts error answers as requests: a run with errors says nothing either way.
+    both = s["errors"] + ng[m]["errors"]
+    return f"invalid: {both} errors" if both else verdict(ok)
 for m in ("json", "stream"):
     name = {"json": "JSON", "stream": "SSE"}[m]
     cells = []
     for t in sys_targets:
         s = stats(m, t, conns)
         r = s["rps"] / ng[m]["rps"]
-        cells.append(f"{r:.2f} ({verdict(r >= 1.0)})")
+        cells.append(f"{r:.2f} ({checked(s, r >= 1.0)})")
     w(f"| {name} throughput / nginx (target >= 1.0) | " + " | ".join(cells) + " |")
     cells = []
     for t in sys_targets:
         s = stats(m, t, conns)
         r = s["cpu"] / ng[m]["cpu"]
-        cells.append(f"{r:.2f}x ({verdict(r <= 1.2)})")
+        cells.append(f"{r:.2f}x ({checked(s, r <= 1.2)})")
     w(f"| {name} CPU per request / nginx (target <= 1.2x) | " + " | ".join(cells) + " |")
 def memcheck(key, limit_mb):
     cells = []
@@ -397,18 +423,26 @@ def memcheck(key, limit_mb):
         kb = meta.get(f"{key}:{t}")
         cells.append("n/a" if not kb else f"{mb(kb)} ({verdict(int(kb) / 1024 < limit_mb)})")
     return " | ".join(cells)
-w(f"| idle RSS (target < 10 MB) | " + memcheck("idle_kb", 10) + " |")
+w(f"| idle RSS right after start (target < 10 MB) | " + memcheck("idle_kb", 10) + " |")
+w(f"| idle RSS after the load runs (target < 10 MB) | " + memcheck("after_kb", 10) + " |")
 w(f"| RSS with {idle_n} keep-alive connections (target < 64 MB) | " + memcheck("conn_with_kb", 64) + " |")
+def added_p99(t):
+    """Per round, the target's p99 less the direct one's of the same round (runs minutes
+    apart see different noise): the median and every round's."""
+    direct = {r["round"]: int(r["p99_us"]) for r in runs("json", "direct", 1)}
+    adds = [int(r["p99_us"]) - direct[r["round"]] for r in runs("json", t, 1) if r["round"] in direct]
+    return statistics.median(adds), adds
 cells = []
 for t in sys_targets:
-    s = stats("json", t, 1)
-    add = s["p99"] - d1["p99"]
-    cells.append(f"{add:+,.0f} us: {s['p99']:,.0f} vs {d1['p99']:,.0f} ({verdict(add < 50)})")
-w(f"| added p99 at 1 connection vs direct (target < 50 us) | " + " | ".join(cells) + " |")
+    add, adds = added_p99(t)
+    spread = max(adds) - min(adds)
+    call = verdict(add < 50) + (f"; rounds spread {spread} us: noise-bound" if spread > 50 else "")
+    cells.append(f"{add:+,.0f} us, per round {', '.join(f'{a:+d}' for a in adds)} ({call})")
+w(f"| added p99 at 1 connection vs direct, same round (target < 50 us) | " + " | ".join(cells) + " |")
 w("")
-add_ng = ng1["p99"] - d1["p99"]
+add_ng = added_p99("nginx")[0]
 add50 = ", ".join(f"{t} {stats('json', t, 1)['p50'] - d1['p50']:+.0f} us" for t in sys_targets)
-w(f"Reference: nginx adds {add_ng:+,.0f} us p99 at 1 connection ({ng1['p99']:,.0f} vs {d1['p99']:,.0f} us). Added p50 at 1 connection: nginx {ng1['p50'] - d1['p50']:+.0f} us, {add50}.")
+w(f"Reference: nginx adds {add_ng:+,.0f} us p99 at 1 connection (median of the rounds). Added p50 at 1 connection (medians): nginx {ng1['p50'] - d1['p50']:+.0f} us, {add50}.")
 if not os.environ.get("PINNED"):
     w("On a box where wrk, the simulator and the proxy share the cores, a 1-connection p99 is dominated by scheduling noise (compare the per-round values below); the p50 difference is the steadier view of the added hop.")
 w("")
@@ -434,8 +468,8 @@ SECTION=$TMP/section.md
     echo
     echo "- Host: Linux $(uname -r), ${CPU_MODEL:-unknown CPU}, $CORES cores; load average ${LOAD_START} before, ${LOAD_END} after."
     echo "- Build: \`$REV\`$([ "$DIRTY" -gt 0 ] && echo " plus $DIRTY uncommitted modified files"), release binary built $BIN_DATE; $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///')."
-    echo "- Switchyard: --workers $WORKERS, io_driver measured: $(for t in "${SY_TARGETS[@]}"; do printf '%s ' "${NOTE[$t]:-${t#switchyard-} (unconfirmed)}"; done | sed 's/ $//; s/ I\/O driver /, /g; s/ I\/O driver$//')$([ ${#SKIPPED[@]} -gt 0 ] && printf '; not measured: %s' "${SKIPPED[*]}"). nginx: worker_processes $WORKERS, upstream keepalive 64, proxy_http_version 1.1, access_log off, proxy_buffering at its default (on). Simulator: --workers $SIM_WORKERS, $SIM_TOKENS completion tokens, SSE chunks sent without pauses."
-    echo "- Load: wrk, $THREADS threads x $CONNS connections, ${DURATION}s per run, $ROUNDS interleaved rounds (each round: JSON then SSE, each over direct / Switchyard / nginx, then 1 thread x 1 connection JSON for ${LAT_DURATION}s per target), ${WARMUP}s warm-up per target and mode first. Request: POST /v1/chat/completions, model \"$MODEL\", one user message. $(if [ -n "$PINNED" ]; then echo "Pinned CPUs: proxy ${PROXY_CPUS:-any}, simulator ${SIM_CPUS:-any}, wrk ${WRK_CPUS:-any}."; else echo "Nothing is pinned: wrk, the simulator and the proxy share the $CORES cores, so throughput is bounded by the box, not by the proxy alone; CPU per request is the cleaner comparison."; fi)"
+    echo "- Switchyard: --workers $WORKERS, io_driver measured: $(for t in "${SY_TARGETS[@]}"; do printf '%s ' "${NOTE[$t]:-${t#switchyard-} (unconfirmed)}"; done | sed 's/ $//; s/ I\/O driver /, /g; s/ I\/O driver$//')$([ ${#SKIPPED[@]} -gt 0 ] && printf '; not measured: %s' "${SKIPPED[*]}"). nginx: worker_processes $WORKERS, listen with reuseport, upstream keepalive 64 (keepalive_requests 1000000), proxy_http_version 1.1, access_log off, proxy_buffering at its default (on; off measured the same, docs/BENCHMARKS.md 2026-11-28 notes). Simulator: --workers $SIM_WORKERS, $SIM_TOKENS completion tokens, SSE chunks sent without pauses."
+    echo "- Load: wrk, $THREADS threads x $CONNS connections, ${DURATION}s per run, $ROUNDS interleaved rounds (each round: JSON then SSE, each over direct / Switchyard / nginx, starting with another target each round, then 1 thread x 1 connection JSON for ${LAT_DURATION}s per target), ${WARMUP}s warm-up per target and mode first. Request: POST /v1/chat/completions, model \"$MODEL\", one user message. $(if [ -n "$PINNED" ]; then echo "Pinned CPUs: proxy ${PROXY_CPUS:-any}, simulator ${SIM_CPUS:-any}, wrk ${WRK_CPUS:-any}."; else echo "Nothing is pinned: wrk, the simulator and the proxy share the $CORES cores, so throughput is bounded by the box, not by the proxy alone; CPU per request is the cleaner comparison."; fi)"
     echo "- Command: \`$([ -n "$PINNED" ] && echo "PROXY_CPUS=${PROXY_CPUS:-} SIM_CPUS=${SIM_CPUS:-} WRK_CPUS=${WRK_CPUS:-} ")DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS THREADS=$THREADS WORKERS=$WORKERS SIM_WORKERS=$SIM_WORKERS DRIVER=\"$DRIVER\" bash bench/run.sh\`"
     echo
     cat "$TABLE"
