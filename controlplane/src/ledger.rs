@@ -355,13 +355,15 @@ impl Ledger {
     /// are counted on. Polling instead of a blocking receive means a worker's `try_send` never
     /// has a sleeping thread to wake: the futex wake-up it would cost per request showed in
     /// profiles of the request path. Short periods under load keep each drain short, so it
-    /// takes a core from the workers for less time at once.
+    /// takes a core from the workers for less time at once. `in_flight` says whether requests
+    /// are running (for returning free memory only once there is no traffic).
     pub fn consume(
         &self,
         events: UsageReceiver,
         log_events: bool,
         (busy, idle): (std::time::Duration, std::time::Duration),
         today: impl Fn() -> String,
+        in_flight: impl Fn() -> bool,
     ) {
         let mut batch = Vec::with_capacity(BATCH);
         let mut trim = crate::trim::IdleTrim::default();
@@ -389,7 +391,7 @@ impl Ledger {
             if disconnected {
                 return;
             }
-            trim.drained(drained, std::time::Instant::now());
+            trim.drained(drained || in_flight(), std::time::Instant::now());
             std::thread::sleep(if drained { busy } else { idle });
         }
     }
@@ -473,7 +475,13 @@ mod tests {
         tx.send(stored).unwrap();
         drop(tx);
         let period = std::time::Duration::from_millis(1);
-        ledger.consume(rx, false, (period, period), || "2026-11-27".into());
+        ledger.consume(
+            rx,
+            false,
+            (period, period),
+            || "2026-11-27".into(),
+            || false,
+        );
         let t = ledger.totals();
         assert_eq!(
             t["a"],
@@ -540,7 +548,13 @@ mod tests {
         }
         drop(tx);
         let period = std::time::Duration::from_millis(1);
-        ledger.consume(rx, false, (period, period), || "2026-11-28".into());
+        ledger.consume(
+            rx,
+            false,
+            (period, period),
+            || "2026-11-28".into(),
+            || false,
+        );
         let t = ledger.totals();
         assert_eq!(t["a"].requests + t["b"].requests, n as u64);
         assert_eq!(t["a"].cost_micros, n.div_ceil(2) as u64);

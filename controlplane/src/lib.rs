@@ -586,11 +586,14 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
         // threads.
         runtime.spawn_blocking(move || {
             let days = consumer.clone();
-            consumer
-                .ledger
-                .consume(events, log_events, USAGE_DRAIN_PERIODS, move || {
-                    days.today()
-                })
+            let workers = consumer.local.as_ref().map(|dp| dp.shared.clone());
+            consumer.ledger.consume(
+                events,
+                log_events,
+                USAGE_DRAIN_PERIODS,
+                move || days.today(),
+                move || workers.as_ref().is_some_and(|w| w.inflight() > 0),
+            )
         });
     }
     let flusher = cp.clone();

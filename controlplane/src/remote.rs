@@ -238,7 +238,8 @@ impl Remote {
             if disconnected {
                 return;
             }
-            trim.drained(drained, std::time::Instant::now());
+            let in_flight = self.dataplane.shared.inflight() > 0;
+            trim.drained(drained || in_flight, std::time::Instant::now());
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -1,6 +1,6 @@
 //! Memory back to the system once traffic stops. Owns: noticing, from the usage stream every
-//! request feeds, that a burst has ended, and then asking the allocator to return the free
-//! pages it kept.
+//! finished request feeds and the count of requests in flight, that a burst has ended, and
+//! then asking the allocator to return the free pages it kept.
 //!
 //! glibc keeps what a burst freed in its arenas (one per thread) for the next one: after a load,
 //! an idle router held 3.6-4.4 MB more than at start, of which trimming returns about 2 MB
@@ -22,7 +22,8 @@ pub struct IdleTrim {
 }
 
 impl IdleTrim {
-    /// Called after each drain of the usage channel (`events`: it found some), at `now`.
+    /// Called after each drain of the usage channel, at `now`; `events`: it found some, or
+    /// requests are in flight.
     pub fn drained(&mut self, events: bool, now: Instant) {
         if self.due(events, now) {
             release_free_memory();
