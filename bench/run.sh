@@ -436,7 +436,9 @@ cells = []
 for t in sys_targets:
     add, adds = added_p99(t)
     spread = max(adds) - min(adds)
-    call = verdict(add < 50) + (f"; rounds spread {spread} us: noise-bound" if spread > 50 else "")
+    errors = stats("json", t, 1)["errors"] + d1["errors"]
+    call = f"invalid: {errors} errors" if errors else verdict(add < 50)
+    call += f"; rounds spread {spread} us: noise-bound" if spread > 50 else ""
     cells.append(f"{add:+,.0f} us, per round {', '.join(f'{a:+d}' for a in adds)} ({call})")
 w(f"| added p99 at 1 connection vs direct, same round (target < 50 us) | " + " | ".join(cells) + " |")
 w("")

@@ -90,17 +90,21 @@ impl Configs {
     /// The table `toml` would produce, or every error in it (restart-only changes included).
     pub fn validate(&self, toml: &str, source: &str) -> Result<RoutingTable, Vec<String>> {
         let mut table = load(toml, source, &self.overrides)?;
-        tls_configs(&table).map_err(|e| vec![format!("{source}: {e}")])?;
+        let mut errors: Vec<String> = tls_configs(&table)
+            .err()
+            .map(|e| format!("{source}: {e}"))
+            .into_iter()
+            .collect();
         let changed = restart_only(&self.snapshot.load().table, &mut table, false);
-        if changed.is_empty() {
+        errors.extend(
+            changed.into_iter().map(|key| {
+                format!("{source}: {key}: cannot change while running; restart to apply")
+            }),
+        );
+        if errors.is_empty() {
             Ok(table)
         } else {
-            Err(changed
-                .into_iter()
-                .map(|key| {
-                    format!("{source}: {key}: cannot change while running; restart to apply")
-                })
-                .collect())
+            Err(errors)
         }
     }
 

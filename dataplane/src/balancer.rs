@@ -25,9 +25,9 @@ pub struct BackendState {
     probing: AtomicBool,
     /// Last active check or proxied request succeeded (drives `/readyz`).
     healthy: AtomicBool,
-    /// Active checks failed in a row, since the last check passed, request succeeded or
-    /// ejection (counted apart from request failures: a check passing says nothing of
-    /// completions).
+    /// Active checks failed in a row, since the last check passed or request succeeded
+    /// (counted apart from request failures: a check passing says nothing of completions).
+    /// An ejection leaves it: checks failing through one, then passing, end it early.
     check_failures: AtomicU32,
     /// When a response head or body bytes last arrived from this backend (same clock; 0 =
     /// never), kept to within `ANSWERED_GRAIN_MS` so that most reads only load it.
@@ -236,7 +236,6 @@ impl BackendStates {
         {
             s.ejections.store(n + 1, Relaxed);
             s.consecutive_failures.store(0, Relaxed);
-            s.check_failures.store(0, Relaxed);
         }
     }
 
@@ -678,6 +677,24 @@ targets = ["a/m", "b/m"]
         s.record(0, Verdict::Failure, &t.health, probe.is_probe());
         drop(probe);
         assert!(s.is_ejected(0), "the failed probe ejects again");
+    }
+
+    #[test]
+    fn checks_failing_through_an_ejection_end_it_when_they_pass() {
+        let t = table();
+        let s = BackendStates::new(1, true);
+        s.check_failed(0, &t.health);
+        s.check_failed(0, &t.health);
+        assert!(s.is_ejected(0));
+        s.advance(Duration::from_millis(60));
+        let probe = s.admit(0, 10).expect("the probe");
+        s.check_failed(0, &t.health);
+        s.record(0, Verdict::Failure, &t.health, probe.is_probe());
+        drop(probe);
+        assert!(s.is_ejected(0), "still down: ejected again, for longer");
+        // Back up, as the checks see it: its next request is the probe, at once.
+        s.check_passed(0);
+        assert!(s.admit(0, 10).is_some_and(|p| p.is_probe()));
     }
 
     #[test]

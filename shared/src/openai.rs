@@ -284,8 +284,14 @@ impl<'a> RequestView<'a> {
         if let Some(raw) = top.stream_options {
             if raw.get() != "null" {
                 let ObjectOnly(opts): ObjectOnly<StreamOptions> = serde_json::from_str(raw.get())
-                    .map_err(|_| {
-                    RequestError::invalid("`stream_options` must be an object", "stream_options")
+                    .map_err(|e| {
+                    let message = if raw.get().starts_with('{') {
+                        // An object, with a member twice, say.
+                        format!("`stream_options`: {e}")
+                    } else {
+                        "`stream_options` must be an object".to_string()
+                    };
+                    RequestError::invalid(message, "stream_options")
                 })?;
                 if let Some(usage) = opts.include_usage {
                     if !matches!(usage.get(), "true" | "false" | "null") {
@@ -887,6 +893,9 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.param, Some("stream_options"));
+        let twice = r#"{"stream":true,"stream_options":{"include_usage":false,"include\u005fusage":true},"prompt":"p"}"#;
+        let e = parse(Endpoint::Completions, twice).unwrap_err();
+        assert!(e.message.contains("duplicate field"), "{}", e.message);
     }
 
     #[test]
