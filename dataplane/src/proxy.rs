@@ -73,6 +73,8 @@ struct Ctx<'r> {
     /// The tier (rank) the current attempt's target was taken from: the one the response
     /// headers, the usage event and a stored answer name.
     tier: Option<usize>,
+    /// The target of the last attempt: what an error answer after failed attempts names.
+    last_target: Option<usize>,
     /// Why the router refused the request itself (usage event `refused_by`).
     refused_by: &'static str,
     /// Tokens admitted under the service's tokens-per-minute limit; `log` settles them.
@@ -185,6 +187,7 @@ pub async fn handle(
         reservation: Cell::new(None),
         downgraded: false,
         tier: None,
+        last_target: None,
         refused_by: "",
         token_charge: Cell::new(None),
     };
@@ -382,6 +385,7 @@ pub async fn handle(
                     Some((target, hit))
                 });
                 if let Some((target, hit)) = stored {
+                    ctx.downgraded = cheaper.is_some();
                     return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay).await;
                 }
                 continue 'groups;
@@ -423,6 +427,8 @@ pub async fn handle(
                         );
                     }
                     drop(slot);
+                    // From a cheaper tier than routed when the budget moved the request.
+                    ctx.downgraded = cheaper.is_some();
                     return serve_hit(worker, snap, client, &mut ctx, target, &hit, replay).await;
                 }
             }
@@ -485,15 +491,14 @@ pub async fn handle(
                     drop(slot);
                     refused_since_attempt = true;
                     if cheaper.is_none() {
-                        // The tiers cheaper than the target's cheapest. A target in no tier
-                        // (an explicitly requested model) and embeddings (another model kind)
-                        // have no cheaper stand-in: they are refused instead.
+                        // The tiers cheaper than the one walked (for an explicit target list:
+                        // the target's cheapest). A target in no tier (an explicitly requested
+                        // model) and embeddings (another model kind) have no cheaper stand-in:
+                        // they are refused instead.
                         let rank = match endpoint {
                             Endpoint::Embeddings => 0,
-                            _ => table
-                                .tiers
-                                .iter()
-                                .position(|tier| tier.targets.contains(&target))
+                            _ => group_tier
+                                .or_else(|| table.first_tier_of(target))
                                 .unwrap_or(0),
                         };
                         cheaper = Some((0..rank).rev());
@@ -509,6 +514,7 @@ pub async fn handle(
                 ctx.cache = "bypass";
             }
             tried.push(target);
+            ctx.last_target = Some(target);
             ctx.attempts += 1;
             let backend = &table.backends[t.backend];
             let request = upstream_request(head, backend, ctx.request_id, |out| {
@@ -1849,8 +1855,19 @@ async fn send_reject(
     param: Option<&str>,
     extra: Option<&[u8]>,
 ) -> bool {
+    // After failed attempts, the error names the last target tried (for the caller and the
+    // usage event: which backend failed); before any, nothing.
+    let table = &snap.table;
+    let tier = ctx.last_target.and_then(|_| tier_name(table, ctx));
     let mut headers = Vec::with_capacity(256);
-    explain(&mut headers, ctx, "", "", "");
+    match ctx.last_target {
+        Some(target) => {
+            let t = &table.targets[target];
+            let backend = &table.backends[t.backend].name;
+            explain(&mut headers, ctx, tier.map_or("", |t| t), backend, &t.model);
+        }
+        None => explain(&mut headers, ctx, "", "", ""),
+    }
     if let Some(extra) = extra {
         headers.extend_from_slice(extra);
     }
@@ -1858,8 +1875,8 @@ async fn send_reject(
         worker,
         snap,
         ctx,
-        None,
-        None,
+        ctx.last_target,
+        tier,
         kind.status(),
         None,
         0,
