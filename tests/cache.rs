@@ -684,3 +684,45 @@ fn a_repeated_request_takes_its_shortcut_with_the_same_answer_and_headers() {
     assert_eq!(hits[0]["saved_micros"], hits[1]["saved_micros"]);
     assert_eq!(hits[0]["category"], hits[1]["category"]);
 }
+
+#[test]
+fn a_stored_answer_is_accounted_to_the_backend_that_made_it() {
+    // One model on two backends of a tier: a hit is chosen for either, made by one.
+    let (a, b) = (sim("a", &[]), sim("b", &[]));
+    let config = format!(
+        r#"
+[health]
+interval_ms = 0
+[usage]
+log_events = true
+[[backends]]
+name = "a"
+url = "{}"
+models = [{{ name = "m", input_per_mtok = 1.0, output_per_mtok = 2.0 }}]
+[[backends]]
+name = "b"
+url = "{}"
+models = [{{ name = "m", input_per_mtok = 1.0, output_per_mtok = 2.0 }}]
+[[tiers]]
+name = "t"
+targets = ["a/m", "b/m"]
+"#,
+        a.url(),
+        b.url()
+    );
+    let r = router(&config);
+    let stored = post(r.addr, "/v1/chat/completions", DETERMINISTIC, "");
+    assert_eq!(stored.header("x-switchyard-cache"), Some("stored"));
+    let maker = stored.header("x-switchyard-backend").unwrap().to_string();
+    for _ in 0..10 {
+        let hit = post(r.addr, "/v1/chat/completions", DETERMINISTIC, "");
+        assert_eq!(hit.header("x-switchyard-backend"), Some(maker.as_str()));
+    }
+    let err = stop_router(r);
+    let hits: Vec<_> = usage_events(&err)
+        .into_iter()
+        .filter(|e| e["cache"] == "hit")
+        .collect();
+    assert_eq!(hits.len(), 10, "{err}");
+    assert!(hits.iter().all(|e| e["backend"] == maker.as_str()), "{err}");
+}

@@ -555,7 +555,10 @@ fn no_healthy_target_is_503_with_retry_after() {
         assert_eq!(resp.error(502)["code"], "upstream_connect_failed");
         // The error names what failed.
         assert_eq!(
-            (resp.header("x-switchyard-backend"), resp.header("x-switchyard-tier")),
+            (
+                resp.header("x-switchyard-backend"),
+                resp.header("x-switchyard-tier")
+            ),
             (Some("dead"), Some("dead"))
         );
         assert!(Instant::now() < deadline, "never ejected");

@@ -944,11 +944,13 @@ async fn serve_hit(
     }
     let sent = client.write(out).await.0.is_ok();
     let status = if sent { 200 } else { CLIENT_CLOSED };
+    // The event names who made the answer (another backend may serve the same model).
+    let origin_target = snap.table.target_named(&hit.backend, &hit.model);
     log(
         worker,
         snap,
         ctx,
-        Some(target),
+        Some(origin_target.unwrap_or(target)),
         Some(&hit.tier),
         status,
         Some(TokenUsage::default()),
@@ -1168,6 +1170,8 @@ async fn follow_stream(
     let (mut raw, mut events, mut wire) = (Vec::new(), Vec::new(), Vec::new());
     let mut first_byte = None;
     let mut tier = None;
+    // Who made the answer: the event names it, and the saving is priced at its price.
+    let mut answered_by = target;
     let mut read = 0;
     let complete = loop {
         raw.clear();
@@ -1186,6 +1190,10 @@ async fn follow_stream(
                 (t, &origin.backend, &origin.model),
             );
             tier = origin.tier;
+            answered_by = snap
+                .table
+                .target_named(&origin.backend, &origin.model)
+                .unwrap_or(target);
         }
         events.clear();
         filter.feed(&raw, &mut events);
@@ -1212,7 +1220,7 @@ async fn follow_stream(
                     worker,
                     snap,
                     ctx,
-                    Some(target),
+                    Some(answered_by),
                     tier.as_ref(),
                     CLIENT_CLOSED,
                     Some(TokenUsage::default()),
@@ -1228,7 +1236,7 @@ async fn follow_stream(
         }
         monoio::time::sleep(coalesce::POLL).await;
     };
-    let price = snap.table.targets[target].price;
+    let price = snap.table.targets[answered_by].price;
     ctx.saved_micros = filter
         .usage
         .map_or(0, |u| price.cost_micros(u.prompt, u.cached, u.completion));
@@ -1237,7 +1245,7 @@ async fn follow_stream(
         worker,
         snap,
         ctx,
-        Some(target),
+        Some(answered_by),
         tier.as_ref(),
         200,
         Some(TokenUsage::default()),

@@ -422,6 +422,13 @@ impl RoutingTable {
     pub fn first_tier_of(&self, target: usize) -> Option<usize> {
         self.tiers.iter().position(|t| t.targets.contains(&target))
     }
+
+    /// The target that is `model` on the backend named `backend`, if this table has it.
+    pub fn target_named(&self, backend: &str, model: &str) -> Option<usize> {
+        self.targets
+            .iter()
+            .position(|t| &*self.backends[t.backend].name == backend && &*t.model == model)
+    }
 }
 
 impl MatchSet {
