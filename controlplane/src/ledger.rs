@@ -7,7 +7,7 @@ use hashbrown::Equivalent;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use switchyard_dataplane::budget::BudgetKey;
 use switchyard_dataplane::usage::UsageReceiver;
@@ -356,7 +356,8 @@ impl Ledger {
     /// has a sleeping thread to wake: the futex wake-up it would cost per request showed in
     /// profiles of the request path. Short periods under load keep each drain short, so it
     /// takes a core from the workers for less time at once. `in_flight` says whether requests
-    /// are running (for returning free memory only once there is no traffic).
+    /// are running (for returning free memory only once there is no traffic). Returns once
+    /// `stop` is set and everything sent before has been recorded (at exit: no spend lost).
     pub fn consume(
         &self,
         events: UsageReceiver,
@@ -364,10 +365,13 @@ impl Ledger {
         (busy, idle): (std::time::Duration, std::time::Duration),
         today: impl Fn() -> String,
         in_flight: impl Fn() -> bool,
+        stop: &AtomicBool,
     ) {
         let mut batch = Vec::with_capacity(BATCH);
         let mut trim = crate::trim::IdleTrim::default();
         loop {
+            // Read before the drain: whatever was sent before the stop is taken by it.
+            let stopping = stop.load(SeqCst);
             let day = today();
             let mut drained = false;
             let disconnected = loop {
@@ -388,7 +392,7 @@ impl Ledger {
                     Err(TryRecvError::Disconnected) => break true,
                 }
             };
-            if disconnected {
+            if disconnected || stopping {
                 return;
             }
             trim.drained(drained || in_flight(), std::time::Instant::now());
@@ -481,6 +485,7 @@ mod tests {
             (period, period),
             || "2026-11-27".into(),
             || false,
+            &AtomicBool::new(false),
         );
         let t = ledger.totals();
         assert_eq!(
@@ -554,6 +559,7 @@ mod tests {
             (period, period),
             || "2026-11-28".into(),
             || false,
+            &AtomicBool::new(false),
         );
         let t = ledger.totals();
         assert_eq!(t["a"].requests + t["b"].requests, n as u64);

@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::Store;
@@ -59,6 +60,8 @@ pub struct ControlPlane {
     /// force, a config's limits, a new day), so changes reach the store and the book in the
     /// same order, and a day roll never falls between reading spend and seeding from it.
     changing_budgets: Mutex<()>,
+    /// Set at exit: the usage consumer records what is left and stops.
+    usage_stop: AtomicBool,
     /// The same for API keys (`change_keys`).
     changing_keys: Mutex<()>,
 }
@@ -579,12 +582,14 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
         flushing: Mutex::default(),
         changing_budgets: Mutex::default(),
         changing_keys: Mutex::default(),
+        usage_stop: AtomicBool::new(false),
     });
+    let mut consumer_done = None;
     if let Some(events) = events {
         let consumer = cp.clone();
         // On a blocking thread of the runtime: the channel is crossbeam, fed from non-tokio
         // threads.
-        runtime.spawn_blocking(move || {
+        consumer_done = Some(runtime.spawn_blocking(move || {
             let days = consumer.clone();
             let workers = consumer.local.as_ref().map(|dp| dp.shared.clone());
             consumer.ledger.consume(
@@ -593,8 +598,9 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
                 USAGE_DRAIN_PERIODS,
                 move || days.today(),
                 move || workers.as_ref().is_some_and(|w| w.inflight() > 0),
+                &consumer.usage_stop,
             )
-        });
+        }));
     }
     let flusher = cp.clone();
     // The store's commits wait for the disk: a blocking thread too.
@@ -641,12 +647,20 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
     });
     // Start-up freed more than it keeps (the first config read's classifier, the builders'
     // intermediate automata): give those pages back rather than hold them while idle.
-    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::malloc_trim(0)
-    };
+    trim::release_free_memory();
     runtime.block_on(drain_on_signal(cp.local.as_ref(), drain_timeout));
+    // The requests are done (or cut): their usage events are all sent. The consumer records
+    // them and stops, so that the flush below saves all of their spend.
+    cp.usage_stop
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(done) = consumer_done {
+        // The timeout is made inside the runtime (its timer needs one).
+        let waited =
+            runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), done).await });
+        if waited.is_err() {
+            eprintln!("switchyard: usage of the last requests not recorded within 5 s");
+        }
+    }
     if let Err(e) = cp.flush() {
         eprintln!("switchyard: the spend of the last seconds before exit is not saved: {e}");
     }
@@ -688,7 +702,8 @@ pub(crate) async fn drain_on_signal(dataplane: Option<&DataPlane>, drain_timeout
     if left > 0 {
         eprintln!("switchyard: drain deadline passed with {left} requests in flight");
     }
-    // Let the usage consumer take the last events.
+    // Let a remote data plane's collector move the last events to its outbox (a local
+    // consumer is stopped and waited for by the caller).
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
@@ -798,6 +813,7 @@ mod tests {
             flushing: Mutex::default(),
             changing_budgets: Mutex::default(),
             changing_keys: Mutex::default(),
+            usage_stop: AtomicBool::new(false),
         }
     }
 

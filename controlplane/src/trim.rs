@@ -46,7 +46,8 @@ impl IdleTrim {
     }
 }
 
-fn release_free_memory() {
+/// Hands the allocator's free pages back to the system (glibc; elsewhere nothing).
+pub(crate) fn release_free_memory() {
     // SAFETY: malloc_trim only returns free pages; it has no preconditions.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {

@@ -16,7 +16,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_shared::config::{IoDriver, MAX_WORKERS};
@@ -57,7 +59,7 @@ impl Shared {
     }
 
     pub fn inflight(&self) -> usize {
-        self.inflight.iter().map(|c| c.0.load(Relaxed)).sum()
+        self.inflight.iter().map(|c| c.0.load(Acquire)).sum()
     }
 }
 
@@ -115,7 +117,8 @@ pub struct InFlight<'w>(&'w Worker);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.shared.inflight[self.0.id].0.fetch_sub(1, Relaxed);
+        // Release: whoever sees the count drop sees the request's usage event sent.
+        self.0.shared.inflight[self.0.id].0.fetch_sub(1, Release);
     }
 }
 
