@@ -702,9 +702,6 @@ pub(crate) async fn drain_on_signal(dataplane: Option<&DataPlane>, drain_timeout
     if left > 0 {
         eprintln!("switchyard: drain deadline passed with {left} requests in flight");
     }
-    // Let a remote data plane's collector move the last events to its outbox (a local
-    // consumer is stopped and waited for by the caller).
-    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 /// Each applied config: recorded in the store, its budget limits put in force.
