@@ -452,6 +452,51 @@ fn a_budget_downgrades_to_a_cheaper_tier_then_refuses() {
 }
 
 #[test]
+fn a_budget_downgrade_takes_a_cheaper_target_of_the_same_tier_first() {
+    let (cheap, big, mid) = (sim("cheap", &[]), sim("big", &[]), sim("mid", &[]));
+    // The large tier also holds `mid` at 2 USD per 1M tokens (worst case about 0.0004 USD),
+    // weighted so that the balancer almost always picks `big` first.
+    let extra = format!(
+        r#"[[backends]]
+name = "mid"
+url = "{}"
+weight = 1
+models = [{{ name = "mid-model", input_per_mtok = 2.0, output_per_mtok = 2.0 }}]
+[budgets.services.etl]
+daily_usd = 0.01
+"#,
+        mid.url()
+    );
+    let config = priced_tiers(&cheap.url(), &big.url(), "")
+        .replace("url = \"", "weight = 10000\nurl = \"")
+        .replace(
+            "targets = [\"big/big-model\"]",
+            "targets = [\"big/big-model\", \"mid/mid-model\"]",
+        )
+        + &extra;
+    let r = router(&config);
+    for _ in 0..3 {
+        let resp = post(
+            r.addr,
+            "/v1/chat/completions",
+            BIG_REQUEST,
+            "x-switchyard-service: etl\r\nx-switchyard-tier: large\r\n",
+        );
+        assert_eq!(
+            (
+                resp.status,
+                resp.header("x-switchyard-tier"),
+                resp.header("x-switchyard-backend"),
+                resp.header("x-switchyard-budget")
+            ),
+            (200, Some("large"), Some("mid"), Some("downgraded")),
+            "{}",
+            resp.text()
+        );
+    }
+}
+
+#[test]
 fn concurrent_requests_never_spend_past_the_budget() {
     let (cheap, big) = (
         sim("cheap", &["--completion-tokens", "90"]),

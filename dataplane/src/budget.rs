@@ -3,9 +3,9 @@
 //! chunks, and reservations made against a lease.
 //!
 //! A reservation is a worker-local operation: it only touches the worker's own lease. A worker
-//! takes a new chunk (`lease_micros`, or what the request needs) from the pool with one
-//! compare-and-swap when its lease runs short, and the pool never leases out more than its
-//! limit. So the money reserved by all workers together never exceeds the budget. Spend goes
+//! takes a new chunk (`lease_micros`, or what the request needs; at most half of what is left
+//! unless the request needs more) from the pool with one compare-and-swap when its lease runs
+//! short, and the pool never leases out more than its limit. So the money reserved by all workers together never exceeds the budget. Spend goes
 //! over it only where a request's actual cost exceeds its worst-case reservation: an answer
 //! longer than the assumed output cap when the request sets no `max_tokens`, or image and
 //! audio parts that cost more tokens than their bytes. The overrun is charged to the pool, so
@@ -49,16 +49,17 @@ impl Pool {
         self.leased.load(Relaxed)
     }
 
-    /// Takes `want` for a lease, or, when less is left, everything left if that covers
-    /// `need`. Returns what was taken.
+    /// Takes `want` for a lease, but no more than half of what is left unless `need` is more:
+    /// one lease must not hold a small budget that other workers (or data planes) need.
+    /// Returns what was taken; `None` when less than `need` is left.
     fn take(&self, need: u64, want: u64) -> Option<u64> {
         let mut leased = self.leased.load(Relaxed);
         loop {
             let left = self.limit().saturating_sub(leased);
-            let take = want.min(left);
-            if take < need {
+            if left < need {
                 return None;
             }
+            let take = want.min(left / 2).max(need);
             match self
                 .leased
                 .compare_exchange_weak(leased, leased + take, Relaxed, Relaxed)
@@ -245,13 +246,11 @@ impl BudgetBook {
         }
     }
 
-    /// Leases up to `want` of a budget to a remote data plane, but never more than half of
-    /// what is left, so one data plane cannot hold a budget the others need. `None`: no limit
-    /// applies.
+    /// Leases up to `want` of a budget to a remote data plane (never more than half of what
+    /// is left, as `Pool::take` does). `None`: no limit applies.
     pub fn grant(&self, key: BudgetKey, want: u64) -> Option<u64> {
         let pool = self.state().pool(key)?;
-        let half = (pool.limit().saturating_sub(pool.leased()) / 2).max(1);
-        Some(pool.take(1, want.min(half)).unwrap_or(0))
+        Some(pool.take(1, want).unwrap_or(0))
     }
 
     /// Takes back a grant that could not be delivered.
@@ -684,6 +683,17 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_takes_no_more_than_half_of_a_small_budget() {
+        // A chunk larger than the whole budget (1,000).
+        let book = book(None, 50_000);
+        let (a, b) = (WorkerBudgets::default(), WorkerBudgets::default());
+        granted(a.reserve(&book, "etl", Category::Chat, 100)).settle(10);
+        granted(b.reserve(&book, "etl", Category::Chat, 400)).settle(10);
+        // One request may still take all that is left outside the leases.
+        granted(a.reserve(&book, "etl", Category::Chat, 490)).settle(490);
+    }
+
+    #[test]
     fn a_request_that_ends_on_the_next_day_is_charged_to_that_day() {
         let book = book(None, 10);
         let w = WorkerBudgets::default();
@@ -814,8 +824,9 @@ mod tests {
             .into_iter()
             .find(|v| v.key == ("etl".into(), None))
             .unwrap();
-        // 50 + 150 spent, plus the new worker lease of one chunk (500), is all that is out.
-        assert_eq!(etl.leased, 700, "{etl:?}");
+        // 50 + 150 spent, plus the new worker lease (half of the 600 left then, under one
+        // chunk of 500), is all that is out.
+        assert_eq!(etl.leased, 500, "{etl:?}");
         assert!(matches!(
             w.reserve(&book, "etl", Category::Chat, 1 << 62),
             Reserve::Refused

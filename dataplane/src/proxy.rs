@@ -503,7 +503,10 @@ pub async fn handle(
                         };
                         cheaper = Some((0..rank).rev());
                     }
-                    continue 'groups;
+                    // A cheaper target of this group may still fit before a cheaper tier is
+                    // tried; this one is not tried again (in a cheaper tier it costs the same).
+                    tried.push(target);
+                    continue;
                 }
             }
             ctx.downgraded = cheaper.is_some();

@@ -92,7 +92,8 @@ pub struct BudgetsFile {
     /// Output tokens assumed for the worst case of a request without `max_tokens`.
     pub default_max_output_tokens: u64,
     /// Budget a worker takes from the shared pool at a time, in USD. Larger leases mean fewer
-    /// refills; unused lease is at most `workers * lease_usd` per budget held back from others.
+    /// refills; unused lease is at most `workers * lease_usd` per budget held back from others,
+    /// and a lease never takes more than half of what is left unless one request needs more.
     pub lease_usd: f64,
     /// service name -> its limits.
     pub services: BTreeMap<String, ServiceBudgetFile>,
