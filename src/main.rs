@@ -383,6 +383,7 @@ fn banner(ready: &switchyard_controlplane::Ready, demo: Option<&str>) {
 }
 
 fn data(args: DataArgs) -> ExitCode {
+    switchyard_dataplane::panics::exit_on_uncontained_panic();
     let admin = AdminArgs {
         admin: Some(args.control.clone()),
         data_dir: args.data_dir.clone(),
@@ -415,6 +416,7 @@ fn data(args: DataArgs) -> ExitCode {
 }
 
 fn serve(args: ServeArgs, local: bool) -> ExitCode {
+    switchyard_dataplane::panics::exit_on_uncontained_panic();
     let (toml, source, file, demo) = match &args.config {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(text) => (text, path.clone(), Some(path.into()), None),

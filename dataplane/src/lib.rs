@@ -7,7 +7,7 @@
 //! (connections and pool), `health` (active checks), `server` (workers), `snapshot`, `usage`,
 //! `cache` and `coalesce` (response cache), `budget` (daily budgets: leases and reservations), `auth` (API keys),
 //! `ratelimit` (requests and tokens per minute), `services` (the bound on caller-named services),
-//! `resolve` (backend names looked up off the workers).
+//! `resolve` (backend names looked up off the workers), `panics` (what a panic ends).
 
 pub mod auth;
 pub mod balancer;
@@ -17,6 +17,7 @@ pub mod coalesce;
 pub mod codec;
 pub mod conn;
 pub mod health;
+pub mod panics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod resolve;

@@ -14,7 +14,6 @@ use monoio::net::{ListenerOpts, TcpListener};
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::atomic::{
     AtomicBool, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
@@ -309,8 +308,8 @@ async fn run_worker(
                 // must not end the worker thread and every other connection on it. (Combinators,
                 // not an async block: one would hold the connection's future twice.)
                 let id = worker.id;
-                let serve = AssertUnwindSafe(crate::conn::serve(worker.clone(), stream));
-                monoio::spawn(serve.catch_unwind().map(move |served| {
+                let serve = crate::panics::contain(crate::conn::serve(worker.clone(), stream));
+                monoio::spawn(serve.map(move |served| {
                     if served.is_err() {
                         eprintln!("switchyard: worker {id}: a connection's handler panicked; that connection was closed");
                     }

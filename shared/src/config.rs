@@ -1523,3 +1523,86 @@ targets = ["local/org/big:latest"]
         );
     }
 }
+#[cfg(test)]
+mod mutation_tests {
+    use super::*;
+
+    /// Loading a config never panics, whatever its values: each run gives a few settings of
+    /// the example config extreme or malformed values of their own type (so that most runs
+    /// get past TOML parsing into validation), or cuts a line short.
+    #[test]
+    fn mutated_configs_never_panic() {
+        let seed = include_str!("../../examples/switchyard.toml");
+        let numbers = [
+            "0",
+            "-1",
+            "1e308",
+            "-1e308",
+            "nan",
+            "inf",
+            "-inf",
+            "18446744073709551615",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "0.0000001",
+            "4294967296",
+            "65536",
+        ];
+        let strings = [
+            "\"\"",
+            "\"\\u0000\"",
+            "\"a/b/c\"",
+            "\"x\\r\\ny\"",
+            "\"http://[::1\"",
+            "\"*\"",
+            "\"é\"",
+            "\"https://\"",
+            "\"http://127.0.0.1:0\"",
+            "\"/\"",
+            "\"auto\"",
+            "\"small\"",
+            "\" \"",
+        ];
+        let others = ["[]", "{}", "true", "[\"\"]", "[{}]"];
+        let settings: Vec<usize> = seed
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim_start().starts_with('#') && l.contains('='))
+            .map(|(i, _)| i)
+            .collect();
+        let mut rng = fastrand::Rng::with_seed(0x5eed_c0f1_6000_0001);
+        let (mut validated, mut runs) = (0, 0);
+        let started = std::time::Instant::now();
+        while runs < 600 && started.elapsed() < std::time::Duration::from_secs(20) {
+            runs += 1;
+            let mut lines: Vec<String> = seed.lines().map(str::to_string).collect();
+            for _ in 0..rng.usize(1..=3) {
+                let line = &mut lines[settings[rng.usize(..settings.len())]];
+                let eq = line.find('=').unwrap_or(0);
+                let old = line[eq + 1..].trim_start();
+                let pool: &[&str] = match old.as_bytes().first() {
+                    Some(b'"') => &strings,
+                    Some(b'0'..=b'9' | b'-') => &numbers,
+                    _ => &others,
+                };
+                if rng.usize(..5) == 0 {
+                    let cut = rng.usize(..=line.len());
+                    if line.is_char_boundary(cut) {
+                        line.truncate(cut);
+                    }
+                } else {
+                    *line = format!("{} {}", &line[..=eq], pool[rng.usize(..pool.len())]);
+                }
+            }
+            let text = lines.join("\n");
+            match load_str(&text, "mutated.toml", &|_| Some("sk-x".to_string())) {
+                Err(e) if e.iter().all(|e| e.contains("TOML parse error")) => {}
+                _ => validated += 1,
+            }
+        }
+        assert!(
+            validated * 5 > runs,
+            "{validated} of {runs} runs got past parsing"
+        );
+    }
+}
