@@ -17,6 +17,9 @@ pub struct SseFilter {
     /// How much of `pending` has been searched for line ends: a long line is searched once,
     /// not again with every piece of it that arrives.
     scanned: usize,
+    /// The last bytes ended with a CR taken as a line end: an LF first in the next ones is
+    /// the rest of that CRLF, not a line end of its own.
+    after_cr: bool,
     /// Drop the final `choices: []` usage chunk (the caller did not ask for it).
     hide_usage_chunk: bool,
     pub usage: Option<TokenUsage>,
@@ -75,13 +78,26 @@ impl SseFilter {
         out: &mut Vec<u8>,
     ) -> (usize, usize) {
         let mut event_start = 0;
-        while let Some(i) = memchr::memchr(b'\n', &buf[scan..]) {
+        if scan < buf.len() && std::mem::take(&mut self.after_cr) && buf[scan] == b'\n' {
+            scan += 1;
+            line_start = scan;
+        }
+        // Lines end with LF, CRLF or CR, as the event-stream format allows.
+        while let Some(i) = memchr::memchr2(b'\n', b'\r', &buf[scan..]) {
             let line_end = scan + i;
             let line = &buf[line_start..line_end];
             line_start = line_end + 1;
+            if buf[line_end] == b'\r' {
+                match buf.get(line_start) {
+                    Some(b'\n') => line_start += 1,
+                    Some(_) => {}
+                    // Taken as a line end now: an event must not wait for the next bytes.
+                    None => self.after_cr = true,
+                }
+            }
             scan = line_start;
-            // A blank line (LF or CRLF) ends the event.
-            if line.is_empty() || line == b"\r" {
+            // A blank line ends the event.
+            if line.is_empty() {
                 let event = &buf[event_start..line_start];
                 if self.keep_event(event) {
                     out.extend_from_slice(event);
@@ -97,13 +113,14 @@ impl SseFilter {
         out.append(&mut self.pending);
         self.line_start = 0;
         self.scanned = 0;
+        self.after_cr = false;
     }
 
     fn keep_event(&mut self, event: &[u8]) -> bool {
         let mut keep = true;
         let mut data_lines = 0;
         let mut rest = event;
-        while let Some(end) = memchr::memchr(b'\n', rest) {
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', rest) {
             let line = &rest[..end];
             rest = &rest[end + 1..];
             let Some(data) = line.strip_prefix(b"data:") else {
@@ -276,6 +293,45 @@ data: [DONE]\n\n";
         assert_eq!(out, b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\n");
         f.feed(b"data: {\"error\":{\"message\":\"x\"}}\n\n", &mut out);
         assert!(f.saw_error);
+    }
+
+    #[test]
+    fn lines_may_end_with_cr_alone_or_mixed() {
+        // The same events as STREAM with CR line ends, then with all three kinds mixed.
+        let cr: Vec<u8> = String::from_utf8_lossy(STREAM)
+            .replace("\r\n", "\n")
+            .replace('\n', "\r")
+            .into_bytes();
+        let mixed = String::from_utf8_lossy(STREAM)
+            .replacen("\n\n", "\r\r", 1)
+            .replacen("\n\n", "\r\n\r", 2)
+            .into_bytes();
+        for stream in [cr, mixed] {
+            for step in 1..stream.len() {
+                let mut f = SseFilter::new(true);
+                let mut out = Vec::new();
+                for piece in stream.chunks(step) {
+                    f.feed(piece, &mut out);
+                }
+                assert!(f.pending.is_empty(), "every event ended (step {step})");
+                f.finish(&mut out);
+                let text = String::from_utf8(out).unwrap();
+                assert!(!text.contains("prompt_tokens"), "step {step}: {text:?}");
+                assert!(text.contains("\"Hi\"") && f.saw_done && f.ended_normally());
+                assert_eq!(f.usage.unwrap().prompt, 7);
+                assert_eq!(f.data_lines_passed, 3, "step {step}");
+            }
+        }
+        // An event whose blank line is a CR that ends a read goes on at once; the LF after
+        // it in the next read is not another blank line.
+        let mut f = SseFilter::new(false);
+        let mut out = Vec::new();
+        f.feed(b"data: {\"a\":1}\r\r", &mut out);
+        assert_eq!(out, b"data: {\"a\":1}\r\r");
+        f.feed(b"\ndata: {\"b\":2}\n", &mut out);
+        assert_eq!(out, b"data: {\"a\":1}\r\r");
+        f.feed(b"\n", &mut out);
+        assert_eq!(out, b"data: {\"a\":1}\r\r\ndata: {\"b\":2}\n\n");
     }
 
     #[test]
