@@ -240,3 +240,39 @@ fn classify_needs_no_backend_secrets() {
         lines[1]
     );
 }
+
+#[test]
+fn serving_raises_the_open_files_limit_to_the_hard_limit() {
+    let s = sim("s", &[]);
+    let path = write_config(&config_for(&[("s", s.url())], ""));
+    let addr = free_addr();
+    let mut child = Command::new("bash")
+        .args([
+            "-c",
+            r#"ulimit -Sn 256 && exec "$0" serve --config "$1" --listen "$2" --admin-listen "$3""#,
+            env!("CARGO_BIN_EXE_switchyard"),
+            path.to_str().unwrap(),
+            &addr.to_string(),
+            &free_addr().to_string(),
+        ])
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "never listened");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    // "Max open files  SOFT  HARD  files"
+    assert_eq!(fields[3], fields[4], "{line}");
+}

@@ -140,6 +140,24 @@ fn uring_available() -> bool {
     monoio::utils::detect_uring()
 }
 
+/// Raises the soft limit on open files to the hard limit: each client and each upstream
+/// connection is a descriptor, and the usual soft limit (1024) would refuse connections
+/// from about a thousand concurrent callers while the hard limit allows far more.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit for both calls to read and write.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// Starts the workers and returns once every one is listening.
 pub fn start(
     snapshot: SharedSnapshot,
@@ -147,6 +165,7 @@ pub fn start(
     budgets: Arc<BudgetBook>,
     keys: KeyTable,
 ) -> io::Result<DataPlane> {
+    raise_open_files_limit();
     let (mut address, workers, driver_setting, cache) = {
         let s = snapshot.load();
         let c = &s.table.cache;

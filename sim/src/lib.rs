@@ -130,6 +130,7 @@ impl Sim {
 
 /// Starts the simulator on its own threads; returns the bound address once it listens.
 pub fn spawn(config: SimConfig) -> io::Result<SocketAddr> {
+    switchyard_dataplane::server::raise_open_files_limit();
     let probe = std::net::TcpListener::bind(config.listen)?;
     let address = probe.local_addr()?;
     drop(probe);
