@@ -35,6 +35,7 @@ use switchyard_dataplane::server::{self, DataPlane};
 use switchyard_dataplane::usage::UsageSink;
 use switchyard_shared::category::Category;
 use switchyard_shared::config;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// How often the ledger drains usage events while they come, and once they stopped; the
 /// second is also the longest an event waits to be counted.
@@ -532,6 +533,11 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
     // Taken now, before anything can edit the file after it was read.
     let file_stamp = start.file.as_deref().and_then(stamp);
     let runtime = runtime()?;
+    let shutdown = Shutdown::listen(&runtime)?;
+    let hangup = match &start.file {
+        Some(_) => Some(listen_for(&runtime, SignalKind::hangup())?),
+        None => None,
+    };
     // Read once for the store's place, then dropped: it holds its own classifier (~1.3 MB).
     let data_dir = config::load_str(&start.toml, &start.source, &|n| std::env::var(n).ok())
         .map_err(|errors| errors.join("\n"))?
@@ -637,8 +643,8 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
     };
     runtime.spawn(follow_configs(cp.clone()));
     runtime.spawn(tick(cp.clone(), start.file.clone(), file_stamp));
-    if let Some(file) = start.file {
-        runtime.spawn(reload_on_sighup(cp.clone(), file));
+    if let (Some(file), Some(hangup)) = (start.file, hangup) {
+        runtime.spawn(reload_on_sighup(cp.clone(), file, hangup));
     }
     on_ready(&Ready {
         dataplane: cp.local.as_ref(),
@@ -648,7 +654,7 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
     // Start-up freed more than it keeps (the first config read's classifier, the builders'
     // intermediate automata): give those pages back rather than hold them while idle.
     trim::release_free_memory();
-    runtime.block_on(drain_on_signal(cp.local.as_ref(), drain_timeout));
+    runtime.block_on(drain_on_signal(shutdown, cp.local.as_ref(), drain_timeout));
     // The requests are done (or cut): their usage events are all sent. The consumer records
     // them and stops, so that the flush below saves all of their spend.
     cp.usage_stop
@@ -681,10 +687,14 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
 
 /// Waits for SIGTERM/SIGINT, then lets the data plane's requests in flight finish (up to
 /// `drain_timeout`); a second signal exits at once.
-pub(crate) async fn drain_on_signal(dataplane: Option<&DataPlane>, drain_timeout: Duration) {
-    wait_for_signal().await;
-    tokio::spawn(async {
-        wait_for_signal().await;
+pub(crate) async fn drain_on_signal(
+    mut shutdown: Shutdown,
+    dataplane: Option<&DataPlane>,
+    drain_timeout: Duration,
+) {
+    shutdown.next().await;
+    tokio::spawn(async move {
+        shutdown.next().await;
         eprintln!("switchyard: second signal: exiting now");
         std::process::exit(130);
     });
@@ -758,32 +768,40 @@ async fn tick(cp: Arc<ControlPlane>, file: Option<PathBuf>, mut seen: FileStamp)
     }
 }
 
-async fn reload_on_sighup(cp: Arc<ControlPlane>, file: PathBuf) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
-    while hup.recv().await.is_some() {
+async fn reload_on_sighup(cp: Arc<ControlPlane>, file: PathBuf, mut hangup: Signal) {
+    while hangup.recv().await.is_some() {
         let cp = cp.clone();
         let file = file.clone();
         let _ = tokio::task::spawn_blocking(move || cp.reload(&file, "SIGHUP")).await;
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+/// Takes over a signal's default action (for SIGTERM, SIGINT and SIGHUP: ending the process)
+/// from now on. Done at start, before anything listens: a signal sent as soon as the process
+/// answers, or a second one sent while the first is handled, is then never missed.
+fn listen_for(runtime: &tokio::runtime::Runtime, kind: SignalKind) -> Result<Signal, String> {
+    let _in_runtime = runtime.enter();
+    signal(kind).map_err(|e| format!("cannot handle signal {}: {e}", kind.as_raw_value()))
+}
+
+/// SIGTERM and SIGINT: each asks for a drain (a second one, for an exit now).
+pub(crate) struct Shutdown {
+    term: Signal,
+    int: Signal,
+}
+
+impl Shutdown {
+    pub(crate) fn listen(runtime: &tokio::runtime::Runtime) -> Result<Shutdown, String> {
+        Ok(Shutdown {
+            term: listen_for(runtime, SignalKind::terminate())?,
+            int: listen_for(runtime, SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
 }

@@ -10,7 +10,7 @@
 use crate::api::{pb, record_from_event};
 use crate::client::{Admin, AuthedClient};
 use crate::configs::{Configs, Overrides};
-use crate::{drain_on_signal, runtime, Ready};
+use crate::{drain_on_signal, runtime, Ready, Shutdown};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -150,6 +150,9 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
         });
     let (usage, events) = UsageSink::channel(table.usage.channel_capacity);
     let drain_timeout = table.listener.drain_timeout;
+    // Before it listens (see `listen_for`); not earlier, while a signal's default action
+    // still ends a data plane waiting for its control plane.
+    let shutdown = Shutdown::listen(&runtime)?;
     let dataplane =
         server::start(snapshot.clone(), usage, budgets.clone(), keys).map_err(|e| e.to_string())?;
     let remote = Arc::new(Remote {
@@ -185,7 +188,7 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
         admin: None,
     });
     runtime.block_on(async {
-        drain_on_signal(Some(&remote.dataplane), drain_timeout).await;
+        drain_on_signal(shutdown, Some(&remote.dataplane), drain_timeout).await;
         // The events of the drained requests reach the outbox within a poll period.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let left = remote.send_all(&mut client).await;
