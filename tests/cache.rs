@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const DETERMINISTIC: &str = r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"Extract the invoice number: INV-2291"}]}"#;
 /// The same request with other key order, whitespace, requested alias and `user`.
@@ -105,7 +105,7 @@ fn stored_answers_are_served_while_their_backend_is_full() {
     let fresh = "[[rules]]\nname = \"fresh\"\ntier = \"s\"\ncache_ttl_secs = 0\nmatch = { priority = [\"interactive\"] }\n";
     let r = router(&config_for(&[("s", s.url())], fresh).replace(
         "first_byte_timeout_ms = 3000",
-        "first_byte_timeout_ms = 3000\nmax_concurrency = 1",
+        "first_byte_timeout_ms = 8000\nmax_concurrency = 1",
     ));
     let first = post(r.addr, "/v1/chat/completions", DETERMINISTIC, "");
     assert_eq!(first.header("x-switchyard-cache"), Some("stored"));
@@ -115,11 +115,13 @@ fn stored_answers_are_served_while_their_backend_is_full() {
             addr,
             "/v1/chat/completions",
             &chat("take your time"),
-            "x-sim-fault: slow-first-byte=1500\r\n",
+            "x-sim-fault: slow-first-byte=5000\r\n",
         )
         .status
     });
-    std::thread::sleep(Duration::from_millis(300));
+    eventually("the slow request holds the slot", || {
+        upstream_calls(&s) == 2
+    });
     // The stored answer needs no backend.
     let hit = post(r.addr, "/v1/chat/completions", SAME_AGAIN, "");
     assert_eq!(
@@ -253,20 +255,20 @@ fn bypass_refresh_and_bad_controls() {
 
 #[test]
 fn entries_expire_and_the_cache_can_be_off() {
-    let (_s, r) = cached_router("[cache.category_ttl_secs]\nextraction = 1\n");
+    let (_s, r) = cached_router("[cache.category_ttl_secs]\nextraction = 3\n");
     let status = || {
         post(r.addr, "/v1/chat/completions", DETERMINISTIC, "")
             .header("x-switchyard-cache")
             .map(String::from)
     };
+    let asked = Instant::now();
     assert_eq!(status().as_deref(), Some("stored"));
     assert_eq!(status().as_deref(), Some("hit"));
-    std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(
-        status().as_deref(),
-        Some("stored"),
-        "expired after its category's TTL"
-    );
+    // Stored again once expired, and not before its category's TTL.
+    eventually("the entry expires", || {
+        status().as_deref() == Some("stored")
+    });
+    assert!(asked.elapsed() >= Duration::from_secs(3), "expired early");
     let (_s2, off) = cached_router("[cache]\nenabled = false\n");
     for _ in 0..2 {
         assert_eq!(
@@ -313,13 +315,17 @@ fn streams_are_stored_whole_and_replayed_as_streams() {
         "x-sim-fault: reset-after-head\r\n",
     );
     assert!(broken.text().contains("\"error\""));
+    let id = |r: &Response| r.header("x-switchyard-request-id").unwrap().to_string();
+    let mut ids = vec![id(&broken)];
     let first = post(r.addr, "/v1/chat/completions", &streamed, "");
+    ids.push(id(&first));
     assert_eq!(
         first.header("x-switchyard-cache"),
         Some("miss"),
         "the head leaves before the stream is complete"
     );
     let hit = post(r.addr, "/v1/chat/completions", &streamed, "");
+    ids.push(id(&hit));
     assert_eq!(
         (hit.header("x-switchyard-cache"), hit.header("content-type")),
         (Some("hit"), Some("text/event-stream"))
@@ -337,6 +343,7 @@ fn streams_are_stored_whole_and_replayed_as_streams() {
         "\"stream\":true,\"stream_options\":{\"include_usage\":true}",
     );
     let hit = post(r.addr, "/v1/chat/completions", &with_usage, "");
+    ids.push(id(&hit));
     assert_eq!(
         hit.header("x-switchyard-cache"),
         Some("hit"),
@@ -344,31 +351,30 @@ fn streams_are_stored_whole_and_replayed_as_streams() {
     );
     assert!(hit.text().contains("\"usage\":{"), "{}", hit.text());
     // A whole answer is never served from a stream entry, nor the other way round.
-    assert_eq!(
-        post(r.addr, "/v1/chat/completions", DETERMINISTIC, "").header("x-switchyard-cache"),
-        Some("stored")
-    );
+    let whole = post(r.addr, "/v1/chat/completions", DETERMINISTIC, "");
+    ids.push(id(&whole));
+    assert_eq!(whole.header("x-switchyard-cache"), Some("stored"));
+    // Events in the order of the requests (workers may send them in another).
     let events: Vec<serde_json::Value> = usage_events(&stop_router(r));
-    let caches: Vec<&str> = events
+    let caches: Vec<&str> = ids
         .iter()
-        .map(|e| e["cache"].as_str().unwrap())
+        .map(|id| {
+            let e = events.iter().find(|e| e["request_id"] == id.as_str());
+            e.and_then(|e| e["cache"].as_str()).unwrap_or("no event")
+        })
         .collect();
     assert_eq!(caches, ["miss", "stored", "hit", "hit", "stored"]);
+    assert_eq!(events.len(), 5);
 }
 
-fn upstream_calls(sim: &Proc) -> u64 {
-    get(sim.addr, "/sim/stats").json()["received"]
-        .as_u64()
-        .unwrap()
-}
-
-/// Ten identical deterministic requests at once, on one worker; returns the statuses and
-/// cache headers, and how many reached the upstream.
-fn burst(sim_args: &[&str], extra_header: &str) -> (Vec<(u16, Option<String>)>, u64) {
+/// Ten identical deterministic requests at once; returns the statuses and cache headers, how
+/// many reached the upstream, and how long the ten took (the processes' start-up not counted).
+fn burst(sim_args: &[&str], extra_header: &str) -> (Vec<(u16, Option<String>)>, u64, Duration) {
     let s = sim("s", sim_args);
     // Two workers: the ten connections spread over both, so coalescing must work across them.
     let r = router_on_workers(&config_for(&[("s", s.url())], ""), 2);
     let addr = r.addr;
+    let started = std::time::Instant::now();
     let threads: Vec<_> = (0..10)
         .map(|_| {
             let extra = extra_header.to_string();
@@ -382,12 +388,12 @@ fn burst(sim_args: &[&str], extra_header: &str) -> (Vec<(u16, Option<String>)>, 
         })
         .collect();
     let results = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    (results, upstream_calls(&s))
+    (results, upstream_calls(&s), started.elapsed())
 }
 
 #[test]
 fn concurrent_identical_misses_make_one_upstream_call() {
-    let (results, calls) = burst(&["--latency-ms", "300"], "");
+    let (results, calls, _) = burst(&["--latency-ms", "300"], "");
     assert_eq!(calls, 1, "{results:?}");
     assert!(results.iter().all(|(status, _)| *status == 200));
     let stored = results
@@ -404,20 +410,6 @@ fn concurrent_identical_misses_make_one_upstream_call() {
 /// A deterministic streamed request.
 fn deterministic_stream() -> String {
     DETERMINISTIC.replace("\"temperature\"", "\"stream\":true,\"temperature\"")
-}
-
-/// The text of a streamed answer's content deltas.
-fn streamed_text(body: &[u8]) -> String {
-    String::from_utf8_lossy(body)
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect()
 }
 
 #[test]
@@ -486,10 +478,23 @@ fn a_followed_stream_goes_on_when_its_first_caller_leaves() {
         &deterministic_stream(),
         "",
     ));
-    std::thread::sleep(Duration::from_millis(500));
-    let follower =
-        std::thread::spawn(move || post(addr, "/v1/chat/completions", &deterministic_stream(), ""));
-    std::thread::sleep(Duration::from_millis(500));
+    eventually("the first request is upstream", || upstream_calls(&s) == 1);
+    let (following, follows) = std::sync::mpsc::channel();
+    let follower = std::thread::spawn(move || {
+        let mut c = Conn::open(addr);
+        c.send(&post_raw(
+            "/v1/chat/completions",
+            &deterministic_stream(),
+            "",
+        ));
+        c.read_response_with(|_| {
+            let _ = following.send(());
+        })
+        .expect("a response")
+    });
+    follows
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the second request follows the first");
     // The first caller gives up mid-stream; the one following it must still get it all.
     drop(leader);
     let resp = follower.join().unwrap();
@@ -524,7 +529,7 @@ fn a_followed_stream_too_large_to_store_still_reaches_its_followers_whole() {
         let body = body.clone();
         std::thread::spawn(move || post(addr, "/v1/chat/completions", &body, ""))
     };
-    std::thread::sleep(Duration::from_millis(500));
+    eventually("the first request is upstream", || upstream_calls(&s) == 1);
     let follower = post(addr, "/v1/chat/completions", &body, "");
     let first = first.join().unwrap();
     assert_eq!(follower.header("x-switchyard-cache"), Some("hit"));
@@ -549,15 +554,10 @@ fn a_zero_ttl_means_not_cached() {
 
 #[test]
 fn when_the_coalesced_call_fails_each_waiter_goes_on_its_own() {
-    let started = std::time::Instant::now();
-    let (results, calls) = burst(&["--latency-ms", "500"], "x-sim-fault: status=400\r\n");
-    // One wait for the failed leader (0.5 s), then all nine in parallel (0.5 s): far from the
-    // 5 s that ten calls in a row would take.
-    assert!(
-        started.elapsed() < Duration::from_millis(3000),
-        "{:?}",
-        started.elapsed()
-    );
+    let (results, calls, took) = burst(&["--latency-ms", "1000"], "x-sim-fault: status=400\r\n");
+    // One wait for the failed leader (1 s), then all nine in parallel (1 s): far from the
+    // 10 s that ten calls in a row would take.
+    assert!(took < Duration::from_secs(6), "{took:?}");
     assert!(
         results
             .iter()
@@ -570,7 +570,7 @@ fn when_the_coalesced_call_fails_each_waiter_goes_on_its_own() {
 #[test]
 fn a_leader_that_fails_over_leads_the_key_of_its_new_target() {
     let bad = sim("bad", &["--error-rate", "1", "--error-status", "500"]);
-    let good = sim("good", &["--latency-ms", "1500"]);
+    let good = sim("good", &["--latency-ms", "2500"]);
     let config = config_for(&[("bad", bad.url()), ("good", good.url())], "")
         .replace("interval_ms = 100", "interval_ms = 0");
     let r = router(&config);
@@ -592,7 +592,9 @@ fn a_leader_that_fails_over_leads_the_key_of_its_new_target() {
         })
     };
     let leader = ask("bad");
-    std::thread::sleep(Duration::from_millis(500));
+    eventually("the leader has failed over to good", || {
+        upstream_calls(&good) == 1
+    });
     let follower = ask("good");
     assert_eq!(leader.join().unwrap(), (200, Some("stored".into())));
     assert_eq!(follower.join().unwrap(), (200, Some("hit".into())));

@@ -28,6 +28,22 @@ fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// Replaces a file in one step (a watcher never reads it half written), with the given
+/// modification time if any.
+fn replace_file(path: &std::path::Path, text: &str, modified: Option<std::time::SystemTime>) {
+    let new = path.with_extension("new");
+    std::fs::write(&new, text).unwrap();
+    if let Some(stamp) = modified {
+        std::fs::File::options()
+            .write(true)
+            .open(&new)
+            .unwrap()
+            .set_modified(stamp)
+            .unwrap();
+    }
+    std::fs::rename(&new, path).unwrap();
+}
+
 fn config_version(r: &Response) -> u64 {
     r.header("x-switchyard-config-version")
         .expect("config version header")
@@ -155,43 +171,38 @@ fn the_config_file_reloads_on_change_and_on_sighup() {
     let mut kept = Conn::open(r.addr);
     kept.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
     assert_eq!(config_version(&kept.read_response().unwrap()), 1);
-    std::fs::write(&path, base.clone() + "[routing]\nmax_attempts = 2\n").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while version() != 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the changed file was not applied"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    replace_file(
+        &path,
+        &(base.clone() + "[routing]\nmax_attempts = 2\n"),
+        None,
+    );
+    eventually("the changed file is applied", || version() == 2);
     // Its next request is served under the config in effect when it arrives.
     kept.send(&post_raw("/v1/chat/completions", &chat("hi"), ""));
     assert_eq!(config_version(&kept.read_response().unwrap()), 2);
     // A broken file is refused and the running config stays.
+    let reloads = |outcome: &str| {
+        let page = metrics(r.admin.unwrap(), Some(ADMIN_TOKEN)).text();
+        page.contains(&format!(
+            "switchyard_config_reloads_total{{outcome=\"{outcome}\"}} 1"
+        ))
+    };
+    eventually("the reload is counted", || reloads("applied"));
     let fixed = base.clone() + "[routing]\nmax_attempts = 3\n";
-    std::fs::write(&path, fixed.replace("[routing]", "[routing ")).unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
+    replace_file(&path, &fixed.replace("[routing]", "[routing "), None);
+    eventually("the broken file is refused", || reloads("refused"));
     assert_eq!(version(), 2);
     // Same length and modification time: only SIGHUP can notice this change.
     let stamp = std::fs::metadata(&path).unwrap().modified().unwrap();
-    std::fs::write(&path, fixed).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_modified(stamp)
-        .unwrap();
+    replace_file(&path, &fixed, Some(stamp));
     std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(version(), 2, "the watcher cannot tell");
     assert!(Command::new("kill")
         .args(["-HUP", &r.child.id().to_string()])
         .status()
         .unwrap()
         .success());
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while version() != 3 {
-        assert!(Instant::now() < deadline, "SIGHUP did not apply the file");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually("SIGHUP applies the file", || version() == 3);
     let err = stop_router(r);
     assert!(err.contains("reload (file changed) refused"), "{err}");
     assert!(
@@ -222,20 +233,21 @@ fn the_admin_api_and_metrics_need_the_token() {
         );
         assert_eq!(resp.status, 200);
     }
-    std::thread::sleep(Duration::from_millis(100));
-    let page = metrics(r.admin.unwrap(), Some(ADMIN_TOKEN));
-    assert_eq!(page.status, 200);
-    let text = page.text();
-    for needle in [
+    let needles = [
         "switchyard_requests_total{service=\"billing\",category=\"summarisation\",tier=\"s\",backend=\"s\",status=\"200\"} 3",
         "switchyard_tokens_total{service=\"billing\",category=\"summarisation\",tier=\"s\",model=\"s-model\",kind=\"completion\"} 15",
         "switchyard_request_duration_seconds_count{service=\"billing\",tier=\"s\"} 3",
         "switchyard_backend_healthy{backend=\"s\"} 1",
         "switchyard_config_version 1",
         "switchyard_usage_events_dropped 0",
-    ] {
-        assert!(text.contains(needle), "{needle} missing from\n{text}");
-    }
+    ];
+    let mut text = String::new();
+    eventually("the metrics count the three requests", || {
+        let page = metrics(r.admin.unwrap(), Some(ADMIN_TOKEN));
+        assert_eq!(page.status, 200);
+        text = page.text();
+        needles.iter().all(|n| text.contains(n))
+    });
     let (ok, out, err) = cli(&r, "spend", &["--service", "billing"]);
     assert!(ok, "{err}");
     let row = out.lines().find(|l| l.contains("billing")).expect(&out);
@@ -509,17 +521,21 @@ fn concurrent_requests_never_spend_past_the_budget() {
         "[budgets]\nlease_usd = 0.001\n[budgets.services.etl]\ndaily_usd = 0.1\n",
     ));
     let addr = r.addr;
-    // 64 at once, each slow enough that all are in flight together.
+    // 64 at once (connected first, then sent together), each slow enough that all are in
+    // flight together: their worst cases, reserved together, are far over the budget.
+    let together = Arc::new(std::sync::Barrier::new(64));
     let answers: Vec<_> = (0..64)
         .map(|_| {
+            let together = together.clone();
             std::thread::spawn(move || {
-                post(
-                    addr,
+                let mut c = Conn::open(addr);
+                together.wait();
+                c.send(&post_raw(
                     "/v1/chat/completions",
                     BIG_REQUEST,
-                    "x-switchyard-service: etl\r\nx-switchyard-tier: large\r\nx-sim-fault: slow-first-byte=300\r\n",
-                )
-                .status
+                    "x-switchyard-service: etl\r\nx-switchyard-tier: large\r\nx-sim-fault: slow-first-byte=1500\r\n",
+                ));
+                c.read_response().unwrap().status
             })
         })
         .collect();
@@ -561,12 +577,14 @@ fn spend_and_budgets_survive_kill_9() {
     }
     let (ok, _, err) = cli(&r, "budgets", &["set", "etl", "0.000001"]);
     assert!(ok, "{err}");
-    // Settled (the ledger drains every 20 ms) ...
-    std::thread::sleep(Duration::from_millis(200));
-    let (_, before, _) = cli(&r, "spend", &["--service", "etl"]);
-    assert!(before.contains(" 5 "), "{before}");
+    // Settled ...
+    let mut before = String::new();
+    eventually("the five requests reach the ledger", || {
+        before = cli(&r, "spend", &["--service", "etl"]).1;
+        before.contains(" 5 ")
+    });
     // ... and more than a second before the kill: it must be on disk.
-    std::thread::sleep(Duration::from_millis(1100));
+    std::thread::sleep(Duration::from_millis(1500));
     let dir = r.dir.clone().unwrap();
     let mut r = r;
     r.child.kill().unwrap(); // SIGKILL: no drain, no final flush.
@@ -760,9 +778,9 @@ fn rate_limits_refuse_with_retry_after_per_service() {
     );
     assert_eq!(refused.header("retry-after"), None);
     assert_eq!(ask("big", &chat("hello")).status, 200);
-    std::thread::sleep(Duration::from_millis(100));
-    let (_, status, _) = cli(&r, "status", &[]);
-    assert!(status.contains("rate limited 2"), "{status}");
+    eventually("status counts both refusals", || {
+        cli(&r, "status", &[]).1.contains("rate limited 2")
+    });
     let page = metrics(r.admin.unwrap(), Some(ADMIN_TOKEN)).text();
     assert!(
         page.contains("switchyard_rate_limited_total{service=\"etl\",limit=\"requests\"} 1"),
@@ -792,15 +810,22 @@ fn rate_limited_requests_are_accepted_again_after_the_window() {
     };
     // A minute's allowance of requests, then a refusal that says to wait a second.
     let mut served = 0;
+    let started = Instant::now();
     let refused = loop {
         let resp = ask("etl", &chat("hello"));
         if resp.status != 200 {
             break resp;
         }
         served += 1;
-        assert!(served <= 62, "the limit never bit");
+        assert!(served <= 600, "the limit never bit");
     };
-    assert!((60..=62).contains(&served), "{served}");
+    // The minute's 60, and one more for each second the loop took (the allowance refills).
+    let refilled = started.elapsed().as_secs() as usize + 1;
+    assert!(
+        (60..=61 + refilled).contains(&served),
+        "{served} in {:?}",
+        started.elapsed()
+    );
     refused.error(429);
     let wait: u64 = refused.header("retry-after").unwrap().parse().unwrap();
     assert_eq!(wait, 1);
@@ -877,7 +902,8 @@ fn kill_9_during_traffic_keeps_the_spend_clients_saw() {
     let answered = answered.lock().unwrap();
     let settled_before: u64 = answered
         .iter()
-        .filter(|(at, _)| *at + Duration::from_secs(1) < killed_at)
+        // A second as promised, and half a second for a loaded machine.
+        .filter(|(at, _)| *at + Duration::from_millis(1500) < killed_at)
         .map(|(_, cost)| cost)
         .sum();
     let all: u64 = answered.iter().map(|(_, cost)| cost).sum();

@@ -119,7 +119,7 @@ fn body_reaches_the_backend_unchanged_except_model() {
 }
 
 #[test]
-fn streaming_relays_events_as_they_arrive() {
+fn streaming_hides_only_the_usage_chunk_the_router_asked_for() {
     let slow = sim(
         "slow",
         &["--tokens-per-second", "20", "--completion-tokens", "6"],
@@ -129,14 +129,7 @@ fn streaming_relays_events_as_they_arrive() {
     let body =
         r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hello there"}]}"#;
     c.send(&post_raw("/v1/chat/completions", body, ""));
-    let mut arrivals = Vec::new();
-    let start = Instant::now();
-    let resp = c
-        .read_response_with(|data| {
-            let events = data.windows(5).filter(|w| w == b"data:").count();
-            arrivals.extend(std::iter::repeat_n(start.elapsed(), events));
-        })
-        .unwrap();
+    let resp = c.read_response().unwrap();
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("content-type"), Some("text/event-stream"));
     let text = resp.text();
@@ -145,19 +138,11 @@ fn streaming_relays_events_as_they_arrive() {
         !text.contains("\"usage\""),
         "the usage chunk the router asked for is hidden: {text}"
     );
-    // 6 token events ~50 ms apart, then [DONE]: arrivals must be spread, not one burst.
-    assert_eq!(arrivals.len(), 7, "{text}");
-    let spread = arrivals[5] - arrivals[0];
-    assert!(
-        spread >= Duration::from_millis(150),
-        "events arrived together: {arrivals:?}"
+    assert_eq!(
+        text.matches("data:").count(),
+        7,
+        "6 tokens and [DONE]: {text}"
     );
-    for pair in arrivals[..6].windows(2) {
-        assert!(
-            pair[1] - pair[0] >= Duration::from_millis(20),
-            "gap collapsed: {arrivals:?}"
-        );
-    }
     // The caller asked for usage itself: it is passed on.
     let body = r#"{"model":"auto","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
     c.send(&post_raw("/v1/chat/completions", body, ""));
@@ -314,7 +299,7 @@ fn a_hung_backend_is_ejected_when_callers_give_up_first() {
     // `stuck` takes requests but answers none within the callers' patience, far shorter than
     // its first-byte timeout (3 s): only callers leaving can tell.
     let (r, _stuck, _good) = stall_setup("stuck", &["--latency-ms", "20000"], "");
-    impatient_callers(&r, "stuck", &chat("hi"), Duration::from_millis(1300));
+    impatient_callers(&r, "stuck", &chat("hi"), Duration::from_millis(2500));
     let answer = (Some("good".to_string()), Some("1".to_string()));
     assert_eq!(who_answers(&r, "stuck"), answer, "stuck is ejected");
 }
@@ -324,7 +309,7 @@ fn a_backend_that_hangs_mid_stream_is_ejected_when_callers_give_up() {
     // `stuck` sends a head and a few chunks, then nothing; its idle timeout (60 s) is far
     // longer than the callers' patience.
     let (r, _stuck, _good) = stall_setup("stuck", &["--stall-rate", "1.0"], "");
-    impatient_callers(&r, "stuck", STREAM, Duration::from_millis(1300));
+    impatient_callers(&r, "stuck", STREAM, Duration::from_millis(2500));
     let answer = (Some("good".to_string()), Some("1".to_string()));
     assert_eq!(who_answers(&r, "stuck"), answer, "stuck is ejected");
 }
@@ -337,7 +322,7 @@ fn callers_leaving_a_flowing_stream_or_not_reading_are_no_stall() {
         &["--tokens-per-second", "20", "--completion-tokens", "200"],
         "",
     );
-    impatient_callers(&r, "slow", STREAM, Duration::from_millis(1300));
+    impatient_callers(&r, "slow", STREAM, Duration::from_millis(2500));
     let answer = (Some("slow".to_string()), Some("1".to_string()));
     assert_eq!(who_answers(&r, "slow"), answer, "slow is not ejected");
     // Callers that stop reading a large stream: the router's writes to them time out after
@@ -688,7 +673,7 @@ fn a_backend_error_relayed_costs_nothing_and_is_not_estimated() {
 #[test]
 fn a_backend_error_is_relayed_when_the_targets_left_are_full() {
     let failing = sim("failing", &["--error-rate", "1", "--error-status", "503"]);
-    let slow = sim("slow", &["--latency-ms", "2500"]);
+    let slow = sim("slow", &["--latency-ms", "5000"]);
     let config = format!(
         r#"
 [health]
@@ -715,7 +700,7 @@ targets = ["slow/s"]
     );
     let r = router(&config);
     let addr = r.addr;
-    // Takes `slow`'s only slot for 2.5 s.
+    // Takes `slow`'s only slot for 5 s.
     let holder = std::thread::spawn(move || {
         post(
             addr,
@@ -725,7 +710,7 @@ targets = ["slow/s"]
         )
         .status
     });
-    std::thread::sleep(Duration::from_millis(600));
+    eventually("the holder is upstream", || upstream_calls(&slow) == 1);
     // `failing` answers 503; `slow` is the only target left and has no room: the caller gets
     // the backend's own answer, not a router error about it.
     let resp = post(
@@ -794,8 +779,8 @@ fn a_backend_that_stops_reading_times_out_like_a_silent_one() {
         "{}",
         resp.text()
     );
-    // The backend's first-byte timeout (3 s), not forever.
-    assert!(started.elapsed() < Duration::from_secs(10));
+    // The backend's first-byte timeout (3 s, plus the time to take 16 MiB in), not forever.
+    assert!(started.elapsed() < Duration::from_secs(18));
 }
 
 #[test]
@@ -804,8 +789,8 @@ fn a_backend_that_takes_a_request_and_goes_away_is_a_protocol_error() {
     let addr = r.addr;
     let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat("hi"), ""));
     let upstream = accept_request(&backend);
-    // Past the window in which a closed kept connection is taken for a stale one.
-    std::thread::sleep(Duration::from_millis(400));
+    // Well past the window in which a closed kept connection is taken for a stale one.
+    std::thread::sleep(Duration::from_millis(1000));
     drop(upstream);
     let resp = client.join().unwrap();
     let e = resp.error(502);
@@ -823,6 +808,63 @@ fn a_backend_that_takes_a_request_and_goes_away_is_a_protocol_error() {
 /// One chunk of chunked framing.
 fn chunk(data: &str) -> String {
     format!("{:x}\r\n{data}\r\n", data.len())
+}
+
+#[test]
+fn each_streamed_event_reaches_the_caller_before_the_backend_sends_the_next() {
+    // The backend sends an event only once the caller has the one before: a router that held
+    // events back (buffered) would stall this stream, whatever the machine's speed.
+    let (backend, r) = router_with_hand_rolled_backend("h", "");
+    let addr = r.addr;
+    let (seen, events_seen) = std::sync::mpsc::channel::<usize>();
+    let caller = std::thread::spawn(move || {
+        let mut c = Conn::open(addr);
+        let body =
+            r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hello"}]}"#;
+        c.send(&post_raw("/v1/chat/completions", body, ""));
+        let mut received = Vec::new();
+        c.read_response_with(|data| {
+            received.extend_from_slice(data);
+            let _ = seen.send(received.windows(5).filter(|w| w == b"data:").count());
+        })
+        .expect("a response")
+    });
+    let mut upstream = accept_request(&backend);
+    let head =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    upstream.write_all(head.as_bytes()).unwrap();
+    for k in 1..=5 {
+        let event = format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{k} \"}},\"finish_reason\":null}}]}}\n\n"
+        );
+        upstream.write_all(chunk(&event).as_bytes()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let n = events_seen
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("event {k} never reached the caller on its own"));
+            if n >= k {
+                break;
+            }
+        }
+    }
+    let end = [
+        r#"data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+        r#"data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#,
+        "data: [DONE]",
+    ];
+    let mut rest: String = end.iter().map(|e| chunk(&format!("{e}\n\n"))).collect();
+    rest.push_str("0\r\n\r\n");
+    upstream.write_all(rest.as_bytes()).unwrap();
+    let resp = caller.join().unwrap();
+    assert_eq!(resp.status, 200);
+    let text = resp.text();
+    assert_eq!(streamed_text(&resp.body), "t1 t2 t3 t4 t5 ", "{text}");
+    assert!(
+        text.ends_with("data: [DONE]\n\n") && !text.contains("\"usage\""),
+        "{text}"
+    );
 }
 
 /// A deterministic stream asked for twice, the second time while the backend is half way
@@ -1112,7 +1154,7 @@ fn client_disconnect_closes_the_upstream_request() {
         n, 0,
         "the router closes its upstream connection when the client leaves"
     );
-    assert!(start.elapsed() < Duration::from_secs(4));
+    assert!(start.elapsed() < Duration::from_secs(10));
     let _ = upstream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
     // The backend read the prompt: its estimated cost counts, flagged as an estimate.
     let err = stop_router(r);
@@ -1245,7 +1287,7 @@ fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
         "the router closed its upstream connection, it did not just stop reading: {stopped:?}"
     );
     assert!(
-        start.elapsed() < Duration::from_secs(8),
+        start.elapsed() < Duration::from_secs(20),
         "{:?}",
         start.elapsed()
     );
@@ -1314,6 +1356,7 @@ fn head_requests_get_heads_without_bodies_even_for_errors() {
 #[test]
 fn an_interim_response_in_the_same_read_as_the_answer_is_skipped() {
     let (backend, r) = router_with_hand_rolled_backend("early", "");
+    let (answered, client_has_it) = std::sync::mpsc::channel::<()>();
     let serve = std::thread::spawn(move || {
         let mut upstream = accept_request(&backend);
         let body = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
@@ -1322,18 +1365,14 @@ fn an_interim_response_in_the_same_read_as_the_answer_is_skipped() {
             body.len()
         );
         upstream.write_all(answer.as_bytes()).unwrap();
-        // Kept open: the answer must not wait for more bytes.
-        std::thread::sleep(Duration::from_secs(3));
+        // Kept open until the caller has the answer: a router that waited for more bytes
+        // would answer 504 after the first-byte timeout (3 s).
+        let _ = client_has_it.recv_timeout(Duration::from_secs(20));
     });
-    let start = Instant::now();
     let resp = post(r.addr, "/v1/chat/completions", &chat("hi"), "");
+    let _ = answered.send(());
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.json()["choices"][0]["message"]["content"], "hi");
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        start.elapsed()
-    );
     serve.join().unwrap();
 }
 
@@ -1407,11 +1446,12 @@ fn a_pooled_connection_that_dies_while_working_is_a_visible_failed_attempt() {
         upstream.write_all(answer.as_bytes()).unwrap();
         let mut buf = [0u8; 65536];
         assert!(upstream.read(&mut buf).unwrap() > 0, "the second request");
-        std::thread::sleep(Duration::from_millis(500));
+        // Well past the window in which a closed kept connection is taken for a stale one.
+        std::thread::sleep(Duration::from_millis(1000));
         drop(upstream);
         // A new connection within a while is the request sent again; it gets the answer.
         backend.set_nonblocking(true).unwrap();
-        let until = Instant::now() + Duration::from_millis(1500);
+        let until = Instant::now() + Duration::from_millis(5000);
         while Instant::now() < until {
             if let Ok((again, _)) = backend.accept() {
                 let mut again = again;
@@ -1490,8 +1530,8 @@ fn stream_in_flight(per_second: &str, tokens: &str) -> (Proc, Proc, Conn) {
 
 #[test]
 fn sigterm_drains_streams_in_flight_then_exits_zero() {
-    // A two-second stream.
-    let (_s, mut r, mut c) = stream_in_flight("20", "40");
+    // A four-second stream.
+    let (_s, mut r, mut c) = stream_in_flight("20", "80");
     let pid = r.child.id().to_string();
     // Kept connections, open before the signal: one idle between requests, one with a
     // request half sent.
@@ -1506,7 +1546,7 @@ fn sigterm_drains_streams_in_flight_then_exits_zero() {
     let request = post_raw("/v1/chat/completions", &chat("hi"), "");
     let (head_start, rest) = request.split_at(20);
     busy.send(head_start);
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(1000));
     let mut signalled: Option<Instant> = None;
     let mut checked = false;
     let resp = c
@@ -1526,7 +1566,7 @@ fn sigterm_drains_streams_in_flight_then_exits_zero() {
                 // the other, whose request, completed after the drain began, is refused as
                 // not started (the drain would not wait for it), closing the connection.
                 idle.stream
-                    .set_read_timeout(Some(Duration::from_secs(1)))
+                    .set_read_timeout(Some(Duration::from_secs(5)))
                     .unwrap();
                 assert!(idle.is_closed(), "an idle connection outlived the drain");
                 busy.send(rest);
@@ -1659,7 +1699,7 @@ fn every_request_is_one_priced_usage_event() {
 
 #[test]
 fn a_second_signal_exits_at_once() {
-    let (_s, mut r, mut c) = stream_in_flight("2", "20");
+    let (_s, mut r, mut c) = stream_in_flight("2", "120");
     // Wait for the stream to start, so a request is in flight for the whole test.
     let mut first = [0u8; 1];
     c.stream.read_exact(&mut first).unwrap();
@@ -1670,16 +1710,17 @@ fn a_second_signal_exits_at_once() {
             .status()
             .unwrap()
             .success());
-        std::thread::sleep(Duration::from_millis(200));
+        // Apart, or the two could reach the router as one (signals coalesce).
+        std::thread::sleep(Duration::from_millis(500));
     }
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = r.child.try_wait().unwrap() {
             break status;
         }
         assert!(
             Instant::now() < deadline,
-            "the second signal must not wait for the 10 s stream"
+            "the second signal must not wait for the 60 s stream"
         );
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -1773,7 +1814,7 @@ fn a_head_or_body_sent_too_slowly_is_answered_408() {
     let mut writer = c.stream.try_clone().unwrap();
     let opened = Instant::now();
     let trickle = std::thread::spawn(move || {
-        for _ in 0..30 {
+        for _ in 0..100 {
             if writer.write_all(b"\r\n").is_err() {
                 break;
             }
@@ -1783,8 +1824,8 @@ fn a_head_or_body_sent_too_slowly_is_answered_408() {
     assert!(c.is_closed());
     let open_for = opened.elapsed();
     assert!(
-        open_for < Duration::from_millis(2000),
-        "open for {open_for:?}"
+        open_for < Duration::from_secs(5),
+        "open for {open_for:?} of a 10 s trickle"
     );
     trickle.join().unwrap();
 }
@@ -1822,13 +1863,16 @@ fn garbage_on_the_wire_never_takes_a_worker_down() {
             String::from_utf8_lossy(&reply)
         );
     }
-    for _ in 0..4 {
-        // Both workers still answer.
-        assert_eq!(
-            post(r.addr, "/v1/chat/completions", &chat("still alive?"), "").status,
-            200
-        );
-    }
+    // Both workers still answer (a request id's top 10 bits are its worker's index; new
+    // connections spread over the workers at random).
+    let mut workers_seen = std::collections::HashSet::new();
+    eventually("both workers answer", || {
+        let resp = post(r.addr, "/v1/chat/completions", &chat("still alive?"), "");
+        assert_eq!(resp.status, 200);
+        let id = u64::from_str_radix(resp.header("x-switchyard-request-id").unwrap(), 16);
+        workers_seen.insert(id.unwrap() >> 54);
+        workers_seen.len() == 2
+    });
 }
 
 #[test]
@@ -1836,7 +1880,7 @@ fn a_slow_client_does_not_make_a_backend_look_idle() {
     // The backend streams more than the socket buffers hold while the client pauses for longer
     // than the backend's idle timeout: the router waits on the client meanwhile (the backend
     // cannot send more then), which must not count as the backend going silent.
-    let (backend, r) = router_with_hand_rolled_backend_settings("b", "idle_timeout_ms = 500", "");
+    let (backend, r) = router_with_hand_rolled_backend_settings("b", "idle_timeout_ms = 1500", "");
     let mut c = Conn::open(r.addr);
     let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     c.send(&post_raw("/v1/chat/completions", body, ""));
@@ -1861,7 +1905,7 @@ fn a_slow_client_does_not_make_a_backend_look_idle() {
         .read_response_with(|_| {
             if !paused {
                 paused = true;
-                std::thread::sleep(Duration::from_millis(2000));
+                std::thread::sleep(Duration::from_millis(5000));
             }
         })
         .unwrap();
@@ -1894,7 +1938,7 @@ fn a_stalled_stream_times_out_into_an_error_event() {
         serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(event["error"]["code"], "upstream_timeout", "{text}");
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(15),
         "the idle timeout, not the sim, ended it"
     );
 }

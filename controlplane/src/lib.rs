@@ -332,6 +332,14 @@ impl ControlPlane {
 
     /// Applies the config file again (SIGHUP, or the file changed).
     fn reload(&self, path: &Path, source: &str) {
+        let counted = |outcome| {
+            let labels = metrics::ReloadLabels { outcome };
+            self.ledger
+                .metrics
+                .config_reloads
+                .get_or_create(&labels)
+                .inc();
+        };
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
@@ -339,6 +347,7 @@ impl ControlPlane {
                     "switchyard: reload ({source}): cannot read {}: {e}",
                     path.display()
                 );
+                counted("refused");
                 return;
             }
         };
@@ -346,12 +355,16 @@ impl ControlPlane {
             return;
         }
         match self.configs.apply(text, &path.display().to_string()) {
-            Ok(v) => eprintln!("switchyard: reload ({source}): config version {v} in effect"),
+            Ok(v) => {
+                eprintln!("switchyard: reload ({source}): config version {v} in effect");
+                counted("applied");
+            }
             Err(errors) => {
                 eprintln!("switchyard: reload ({source}) refused; the running config stays:");
                 for e in errors {
                     eprintln!("  {e}");
                 }
+                counted("refused");
             }
         }
     }

@@ -70,6 +70,12 @@ pub struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// "applied" or "refused" (invalid, or the file could not be read).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     pub service: String,
     /// "requests" or "tokens".
@@ -187,6 +193,7 @@ pub struct Metrics {
     pub usage_dropped: Gauge,
     pub inflight: Gauge,
     pub config_version: Gauge,
+    pub config_reloads: Family<ReloadLabels, Counter>,
     pub cache_entries: Gauge,
     pub cache_bytes: Gauge,
     pub cache_evictions: Gauge,
@@ -215,6 +222,7 @@ impl Default for Metrics {
             usage_dropped: Gauge::default(),
             inflight: Gauge::default(),
             config_version: Gauge::default(),
+            config_reloads: Family::default(),
             cache_entries: Gauge::default(),
             cache_bytes: Gauge::default(),
             cache_evictions: Gauge::default(),
@@ -303,6 +311,11 @@ impl Default for Metrics {
             "config_version",
             "Version of the config in effect",
             m.config_version.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Reloads of the config file (on change or SIGHUP) by outcome: a refused one leaves the running config in effect",
+            m.config_reloads.clone(),
         );
         r.register(
             "cache_entries",

@@ -415,8 +415,8 @@ mod tests {
         let text = r#"
 [health]
 eject_after_failures = 2
-base_ejection_ms = 50
-max_ejection_ms = 400
+base_ejection_ms = 5000
+max_ejection_ms = 40000
 [[backends]]
 name = "a"
 url = "http://127.0.0.1:1"
@@ -485,8 +485,8 @@ targets = ["a/m", "b/m"]
         s.eject(s.get(0), &t.health, until, s.now_ms());
         s.eject(s.get(0), &t.health, until, s.now_ms());
         assert_eq!(s.get(0).ejections.load(Relaxed), 1);
-        // The base period (50 ms), not twice it.
-        s.advance(Duration::from_millis(60));
+        // The base period (5 s), not twice it.
+        s.advance(Duration::from_millis(6000));
         assert!(!s.is_ejected(0));
     }
 
@@ -555,15 +555,15 @@ targets = ["a/m", "b/m"]
         assert!(s.admit(0, 10).is_none());
         // Tried-everything fallback still only yields the healthy backend.
         assert_eq!(choose(&t, &s, &t.tiers[0].targets, &[]).unwrap().0, 1);
-        s.advance(Duration::from_millis(60));
+        s.advance(Duration::from_millis(6000));
         let probe = s.admit(0, 10).expect("half-open probe");
         assert!(s.admit(0, 10).is_none(), "one probe at a time");
         s.record(0, Verdict::Failure, &t.health, probe.is_probe());
         drop(probe);
         assert!(s.is_ejected(0), "a failed probe ejects again, for longer");
-        s.advance(Duration::from_millis(60));
-        assert!(s.admit(0, 10).is_none(), "second ejection is 100 ms");
-        s.advance(Duration::from_millis(50));
+        s.advance(Duration::from_millis(6000));
+        assert!(s.admit(0, 10).is_none(), "second ejection is 10 s");
+        s.advance(Duration::from_millis(5000));
         let probe = s.admit(0, 10).unwrap();
         s.record(0, Verdict::Success, &t.health, probe.is_probe());
         drop(probe);
@@ -584,10 +584,10 @@ targets = ["a/m", "b/m"]
         }
         s.record(0, Verdict::Success, &t.health, false);
         assert!(s.is_ejected(0), "a late success does not end it");
-        s.advance(Duration::from_millis(60));
+        s.advance(Duration::from_millis(6000));
         assert!(
             !s.is_ejected(0),
-            "late failures did not lengthen it: still 50 ms"
+            "late failures did not lengthen it: still 5 s"
         );
     }
 
@@ -603,7 +603,7 @@ targets = ["a/m", "b/m"]
         );
         s.record(0, Verdict::Failure, &t.health, false);
         assert!(!s.any_ready(), "ejected");
-        s.advance(Duration::from_millis(60));
+        s.advance(Duration::from_millis(6000));
         assert!(s.any_ready(), "the half-open probe needs traffic");
     }
 
@@ -613,7 +613,7 @@ targets = ["a/m", "b/m"]
         let s = BackendStates::new(2, false);
         s.record(0, Verdict::Failure, &t.health, false);
         s.record(0, Verdict::Failure, &t.health, false);
-        s.advance(Duration::from_millis(60));
+        s.advance(Duration::from_millis(6000));
         let probe = s.admit(0, 10).expect("the probe");
         // A request admitted before the ejection ends now: it decides nothing.
         s.record(0, Verdict::Success, &t.health, false);
@@ -631,7 +631,7 @@ targets = ["a/m", "b/m"]
         let s = BackendStates::new(2, false);
         s.record(0, Verdict::Failure, &t.health, false);
         s.record(0, Verdict::Failure, &t.health, false);
-        s.advance(Duration::from_millis(60));
+        s.advance(Duration::from_millis(6000));
         let mut probe = s.admit(0, 10).expect("the probe");
         assert!(s.admit(0, 10).is_none(), "only the probe");
         s.probe_answered(0, &mut probe, &t.health);
@@ -646,7 +646,7 @@ targets = ["a/m", "b/m"]
         // A later ejection gets its own probe.
         s.record(0, Verdict::Failure, &t.health, false);
         assert!(s.is_ejected(0));
-        s.advance(Duration::from_millis(200));
+        s.advance(Duration::from_millis(20000));
         assert!(s.admit(0, 10).is_some_and(|p| p.is_probe()));
     }
 
@@ -686,7 +686,7 @@ targets = ["a/m", "b/m"]
         s.check_failed(0, &t.health);
         s.check_failed(0, &t.health);
         assert!(s.is_ejected(0));
-        s.advance(Duration::from_millis(60));
+        s.advance(Duration::from_millis(6000));
         let probe = s.admit(0, 10).expect("the probe");
         s.check_failed(0, &t.health);
         s.record(0, Verdict::Failure, &t.health, probe.is_probe());
@@ -711,7 +711,7 @@ targets = ["a/m", "b/m"]
         s.check_failed(0, &t.health);
         assert!(s.is_ejected(0) && !s.any_ready());
         // Its probe passes: one more failed check does not eject it again at once.
-        s.advance(Duration::from_millis(60));
+        s.advance(Duration::from_millis(6000));
         let probe = s.admit(0, 10).expect("the probe");
         s.record(0, Verdict::Success, &t.health, probe.is_probe());
         drop(probe);
@@ -733,37 +733,37 @@ targets = ["a/m", "b/m"]
             s.record(0, Verdict::Failure, &t.health, false);
             s.record(0, Verdict::Failure, &t.health, false);
             while s.is_ejected(0) {
-                s.advance(Duration::from_millis(10));
+                s.advance(Duration::from_millis(1000));
             }
             let probe = s.admit(0, 10).unwrap();
             s.record(0, Verdict::Success, &t.health, probe.is_probe());
             drop(probe);
         };
-        // Flapping doubles the period: 50, 100, 200 ms.
+        // Flapping doubles the period: 5, 10, 20 s.
         for _ in 0..3 {
             eject_and_recover(&s);
         }
         s.record(0, Verdict::Failure, &t.health, false);
         s.record(0, Verdict::Failure, &t.health, false);
-        s.advance(Duration::from_millis(360));
-        assert!(s.is_ejected(0), "the fourth is 400 ms");
-        s.advance(Duration::from_millis(50));
+        s.advance(Duration::from_millis(36000));
+        assert!(s.is_ejected(0), "the fourth is 40 s");
+        s.advance(Duration::from_millis(5000));
         let probe = s.admit(0, 10).unwrap();
         s.record(0, Verdict::Success, &t.health, probe.is_probe());
         drop(probe);
-        // Up for longer than max_ejection (400 ms): the next ejection is 50 ms again ...
-        s.advance(Duration::from_millis(450));
+        // Up for longer than max_ejection (40 s): the next ejection is 5 s again ...
+        s.advance(Duration::from_millis(45000));
         s.record(0, Verdict::Failure, &t.health, false);
         s.record(0, Verdict::Failure, &t.health, false);
-        s.advance(Duration::from_millis(60));
+        s.advance(Duration::from_millis(6000));
         assert!(!s.is_ejected(0));
-        // ... and a failed probe doubles it from there (100 ms), not from the base again.
+        // ... and a failed probe doubles it from there (10 s), not from the base again.
         let probe = s.admit(0, 10).unwrap();
         s.record(0, Verdict::Failure, &t.health, probe.is_probe());
         drop(probe);
-        s.advance(Duration::from_millis(60));
-        assert!(s.is_ejected(0), "the second is 100 ms");
-        s.advance(Duration::from_millis(50));
+        s.advance(Duration::from_millis(6000));
+        assert!(s.is_ejected(0), "the second is 10 s");
+        s.advance(Duration::from_millis(5000));
         assert!(!s.is_ejected(0));
     }
 }

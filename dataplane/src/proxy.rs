@@ -112,8 +112,9 @@ struct Store {
     ttl: Duration,
 }
 
-/// How many 10 ms waits a request on a remote data plane gives a budget's first lease.
-const LEASE_WAIT_STEPS: usize = 30;
+/// How many 10 ms waits a request on a remote data plane gives a budget's first lease (once
+/// per budget and day; a busy control plane or a slow link may take a while to answer).
+const LEASE_WAIT_STEPS: usize = 200;
 
 #[allow(clippy::too_many_arguments)]
 pub async fn handle(

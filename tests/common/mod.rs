@@ -406,3 +406,35 @@ pub fn config_for(backends: &[(&str, String)], extra: &str) -> String {
     out.push_str(extra);
     out
 }
+
+/// The text of a streamed answer's content deltas.
+pub fn streamed_text(body: &[u8]) -> String {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
+/// Waits until `check` holds (what a test saw can lag behind its cause: usage events reach
+/// the ledger after the response, a reload after the file change), failing with `what` after
+/// 15 s.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Requests a simulator has received.
+pub fn upstream_calls(sim: &Proc) -> u64 {
+    get(sim.addr, "/sim/stats").json()["received"]
+        .as_u64()
+        .unwrap()
+}
