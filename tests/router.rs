@@ -1296,6 +1296,8 @@ fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
 
 #[test]
 fn thousands_of_concurrent_keepalive_requests() {
+    // This process holds 1,000 sockets (and the usual soft limit is 1,024 descriptors).
+    switchyard_dataplane::server::raise_open_files_limit();
     let s = sim("s", &["--workers", "2"]);
     let r = router(&config_for(&[("s", s.url())], ""));
     let threads: Vec<_> = (0..40)
