@@ -479,22 +479,12 @@ fn a_followed_stream_goes_on_when_its_first_caller_leaves() {
         "",
     ));
     eventually("the first request is upstream", || upstream_calls(&s) == 1);
-    let (following, follows) = std::sync::mpsc::channel();
-    let follower = std::thread::spawn(move || {
-        let mut c = Conn::open(addr);
-        c.send(&post_raw(
-            "/v1/chat/completions",
-            &deterministic_stream(),
-            "",
-        ));
-        c.read_response_with(|_| {
-            let _ = following.send(());
-        })
-        .expect("a response")
-    });
-    follows
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the second request follows the first");
+    let follower = caller_past_first_bytes(
+        addr,
+        "/v1/chat/completions",
+        deterministic_stream(),
+        "the second request follows the first",
+    );
     // The first caller gives up mid-stream; the one following it must still get it all.
     drop(leader);
     let resp = follower.join().unwrap();

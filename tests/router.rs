@@ -810,6 +810,13 @@ fn chunk(data: &str) -> String {
     format!("{:x}\r\n{data}\r\n", data.len())
 }
 
+/// A stream's last events, each a chunk of its own, and the end of the chunked body.
+fn write_last_events(upstream: &mut std::net::TcpStream, events: &[&str]) {
+    let mut rest: String = events.iter().map(|e| chunk(&format!("{e}\n\n"))).collect();
+    rest.push_str("0\r\n\r\n");
+    upstream.write_all(rest.as_bytes()).unwrap();
+}
+
 #[test]
 fn each_streamed_event_reaches_the_caller_before_the_backend_sends_the_next() {
     // The backend sends an event only once the caller has the one before: a router that held
@@ -854,9 +861,7 @@ fn each_streamed_event_reaches_the_caller_before_the_backend_sends_the_next() {
         r#"data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#,
         "data: [DONE]",
     ];
-    let mut rest: String = end.iter().map(|e| chunk(&format!("{e}\n\n"))).collect();
-    rest.push_str("0\r\n\r\n");
-    upstream.write_all(rest.as_bytes()).unwrap();
+    write_last_events(&mut upstream, &end);
     let resp = caller.join().unwrap();
     assert_eq!(resp.status, 200);
     let text = resp.text();
@@ -890,18 +895,12 @@ fn a_stream_and_its_follower(
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     // The backend goes on once the follower has the first event (it follows the stream).
-    let (following, follows) = std::sync::mpsc::channel();
-    let follower = std::thread::spawn(move || {
-        let mut c = Conn::open(addr);
-        c.send(&post_raw("/v1/chat/completions", body, ""));
-        c.read_response_with(|_| {
-            let _ = following.send(());
-        })
-        .expect("a response")
-    });
-    follows
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the second request follows the first");
+    let follower = caller_past_first_bytes(
+        addr,
+        "/v1/chat/completions",
+        body.to_string(),
+        "the second request follows the first",
+    );
     finish(&mut upstream);
     drop(upstream);
     (first.join().unwrap(), follower.join().unwrap())
@@ -917,9 +916,7 @@ fn a_followed_stream_reaches_its_follower_as_its_first_caller_got_it() {
             r#"data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":5,"total_tokens":14}}"#,
             "data: [DONE]",
         ];
-        let mut rest: String = events.iter().map(|e| chunk(&format!("{e}\n\n"))).collect();
-        rest.push_str("0\r\n\r\n");
-        upstream.write_all(rest.as_bytes()).unwrap();
+        write_last_events(upstream, &events);
     });
     assert_eq!(follower.header("x-switchyard-cache"), Some("hit"));
     assert!(

@@ -438,3 +438,27 @@ pub fn upstream_calls(sim: &Proc) -> u64 {
         .as_u64()
         .unwrap()
 }
+
+/// Sends `body` to `path` from a thread of its own and returns once the first bytes of the
+/// answer's body have arrived (failing with `what` after 10 s); the thread returns the whole
+/// response.
+pub fn caller_past_first_bytes(
+    addr: SocketAddr,
+    path: &'static str,
+    body: String,
+    what: &str,
+) -> std::thread::JoinHandle<Response> {
+    let (first_bytes, arrived) = std::sync::mpsc::channel();
+    let caller = std::thread::spawn(move || {
+        let mut c = Conn::open(addr);
+        c.send(&post_raw(path, &body, ""));
+        c.read_response_with(|_| {
+            let _ = first_bytes.send(());
+        })
+        .expect("a response")
+    });
+    arrived
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what}"));
+    caller
+}
