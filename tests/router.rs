@@ -104,7 +104,7 @@ fn body_reaches_the_backend_unchanged_except_model() {
         r.addr,
         "/v1/chat/completions",
         body,
-        "authorization: Bearer client-secret\r\nx-switchyard-service: svc\r\nx-custom: kept\r\n",
+        "authorization: Bearer client-secret\r\napi-key: client-secret\r\nx-api-key: client-secret\r\nx-goog-api-key: client-secret\r\nx-switchyard-service: svc\r\nx-custom: kept\r\nconnection: keep-alive, x-hop\r\nx-hop: client-secret\r\n",
     );
     assert_eq!(resp.status, 200, "{}", resp.text());
     let recorded = get(small.addr, "/sim/last-request").text();
@@ -378,8 +378,9 @@ fn bad_input_gets_clear_errors() {
     let (resp, mut c) = raw(b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n");
     resp.error(400);
     assert!(c.is_closed(), "malformed HTTP closes the connection");
-    // Service names label spend and metrics: short and printable only.
-    for name in ["has spaces", &"x".repeat(129)] {
+    // Service names label spend and metrics: short and printable only (and an empty one, a
+    // caller's unset variable, is not taken for no name).
+    for name in ["has spaces", &"x".repeat(129), ""] {
         let resp = post(
             r.addr,
             "/v1/chat/completions",
@@ -781,6 +782,26 @@ fn a_backend_that_stops_reading_times_out_like_a_silent_one() {
     );
     // The backend's first-byte timeout (3 s, plus the time to take 16 MiB in), not forever.
     assert!(started.elapsed() < Duration::from_secs(18));
+}
+
+#[test]
+fn headers_a_backend_names_in_connection_stay_between_it_and_the_router() {
+    let (backend, r) = router_with_hand_rolled_backend("h", "");
+    let addr = r.addr;
+    let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat("hi"), ""));
+    let mut upstream = accept_request(&backend);
+    let body = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\nconnection: keep-alive, x-secret\r\nx-secret: 1\r\nx-kept: 2\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    upstream.write_all(answer.as_bytes()).unwrap();
+    let resp = client.join().unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        (resp.header("x-secret"), resp.header("x-kept")),
+        (None, Some("2"))
+    );
 }
 
 #[test]

@@ -77,16 +77,11 @@ pub fn identify<'h>(
     required: bool,
     head: &'h Head,
 ) -> Result<Service<'h>, &'static str> {
-    let named = match head.header("x-switchyard-service") {
-        None => None,
-        Some(v) => Some(match std::str::from_utf8(v) {
-            Ok(name) => name.trim(),
-            // Not a name at all: checked like one, it is refused with the naming rule rather
-            // than billed to `default` or to the key's service.
-            Err(_) => "(not UTF-8)",
-        })
-        .filter(|s| !s.is_empty()),
-    };
+    // Not a name (not UTF-8, or empty: a client's unset variable): checked like one, it is
+    // refused with the naming rule rather than billed to `default` or the key's service.
+    let named = head
+        .header("x-switchyard-service")
+        .map(|v| std::str::from_utf8(v).map_or("(not UTF-8)", str::trim));
     if !required {
         return Ok(Service::Named(named.unwrap_or("default")));
     }
@@ -153,6 +148,8 @@ mod tests {
     fn keys_decide_the_service_when_required() {
         assert_eq!(who(false, ""), Ok("default".into()));
         assert_eq!(who(false, "x-switchyard-service: a\r\n"), Ok("a".into()));
+        // An empty name is no name: refused later by the naming rule, not billed to default.
+        assert_eq!(who(false, "x-switchyard-service: \r\n"), Ok("".into()));
         assert!(who(true, "x-switchyard-service: a\r\n").is_err());
         assert_eq!(
             who(true, "authorization: Bearer nope\r\n"),

@@ -48,6 +48,8 @@ pub struct Head {
     pub framing: BodyFraming,
     pub keep_alive: bool,
     pub expect_continue: bool,
+    /// A Connection header names options other than `close` and `keep-alive`.
+    connection_options: bool,
 }
 
 impl Head {
@@ -63,6 +65,16 @@ impl Head {
         self.header(name)
             .and_then(|v| std::str::from_utf8(v).ok())
             .map(str::trim)
+    }
+
+    /// Whether a Connection header names `name`: a header for this connection only, which a
+    /// proxy must not pass on (RFC 9110 §7.6.1).
+    pub fn is_connection_option(&self, name: &[u8]) -> bool {
+        self.connection_options
+            && self
+                .headers()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
+                .any(|(_, v)| has_token(v, name))
     }
 
     pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
@@ -127,10 +139,10 @@ pub fn lower_name<'b>(name: &[u8], buf: &'b mut [u8; NAME_BUF]) -> Option<&'b [u
     Some(lower)
 }
 
-fn has_token(value: &[u8], token: &str) -> bool {
+fn has_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 struct Framing {
@@ -138,6 +150,7 @@ struct Framing {
     chunked: bool,
     connection_close: bool,
     connection_keep_alive: bool,
+    connection_options: bool,
     expect_continue: bool,
     hosts: usize,
 }
@@ -150,6 +163,7 @@ fn framing(headers: &[httparse::Header<'_>], minor_version: u8) -> Result<Framin
         chunked: false,
         connection_close: false,
         connection_keep_alive: false,
+        connection_options: false,
         expect_continue: false,
         hosts: 0,
     };
@@ -181,8 +195,14 @@ fn framing(headers: &[httparse::Header<'_>], minor_version: u8) -> Result<Framin
             saw_te = true;
             f.chunked = true;
         } else if name.eq_ignore_ascii_case(b"connection") {
-            f.connection_close |= has_token(h.value, "close");
-            f.connection_keep_alive |= has_token(h.value, "keep-alive");
+            f.connection_close |= has_token(h.value, b"close");
+            f.connection_keep_alive |= has_token(h.value, b"keep-alive");
+            f.connection_options |= h.value.split(|&b| b == b',').any(|t| {
+                let t = t.trim_ascii();
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"close")
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+            });
         } else if name.eq_ignore_ascii_case(b"expect") {
             f.expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case(b"host") {
@@ -309,6 +329,7 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)
             framing,
             keep_alive: f.keep_alive(minor_version),
             expect_continue: f.expect_continue && minor_version == 1,
+            connection_options: f.connection_options,
         },
         len,
     )))
@@ -368,6 +389,7 @@ pub fn parse_response(
             framing,
             keep_alive,
             expect_continue: false,
+            connection_options: f.connection_options,
         },
         len,
     )))
@@ -594,6 +616,23 @@ mod tests {
         assert_eq!((a.path(), b.path()), ("/healthz", "/v1/models"));
         assert_eq!(n + m, raw.len());
         assert!(a.keep_alive && !b.keep_alive);
+    }
+
+    #[test]
+    fn headers_named_by_connection_are_options_of_this_connection() {
+        let h = |raw: &[u8]| parse_request(raw, LIMIT).unwrap().unwrap().0;
+        let head = h(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Hop\r\nconnection: x-two\r\nX-Hop: 1\r\n\r\n");
+        assert!(head.is_connection_option(b"x-hop") && head.is_connection_option(b"X-TWO"));
+        assert!(!head.is_connection_option(b"host") && head.keep_alive);
+        let head = h(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        assert!(!head.connection_options && !head.is_connection_option(b"close"));
+        let (resp, _) = parse_response(
+            b"HTTP/1.1 200 OK\r\nconnection: x-secret\r\ncontent-length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(resp.is_connection_option(b"x-secret"));
     }
 
     #[test]

@@ -1012,7 +1012,7 @@ fn header_use(name: &[u8]) -> HeaderUse {
         Some(lower) if codec::is_hop_by_hop_lowered(lower) => HeaderUse::Dropped,
         Some(
             b"host" | b"content-length" | b"authorization" | b"expect" | b"accept-encoding"
-            | b"x-api-key",
+            | b"x-api-key" | b"api-key" | b"x-goog-api-key",
         ) => HeaderUse::Dropped,
         Some(
             b"accept" | b"content-type" | b"user-agent" | b"traceparent" | b"tracestate"
@@ -1088,7 +1088,7 @@ fn upstream_request(
     out.extend_from_slice(backend.authority.as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in head.headers() {
-        if is_forwarded(name) {
+        if is_forwarded(name) && !head.is_connection_option(name) {
             header(&mut out, name, value);
         }
     }
@@ -1718,7 +1718,8 @@ fn response_head(
     for (name, value) in upstream.headers() {
         let skip = codec::is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"content-length")
-            || is_switchyard_header(name);
+            || is_switchyard_header(name)
+            || upstream.is_connection_option(name);
         if !skip {
             header(&mut out, name, value);
         }
