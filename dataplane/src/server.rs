@@ -85,6 +85,17 @@ fn request_id(worker: usize, seq: u64) -> u64 {
     ((worker as u64) << SEQUENCE_BITS) | (seq & ((1 << SEQUENCE_BITS) - 1))
 }
 
+/// Where a worker's sequence starts: the start time in milliseconds times 4,096, so that ids
+/// do not repeat across restarts (a later process starts above every id an earlier one made,
+/// unless that one made over 4,096 a millisecond on one worker) and log lines and usage
+/// records of different runs never share one. (Unix milliseconds stay below 2^42 until 2109.)
+fn first_sequence() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    (ms << 12) & ((1 << SEQUENCE_BITS) - 1)
+}
+
 impl Worker {
     /// The current snapshot; a thread-local cache makes this a pointer compare plus a refcount.
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -97,7 +108,7 @@ impl Worker {
         self.cache.borrow_mut().load().table.listener
     }
 
-    /// Unique per process: see `request_id`.
+    /// Unique per process, and across restarts: see `request_id` and `first_sequence`.
     pub fn next_request_id(&self) -> u64 {
         let n = self.seq.get() + 1;
         self.seq.set(n);
@@ -226,7 +237,7 @@ pub fn start(
                     limits: Default::default(),
                     service_names: Default::default(),
                     connections: Default::default(),
-                    seq: Cell::new(0),
+                    seq: Cell::new(first_sequence()),
                 });
                 let result = if use_uring {
                     let build = |setup| {
@@ -365,5 +376,15 @@ mod tests {
             ids.iter().map(|&(w, n)| request_id(w, n)).collect();
         assert_eq!(made.len(), ids.len());
         assert_eq!(request_id(last, 1) >> SEQUENCE_BITS, last as u64);
+    }
+
+    #[test]
+    fn a_later_start_numbers_its_requests_above_an_earlier_one() {
+        let earlier = first_sequence();
+        std::thread::sleep(Duration::from_millis(2));
+        let later = first_sequence();
+        // An earlier process's 4,096 requests a millisecond stay below the later start.
+        assert!(later >= earlier + 2 * 4096, "{earlier} {later}");
+        assert!(later < 1 << SEQUENCE_BITS, "the worker's index is not touched");
     }
 }
