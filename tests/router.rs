@@ -1718,6 +1718,72 @@ fn every_request_is_one_priced_usage_event() {
 }
 
 #[test]
+fn requests_still_running_at_the_drain_deadline_are_ended_with_an_error_and_counted() {
+    let s = sim(
+        "s",
+        &["--tokens-per-second", "2", "--completion-tokens", "40"],
+    );
+    let config = config_for(
+        &[("s", s.url())],
+        "[listener]\ndrain_timeout_ms = 1000\n[usage]\nlog_events = true\n",
+    )
+    .replace(
+        "first_byte_timeout_ms = 3000",
+        "first_byte_timeout_ms = 30000",
+    );
+    let r = router(&config);
+    // A 20 s stream, past its first event, and a request whose answer is 20 s away.
+    let stream = caller_past_first_bytes(
+        r.addr,
+        "/v1/chat/completions",
+        STREAM.to_string(),
+        "the stream started",
+    );
+    let addr = r.addr;
+    let waiting = std::thread::spawn(move || {
+        post(
+            addr,
+            "/v1/chat/completions",
+            &chat("hi"),
+            "x-sim-fault: slow-first-byte=20000\r\n",
+        )
+    });
+    eventually("both requests reached the backend", || {
+        upstream_calls(&s) == 2
+    });
+    let started = Instant::now();
+    let err = stop_router(r);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "ended at the deadline, not after the 20 s answers: {:?}",
+        started.elapsed()
+    );
+    // The stream ends with an error event and a clean end of its body.
+    let streamed = stream.join().unwrap();
+    let text = streamed.text();
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let event: serde_json::Value = serde_json::from_str(last.strip_prefix("data: ").unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(event["error"]["code"], "shutting_down", "{text}");
+    // The request still waiting for its answer gets a 503 that says why.
+    let waited = waiting.join().unwrap();
+    assert_eq!(waited.error(503)["code"], "shutting_down");
+    // Both are counted: priced (the backend had them) and marked incomplete.
+    let events = usage_events(&err);
+    assert_eq!(events.len(), 2, "{err}");
+    for e in &events {
+        assert_eq!(e["incomplete"], true, "{e}");
+        assert!(e["cost_micros"].as_u64().unwrap() > 0, "{e}");
+    }
+    let statuses: Vec<_> = events
+        .iter()
+        .map(|e| e["status"].as_u64().unwrap())
+        .collect();
+    assert!(statuses.contains(&200) && statuses.contains(&503), "{err}");
+    assert!(err.contains("ending them"), "{err}");
+}
+
+#[test]
 fn a_second_signal_exits_at_once() {
     let (_s, mut r, mut c) = stream_in_flight("2", "120");
     // Wait for the stream to start, so a request is in flight for the whole test.

@@ -723,9 +723,24 @@ pub(crate) async fn drain_on_signal(
     }
     let left = dataplane.shared.inflight();
     if left > 0 {
-        eprintln!("switchyard: drain deadline passed with {left} requests in flight");
+        // Ended rather than cut off by the exit: each caller gets an error (a last SSE event
+        // for a stream) and each request its usage event, counted in the spend saved below.
+        eprintln!("switchyard: drain deadline passed with {left} requests in flight; ending them");
+        dataplane.cut_in_flight();
+        let deadline = Instant::now() + CUT_GRACE;
+        while dataplane.shared.inflight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = dataplane.shared.inflight();
+        if left > 0 {
+            eprintln!("switchyard: {left} requests did not end within {CUT_GRACE:?}; exiting");
+        }
     }
 }
+
+/// How long requests cut at the drain deadline get to tell their callers and record usage
+/// (a wait on the caller's socket ends within a quarter second, `BODY_WATCH_DELAY`).
+const CUT_GRACE: Duration = Duration::from_secs(2);
 
 /// Each applied config: recorded in the store, its budget limits put in force.
 async fn follow_configs(cp: Arc<ControlPlane>) {

@@ -209,6 +209,17 @@ impl OpenConnections {
             }
         }
     }
+
+    /// Ends the waits on every busy connection's socket (`Client::unless_gone`): the drain
+    /// deadline passed (`Shared::is_cut`). Only reading stops: the answer can still say why.
+    pub fn shut_busy(&self) {
+        for (_, (fd, waiting)) in self.0.borrow().iter() {
+            if waiting.get() == Waiting::Busy {
+                // SAFETY: as in `close_idle`.
+                unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+            }
+        }
+    }
 }
 
 /// A connection's place in `OpenConnections`, left when it drops (before the socket closes).

@@ -452,6 +452,12 @@ pub async fn handle(
                             .await
                             .is_none()
                         {
+                            if worker.shared.is_cut() {
+                                let kind = ErrorKind::ShuttingDown;
+                                let message = "the router is shutting down and its drain deadline ended this request while it waited for an identical one";
+                                return reject(worker, snap, client, &ctx, kind, message, None)
+                                    .await;
+                            }
                             log(
                                 worker,
                                 snap,
@@ -541,6 +547,38 @@ pub async fn handle(
                 .unless_gone(Instant::now() + CLIENT_WATCH_DELAY, exchange)
                 .await;
             match result {
+                None if worker.shared.is_cut() => {
+                    // The drain deadline, not the caller, ended the wait: the caller is told.
+                    let mut headers = Vec::with_capacity(256);
+                    explain(
+                        &mut headers,
+                        &ctx,
+                        tier_name(table, &ctx).map_or("", |t| &**t),
+                        &backend.name,
+                        &t.model,
+                    );
+                    let message = "the router is shutting down and its drain deadline ended this request before the backend answered";
+                    let kind = ErrorKind::ShuttingDown;
+                    send_error(client, kind, message, None, false, Some(&headers), false).await;
+                    // Priced from its prompt once the backend has it.
+                    let usage = written.get().map_or(Some(TokenUsage::default()), |_| None);
+                    let status = kind.status();
+                    let answered = Some(Instant::now());
+                    let tier = tier_name(table, &ctx);
+                    log(
+                        worker,
+                        snap,
+                        &ctx,
+                        Some(target),
+                        tier,
+                        status,
+                        usage,
+                        0,
+                        answered,
+                        true,
+                    );
+                    return false;
+                }
                 None => {
                     // The caller gave up waiting; a backend that answered nobody meanwhile is
                     // hung, whatever the first-byte timeout (often longer than callers wait).
@@ -1308,6 +1346,31 @@ fn store_answer(
 enum Cut {
     ClientLeft,
     Upstream(AttemptError),
+    /// The drain deadline passed (`Shared::is_cut`): the caller is told, the backend is not
+    /// to blame.
+    Shutdown(AttemptError),
+}
+
+impl Cut {
+    /// The error the caller is told of, when there is one to tell.
+    fn error(&self) -> Option<&AttemptError> {
+        match self {
+            Cut::ClientLeft => None,
+            Cut::Upstream(e) | Cut::Shutdown(e) => Some(e),
+        }
+    }
+
+    /// Why a wait on the caller's socket ended: the caller left, or the drain deadline shut it.
+    fn of_a_closed_wait(worker: &Worker) -> Cut {
+        if worker.shared.is_cut() {
+            Cut::Shutdown(AttemptError::new(
+                ErrorKind::ShuttingDown,
+                "the router is shutting down and its drain deadline ended this request",
+            ))
+        } else {
+            Cut::ClientLeft
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1409,6 +1472,9 @@ async fn relay(
             data.clear();
             &mut data
         };
+        if read_socket && worker.shared.is_cut() {
+            break Err(Cut::of_a_closed_wait(worker));
+        }
         if read_socket {
             // Timed from now, not from the last bytes: writing them to a slow client may have
             // taken longer than the backend may stay silent (it cannot send while we do not read).
@@ -1430,8 +1496,9 @@ async fn relay(
             };
             match next {
                 None => {
-                    left_waiting = true;
-                    break Err(Cut::ClientLeft);
+                    let cut = Cut::of_a_closed_wait(worker);
+                    left_waiting = matches!(cut, Cut::ClientLeft);
+                    break Err(cut);
                 }
                 Some(Err(e)) => break Err(Cut::Upstream(e)),
                 Some(Ok(_)) => {
@@ -1591,10 +1658,14 @@ async fn relay(
         }
     }
     let mut client_left = client_gone || matches!(outcome, Err(Cut::ClientLeft));
-    if let (Err(Cut::Upstream(e)), Some(_), false) = (&outcome, &filter, client_left) {
+    let failed = outcome.as_ref().err().and_then(Cut::error);
+    if let (Some(e), Some(_), false) = (failed, &filter, client_left) {
         // The head (200) is gone already: the error travels as a final SSE event, and the
         // chunked body still ends cleanly.
-        let message = format!("upstream stream failed: {}", e.message);
+        let message = match outcome {
+            Err(Cut::Upstream(_)) => format!("upstream stream failed: {}", e.message),
+            _ => e.message.clone(),
+        };
         frame(&mut wire, framing, &sse_error(e.kind, &message));
         if framing == ClientFraming::Chunked {
             wire.extend_from_slice(codec::LAST_CHUNK);
@@ -1607,7 +1678,7 @@ async fn relay(
     // client when the upstream failed (a cacheable answer is read whole before it is sent);
     // then an error answer, not a closed connection without one.
     let mut answered = status;
-    if let (Err(Cut::Upstream(e)), None, None) = (&outcome, &filter, first_byte) {
+    if let (Some(e), None, None) = (failed, &filter, first_byte) {
         let mut headers = Vec::with_capacity(256);
         explain(&mut headers, ctx, tier, &backend.name, &t.model);
         answered = e.kind.status();
@@ -1640,7 +1711,7 @@ async fn relay(
     let verdict = match (&outcome, status) {
         (Err(Cut::Upstream(_)), _) => Verdict::Failure,
         (Err(Cut::ClientLeft), _) if stalled() => Verdict::Failure,
-        (Err(Cut::ClientLeft), _) => Verdict::Neutral,
+        (Err(Cut::ClientLeft | Cut::Shutdown(_)), _) => Verdict::Neutral,
         (Ok(()), 429 | 500..) => Verdict::Failure,
         (Ok(()), _) => Verdict::Success,
     };

@@ -43,6 +43,9 @@ pub struct Shared {
     /// Addresses of backends given by name.
     pub resolved: Arc<crate::resolve::Resolved>,
     draining: AtomicBool,
+    /// The drain deadline passed: requests still in flight end now, each with an error its
+    /// caller can see and a usage event, instead of being cut off by the exit.
+    cut: AtomicBool,
     /// Requests in flight per worker (summed only by the drain loop).
     inflight: Box<[PaddedCounter]>,
 }
@@ -50,6 +53,10 @@ pub struct Shared {
 impl Shared {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Relaxed)
+    }
+
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Relaxed)
     }
 
     /// The flag `is_draining` reads, for state that outlives one look at it.
@@ -145,6 +152,12 @@ impl DataPlane {
     pub fn begin_drain(&self) {
         self.shared.draining.store(true, Relaxed);
     }
+
+    /// Ends the requests still in flight after a drain (see `Shared::cut`); each worker does
+    /// within `CUT_POLL`.
+    pub fn cut_in_flight(&self) {
+        self.shared.cut.store(true, Relaxed);
+    }
 }
 
 fn uring_available() -> bool {
@@ -219,6 +232,7 @@ pub fn start(
         service_names: Default::default(),
         keys: ArcSwap::from_pointee(keys),
         draining: AtomicBool::new(false),
+        cut: AtomicBool::new(false),
         inflight: (0..workers).map(|_| PaddedCounter::default()).collect(),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
@@ -292,6 +306,9 @@ pub fn ring_setup() -> io_uring::Builder {
     setup
 }
 
+/// How often a draining worker looks for the drain deadline's cut.
+const CUT_POLL: Duration = Duration::from_millis(20);
+
 async fn run_worker(
     worker: Rc<Worker>,
     address: SocketAddr,
@@ -354,7 +371,12 @@ async fn run_worker(
     }
     drop(listener);
     worker.connections.close_idle();
-    // Connections in flight keep running on this runtime until the process exits.
+    // Connections in flight keep running on this runtime until the process exits, or until
+    // the drain deadline cuts them: their waits for the caller's socket then end.
+    while !worker.shared.is_cut() {
+        monoio::time::sleep(CUT_POLL).await;
+    }
+    worker.connections.shut_busy();
     std::future::pending::<()>().await;
 }
 
@@ -385,6 +407,9 @@ mod tests {
         let later = first_sequence();
         // An earlier process's 4,096 requests a millisecond stay below the later start.
         assert!(later >= earlier + 2 * 4096, "{earlier} {later}");
-        assert!(later < 1 << SEQUENCE_BITS, "the worker's index is not touched");
+        assert!(
+            later < 1 << SEQUENCE_BITS,
+            "the worker's index is not touched"
+        );
     }
 }

@@ -110,7 +110,7 @@ pub struct AttemptError {
 }
 
 impl AttemptError {
-    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         AttemptError {
             kind,
             message: message.into(),
