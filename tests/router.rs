@@ -899,7 +899,23 @@ fn each_streamed_event_reaches_the_caller_before_the_backend_sends_the_next() {
 fn a_stream_and_its_follower(
     finish: impl FnOnce(&mut std::net::TcpStream),
 ) -> (Response, Response) {
-    let (backend, r) = router_with_hand_rolled_backend("h", "");
+    let (first, follower, mut upstream, _router) = a_stream_followed_half_way("");
+    finish(&mut upstream);
+    drop(upstream);
+    (first.join().unwrap(), follower.join().unwrap())
+}
+
+/// The callers of `a_stream_and_its_follower` (the first, the follower) once the follower has
+/// the first event, the backend's side of the stream and the router (config `extra`).
+fn a_stream_followed_half_way(
+    extra: &str,
+) -> (
+    std::thread::JoinHandle<Response>,
+    std::thread::JoinHandle<Response>,
+    std::net::TcpStream,
+    Proc,
+) {
+    let (backend, r) = router_with_hand_rolled_backend("h", extra);
     let body = r#"{"model":"auto","stream":true,"temperature":0,"messages":[{"role":"user","content":"What is the weather in Paris?"}]}"#;
     let addr = r.addr;
     let first = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
@@ -922,9 +938,29 @@ fn a_stream_and_its_follower(
         body.to_string(),
         "the second request follows the first",
     );
-    finish(&mut upstream);
+    (first, follower, upstream, r)
+}
+
+#[test]
+fn a_followed_stream_is_ended_for_all_its_callers_at_the_drain_deadline() {
+    // The backend sends one more event (read with a follower there), then goes silent; the
+    // drain deadline (1 s) ends the stream for both callers.
+    let (first, follower, mut upstream, r) =
+        a_stream_followed_half_way("[listener]\ndrain_timeout_ms = 1000\n");
+    let more = r#"data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":" Sunny."},"finish_reason":null}]}"#;
+    upstream
+        .write_all(chunk(&format!("{more}\n\n")).as_bytes())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stop_router(r);
+    for resp in [first.join().unwrap(), follower.join().unwrap()] {
+        let text = resp.text();
+        let last = text.trim_end().rsplit("\n\n").next().unwrap();
+        let event: serde_json::Value = serde_json::from_str(last.strip_prefix("data: ").unwrap())
+            .unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(event["error"]["code"], "shutting_down", "{text}");
+    }
     drop(upstream);
-    (first.join().unwrap(), follower.join().unwrap())
 }
 
 #[test]

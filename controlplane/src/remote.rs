@@ -442,7 +442,9 @@ impl Remote {
                     day: self.budgets.day(),
                 };
                 let Ok(reply) = client.lease_budget(request).await else {
-                    break; // Unreachable: serve on what is held, ask again later.
+                    // Unreachable: serve on what is held, ask again later.
+                    self.budgets.stop_waiting();
+                    break;
                 };
                 let reply = reply.into_inner();
                 if reply.unlimited || reply.day != self.budgets.day() {

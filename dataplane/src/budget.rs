@@ -269,6 +269,14 @@ impl BudgetBook {
         }
     }
 
+    /// The control plane could not be asked: requests waiting for a budget's first lease go
+    /// on with what is held (nothing: downgraded or refused) instead of each waiting in vain.
+    pub fn stop_waiting(&self) {
+        for pool in self.state().pools.values() {
+            pool.answered.store(true, Release);
+        }
+    }
+
     /// Pools with less than `low_water` left to lease: a remote data plane asks for more.
     /// A pool whose budget has no limit any more is not asked for.
     pub fn running_low(&self, low_water: u64) -> Vec<BudgetKey> {

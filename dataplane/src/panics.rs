@@ -23,7 +23,10 @@ pub fn exit_on_uncontained_panic() {
     std::panic::set_hook(Box::new(move |info| {
         report(info);
         if !CONTAINED.with(Cell::get) {
-            eprintln!("switchyard: a panic outside a connection's handler: exiting (status 101)");
+            // Not `eprintln!`: it panics when stderr is gone, and a panic here aborts.
+            let message =
+                "switchyard: a panic outside a connection's handler: exiting (status 101)\n";
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), message.as_bytes());
             std::process::exit(101);
         }
     }));

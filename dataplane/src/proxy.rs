@@ -112,8 +112,9 @@ struct Store {
     ttl: Duration,
 }
 
-/// How many 10 ms waits a request on a remote data plane gives a budget's first lease (once
-/// per budget and day; a busy control plane or a slow link may take a while to answer).
+/// How many 10 ms waits a request on a remote data plane gives a budget's first lease (a
+/// busy control plane or a slow link may take a while to answer; one that cannot be reached
+/// ends the wait at once, `BudgetBook::stop_waiting`).
 const LEASE_WAIT_STEPS: usize = 200;
 
 #[allow(clippy::too_many_arguments)]
@@ -331,7 +332,8 @@ pub async fn handle(
     // control plane is asked within 50 ms), so wait for it rather than refuse.
     for _ in 0..LEASE_WAIT_STEPS {
         let budgets = &worker.budgets;
-        if !budgets.awaiting_lease(&worker.shared.budgets, ctx.service, ctx.category) {
+        let book = &worker.shared.budgets;
+        if worker.shared.is_cut() || !budgets.awaiting_lease(book, ctx.service, ctx.category) {
             break;
         }
         monoio::time::sleep(Duration::from_millis(10)).await;
@@ -1013,6 +1015,13 @@ fn tried_backends<'t>(
         .map(|&t| table.targets[t].backend)
 }
 
+/// Resolves once the drain deadline has passed (`Shared::is_cut`), looked for every 20 ms.
+async fn drain_cut(worker: &Worker) {
+    while !worker.shared.is_cut() {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Delay before watching a waiting client for a disconnect: the watch costs a `poll` (epoll)
 /// or a poll op (io_uring) per request, which answers faster than this never need.
 const CLIENT_WATCH_DELAY: Duration = Duration::from_millis(5);
@@ -1087,7 +1096,9 @@ impl<'h> Variant<'h> {
 
 /// The bytes of a `Variant`; empty (no allocation) for the usual request.
 fn request_variant(head: &Head) -> Vec<u8> {
-    let relevant = |name: &[u8]| header_use(name) == HeaderUse::Relevant;
+    // What the backend is sent (headers named in Connection are not).
+    let relevant =
+        |name: &[u8]| header_use(name) == HeaderUse::Relevant && !head.is_connection_option(name);
     let query = head.target().split_once('?').map_or("", |(_, q)| q);
     if query.is_empty() && !head.headers().any(|(name, _)| relevant(name)) {
         return Vec::new();
@@ -1239,17 +1250,19 @@ async fn follow_stream(
         }
         events.clear();
         filter.feed(&raw, &mut events);
-        if p.done {
-            if p.complete {
-                filter.finish(&mut events);
-            } else {
-                // As the first caller got it: an event cut off is dropped, then the error.
-                let message = "the identical request this one followed was cut off upstream";
-                events.extend_from_slice(&sse_error(ErrorKind::UpstreamBroken, message));
-            }
+        // Past the drain deadline, a follower ends whether or not its leader has.
+        let done = p.done || worker.shared.is_cut();
+        if p.complete {
+            filter.finish(&mut events);
+        } else if worker.shared.is_cut() {
+            events.extend_from_slice(&sse_error(ErrorKind::ShuttingDown, SHUTDOWN_CUT));
+        } else if p.done {
+            // As the first caller got it: an event cut off is dropped, then the error.
+            let message = "the identical request this one followed was cut off upstream";
+            events.extend_from_slice(&sse_error(ErrorKind::UpstreamBroken, message));
         }
         frame(&mut wire, framing, &events);
-        if p.done && framing == ClientFraming::Chunked {
+        if done && framing == ClientFraming::Chunked {
             wire.extend_from_slice(codec::LAST_CHUNK);
         }
         if !wire.is_empty() {
@@ -1273,7 +1286,7 @@ async fn follow_stream(
                 return false;
             }
         }
-        if p.done {
+        if done {
             break p.complete;
         }
         monoio::time::sleep(coalesce::POLL).await;
@@ -1342,6 +1355,9 @@ fn store_answer(
     ))
 }
 
+/// What the caller of a request ended at the drain deadline is told.
+const SHUTDOWN_CUT: &str = "the router is shutting down and its drain deadline ended this request";
+
 /// Why a relay stopped early.
 enum Cut {
     ClientLeft,
@@ -1363,10 +1379,7 @@ impl Cut {
     /// Why a wait on the caller's socket ended: the caller left, or the drain deadline shut it.
     fn of_a_closed_wait(worker: &Worker) -> Cut {
         if worker.shared.is_cut() {
-            Cut::Shutdown(AttemptError::new(
-                ErrorKind::ShuttingDown,
-                "the router is shutting down and its drain deadline ended this request",
-            ))
+            Cut::Shutdown(AttemptError::new(ErrorKind::ShuttingDown, SHUTDOWN_CUT))
         } else {
             Cut::ClientLeft
         }
@@ -1492,7 +1505,12 @@ async fn relay(
                     .unless_gone(waiting_from + BODY_WATCH_DELAY, next)
                     .await
             } else {
-                Some(next.await)
+                // Nobody's socket to watch: the drain deadline is looked for instead.
+                monoio::select! {
+                    biased;
+                    r = next => Some(r),
+                    _ = drain_cut(worker) => None,
+                }
             };
             match next {
                 None => {
@@ -2084,6 +2102,10 @@ mod tests {
         assert!(
             v("User-Agent: sdk\r\n").is_empty(),
             "output-neutral headers are left out"
+        );
+        assert!(
+            v("Connection: x-hop\r\nX-Hop: 1\r\n").is_empty(),
+            "as are headers the backend is not sent"
         );
     }
 

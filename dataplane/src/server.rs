@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use futures_util::FutureExt as _;
 use monoio::net::{ListenerOpts, TcpListener};
 use std::cell::{Cell, RefCell};
-use std::io;
+use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{
@@ -358,7 +358,8 @@ async fn run_worker(
                 let serve = crate::panics::contain(crate::conn::serve(worker.clone(), stream));
                 monoio::spawn(serve.map(move |served| {
                     if served.is_err() {
-                        eprintln!("switchyard: worker {id}: a connection's handler panicked; that connection was closed");
+                        // Outside the contained handler: a failed write must not panic again.
+                        let _ = writeln!(std::io::stderr(), "switchyard: worker {id}: a connection's handler panicked; that connection was closed");
                     }
                 }));
             }

@@ -1578,7 +1578,8 @@ mod mutation_tests {
             let mut lines: Vec<String> = seed.lines().map(str::to_string).collect();
             for _ in 0..rng.usize(1..=3) {
                 let line = &mut lines[settings[rng.usize(..settings.len())]];
-                let eq = line.find('=').unwrap_or(0);
+                // A line cut short by an earlier mutation may have lost its `=`.
+                let Some(eq) = line.find('=') else { continue };
                 let old = line[eq + 1..].trim_start();
                 let pool: &[&str] = match old.as_bytes().first() {
                     Some(b'"') => &strings,
