@@ -456,9 +456,16 @@ pub async fn handle(
                         {
                             if worker.shared.is_cut() {
                                 let kind = ErrorKind::ShuttingDown;
-                                let message = "the router is shutting down and its drain deadline ended this request while it waited for an identical one";
-                                return reject(worker, snap, client, &ctx, kind, message, None)
-                                    .await;
+                                return reject(
+                                    worker,
+                                    snap,
+                                    client,
+                                    &ctx,
+                                    kind,
+                                    SHUTDOWN_CUT,
+                                    None,
+                                )
+                                .await;
                             }
                             log(
                                 worker,
@@ -559,9 +566,17 @@ pub async fn handle(
                         &backend.name,
                         &t.model,
                     );
-                    let message = "the router is shutting down and its drain deadline ended this request before the backend answered";
                     let kind = ErrorKind::ShuttingDown;
-                    send_error(client, kind, message, None, false, Some(&headers), false).await;
+                    send_error(
+                        client,
+                        kind,
+                        SHUTDOWN_CUT,
+                        None,
+                        false,
+                        Some(&headers),
+                        false,
+                    )
+                    .await;
                     // Priced from its prompt once the backend has it.
                     let usage = written.get().map_or(Some(TokenUsage::default()), |_| None);
                     let status = kind.status();
@@ -1013,13 +1028,6 @@ fn tried_backends<'t>(
         .groups(decision.plan)
         .flat_map(|(_, ids)| ids)
         .map(|&t| table.targets[t].backend)
-}
-
-/// Resolves once the drain deadline has passed (`Shared::is_cut`), looked for every 20 ms.
-async fn drain_cut(worker: &Worker) {
-    while !worker.shared.is_cut() {
-        monoio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Delay before watching a waiting client for a disconnect: the watch costs a `poll` (epoll)
@@ -1509,7 +1517,7 @@ async fn relay(
                 monoio::select! {
                     biased;
                     r = next => Some(r),
-                    _ = drain_cut(worker) => None,
+                    _ = worker.shared.cut_passed() => None,
                 }
             };
             match next {

@@ -59,6 +59,13 @@ impl Shared {
         self.cut.load(Relaxed)
     }
 
+    /// Resolves once `is_cut` holds (looked at every `CUT_POLL`; only on a worker's runtime).
+    pub async fn cut_passed(&self) {
+        while !self.is_cut() {
+            monoio::time::sleep(CUT_POLL).await;
+        }
+    }
+
     /// The flag `is_draining` reads, for state that outlives one look at it.
     pub fn draining_flag(&self) -> &AtomicBool {
         &self.draining
@@ -306,7 +313,7 @@ pub fn ring_setup() -> io_uring::Builder {
     setup
 }
 
-/// How often a draining worker looks for the drain deadline's cut.
+/// How often a wait for the drain deadline's cut looks for it.
 const CUT_POLL: Duration = Duration::from_millis(20);
 
 async fn run_worker(
@@ -374,9 +381,7 @@ async fn run_worker(
     worker.connections.close_idle();
     // Connections in flight keep running on this runtime until the process exits, or until
     // the drain deadline cuts them: their waits for the caller's socket then end.
-    while !worker.shared.is_cut() {
-        monoio::time::sleep(CUT_POLL).await;
-    }
+    worker.shared.cut_passed().await;
     worker.connections.shut_busy();
     std::future::pending::<()>().await;
 }
