@@ -5,14 +5,14 @@
 //! A reservation is a worker-local operation: it only touches the worker's own lease. A worker
 //! takes a new chunk (`lease_micros`, or what the request needs; at most half of what is left
 //! unless the request needs more) from the pool with one compare-and-swap when its lease runs
-//! short, and the pool never leases out more than its limit. So the money reserved by all workers together never exceeds the budget. Spend goes
-//! over it only where a request's actual cost exceeds its worst-case reservation: an answer
-//! longer than the assumed output cap when the request sets no `max_tokens`, or image and
-//! audio parts that cost more tokens than their bytes. The overrun is charged to the pool, so
-//! later requests see it. Remote data planes reserve from grants (`BudgetBook::grant`), which
-//! the control plane records before sending, so a restart does not grant the same money twice.
-//! A request still running when its budget day ends is charged to the new day, on which the
-//! ledger books its spend.
+//! short, and the pool never leases out more than its limit. So the money reserved by all
+//! workers together never exceeds the budget. Spend goes over it only where a request's actual
+//! cost exceeds its worst-case reservation: an answer longer than the assumed output cap when
+//! the request sets no `max_tokens`, or image and audio parts that cost more tokens than their
+//! bytes. The overrun is charged to the pool, so later requests see it. Remote data planes
+//! reserve from grants (`BudgetBook::grant`), which the control plane records before sending,
+//! so a restart does not grant the same money twice. A request still running when its budget
+//! day ends is charged to the new day, on which the ledger books its spend.
 //! Must not: lock per request (the book's mutex is taken once per worker, service and
 //! generation), or let a lease outlive its generation (workers return it when the book changes).
 
