@@ -1776,17 +1776,23 @@ fn requests_still_running_at_the_drain_deadline_are_ended_with_an_error_and_coun
         "the stream started",
     );
     let addr = r.addr;
+    let (go_on, next_please) = std::sync::mpsc::channel::<()>();
+    let (sent, next_sent) = std::sync::mpsc::channel::<()>();
     let waiting = std::thread::spawn(move || {
-        post(
-            addr,
-            "/v1/chat/completions",
-            &chat("hi"),
-            "x-sim-fault: slow-first-byte=20000\r\n",
-        )
+        let mut c = Conn::open(addr);
+        let slow = "x-sim-fault: slow-first-byte=20000\r\n";
+        c.send(&post_raw("/v1/chat/completions", &chat("hi"), slow));
+        // The next request sent behind it while it waits (its socket then has bytes to read).
+        next_please.recv().unwrap();
+        c.send(&post_raw("/v1/chat/completions", &chat("next"), ""));
+        sent.send(()).unwrap();
+        c.read_response().expect("an answer to the first request")
     });
     eventually("both requests reached the backend", || {
         upstream_calls(&s) == 2
     });
+    go_on.send(()).unwrap();
+    next_sent.recv().unwrap();
     let started = Instant::now();
     let err = stop_router(r);
     assert!(

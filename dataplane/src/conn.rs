@@ -55,6 +55,8 @@ enum Waiting {
     Idle,
     /// Closed for reading by a drain while idle.
     Shut,
+    /// Closed for reading by the drain deadline while busy (`OpenConnections::shut_busy`).
+    Cut,
 }
 
 impl Client {
@@ -138,10 +140,10 @@ impl Client {
         work: impl std::future::Future<Output = T>,
     ) -> Option<T> {
         self.watch_from.as_mut().reset(from.into());
-        let (from, stream) = (self.watch_from.as_mut(), &self.stream);
+        let (from, stream, waiting) = (self.watch_from.as_mut(), &self.stream, &*self.waiting);
         let watch = std::pin::pin!(async move {
             from.await;
-            client_gone(stream).await
+            client_gone(stream, waiting).await
         });
         monoio::select! {
             biased;
@@ -151,9 +153,11 @@ impl Client {
     }
 }
 
-/// Resolves once the client has closed its end. A client that sends more (a pipelined
-/// request) is alive, so the watch stops without consuming anything.
-async fn client_gone(stream: &TcpStream) {
+/// Resolves once the client has closed its end, or the drain deadline shut it (`waiting`). A
+/// client that sends more (a pipelined request) is alive, so the watch stops without consuming
+/// anything (then only the drain deadline ends it: its shutdown is not seen on a socket with
+/// bytes to read).
+async fn client_gone(stream: &TcpStream, waiting: &Cell<Waiting>) {
     loop {
         if stream.readable(false).await.is_err() {
             return;
@@ -171,7 +175,12 @@ async fn client_gone(stream: &TcpStream) {
         };
         match n {
             0 => return,
-            n if n > 0 => std::future::pending::<()>().await,
+            n if n > 0 => {
+                while waiting.get() != Waiting::Cut {
+                    monoio::time::sleep(Duration::from_millis(100)).await;
+                }
+                return;
+            }
             _ => {
                 let err = std::io::Error::last_os_error();
                 if err.kind() != std::io::ErrorKind::WouldBlock
@@ -215,6 +224,7 @@ impl OpenConnections {
     pub fn shut_busy(&self) {
         for (_, (fd, waiting)) in self.0.borrow().iter() {
             if waiting.get() == Waiting::Busy {
+                waiting.set(Waiting::Cut);
                 // SAFETY: as in `close_idle`.
                 unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
             }
