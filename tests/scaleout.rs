@@ -49,7 +49,7 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
     std::fs::create_dir_all(&dir).unwrap();
     let base = config_for(
         &[("s", s.url())],
-        "[budgets]\ndefault_daily_usd = 1.0\n[budgets.services.etl]\ndaily_usd = 1.0\n[budgets.services.tight]\ndaily_usd = 0.000001\n[budgets.services.unused]\ndaily_usd = 1.0\n[rate_limits.services.capped]\nrequests_per_minute = 4\n",
+        "[budgets]\ndefault_daily_usd = 1.0\n[budgets.services.etl]\ndaily_usd = 1.0\n[budgets.services.tight]\ndaily_usd = 0.000001\n[budgets.services.unused]\ndaily_usd = 1.0\n[budgets.services.large]\ndaily_usd = 10.0\n[rate_limits.services.capped]\nrequests_per_minute = 4\n",
     );
     std::fs::write(dir.join("switchyard.toml"), &base).unwrap();
     let admin = free_addr();
@@ -109,6 +109,22 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
         }
         ask(dp, "tight").error(429);
     }
+    // A request whose worst case (about $2) is more than a data plane asks for at a time
+    // (four $0.05 leases per worker): it asks for what it needs instead of being refused.
+    let body =
+        r#"{"model":"auto","max_tokens":1000000,"messages":[{"role":"user","content":"hello"}]}"#;
+    let large = post(
+        dp1.addr,
+        "/v1/chat/completions",
+        body,
+        "x-switchyard-service: large\r\n",
+    );
+    assert_eq!(
+        (large.status, large.header("x-switchyard-budget")),
+        (200, None),
+        "{}",
+        large.text()
+    );
     // A rate limit holds across data planes: the control plane grants its allowance, plus
     // the first request of each data plane on credit.
     let started = Instant::now();

@@ -430,7 +430,7 @@ impl Remote {
             };
             let now = tokio::time::Instant::now();
             spent_out.retain(|_, until| *until > now);
-            for key in self.budgets.running_low(lease * workers) {
+            for (key, wanted) in self.budgets.running_low(lease * workers) {
                 if spent_out.contains_key(&key) {
                     continue;
                 }
@@ -438,7 +438,8 @@ impl Remote {
                     data_plane: self.name.clone(),
                     service: key.0.clone(),
                     category: Category::scope_name(key.1).to_string(),
-                    micros: lease * workers * 4,
+                    // Enough for the request refused for want of it, and one more like it.
+                    micros: (lease * workers * 4).max(wanted.saturating_mul(2)),
                     day: self.budgets.day(),
                 };
                 let Ok(reply) = client.lease_budget(request).await else {

@@ -33,8 +33,15 @@ pub struct Pool {
     limit: AtomicU64,
     /// Micro-dollars handed to worker leases today (spent, reserved or idle in a lease).
     leased: AtomicU64,
-    /// A remote data plane's pool: the control plane has answered a lease request for it.
-    answered: AtomicBool,
+    /// A remote data plane's pool: how often the control plane answered a lease request for
+    /// it (or could not be reached), for the requests waiting on an answer.
+    answers: AtomicU64,
+    /// ... and whether its last answer granted nothing (the budget is spent: no use waiting).
+    dry: AtomicBool,
+    /// The most a reservation refused since that answer was short by: the next lease request
+    /// asks for at least this much (a lease smaller than one request's worst case would
+    /// otherwise refuse it however much of the budget is left).
+    wanted: AtomicU64,
     /// The pool of the same budget that replaced this one (a new day): reservations made here
     /// and settled after that are charged there, on the day the spend is booked.
     successor: OnceLock<Arc<Pool>>,
@@ -264,8 +271,10 @@ impl BudgetBook {
     pub fn add_grant(&self, key: BudgetKey, amount: u64) {
         if let Some(pool) = self.state().pool(key) {
             pool.limit.fetch_add(amount, Relaxed);
+            pool.wanted.store(0, Relaxed);
+            pool.dry.store(amount == 0, Relaxed);
             // Release: a worker that sees the answer sees the grant with it.
-            pool.answered.store(true, Release);
+            pool.answers.fetch_add(1, Release);
         }
     }
 
@@ -273,19 +282,23 @@ impl BudgetBook {
     /// on with what is held (nothing: downgraded or refused) instead of each waiting in vain.
     pub fn stop_waiting(&self) {
         for pool in self.state().pools.values() {
-            pool.answered.store(true, Release);
+            pool.answers.fetch_add(1, Release);
         }
     }
 
-    /// Pools with less than `low_water` left to lease: a remote data plane asks for more.
-    /// A pool whose budget has no limit any more is not asked for.
-    pub fn running_low(&self, low_water: u64) -> Vec<BudgetKey> {
+    /// Pools with less than `low_water` left to lease, or less than a refused reservation
+    /// wanted: a remote data plane asks for more, at least the amount given with each. A pool
+    /// whose budget has no limit any more is not asked for.
+    pub fn running_low(&self, low_water: u64) -> Vec<(BudgetKey, u64)> {
         let s = self.state();
         s.pools
             .iter()
             .filter(|(k, _)| s.limit(k).is_some())
-            .filter(|(_, p)| p.limit().saturating_sub(p.leased()) < low_water)
-            .map(|(k, _)| k.clone())
+            .filter_map(|(k, p)| {
+                let left = p.limit().saturating_sub(p.leased());
+                let wanted = p.wanted.load(Relaxed);
+                (left < low_water || wanted > left).then(|| (k.clone(), wanted))
+            })
             .collect()
     }
 
@@ -451,6 +464,7 @@ impl Lease {
         let short = amount as i64 - self.balance.get();
         if short > 0 {
             let Some(taken) = self.pool.take(short as u64, self.chunk.max(short as u64)) else {
+                self.pool.wanted.fetch_max(short as u64, Relaxed);
                 return false;
             };
             self.balance.set(self.balance.get() + taken as i64);
@@ -571,9 +585,37 @@ impl WorkerBudgets {
             return false;
         }
         let leases = self.leases(book, service);
-        let waiting =
-            |l: &Option<Rc<Lease>>| l.as_ref().is_some_and(|l| !l.pool.answered.load(Acquire));
+        let waiting = |l: &Option<Rc<Lease>>| {
+            l.as_ref()
+                .is_some_and(|l| l.pool.answers.load(Acquire) == 0)
+        };
         waiting(&leases.own) || waiting(&leases.categories[category.index()])
+    }
+
+    /// On a remote data plane, after a refused reservation: how often the control plane has
+    /// answered for the service's budgets so far, if a new answer may yet grant what it was
+    /// short of (`None` where none will: a local budget, or one the control plane said is
+    /// spent). A change of the count is the next answer.
+    pub fn answers_so_far(
+        &self,
+        book: &BudgetBook,
+        service: &str,
+        category: Category,
+    ) -> Option<u64> {
+        if !book.limited.load(Relaxed) || !book.granted.load(Relaxed) {
+            return None;
+        }
+        let leases = self.leases(book, service);
+        let applicable = [&leases.own, &leases.categories[category.index()]];
+        let pools = applicable.into_iter().flatten().map(|l| &l.pool);
+        let mut answers = 0u64;
+        for pool in pools {
+            if pool.dry.load(Relaxed) {
+                return None;
+            }
+            answers = answers.wrapping_add(pool.answers.load(Acquire));
+        }
+        Some(answers)
     }
 
     /// Reserves `amount` against the service's budget and its category's, both or neither.
@@ -782,9 +824,13 @@ mod tests {
             w.reserve(&remote, "etl", Category::Chat, 10),
             Reserve::Refused
         ));
+        // Each with what a refused reservation was short of.
         assert_eq!(
             remote.running_low(50),
-            vec![etl.clone(), ("etl".to_string(), Some(Category::Code))]
+            vec![
+                (etl.clone(), 10),
+                (("etl".to_string(), Some(Category::Code)), 0)
+            ]
         );
         // At most half of what is left at a time.
         assert_eq!(control.grant(etl.clone(), 600), Some(500));
@@ -800,6 +846,17 @@ mod tests {
             w.reserve(&remote, "etl", Category::Chat, 200),
             Reserve::Refused
         ));
+        // Asked for again even with more than the low water left, until an answer; a budget
+        // the control plane said is spent is not waited for.
+        assert_eq!(remote.running_low(0), vec![(etl.clone(), 200)]);
+        let seen = w.answers_so_far(&remote, "etl", Category::Chat);
+        assert!(seen.is_some());
+        assert_eq!(w.answers_so_far(&remote, "etl", Category::Code), None);
+        assert_eq!(w.answers_so_far(&control, "etl", Category::Chat), None);
+        remote.add_grant(etl.clone(), 300);
+        assert_ne!(w.answers_so_far(&remote, "etl", Category::Chat), seen);
+        assert!(remote.running_low(0).is_empty());
+        granted(w.reserve(&remote, "etl", Category::Chat, 200)).settle(0);
         assert_eq!(control.grant(etl.clone(), 600), Some(250));
         assert_eq!(control.grant(etl.clone(), 100), Some(100));
         for _ in 0..20 {

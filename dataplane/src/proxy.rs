@@ -349,6 +349,8 @@ pub async fn handle(
     let mut last_error: Option<AttemptError> = None;
     // A reservation was refused after the last attempt (or before any).
     let mut refused_since_attempt = false;
+    // A remote data plane asked its control plane for more of the budget for this request.
+    let mut asked_for_more = false;
     let mut plan_groups = table.groups(decision.plan);
     // Once a reservation is refused: the ranks of the cheaper tiers, most capable first.
     let mut cheaper: Option<std::iter::Rev<std::ops::Range<usize>>> = None;
@@ -497,10 +499,24 @@ pub async fn handle(
             let worst = worst_case_micros(t.price, endpoint, body.len(), &view, table);
             // An earlier attempt's reservation is released before this one is made.
             drop(ctx.reservation.take());
-            match worker
-                .budgets
-                .reserve(&worker.shared.budgets, ctx.service, ctx.category, worst)
-            {
+            let (budgets, book) = (&worker.budgets, &*worker.shared.budgets);
+            let mut reserved = budgets.reserve(book, ctx.service, ctx.category, worst);
+            // On a remote data plane, what it holds of the budget may be short of this one
+            // request: the control plane is asked for more (once per request, briefly).
+            if let (Reserve::Refused, false) = (&reserved, asked_for_more) {
+                if let Some(seen) = budgets.answers_so_far(book, ctx.service, ctx.category) {
+                    asked_for_more = true;
+                    for _ in 0..LEASE_WAIT_STEPS {
+                        let now = budgets.answers_so_far(book, ctx.service, ctx.category);
+                        if worker.shared.is_cut() || now != Some(seen) {
+                            break;
+                        }
+                        monoio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    reserved = budgets.reserve(book, ctx.service, ctx.category, worst);
+                }
+            }
+            match reserved {
                 Reserve::Unlimited => {}
                 Reserve::Granted(r) => ctx.reservation.set(Some(r)),
                 Reserve::Refused => {
