@@ -605,12 +605,20 @@ pub async fn serve(
     tokens: Tokens,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+    // Both versions of the reflection service: older grpcurl and grpcio clients ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .map_err(|e| format!("gRPC reflection: {e}"))?;
-    let routes =
-        tonic::service::Routes::new(ControlServer::new(Api(cp.clone()))).add_service(reflection);
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| format!("gRPC reflection: {e}"))?;
+    let routes = tonic::service::Routes::new(ControlServer::new(Api(cp.clone())))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     let metrics = axum::routing::get(move || {
         let cp = cp.clone();
         async move {
