@@ -374,10 +374,19 @@ fn banner(ready: &switchyard_controlplane::Ready, demo: Option<&str>) {
         println!("{d}");
     }
     if let Some(dp) = ready.dataplane {
+        // With keys required, the command needs one (`switchyard keys create SERVICE`).
+        let key = if dp.shared.snapshot.load().table.auth_required {
+            " -H \"authorization: Bearer $SWITCHYARD_KEY\""
+        } else {
+            ""
+        };
         println!(
-            "Try it:\n  curl -s http://{}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"auto\",\"messages\":[{{\"role\":\"user\",\"content\":\"Summarise: the meeting moved to Friday.\"}}]}}' -i",
+            "Try it:\n  curl -s http://{}/v1/chat/completions -H 'content-type: application/json'{key} \\\n    -d '{{\"model\":\"auto\",\"messages\":[{{\"role\":\"user\",\"content\":\"Summarise: the meeting moved to Friday.\"}}]}}' -i",
             dp.address
         );
+        if !key.is_empty() {
+            println!("  (with SWITCHYARD_KEY set to a key from `switchyard keys create SERVICE`)");
+        }
     }
     let _ = std::io::stdout().flush();
 }
