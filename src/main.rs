@@ -475,25 +475,24 @@ fn classify(config_path: Option<String>) -> ExitCode {
             Ok(l) => l,
             Err(e) => return fail(&[format!("stdin: {e}")]),
         };
-        // A line that is not UTF-8 fails alone, like any other bad line.
-        let line = match std::str::from_utf8(&line) {
+        // A bad line fails alone: an error line in its place (the output stays one line per
+        // input line), the reason on stderr too, and exit status 1 at the end.
+        let result = match std::str::from_utf8(&line) {
             Ok(l) if l.trim().is_empty() => continue,
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("error: line {}: not UTF-8: {e}", n + 1);
-                failed = true;
-                continue;
-            }
+            Ok(l) => classify_line(&table, l).map_err(|e| {
+                let id = serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("id").cloned());
+                (id, e)
+            }),
+            Err(e) => Err((None, format!("not UTF-8: {e}"))),
         };
-        match classify_line(&table, line) {
-            Ok(result) => {
-                let _ = writeln!(out, "{result}");
-            }
-            Err(e) => {
-                eprintln!("error: line {}: {e}", n + 1);
-                failed = true;
-            }
-        }
+        let result = result.unwrap_or_else(|(id, e)| {
+            eprintln!("error: line {}: {e}", n + 1);
+            failed = true;
+            serde_json::json!({ "id": id, "error": e })
+        });
+        let _ = writeln!(out, "{result}");
     }
     let _ = out.flush();
     if failed {

@@ -168,7 +168,12 @@ fn classify_reads_jsonl_and_writes_one_line_each() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2);
+    // One line per input line (the blank one aside), a bad one as an error.
+    assert_eq!(lines.len(), 4);
+    assert!(lines[1]["error"].as_str().unwrap().contains("not UTF-8"));
+    assert_eq!(lines[3]["id"], "bad");
+    assert!(lines[3]["error"].as_str().unwrap().contains("messages"));
+    let lines = [&lines[0], &lines[2]];
     assert_eq!(
         (
             lines[0]["id"].as_str(),
