@@ -79,6 +79,12 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
     let (ok, _, err) = admin_cli(admin, DATA_PLANE_TOKEN, "budgets", &["set", "etl", "100"]);
     assert!(!ok && err.contains("admin token"), "{err}");
     assert!(admin_cli(admin, DATA_PLANE_TOKEN, "budgets", &[]).0);
+    // The control plane alone knows nothing of the backends' health: it reports none.
+    let status = cli(admin, "status", &[]);
+    assert!(
+        status.contains("control plane only") && !status.contains("backend s"),
+        "{status}"
+    );
     let ask = |dp: &Proc, service: &str| {
         post(
             dp.addr,

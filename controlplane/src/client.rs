@@ -112,14 +112,19 @@ async fn call(admin: &Admin, command: Command) -> Result<String, String> {
                 .await
                 .map_err(status)?
                 .into_inner();
+            let serving = if s.listen_address.is_empty() {
+                "control plane only (its data planes serve requests)".to_string()
+            } else {
+                format!(
+                    "listening on {} ({} workers, {})",
+                    s.listen_address, s.workers, s.io_driver
+                )
+            };
             let _ = writeln!(
                 out,
-                "config version {}; up {} s; listening on {} ({} workers, {})",
+                "config version {}; up {} s; {serving}",
                 s.config_version,
                 s.uptime_ms / 1000,
-                s.listen_address,
-                s.workers,
-                s.io_driver
             );
             let _ = writeln!(
                 out,

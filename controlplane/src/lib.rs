@@ -177,7 +177,14 @@ impl ControlPlane {
             config_version: table.version,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             requests: totals.values().map(|t| t.requests).sum(),
-            backends: table
+            usage_events_dropped: self.remote_dropped(),
+            budget_downgraded: self.ledger.budget_downgrades(),
+            ..Default::default()
+        };
+        // Backends' health and load are known where requests are served: a control plane
+        // alone (its data planes remote) has none to report.
+        if let Some(dp) = &self.local {
+            stats.backends = table
                 .backends
                 .iter()
                 .enumerate()
@@ -186,12 +193,7 @@ impl ControlPlane {
                     healthy: snap.states.is_available(i),
                     inflight: u64::from(snap.states.inflight(i)),
                 })
-                .collect(),
-            usage_events_dropped: self.remote_dropped(),
-            budget_downgraded: self.ledger.budget_downgrades(),
-            ..Default::default()
-        };
-        if let Some(dp) = &self.local {
+                .collect();
             stats.listen_address = dp.address.to_string();
             stats.io_driver = dp.driver.to_string();
             stats.workers = table.listener.workers as u32;
