@@ -378,11 +378,7 @@ impl Ledger {
                 let stopped = fill(&events, &mut batch);
                 drained |= !batch.is_empty();
                 if log_events {
-                    for e in &batch {
-                        if let Ok(line) = serde_json::to_string(e) {
-                            eprintln!("{line}");
-                        }
-                    }
+                    batch.iter().for_each(UsageEvent::log);
                 }
                 self.record_all(&batch, &day);
                 batch.clear();

@@ -220,12 +220,17 @@ impl Remote {
     /// Moves usage events from the workers' channel into the outbox, stamped with the time.
     fn collect(&self, events: UsageReceiver) {
         let mut trim = crate::trim::IdleTrim::default();
+        // A restart-only setting: read once.
+        let log_events = self.configs.snapshot().load().table.usage.log_events;
         loop {
             let mut drained = false;
             let disconnected = loop {
                 match events.try_recv() {
                     Ok(e) => {
                         drained = true;
+                        if log_events {
+                            e.log();
+                        }
                         let record = record_from_event(&e, jiff::Timestamp::now().as_millisecond());
                         let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
                         if outbox.records.len() < outbox.capacity {

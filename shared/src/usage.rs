@@ -46,6 +46,15 @@ pub struct UsageEvent {
     pub config_version: u64,
 }
 
+impl UsageEvent {
+    /// The event as one JSON line on stderr (`usage.log_events`).
+    pub fn log(&self) {
+        if let Ok(line) = serde_json::to_string(self) {
+            eprintln!("{line}");
+        }
+    }
+}
+
 /// Every `UsageEvent::refused_by`: not refused, or refused by the budget, a rate limit, auth,
 /// or the bound on service names (`usage.max_services`).
 pub const REFUSED_BY: [&str; 6] = [
