@@ -356,7 +356,8 @@ impl ControlPlane {
         if text == self.configs.current().toml {
             return;
         }
-        match self.configs.apply(text, &path.display().to_string()) {
+        // The history says how it came: "switchyard.toml (SIGHUP)".
+        match self.configs.apply(text, &format!("{} ({source})", path.display())) {
             Ok(v) => {
                 eprintln!("switchyard: reload ({source}): config version {v} in effect");
                 counted("applied");
