@@ -223,6 +223,9 @@ impl ResponseCache {
     pub fn put(&self, entry: Entry) -> bool {
         let slot = (self.hash)(&entry.key);
         let entry = Arc::new(entry);
+        // A refreshed answer replaces the old one: removed first, or the cache would count the
+        // replacement as an eviction (`CountEvictions` is for the byte bound).
+        self.entries.remove(&slot);
         self.entries.insert(slot, entry.clone());
         self.entries
             .peek(&slot)
@@ -365,5 +368,10 @@ mod tests {
         let huge = "x".repeat(max as usize * 2);
         assert!(!c.put(entry("huge", &huge, Duration::from_secs(60))));
         assert!(c.put(entry("small", "answer", Duration::from_secs(60))));
+        // A refreshed answer replaces the stored one: not an eviction.
+        let evictions = c.evictions();
+        assert!(c.put(entry("small", "newer", Duration::from_secs(60))));
+        assert_eq!(c.evictions(), evictions);
+        assert_eq!(c.len(), 1);
     }
 }
