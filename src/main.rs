@@ -405,7 +405,11 @@ fn data(args: DataArgs) -> ExitCode {
         },
         None => match admin.resolve() {
             Ok(a) => a,
-            Err(e) => return fail(&[e]),
+            Err(e) => {
+                return fail(&[format!(
+                    "set $SWITCHYARD_DATA_PLANE_TOKEN to the control plane's data-plane token ({e})"
+                )])
+            }
         },
     };
     let name = args.name.unwrap_or_else(|| {

@@ -351,6 +351,13 @@ impl Control for Api {
                 "daily_micros must be at most {MAX_BUDGET_MICROS} ($1e9)"
             )));
         }
+        if r.clear && !self.0.budgets.overrides().contains_key(&key) {
+            return Err(Status::not_found(format!(
+                "`{}`{} has no budget set through the API to clear (a config budget changes with the config)",
+                key.0,
+                key.1.map_or(String::new(), |c| format!(" ({c})"))
+            )));
+        }
         let limit = (!r.clear).then_some(r.daily_micros);
         self.blocking(move |cp| cp.set_budget(key, limit)).await?;
         Ok(Response::new(self.0.budget_report()))
@@ -595,7 +602,12 @@ async fn guard(
         )
         .into_http();
     }
-    Status::unauthenticated("this call needs `authorization: Bearer <admin token>`").into_http()
+    let message = if authorization.is_some() {
+        "the token given is not this control plane's admin token (check $SWITCHYARD_ADMIN_TOKEN or the admin-token file)"
+    } else {
+        "this call needs `authorization: Bearer <admin token>`"
+    };
+    Status::unauthenticated(message).into_http()
 }
 
 /// Serves the admin listener until `shutdown` resolves.

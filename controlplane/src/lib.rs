@@ -357,7 +357,10 @@ impl ControlPlane {
             return;
         }
         // The history says how it came: "switchyard.toml (SIGHUP)".
-        match self.configs.apply(text, &format!("{} ({source})", path.display())) {
+        match self
+            .configs
+            .apply(text, &format!("{} ({source})", path.display()))
+        {
             Ok(v) => {
                 eprintln!("switchyard: reload ({source}): config version {v} in effect");
                 counted("applied");
