@@ -10,7 +10,7 @@ use std::sync::Arc;
 use switchyard_dataplane::auth::key_hash;
 use switchyard_shared::category::Category;
 use switchyard_shared::config::MAX_BUDGET_MICROS;
-use switchyard_shared::openai::Endpoint;
+use switchyard_shared::openai::{Endpoint, MAX_TOKENS};
 use switchyard_shared::usage::{
     is_counted_service, is_label_safe, is_valid_service, UsageEvent, REFUSED_BY, SERVICE_NAME_RULE,
 };
@@ -78,6 +78,21 @@ pub fn event_from_record(r: pb::UsageRecord) -> Result<UsageEvent, String> {
             "service `{}`: {SERVICE_NAME_RULE}",
             r.service.escape_debug()
         ));
+    }
+    // Counts no request can reach (what the data planes' own estimates are capped at): a bad
+    // or compromised data plane must not saturate spend or wrap the metrics.
+    for (what, n, most) in [
+        ("prompt_tokens", r.prompt_tokens, MAX_TOKENS),
+        ("cached_tokens", r.cached_tokens, MAX_TOKENS),
+        ("completion_tokens", r.completion_tokens, MAX_TOKENS),
+        ("cost_micros", r.cost_micros, MAX_BUDGET_MICROS),
+        ("saved_micros", r.saved_micros, MAX_BUDGET_MICROS),
+    ] {
+        if n > most {
+            return Err(format!(
+                "{what} {n} is more than any request reaches ({most})"
+            ));
+        }
     }
     for (what, name) in [
         ("tier", &r.tier),
@@ -692,5 +707,17 @@ mod tests {
         assert!(record(switchyard_shared::usage::UNAUTHENTICATED, "").is_ok());
         assert!(record("x\"} 1\nswitchyard_fake 9\n#", "m").is_err());
         assert!(record("etl", "m\"} 1").is_err());
+        // Counts no request reaches would saturate spend or wrap the metrics.
+        let absurd = |change: fn(&mut pb::UsageRecord)| {
+            let mut r = record_from_event(&UsageEvent::default(), 0);
+            r.service = "etl".into();
+            r.endpoint = "/v1/chat/completions".into();
+            change(&mut r);
+            event_from_record(r)
+        };
+        assert!(absurd(|_| {}).is_ok());
+        assert!(absurd(|r| r.cost_micros = (1 << 63) + 5).is_err());
+        assert!(absurd(|r| r.prompt_tokens = 1 << 63).is_err());
+        assert!(absurd(|r| r.saved_micros = u64::MAX).is_err());
     }
 }

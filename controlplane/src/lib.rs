@@ -104,7 +104,8 @@ impl ControlPlane {
         let remotes = &mut *remotes;
         let source = format!("{}/{}", batch.data_plane, batch.instance);
         let (last, dropped) = remotes.sequences.entry(source).or_insert((0, 0));
-        *dropped = (*dropped).max(batch.dropped);
+        // A count of dropped events, not more than a data plane could have made.
+        *dropped = (*dropped).max(batch.dropped.min(1 << 40));
         let mut reply = pb::ReportUsageReply::default();
         let snapshot = self.configs.snapshot().load();
         for (i, r) in batch.records.into_iter().enumerate() {

@@ -530,6 +530,10 @@ struct PromptDetails {
     cached_tokens: Option<u64>,
 }
 
+/// The most tokens of one kind a usage figure may say: a backend's figures are capped far above
+/// any real answer, so that pricing and budget arithmetic on them cannot overflow.
+pub const MAX_TOKENS: u64 = 1 << 40;
+
 /// Reads `usage` from a whole JSON response or SSE `data:` payload. `None` when absent or
 /// null (then the caller estimates).
 ///
@@ -549,9 +553,6 @@ pub fn parse_usage(json: &[u8]) -> Option<TokenUsage> {
     };
     let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Option<UsageFields>>();
     let u = values.next()?.ok()??;
-    // A backend's figures are capped far above any real answer, so that pricing and budget
-    // arithmetic on them cannot overflow.
-    const MAX_TOKENS: u64 = 1 << 40;
     Some(TokenUsage {
         prompt: u.prompt_tokens.min(MAX_TOKENS),
         completion: u.completion_tokens.min(MAX_TOKENS),
