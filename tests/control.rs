@@ -203,10 +203,25 @@ fn the_config_file_reloads_on_change_and_on_sighup() {
         .unwrap()
         .success());
     eventually("SIGHUP applies the file", || version() == 3);
+    // A config applied through the API lasts until the file is reloaded, which says so.
+    let other = r.dir.as_ref().unwrap().join("other.toml");
+    std::fs::write(&other, base.clone() + "[routing]\nmax_attempts = 4\n").unwrap();
+    let (ok, out, err) = cli(&r, "config", &["apply", other.to_str().unwrap()]);
+    assert!(ok && version() == 4, "{out}{err}");
+    assert!(Command::new("kill")
+        .args(["-HUP", &r.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    eventually("SIGHUP puts the file back", || version() == 5);
     let err = stop_router(r);
     assert!(err.contains("reload (file changed) refused"), "{err}");
     assert!(
         err.contains("reload (SIGHUP): config version 3 in effect"),
+        "{err}"
+    );
+    assert!(
+        err.contains("config version 5 in effect, replacing version 4 from"),
         "{err}"
     );
 }

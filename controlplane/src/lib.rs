@@ -354,14 +354,21 @@ impl ControlPlane {
                 return;
             }
         };
-        if text == self.configs.current().toml {
+        let current = self.configs.current();
+        if text == current.toml {
             return;
         }
+        let file = path.display().to_string();
         // The history says how it came: "switchyard.toml (SIGHUP)".
-        match self
-            .configs
-            .apply(text, &format!("{} ({source})", path.display()))
-        {
+        match self.configs.apply(text, &format!("{file} ({source})")) {
+            // The file wins on reload, over a config applied another way (the API): said so.
+            Ok(v) if !current.source.starts_with(&file) => {
+                eprintln!(
+                    "switchyard: reload ({source}): config version {v} in effect, replacing version {} from {}",
+                    current.version, current.source
+                );
+                counted("applied");
+            }
             Ok(v) => {
                 eprintln!("switchyard: reload ({source}): config version {v} in effect");
                 counted("applied");
