@@ -49,7 +49,7 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
     std::fs::create_dir_all(&dir).unwrap();
     let base = config_for(
         &[("s", s.url())],
-        "[budgets]\ndefault_daily_usd = 1.0\n[budgets.services.etl]\ndaily_usd = 1.0\n[budgets.services.tight]\ndaily_usd = 0.000001\n[budgets.services.unused]\ndaily_usd = 1.0\n[budgets.services.large]\ndaily_usd = 10.0\n[rate_limits.services.capped]\nrequests_per_minute = 4\n",
+        "[budgets]\ndefault_daily_usd = 1.0\n[budgets.services.etl]\ndaily_usd = 1.0\n[budgets.services.tight]\ndaily_usd = 0.000001\n[budgets.services.unused]\ndaily_usd = 1.0\n[budgets.services.large]\ndaily_usd = 10.0\n[rate_limits.services.capped]\nrequests_per_minute = 4\n[rate_limits.services.tpm]\ntokens_per_minute = 1000\n",
     );
     std::fs::write(dir.join("switchyard.toml"), &base).unwrap();
     let admin = free_addr();
@@ -151,6 +151,21 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
     // Then no more than the allowance and the credit (plus what refills meanwhile).
     let refilled = (started.elapsed().as_secs() / 15) as usize;
     assert!(served <= 6 + refilled, "{served} served at 4 per minute");
+    // A service's first request needs more tokens than a data plane holds on credit: it waits
+    // for the control plane's grant instead of a 429 (the control plane has a minute's 1,000).
+    let words = "word ".repeat(150);
+    let body = format!(
+        r#"{{"model":"auto","max_tokens":10,"messages":[{{"role":"user","content":"{words}"}}]}}"#
+    );
+    for dp in [&dp1, &dp2] {
+        let r = post(
+            dp.addr,
+            "/v1/chat/completions",
+            &body,
+            "x-switchyard-service: tpm\r\n",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
     // Spend from both data planes adds up at the control plane.
     eventually("usage of both reaches the control plane", || {
         spent_requests(admin, "etl") >= 10

@@ -421,12 +421,11 @@ impl Remote {
                     units,
                 };
                 let Ok(reply) = client.lease_rate(request).await else {
+                    limits.stop_waiting();
                     break;
                 };
-                let granted = reply.into_inner().granted;
-                if granted > 0 {
-                    limits.add_grant(&service, tokens, granted);
-                }
+                // Nothing granted is an answer too, for the requests waiting on one.
+                limits.add_grant(&service, tokens, reply.into_inner().granted);
             }
             let (lease, workers) = {
                 let snapshot = self.configs.snapshot().load();

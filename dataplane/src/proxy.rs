@@ -11,7 +11,7 @@ use crate::cache::Entry;
 use crate::coalesce::{self, Lead, Origin, Role, Waiter};
 use crate::codec::{self, BodyFraming, Head};
 use crate::conn::{self, send_error, Client};
-use crate::ratelimit::TokenCharge;
+use crate::ratelimit::{Refusal, TokenCharge};
 use crate::server::Worker;
 use crate::snapshot::Snapshot;
 use crate::sse::SseFilter;
@@ -785,10 +785,29 @@ async fn admit(
     tokens: u64,
     assumed: u64,
 ) -> Option<bool> {
-    let refusal = match worker
+    let mut admitted = worker
         .limits
-        .admit(&snap.limits, ctx.service, tokens, assumed)
+        .admit(&snap.limits, ctx.service, tokens, assumed);
+    // On a remote data plane, a refusal may only mean the control plane's grant has not come
+    // yet (a first request, a burst): the next answer is waited for (briefly), then asked again.
+    if let Err(Refusal {
+        too_large: None, ..
+    }) = admitted
     {
+        if let Some(seen) = snap.limits.answers_so_far(ctx.service) {
+            for _ in 0..LEASE_WAIT_STEPS {
+                let now = snap.limits.answers_so_far(ctx.service);
+                if worker.shared.is_cut() || now != Some(seen) {
+                    break;
+                }
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            admitted = worker
+                .limits
+                .admit(&snap.limits, ctx.service, tokens, assumed);
+        }
+    }
+    let refusal = match admitted {
         Ok(charge) => {
             ctx.token_charge.set(charge);
             return None;

@@ -31,8 +31,12 @@ struct Bucket {
     /// zero when more was used than granted: later grants pay that first, so the service waits
     /// in proportion as it would on the control plane's own bucket.
     granted: Option<AtomicI64>,
-    /// The largest take a grant could not cover: the next lease asks for at least this.
+    /// What takes a grant could not cover asked for since the last grant, together: the next
+    /// lease asks for at least this (a burst is granted in one answer).
     wanted: AtomicU64,
+    /// How often the control plane answered a lease for this bucket (or could not be asked):
+    /// a request refused for want of a grant waits for the next answer.
+    answers: AtomicU64,
 }
 
 /// A minute of allowance can be banked.
@@ -49,6 +53,7 @@ impl Bucket {
             interval: (WINDOW_NS / per_minute).max(1),
             chunk,
             wanted: AtomicU64::new(0),
+            answers: AtomicU64::new(0),
             // A first chunk on credit, so a service's first request does not wait for a lease.
             granted: granted.then(|| AtomicI64::new(chunk as i64)),
         }
@@ -70,7 +75,6 @@ impl Bucket {
                 })
                 .map(drop)
                 .map_err(|g| {
-                    self.wanted.fetch_max(units, Relaxed);
                     // About when the control plane's bucket has refilled that much, and paid
                     // any debt first.
                     let debt = g.min(0).unsigned_abs();
@@ -282,8 +286,32 @@ impl RateLimits {
             if let Some(granted) = &b.granted {
                 granted.fetch_add(units.min(MAX_UNITS) as i64, Relaxed);
                 b.wanted.store(0, Relaxed);
+                b.answers.fetch_add(1, Relaxed);
             }
         }
+    }
+
+    /// Remote data plane: the control plane could not be asked; requests waiting for a grant
+    /// go on (refused) instead of waiting in vain.
+    pub fn stop_waiting(&self) {
+        let map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        for b in map.values() {
+            for bucket in [&b.requests, &b.tokens].into_iter().flatten() {
+                bucket.answers.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Remote data plane, after a refusal: how often the control plane has answered for the
+    /// service's limits so far (a change is the next answer, which may grant what was
+    /// missing); `None` where no answer will come (limits of this process's own).
+    pub fn answers_so_far(&self, service: &str) -> Option<u64> {
+        if !self.granted {
+            return None;
+        }
+        let b = self.buckets(service);
+        let answers = [&b.requests, &b.tokens].into_iter().flatten();
+        Some(answers.map(|bucket| bucket.answers.load(Relaxed)).sum())
     }
 }
 
@@ -354,7 +382,12 @@ fn draw(balance: &Cell<i64>, bucket: &Bucket, units: u64, now: u64) -> Result<()
         let want = bucket.chunk.max(short as u64);
         // A whole chunk may not fit when a just-enough amount does.
         if bucket.take(want, now).is_err() {
-            bucket.take(short as u64, now)?;
+            bucket.take(short as u64, now).inspect_err(|_| {
+                if bucket.granted.is_some() {
+                    // On a remote data plane: the next lease asks for it too.
+                    bucket.wanted.fetch_add(short as u64, Relaxed);
+                }
+            })?;
             balance.set(balance.get() + short);
         } else {
             balance.set(balance.get() + want as i64);
@@ -455,6 +488,27 @@ mod tests {
                 },
             )]),
         }
+    }
+
+    #[test]
+    fn refused_requests_on_a_remote_data_plane_ask_together_and_wait_for_an_answer() {
+        let remote = RateLimits::new(settings(Some(60), None), true);
+        let w = WorkerLimits::default();
+        assert!(w.admit(&remote, "etl", 0, 0).is_ok(), "on credit");
+        let seen = remote.answers_so_far("etl");
+        assert!(seen.is_some());
+        for _ in 0..3 {
+            assert!(w.admit(&remote, "etl", 0, 0).is_err());
+        }
+        // The three refused are one lease request.
+        assert_eq!(remote.running_low(), vec![("etl".to_string(), false, 3)]);
+        // An answer, even of nothing, ends their wait; so does a control plane not reached.
+        remote.add_grant("etl", false, 0);
+        let answered = remote.answers_so_far("etl");
+        assert_ne!(answered, seen);
+        remote.stop_waiting();
+        assert_ne!(remote.answers_so_far("etl"), answered);
+        assert_eq!(limits(Some(60), None).answers_so_far("etl"), None, "local");
     }
 
     #[test]
