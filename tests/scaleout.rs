@@ -113,7 +113,9 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
                 (200, Some("1"))
             );
         }
-        ask(dp, "tight").error(429);
+        let tight = ask(dp, "tight");
+        let message = tight.error(429)["message"].as_str().unwrap().to_string();
+        assert!(message.contains("granted this data plane"), "{message}");
     }
     // A request whose worst case (about $2) is more than a data plane asks for at a time
     // (four $0.05 leases per worker): it asks for what it needs instead of being refused.

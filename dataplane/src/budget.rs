@@ -253,6 +253,11 @@ impl BudgetBook {
         }
     }
 
+    /// A remote data plane's book: it holds only what the control plane granted it.
+    pub fn is_granted(&self) -> bool {
+        self.granted.load(Relaxed)
+    }
+
     /// Leases up to `want` of a budget to a remote data plane (never more than half of what
     /// is left, as `Pool::take` does). `None`: no limit applies.
     pub fn grant(&self, key: BudgetKey, want: u64) -> Option<u64> {

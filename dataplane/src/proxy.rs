@@ -732,6 +732,10 @@ pub async fn handle(
             "the daily budget of service `{}` has no room for this request on any tier",
             ctx.service
         );
+        if worker.shared.budgets.is_granted() {
+            // Not necessarily the whole budget: the control plane may be out of reach.
+            msg.push_str(" in what the control plane has granted this data plane");
+        }
         if let Some(e) = &last_error {
             msg.push_str(&format!(
                 " left to try (an earlier attempt failed: {})",
