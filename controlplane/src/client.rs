@@ -128,7 +128,7 @@ async fn call(admin: &Admin, command: Command) -> Result<String, String> {
             );
             let _ = writeln!(
                 out,
-                "requests {} ({} in flight); budget downgrades {}, rejections {}; rate limited {}; usage events dropped {}",
+                "requests {} in the stored spend ({} in flight); since start: budget downgrades {}, rejections {}; rate limited {}; usage events dropped {}",
                 s.requests, s.inflight, s.budget_downgraded, s.budget_rejected, s.rate_limited, s.usage_events_dropped
             );
             let _ = writeln!(
