@@ -731,25 +731,26 @@ pub(crate) async fn drain_on_signal(
     };
     eprintln!("switchyard: shutting down: draining requests in flight (up to {drain_timeout:?}; signal again to exit now)");
     dataplane.begin_drain();
-    let deadline = Instant::now() + drain_timeout;
-    while dataplane.shared.inflight() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let left = dataplane.shared.inflight();
+    let left = in_flight_after(dataplane, drain_timeout).await;
     if left > 0 {
         // Ended rather than cut off by the exit: each caller gets an error (a last SSE event
         // for a stream) and each request its usage event, counted in the spend saved below.
         eprintln!("switchyard: drain deadline passed with {left} requests in flight; ending them");
         dataplane.cut_in_flight();
-        let deadline = Instant::now() + CUT_GRACE;
-        while dataplane.shared.inflight() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let left = dataplane.shared.inflight();
+        let left = in_flight_after(dataplane, CUT_GRACE).await;
         if left > 0 {
             eprintln!("switchyard: {left} requests did not end within {CUT_GRACE:?}; exiting");
         }
     }
+}
+
+/// The requests still in flight once they are all done or `wait` has passed.
+async fn in_flight_after(dataplane: &DataPlane, wait: Duration) -> usize {
+    let deadline = Instant::now() + wait;
+    while dataplane.shared.inflight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    dataplane.shared.inflight()
 }
 
 /// How long requests cut at the drain deadline get to tell their callers and record usage

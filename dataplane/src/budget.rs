@@ -744,8 +744,13 @@ mod tests {
         let (a, b) = (WorkerBudgets::default(), WorkerBudgets::default());
         granted(a.reserve(&book, "etl", Category::Chat, 100)).settle(10);
         granted(b.reserve(&book, "etl", Category::Chat, 400)).settle(10);
-        // One request may still take all that is left outside the leases.
-        granted(a.reserve(&book, "etl", Category::Chat, 490)).settle(490);
+        // 100 is left outside the two leases: a request may take all of it (more than half).
+        let c = WorkerBudgets::default();
+        granted(c.reserve(&book, "etl", Category::Chat, 100)).settle(100);
+        assert!(matches!(
+            c.reserve(&book, "etl", Category::Chat, 1),
+            Reserve::Refused
+        ));
     }
 
     #[test]
