@@ -480,7 +480,7 @@ fn classify(config_path: Option<String>) -> ExitCode {
             Err(e) => return fail(&[format!("stdin: {e}")]),
         };
         // A bad line fails alone: an error line in its place (the output stays one line per
-        // input line), the reason on stderr too, and exit status 1 at the end.
+        // input line; blank lines are skipped), the reason on stderr too, and exit status 1.
         let result = match std::str::from_utf8(&line) {
             Ok(l) if l.trim().is_empty() => continue,
             Ok(l) => classify_line(&table, l).map_err(|e| {

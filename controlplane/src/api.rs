@@ -79,18 +79,16 @@ pub fn event_from_record(r: pb::UsageRecord) -> Result<UsageEvent, String> {
             r.service.escape_debug()
         ));
     }
-    // Counts no request can reach (what the data planes' own estimates are capped at): a bad
-    // or compromised data plane must not saturate spend or wrap the metrics.
-    for (what, n, most) in [
-        ("prompt_tokens", r.prompt_tokens, MAX_TOKENS),
-        ("cached_tokens", r.cached_tokens, MAX_TOKENS),
-        ("completion_tokens", r.completion_tokens, MAX_TOKENS),
-        ("cost_micros", r.cost_micros, MAX_BUDGET_MICROS),
-        ("saved_micros", r.saved_micros, MAX_BUDGET_MICROS),
+    // Token counts no request can reach (what the data planes' own figures are capped at):
+    // a bad or compromised data plane must not saturate spend or wrap the metrics.
+    for (what, n) in [
+        ("prompt_tokens", r.prompt_tokens),
+        ("cached_tokens", r.cached_tokens),
+        ("completion_tokens", r.completion_tokens),
     ] {
-        if n > most {
+        if n > MAX_TOKENS {
             return Err(format!(
-                "{what} {n} is more than any request reaches ({most})"
+                "{what} {n} is more than any request reaches ({MAX_TOKENS})"
             ));
         }
     }
@@ -118,7 +116,8 @@ pub fn event_from_record(r: pb::UsageRecord) -> Result<UsageEvent, String> {
         cached_tokens: r.cached_tokens,
         completion_tokens: r.completion_tokens,
         tokens_estimated: r.tokens_estimated,
-        cost_micros: r.cost_micros,
+        // Booked, but never more than a day's largest budget for one request.
+        cost_micros: r.cost_micros.min(MAX_BUDGET_MICROS),
         first_byte_us: r.first_byte_us,
         total_us: r.total_us,
         status: u16::try_from(r.status).map_err(|_| format!("status {}", r.status))?,
@@ -126,7 +125,7 @@ pub fn event_from_record(r: pb::UsageRecord) -> Result<UsageEvent, String> {
         streamed: r.streamed,
         incomplete: r.incomplete,
         cache,
-        saved_micros: r.saved_micros,
+        saved_micros: r.saved_micros.min(MAX_BUDGET_MICROS),
         budget_downgraded: r.budget_downgraded,
         refused_by: REFUSED_BY
             .into_iter()
@@ -485,7 +484,7 @@ impl Control for Api {
             return Err(Status::invalid_argument(SERVICE_NAME_RULE));
         }
         let key = (r.service, parse_category(&r.category)?);
-        let granted = budgets.grant(key.clone(), r.micros);
+        let granted = budgets.grant(key.clone(), r.micros, r.need_micros);
         if let Some(amount @ 1..) = granted {
             // Recorded before the data plane hears of it: a restarted control plane knows it.
             let day = day.clone();
@@ -618,7 +617,7 @@ async fn guard(
         .into_http();
     }
     let message = if authorization.is_some() {
-        "the token given is not this control plane's admin token (check $SWITCHYARD_ADMIN_TOKEN or the admin-token file)"
+        "the token given is not this control plane's admin token (check $SWITCHYARD_ADMIN_TOKEN or the admin-token file), nor its data-plane token ($SWITCHYARD_DATA_PLANE_TOKEN)"
     } else {
         "this call needs `authorization: Bearer <admin token>`"
     };
@@ -716,8 +715,10 @@ mod tests {
             event_from_record(r)
         };
         assert!(absurd(|_| {}).is_ok());
-        assert!(absurd(|r| r.cost_micros = (1 << 63) + 5).is_err());
         assert!(absurd(|r| r.prompt_tokens = 1 << 63).is_err());
-        assert!(absurd(|r| r.saved_micros = u64::MAX).is_err());
+        let capped = absurd(|r| r.cost_micros = (1 << 63) + 5).unwrap();
+        assert_eq!(capped.cost_micros, MAX_BUDGET_MICROS);
+        let capped = absurd(|r| r.saved_micros = u64::MAX).unwrap();
+        assert_eq!(capped.saved_micros, MAX_BUDGET_MICROS);
     }
 }

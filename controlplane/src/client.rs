@@ -131,11 +131,14 @@ async fn call(admin: &Admin, command: Command) -> Result<String, String> {
                 "requests {} in the stored spend ({} in flight); since start: budget downgrades {}, rejections {}; rate limited {}; usage events dropped {}",
                 s.requests, s.inflight, s.budget_downgraded, s.budget_rejected, s.rate_limited, s.usage_events_dropped
             );
-            let _ = writeln!(
-                out,
-                "cache: {} entries, {} bytes, {} evicted",
-                s.cache_entries, s.cache_bytes, s.cache_evictions
-            );
+            // The cache lives where requests are served.
+            if !s.listen_address.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "cache: {} entries, {} bytes, {} evicted",
+                    s.cache_entries, s.cache_bytes, s.cache_evictions
+                );
+            }
             for b in s.backends {
                 let state = if b.healthy { "up" } else { "down" };
                 let _ = writeln!(out, "backend {}: {state}, {} in flight", b.name, b.inflight);

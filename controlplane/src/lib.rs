@@ -359,10 +359,14 @@ impl ControlPlane {
             return;
         }
         let file = path.display().to_string();
-        // The history says how it came: "switchyard.toml (SIGHUP)".
+        // Read from this file at start, or reloaded from it ("PATH (SIGHUP)").
+        let from_file = current
+            .source
+            .strip_prefix(&file)
+            .is_some_and(|how| ["", " (SIGHUP)", " (file changed)"].contains(&how));
         match self.configs.apply(text, &format!("{file} ({source})")) {
             // The file wins on reload, over a config applied another way (the API): said so.
-            Ok(v) if !current.source.starts_with(&file) => {
+            Ok(v) if !from_file => {
                 eprintln!(
                     "switchyard: reload ({source}): config version {v} in effect, replacing version {} from {}",
                     current.version, current.source

@@ -29,6 +29,9 @@ const REPORT_PERIOD: Duration = Duration::from_millis(200);
 const SYNC_PERIOD: Duration = Duration::from_secs(2);
 /// How often budget pools are checked for a new lease.
 const LEASE_PERIOD: Duration = Duration::from_millis(50);
+/// How long a lease request may take before the control plane counts as not answering (its
+/// requests waiting on a grant then go on without one).
+const LEASE_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct RemoteStart {
@@ -420,7 +423,8 @@ impl Remote {
                     tokens,
                     units,
                 };
-                let Ok(reply) = client.lease_rate(request).await else {
+                let asked = tokio::time::timeout(LEASE_TIMEOUT, client.lease_rate(request));
+                let Ok(Ok(reply)) = asked.await else {
                     limits.stop_waiting();
                     break;
                 };
@@ -442,12 +446,14 @@ impl Remote {
                     data_plane: self.name.clone(),
                     service: key.0.clone(),
                     category: Category::scope_name(key.1).to_string(),
-                    // Enough for the request refused for want of it, and one more like it.
-                    micros: (lease * workers * 4).max(wanted.saturating_mul(2)),
+                    micros: lease * workers * 4,
                     day: self.budgets.day(),
+                    // A request waits for this much (granted whole if the budget has it).
+                    need_micros: wanted,
                 };
-                let Ok(reply) = client.lease_budget(request).await else {
-                    // Unreachable: serve on what is held, ask again later.
+                let asked = tokio::time::timeout(LEASE_TIMEOUT, client.lease_budget(request));
+                let Ok(Ok(reply)) = asked.await else {
+                    // Unreachable (or not answering): serve on what is held, ask again later.
                     self.budgets.stop_waiting();
                     break;
                 };
@@ -455,6 +461,7 @@ impl Remote {
                 if reply.unlimited || reply.day != self.budgets.day() {
                     // Behind the control plane (a budget it cleared, or a new day): catch up
                     // now, not at the next sync.
+                    self.budgets.answered(&key);
                     self.sync_budgets(&mut client).await;
                     if reply.day != self.budgets.day() {
                         break; // A new day: the next round leases on its fresh pools.

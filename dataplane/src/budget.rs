@@ -34,12 +34,12 @@ pub struct Pool {
     /// Micro-dollars handed to worker leases today (spent, reserved or idle in a lease).
     leased: AtomicU64,
     /// A remote data plane's pool: how often the control plane answered a lease request for
-    /// it (or could not be reached), for the requests waiting on an answer.
+    /// it (or could not be reached), for the requests waiting on its first answer.
     answers: AtomicU64,
     /// ... and whether its last answer granted nothing (the budget is spent: no use waiting).
     dry: AtomicBool,
-    /// The most a reservation refused since that answer was short by: the next lease request
-    /// asks for at least this much (a lease smaller than one request's worst case would
+    /// The most a waiting request's reservation was short by since the last answer: the next
+    /// lease request asks for that (a lease smaller than one request's worst case would
     /// otherwise refuse it however much of the budget is left).
     wanted: AtomicU64,
     /// The pool of the same budget that replaced this one (a new day): reservations made here
@@ -214,6 +214,8 @@ pub struct BudgetBook {
     limited: AtomicBool,
     /// A remote data plane's book (see `BookState::granted`).
     granted: AtomicBool,
+    /// ... whose control plane did not answer the last lease request: nobody waits for one.
+    unreachable: AtomicBool,
     state: Mutex<BookState>,
 }
 
@@ -242,6 +244,7 @@ impl BudgetBook {
             generation: AtomicU64::new(1),
             limited: AtomicBool::new(settings.any()),
             granted: AtomicBool::new(granted),
+            unreachable: AtomicBool::new(false),
             state: Mutex::new(BookState {
                 day,
                 settings,
@@ -259,10 +262,14 @@ impl BudgetBook {
     }
 
     /// Leases up to `want` of a budget to a remote data plane (never more than half of what
-    /// is left, as `Pool::take` does). `None`: no limit applies.
-    pub fn grant(&self, key: BudgetKey, want: u64) -> Option<u64> {
+    /// is left, as `Pool::take` does), or at least `need` when that much is left (a request
+    /// waits for it). `None`: no limit applies.
+    pub fn grant(&self, key: BudgetKey, want: u64, need: u64) -> Option<u64> {
         let pool = self.state().pool(key)?;
-        Some(pool.take(1, want).unwrap_or(0))
+        let needed = (need > 0)
+            .then(|| pool.take(need, want.max(need)))
+            .flatten();
+        Some(needed.or_else(|| pool.take(1, want)).unwrap_or(0))
     }
 
     /// Takes back a grant that could not be delivered.
@@ -281,11 +288,22 @@ impl BudgetBook {
             // Release: a worker that sees the answer sees the grant with it.
             pool.answers.fetch_add(1, Release);
         }
+        self.unreachable.store(false, Relaxed);
+    }
+
+    /// The control plane answered for this budget without a grant (it is behind: the data
+    /// plane catches up): requests waiting on a lease go on.
+    pub fn answered(&self, key: &BudgetKey) {
+        if let Some(pool) = self.state().pools.get(key) {
+            pool.wanted.store(0, Relaxed);
+            pool.answers.fetch_add(1, Release);
+        }
     }
 
     /// The control plane could not be asked: requests waiting for a budget's first lease go
     /// on with what is held (nothing: downgraded or refused) instead of each waiting in vain.
     pub fn stop_waiting(&self) {
+        self.unreachable.store(true, Relaxed);
         for pool in self.state().pools.values() {
             pool.answers.fetch_add(1, Release);
         }
@@ -469,13 +487,21 @@ impl Lease {
         let short = amount as i64 - self.balance.get();
         if short > 0 {
             let Some(taken) = self.pool.take(short as u64, self.chunk.max(short as u64)) else {
-                self.pool.wanted.fetch_max(short as u64, Relaxed);
                 return false;
             };
             self.balance.set(self.balance.get() + taken as i64);
         }
         self.balance.set(self.balance.get() - amount as i64);
         true
+    }
+
+    /// Records what reserving `amount` would lack, for the next lease request to ask for.
+    fn ask_for(&self, amount: u64) {
+        let short = (amount as i64 - self.balance.get()).max(0) as u64;
+        let left = self.pool.limit().saturating_sub(self.pool.leased());
+        if short > left {
+            self.pool.wanted.fetch_max(short, Relaxed);
+        }
     }
 
     fn settle(&self, reserved: u64, actual: u64) {
@@ -597,30 +623,48 @@ impl WorkerBudgets {
         waiting(&leases.own) || waiting(&leases.categories[category.index()])
     }
 
-    /// On a remote data plane, after a refused reservation: how often the control plane has
-    /// answered for the service's budgets so far, if a new answer may yet grant what it was
-    /// short of (`None` where none will: a local budget, or one the control plane said is
-    /// spent). A change of the count is the next answer.
-    pub fn answers_so_far(
+    /// On a remote data plane, after a refused reservation: asks the control plane for what
+    /// `amount` lacks in each of the service's budgets, and says whether waiting may help
+    /// (not for a local book, a budget the control plane said is spent, a control plane not
+    /// answering, or an amount no budget can hold).
+    pub fn ask_for_more(
         &self,
         book: &BudgetBook,
         service: &str,
         category: Category,
-    ) -> Option<u64> {
-        if !book.limited.load(Relaxed) || !book.granted.load(Relaxed) {
-            return None;
+        amount: u64,
+    ) -> bool {
+        if !Self::answers_may_come(book) || amount > MAX_AMOUNT {
+            return false;
         }
         let leases = self.leases(book, service);
         let applicable = [&leases.own, &leases.categories[category.index()]];
-        let pools = applicable.into_iter().flatten().map(|l| &l.pool);
-        let mut answers = 0u64;
-        for pool in pools {
-            if pool.dry.load(Relaxed) {
-                return None;
-            }
-            answers = answers.wrapping_add(pool.answers.load(Acquire));
+        let leases = || applicable.into_iter().flatten();
+        if leases().any(|l| l.pool.dry.load(Relaxed)) {
+            return false;
         }
-        Some(answers)
+        leases().for_each(|l| l.ask_for(amount));
+        true
+    }
+
+    /// Whether the control plane may still answer what was asked for (`ask_for_more`) with
+    /// more of the service's budgets.
+    pub fn more_may_come(&self, book: &BudgetBook, service: &str, category: Category) -> bool {
+        if !Self::answers_may_come(book) {
+            return false;
+        }
+        let leases = self.leases(book, service);
+        let applicable = [&leases.own, &leases.categories[category.index()]];
+        let pools = || applicable.into_iter().flatten().map(|l| &l.pool);
+        let dry = pools().any(|p| p.dry.load(Relaxed));
+        // Asked for and not answered yet (or never answered at all).
+        let asked = pools().any(|p| p.wanted.load(Relaxed) > 0 || p.answers.load(Acquire) == 0);
+        !dry && asked
+    }
+
+    /// A remote data plane's book with a limit, whose control plane answers.
+    fn answers_may_come(book: &BudgetBook) -> bool {
+        book.limited.load(Relaxed) && book.granted.load(Relaxed) && !book.unreachable.load(Relaxed)
     }
 
     /// Reserves `amount` against the service's budget and its category's, both or neither.
@@ -834,16 +878,15 @@ mod tests {
             w.reserve(&remote, "etl", Category::Chat, 10),
             Reserve::Refused
         ));
-        // Each with what a refused reservation was short of.
         assert_eq!(
             remote.running_low(50),
             vec![
-                (etl.clone(), 10),
+                (etl.clone(), 0),
                 (("etl".to_string(), Some(Category::Code)), 0)
             ]
         );
         // At most half of what is left at a time.
-        assert_eq!(control.grant(etl.clone(), 600), Some(500));
+        assert_eq!(control.grant(etl.clone(), 600, 0), Some(500));
         remote.add_grant(etl.clone(), 500);
         remote.add_grant(("etl".to_string(), Some(Category::Code)), 0);
         assert!(!w.awaiting_lease(&remote, "etl", Category::Chat));
@@ -856,25 +899,47 @@ mod tests {
             w.reserve(&remote, "etl", Category::Chat, 200),
             Reserve::Refused
         ));
-        // Asked for again even with more than the low water left, until an answer; a budget
-        // the control plane said is spent is not waited for.
+        // A request that waits asks for what it lacks, even with more than the low water
+        // left, until an answer; a budget the control plane said is spent is not waited for,
+        // nor one of this process's own.
+        assert!(remote.running_low(0).is_empty());
+        assert!(w.ask_for_more(&remote, "etl", Category::Chat, 200));
         assert_eq!(remote.running_low(0), vec![(etl.clone(), 200)]);
-        let seen = w.answers_so_far(&remote, "etl", Category::Chat);
-        assert!(seen.is_some());
-        assert_eq!(w.answers_so_far(&remote, "etl", Category::Code), None);
-        assert_eq!(w.answers_so_far(&control, "etl", Category::Chat), None);
+        assert!(w.more_may_come(&remote, "etl", Category::Chat));
+        assert!(
+            !w.ask_for_more(&remote, "etl", Category::Code, 200),
+            "spent"
+        );
+        assert!(
+            !w.ask_for_more(&control, "etl", Category::Chat, 200),
+            "local"
+        );
         remote.add_grant(etl.clone(), 300);
-        assert_ne!(w.answers_so_far(&remote, "etl", Category::Chat), seen);
+        assert!(!w.more_may_come(&remote, "etl", Category::Chat), "answered");
         assert!(remote.running_low(0).is_empty());
         granted(w.reserve(&remote, "etl", Category::Chat, 200)).settle(0);
-        assert_eq!(control.grant(etl.clone(), 600), Some(250));
-        assert_eq!(control.grant(etl.clone(), 100), Some(100));
-        for _ in 0..20 {
-            control.grant(etl.clone(), 600);
-        }
-        assert_eq!(control.grant(etl, 600), Some(0), "all granted");
+        // A control plane not answering: nobody waits until it answers again.
+        assert!(w.ask_for_more(&remote, "etl", Category::Chat, 1 << 30));
+        remote.stop_waiting();
+        assert!(!w.more_may_come(&remote, "etl", Category::Chat));
+        assert!(!w.ask_for_more(&remote, "etl", Category::Chat, 1 << 30));
+        // What a waiting request needs is granted whole when that much is left, even past
+        // half of it.
+        let small = book(None, 100);
+        assert_eq!(small.grant(etl.clone(), 100, 900), Some(900));
         assert_eq!(
-            control.grant(("other".into(), None), 600),
+            small.grant(etl.clone(), 100, 900),
+            Some(50),
+            "else the usual lease"
+        );
+        assert_eq!(control.grant(etl.clone(), 600, 0), Some(250));
+        assert_eq!(control.grant(etl.clone(), 100, 0), Some(100));
+        for _ in 0..20 {
+            control.grant(etl.clone(), 600, 0);
+        }
+        assert_eq!(control.grant(etl, 600, 0), Some(0), "all granted");
+        assert_eq!(
+            control.grant(("other".into(), None), 600, 0),
             None,
             "unlimited"
         );

@@ -68,14 +68,15 @@ impl Weighter<u64, Arc<Entry>> for ByBytes {
     }
 }
 
-/// Counts entries the byte bound pushed out (not TTL removals or replacements).
+/// Counts entries the byte bound pushed out (not TTL removals or replacements): an insert
+/// collects the slots it pushed out, and `ResponseCache::put` counts those of other entries.
 #[derive(Clone, Default)]
 struct CountEvictions(Arc<AtomicU64>);
 
 impl Lifecycle<u64, Arc<Entry>> for CountEvictions {
-    type RequestState = ();
-    fn on_evict(&self, _: &mut (), _: u64, _: Arc<Entry>) {
-        self.0.fetch_add(1, Relaxed);
+    type RequestState = Vec<u64>;
+    fn on_evict(&self, evicted: &mut Vec<u64>, slot: u64, _: Arc<Entry>) {
+        evicted.push(slot);
     }
 }
 
@@ -223,10 +224,12 @@ impl ResponseCache {
     pub fn put(&self, entry: Entry) -> bool {
         let slot = (self.hash)(&entry.key);
         let entry = Arc::new(entry);
-        // A refreshed answer replaces the old one: removed first, or the cache would count the
-        // replacement as an eviction (`CountEvictions` is for the byte bound).
-        self.entries.remove(&slot);
-        self.entries.insert(slot, entry.clone());
+        let mut evicted = Vec::new();
+        self.entries
+            .insert_with_lifecycle(slot, entry.clone(), &mut evicted);
+        // Not the entry this one replaced (a refresh), nor this one if it is too heavy to keep.
+        let others = evicted.iter().filter(|&&s| s != slot).count();
+        self.evictions.0.fetch_add(others as u64, Relaxed);
         self.entries
             .peek(&slot)
             .is_some_and(|stored| Arc::ptr_eq(&stored, &entry))

@@ -502,18 +502,21 @@ pub async fn handle(
             let (budgets, book) = (&worker.budgets, &*worker.shared.budgets);
             let mut reserved = budgets.reserve(book, ctx.service, ctx.category, worst);
             // On a remote data plane, what it holds of the budget may be short of this one
-            // request: the control plane is asked for more (once per request, briefly).
+            // request: the control plane is asked for the rest (once per request), and the
+            // reservation tried again as the answer may come (briefly).
             if let (Reserve::Refused, false) = (&reserved, asked_for_more) {
-                if let Some(seen) = budgets.answers_so_far(book, ctx.service, ctx.category) {
-                    asked_for_more = true;
+                asked_for_more = true;
+                if budgets.ask_for_more(book, ctx.service, ctx.category, worst) {
                     for _ in 0..LEASE_WAIT_STEPS {
-                        let now = budgets.answers_so_far(book, ctx.service, ctx.category);
-                        if worker.shared.is_cut() || now != Some(seen) {
+                        monoio::time::sleep(Duration::from_millis(10)).await;
+                        reserved = budgets.reserve(book, ctx.service, ctx.category, worst);
+                        if !matches!(reserved, Reserve::Refused)
+                            || worker.shared.is_cut()
+                            || !budgets.more_may_come(book, ctx.service, ctx.category)
+                        {
                             break;
                         }
-                        monoio::time::sleep(Duration::from_millis(10)).await;
                     }
-                    reserved = budgets.reserve(book, ctx.service, ctx.category, worst);
                 }
             }
             match reserved {
@@ -793,22 +796,33 @@ async fn admit(
         .limits
         .admit(&snap.limits, ctx.service, tokens, assumed);
     // On a remote data plane, a refusal may only mean the control plane's grant has not come
-    // yet (a first request, a burst): the next answer is waited for (briefly), then asked again.
-    if let Err(Refusal {
-        too_large: None, ..
-    }) = admitted
-    {
-        if let Some(seen) = snap.limits.answers_so_far(ctx.service) {
+    // yet (a first request, a burst): the control plane is asked for what is missing, and the
+    // admission tried again as its answer may come (briefly).
+    let (limits, service) = (&worker.limits, ctx.service);
+    // Whether the requests and the tokens limit asked for more, each once.
+    let mut asked = [false; 2];
+    let ask = |refusal: &Refusal, asked: &mut [bool; 2]| {
+        let units = if refusal.tokens { tokens } else { 1 };
+        let first = !std::mem::replace(&mut asked[usize::from(refusal.tokens)], true);
+        first
+            && refusal.too_large.is_none()
+            && limits.ask_for_more(&snap.limits, service, refusal.tokens, units)
+    };
+    if let Err(refusal) = &admitted {
+        if ask(refusal, &mut asked) {
             for _ in 0..LEASE_WAIT_STEPS {
-                let now = snap.limits.answers_so_far(ctx.service);
-                if worker.shared.is_cut() || now != Some(seen) {
+                monoio::time::sleep(Duration::from_millis(10)).await;
+                admitted = limits.admit(&snap.limits, service, tokens, assumed);
+                let Err(refusal) = &admitted else { break };
+                // Refused by the other limit now: that one asks too.
+                ask(refusal, &mut asked);
+                let waiting = |t: bool| {
+                    asked[usize::from(t)] && limits.more_may_come(&snap.limits, service, t)
+                };
+                if worker.shared.is_cut() || !(waiting(false) || waiting(true)) {
                     break;
                 }
-                monoio::time::sleep(Duration::from_millis(10)).await;
             }
-            admitted = worker
-                .limits
-                .admit(&snap.limits, ctx.service, tokens, assumed);
         }
     }
     let refusal = match admitted {

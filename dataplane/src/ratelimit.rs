@@ -13,7 +13,7 @@
 use ahash::AHashMap;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use switchyard_shared::routing::{Limit, RateLimitSettings};
@@ -31,12 +31,12 @@ struct Bucket {
     /// zero when more was used than granted: later grants pay that first, so the service waits
     /// in proportion as it would on the control plane's own bucket.
     granted: Option<AtomicI64>,
-    /// What takes a grant could not cover asked for since the last grant, together: the next
-    /// lease asks for at least this (a burst is granted in one answer).
+    /// What the requests waiting for a grant lack, together: the next lease asks for at least
+    /// this (a burst is granted in one answer).
     wanted: AtomicU64,
-    /// How often the control plane answered a lease for this bucket (or could not be asked):
-    /// a request refused for want of a grant waits for the next answer.
-    answers: AtomicU64,
+    /// The control plane's last answer granted nothing (its own bucket is empty): no use
+    /// waiting for the next.
+    dry: AtomicBool,
 }
 
 /// A minute of allowance can be banked.
@@ -53,7 +53,7 @@ impl Bucket {
             interval: (WINDOW_NS / per_minute).max(1),
             chunk,
             wanted: AtomicU64::new(0),
-            answers: AtomicU64::new(0),
+            dry: AtomicBool::new(false),
             // A first chunk on credit, so a service's first request does not wait for a lease.
             granted: granted.then(|| AtomicI64::new(chunk as i64)),
         }
@@ -167,6 +167,8 @@ pub struct RateLimits {
     id: u64,
     /// A remote data plane's: allowance comes from the control plane's grants.
     granted: bool,
+    /// ... and its control plane did not answer the last lease request: nobody waits for one.
+    unreachable: AtomicBool,
     epoch: Instant,
     settings: RateLimitSettings,
     buckets: Mutex<AHashMap<String, Arc<ServiceBuckets>>>,
@@ -187,6 +189,7 @@ impl RateLimits {
         RateLimits {
             id: NEXT_ID.fetch_add(1, Relaxed),
             granted,
+            unreachable: AtomicBool::new(false),
             epoch: Instant::now(),
             settings,
             buckets: Mutex::default(),
@@ -208,6 +211,7 @@ impl RateLimits {
         RateLimits {
             id: NEXT_ID.fetch_add(1, Relaxed),
             granted: self.granted,
+            unreachable: AtomicBool::new(self.unreachable.load(Relaxed)),
             epoch: self.epoch,
             settings,
             buckets: Mutex::new(kept),
@@ -286,32 +290,16 @@ impl RateLimits {
             if let Some(granted) = &b.granted {
                 granted.fetch_add(units.min(MAX_UNITS) as i64, Relaxed);
                 b.wanted.store(0, Relaxed);
-                b.answers.fetch_add(1, Relaxed);
+                b.dry.store(units == 0, Relaxed);
             }
         }
+        self.unreachable.store(false, Relaxed);
     }
 
     /// Remote data plane: the control plane could not be asked; requests waiting for a grant
-    /// go on (refused) instead of waiting in vain.
+    /// go on (refused) instead of waiting in vain, until it answers again.
     pub fn stop_waiting(&self) {
-        let map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        for b in map.values() {
-            for bucket in [&b.requests, &b.tokens].into_iter().flatten() {
-                bucket.answers.fetch_add(1, Relaxed);
-            }
-        }
-    }
-
-    /// Remote data plane, after a refusal: how often the control plane has answered for the
-    /// service's limits so far (a change is the next answer, which may grant what was
-    /// missing); `None` where no answer will come (limits of this process's own).
-    pub fn answers_so_far(&self, service: &str) -> Option<u64> {
-        if !self.granted {
-            return None;
-        }
-        let b = self.buckets(service);
-        let answers = [&b.requests, &b.tokens].into_iter().flatten();
-        Some(answers.map(|bucket| bucket.answers.load(Relaxed)).sum())
+        self.unreachable.store(true, Relaxed);
     }
 }
 
@@ -382,12 +370,7 @@ fn draw(balance: &Cell<i64>, bucket: &Bucket, units: u64, now: u64) -> Result<()
         let want = bucket.chunk.max(short as u64);
         // A whole chunk may not fit when a just-enough amount does.
         if bucket.take(want, now).is_err() {
-            bucket.take(short as u64, now).inspect_err(|_| {
-                if bucket.granted.is_some() {
-                    // On a remote data plane: the next lease asks for it too.
-                    bucket.wanted.fetch_add(short as u64, Relaxed);
-                }
-            })?;
+            bucket.take(short as u64, now)?;
             balance.set(balance.get() + short);
         } else {
             balance.set(balance.get() + want as i64);
@@ -398,6 +381,57 @@ fn draw(balance: &Cell<i64>, bucket: &Bucket, units: u64, now: u64) -> Result<()
 }
 
 impl WorkerLimits {
+    /// On a remote data plane, after a refusal by the requests limit (`tokens` false) or the
+    /// tokens limit: asks the control plane for `units` more with the next lease, and says
+    /// whether waiting for its answer may help (not where the control plane said its bucket
+    /// is empty or does not answer, nor for limits of this process's own).
+    pub fn ask_for_more(
+        &self,
+        limits: &RateLimits,
+        service: &str,
+        tokens: bool,
+        units: u64,
+    ) -> bool {
+        self.with_remote_bucket(limits, service, tokens, |b| {
+            if !b.dry.load(Relaxed) {
+                b.wanted.fetch_add(units.min(MAX_UNITS), Relaxed);
+            }
+            !b.dry.load(Relaxed)
+        })
+        .unwrap_or(false)
+    }
+
+    /// Whether an answer the control plane has yet to give may grant what was asked for
+    /// (`ask_for_more`).
+    pub fn more_may_come(&self, limits: &RateLimits, service: &str, tokens: bool) -> bool {
+        self.with_remote_bucket(limits, service, tokens, |b| {
+            !b.dry.load(Relaxed) && b.wanted.load(Relaxed) > 0
+        })
+        .unwrap_or(false)
+    }
+
+    /// `f` of a bucket of this worker's lease, on a remote data plane whose control plane
+    /// answers (the worker's own lease: no lock).
+    fn with_remote_bucket<R>(
+        &self,
+        limits: &RateLimits,
+        service: &str,
+        tokens: bool,
+        f: impl FnOnce(&Bucket) -> R,
+    ) -> Option<R> {
+        if !limits.granted || limits.unreachable.load(Relaxed) {
+            return None;
+        }
+        let leases = self.leases.borrow();
+        let shared = &leases.get(service)?.shared;
+        let bucket = if tokens {
+            &shared.tokens
+        } else {
+            &shared.requests
+        };
+        bucket.as_ref().map(f)
+    }
+
     /// Admits one request of about `tokens` tokens (prompt estimate plus `max_tokens`), plus
     /// `assumed` output tokens when the caller set no `max_tokens`, counted as far as the
     /// request still fits a minute's allowance (so concurrent answers cannot burst far past
@@ -491,24 +525,30 @@ mod tests {
     }
 
     #[test]
-    fn refused_requests_on_a_remote_data_plane_ask_together_and_wait_for_an_answer() {
+    fn refused_requests_on_a_remote_data_plane_ask_together_until_an_answer() {
         let remote = RateLimits::new(settings(Some(60), None), true);
         let w = WorkerLimits::default();
         assert!(w.admit(&remote, "etl", 0, 0).is_ok(), "on credit");
-        let seen = remote.answers_so_far("etl");
-        assert!(seen.is_some());
         for _ in 0..3 {
-            assert!(w.admit(&remote, "etl", 0, 0).is_err());
+            let refused = w.admit(&remote, "etl", 0, 0).err().expect("refused");
+            assert!(w.ask_for_more(&remote, "etl", refused.tokens, 1));
         }
-        // The three refused are one lease request.
+        // The three refused are one lease request, and may be answered.
         assert_eq!(remote.running_low(), vec![("etl".to_string(), false, 3)]);
-        // An answer, even of nothing, ends their wait; so does a control plane not reached.
+        assert!(w.more_may_come(&remote, "etl", false));
+        // An answer ends their wait; one of nothing (the control plane's bucket is empty)
+        // also ends the next ones' before it starts; so does a control plane not reached.
         remote.add_grant("etl", false, 0);
-        let answered = remote.answers_so_far("etl");
-        assert_ne!(answered, seen);
+        assert!(!w.more_may_come(&remote, "etl", false));
+        assert!(!w.ask_for_more(&remote, "etl", false, 1), "dry");
+        remote.add_grant("etl", false, 2);
+        assert!(w.ask_for_more(&remote, "etl", false, 1));
         remote.stop_waiting();
-        assert_ne!(remote.answers_so_far("etl"), answered);
-        assert_eq!(limits(Some(60), None).answers_so_far("etl"), None, "local");
+        assert!(!w.more_may_come(&remote, "etl", false));
+        assert!(!w.ask_for_more(&remote, "etl", false, 1), "unreachable");
+        let local = limits(Some(60), None);
+        assert!(w.admit(&local, "etl", 0, 0).is_ok());
+        assert!(!w.ask_for_more(&local, "etl", false, 1), "local");
     }
 
     #[test]
@@ -531,6 +571,7 @@ mod tests {
         // A request larger than a usual lease makes the next lease big enough for it.
         let tokens = RateLimits::new(settings(None, Some(600_000)), true);
         assert!(w.admit(&tokens, "etl", 50_000, 0).is_err());
+        assert!(w.ask_for_more(&tokens, "etl", true, 50_000));
         assert_eq!(
             tokens.running_low(),
             vec![("etl".to_string(), true, 50_000)]
