@@ -249,7 +249,11 @@ fn classify_needs_no_backend_secrets() {
 #[test]
 fn serving_raises_the_open_files_limit_to_the_hard_limit() {
     let s = sim("s", &[]);
-    let path = write_config(&config_for(&[("s", s.url())], ""));
+    // A data directory of its own: other tests' routers started in the same directory would
+    // hold the default one.
+    let data = std::env::temp_dir().join(format!("switchyard-nofile-{}", free_port()));
+    let storage = format!("[storage]\ndata_dir = \"{}\"\n", data.display());
+    let path = write_config(&config_for(&[("s", s.url())], &storage));
     let addr = free_addr();
     let mut child = Command::new("bash")
         .args([
@@ -262,11 +266,15 @@ fn serving_raises_the_open_files_limit_to_the_hard_limit() {
         ])
         .current_dir(std::env::temp_dir())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while std::net::TcpStream::connect(addr).is_err() {
+        if let Ok(Some(_)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!("exited: {}", String::from_utf8_lossy(&out.stderr));
+        }
         assert!(std::time::Instant::now() < deadline, "never listened");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
