@@ -377,7 +377,8 @@ pub async fn handle(
             .cache_ttl
             .unwrap_or(table.cache.category_ttl[ctx.category.index()]);
         while ctx.attempts < table.max_attempts {
-            let Some((target, slot)) = balancer::choose(table, &snap.states, group, &tried) else {
+            let Some((target, mut slot)) = balancer::choose(table, &snap.states, group, &tried)
+            else {
                 // No target of the group can take the request now (ejected or full): an
                 // answer one of them gave before still serves, as it needs no backend.
                 let stored = group.iter().find_map(|&target| {
@@ -507,6 +508,9 @@ pub async fn handle(
             if let (Reserve::Refused, false) = (&reserved, asked_for_more) {
                 asked_for_more = true;
                 if budgets.ask_for_more(book, ctx.service, ctx.category, worst) {
+                    // The backend's slot is not held meanwhile (it counts against its
+                    // concurrency), and is taken again for the attempt.
+                    drop(slot);
                     for _ in 0..LEASE_WAIT_STEPS {
                         monoio::time::sleep(Duration::from_millis(10)).await;
                         reserved = budgets.reserve(book, ctx.service, ctx.category, worst);
@@ -517,6 +521,12 @@ pub async fn handle(
                             break;
                         }
                     }
+                    let cap = table.backends[t.backend].max_concurrency;
+                    let Some(again) = snap.states.admit(t.backend, cap) else {
+                        // It filled up meanwhile: another target, or later.
+                        continue;
+                    };
+                    slot = again;
                 }
             }
             match reserved {
