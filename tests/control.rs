@@ -707,6 +707,16 @@ fn api_keys_decide_the_service_and_survive_a_restart() {
         "authorization: Bearer {gateway}\r\nx-switchyard-service: billing\r\n"
     ));
     assert_eq!(acting.status, 200);
+    // Nor can it pin a tier past the operator's rules; a key allowed to act for any service can.
+    let rule = |key: &str| {
+        let resp = ask(&format!(
+            "authorization: Bearer {key}\r\nx-switchyard-tier: s\r\n"
+        ));
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.header("x-switchyard-rule").map(str::to_string)
+    };
+    assert_ne!(rule(&key).as_deref(), Some("header:x-switchyard-tier"));
+    assert_eq!(rule(&gateway).as_deref(), Some("header:x-switchyard-tier"));
 
     // A key of a service without budget cannot spend another's: its service is its key's.
     let (ok, out, _) = cli(&r, "keys", &["create", "broke"]);
@@ -743,7 +753,7 @@ fn api_keys_decide_the_service_and_survive_a_restart() {
         .map(|e| e["service"].as_str().unwrap().to_string())
         .collect();
     services.sort();
-    assert_eq!(services, ["billing", "etl"], "{err}");
+    assert_eq!(services, ["billing", "etl", "etl", "gateway"], "{err}");
     assert_eq!(
         usage_events(&err)
             .iter()

@@ -208,7 +208,11 @@ fn https_backend_with_private_ca() {
     let e = resp.error(502);
     assert_eq!(e["code"], "upstream_connect_failed");
     let message = e["message"].as_str().unwrap();
-    assert!(message.contains("TLS handshake"), "{message}");
+    // And why: the issuer is unknown.
+    assert!(
+        message.contains("TLS handshake") && message.contains("UnknownIssuer"),
+        "{message}"
+    );
     assert!(
         !message.contains("sk-tls-test"),
         "the key never appears in errors"

@@ -291,7 +291,8 @@ pub async fn handle(
         priority,
         model,
         path: endpoint.path(),
-        pinned_tier: head.header_str("x-switchyard-tier"),
+        // Like the category: a key's caller cannot route around the operator's rules.
+        pinned_tier: head.header_str("x-switchyard-tier").filter(|_| trusted),
         category: ctx.category,
         alternative,
         long_context,
@@ -923,9 +924,14 @@ fn shortcut_key(
         service.as_bytes(),
         endpoint.path().as_bytes(),
         version_digits.format(version).as_bytes(),
-        steering("x-switchyard-tier"),
+        // Untrusted callers' tier and category headers are ignored, so they cannot tell
+        // requests apart.
+        if trusted {
+            steering("x-switchyard-tier")
+        } else {
+            b""
+        },
         steering("x-switchyard-priority"),
-        // Untrusted callers' category header is ignored, so it cannot tell requests apart.
         if trusted {
             steering("x-switchyard-category")
         } else {

@@ -179,6 +179,9 @@ async fn connect(
                     .connect(name, stream)
                     .await
                     .map_err(|e| {
+                        // As an io::Error it says why (an unknown issuer, a name that does not
+                        // match, ...); monoio-rustls's own error says only "io error".
+                        let e = io::Error::from(e);
                         AttemptError::new(
                             ErrorKind::UpstreamConnect,
                             format!("TLS handshake with backend `{}` failed: {e}", b.name),
