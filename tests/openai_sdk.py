@@ -35,6 +35,12 @@ assert len(emb.data) == 2
 
 models = [m.id for m in client.models.list()]
 assert "auto" in models and "sim-large-model" in models, models
+assert client.models.retrieve("sim-large-model").id == "sim-large-model"
+try:
+    client.models.retrieve("no-such-model")
+    raise AssertionError("an unknown model was found")
+except openai.NotFoundError as e:
+    assert e.body["code"] == "model_not_found", e.body
 
 try:
     client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])

@@ -88,6 +88,21 @@ fn chat_completions_embeddings_and_models_pass_through() {
     ] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
+    // One model, as the SDKs' `models.retrieve` asks for it.
+    let one = get(r.addr, "/v1/models/small-model");
+    assert_eq!(one.status, 200);
+    assert_eq!(
+        (one.json()["id"].as_str(), one.json()["object"].as_str()),
+        (Some("small-model"), Some("model"))
+    );
+    assert_eq!(
+        get(r.addr, "/v1/models/auto").json()["owned_by"],
+        "switchyard"
+    );
+    let unknown = get(r.addr, "/v1/models/no-such-model");
+    assert_eq!(unknown.error(404)["code"], "model_not_found");
+    let posted = post(r.addr, "/v1/models/small-model", "{}", "");
+    assert_eq!(posted.status, 405);
     assert_eq!(get(r.addr, "/healthz").status, 200);
     let deadline = Instant::now() + Duration::from_secs(5);
     while get(r.addr, "/readyz").status != 200 {

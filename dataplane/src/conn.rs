@@ -440,6 +440,9 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
     let path = head.path();
     let endpoint = Endpoint::from_path(path);
     let is_get = matches!(head.method, Method::Get | Method::Head);
+    // `GET /v1/models/{id}` (ids may hold slashes: `org/model:tag`).
+    let model_id = path.strip_prefix("/v1/models/").filter(|id| !id.is_empty());
+    let model_body = model_id.filter(|_| is_get).map(|id| snap.model_body(id));
     let local: Option<(u16, &[u8])> = match (path, is_get) {
         ("/healthz", true) => Some((200, b"{\"status\":\"ok\"}")),
         ("/readyz", true) if worker.shared.is_draining() => {
@@ -448,10 +451,14 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
         ("/readyz", true) if snap.states.any_ready() => Some((200, b"{\"status\":\"ready\"}")),
         ("/readyz", true) => Some((503, b"{\"status\":\"no healthy backend\"}")),
         ("/v1/models", true) => Some((200, &snap.models_body)),
-        _ => None,
+        _ => match &model_body {
+            Some(Some(body)) => Some((200, body)),
+            _ => None,
+        },
     };
     let known = local.is_some()
         || endpoint.is_some()
+        || model_id.is_some()
         || matches!(path, "/healthz" | "/readyz" | "/v1/models");
     // Bodies of requests we answer locally are still read, so the next pipelined request parses.
     let body = match read_body(client, &head, &snap.table.listener).await {
@@ -463,7 +470,7 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
     };
     let keep_alive = head.keep_alive && !worker.shared.is_draining();
     let head_only = head.method == Method::Head;
-    if path == "/v1/models" && local.is_some() {
+    if (path == "/v1/models" || model_id.is_some()) && is_get {
         let keys = &worker.shared.keys;
         if let Err(msg) = crate::auth::identify(keys, snap.table.auth_required, &head) {
             return send_error(
@@ -477,6 +484,11 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
             )
             .await;
         }
+    }
+    if let (Some(id), Some(None)) = (model_id, &model_body) {
+        let msg = format!("The model `{id}` does not exist or is not served by this router");
+        let kind = ErrorKind::ModelNotFound;
+        return send_error(client, kind, &msg, None, keep_alive, None, head_only).await;
     }
     if let Some((status, content)) = local {
         // HEAD: the length GET would have, without the body.

@@ -21,6 +21,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// `GET /v1/models/{id}`: the model object, if the router knows the name.
+    pub fn model_body(&self, id: &str) -> Option<Vec<u8>> {
+        model_object(&self.table, id)
+            .map(|m| serde_json::to_vec(&m).expect("JSON values serialise"))
+    }
+
     /// Fails only on TLS material that cannot be loaded. `granted_limits`: rate-limit
     /// allowance comes from a control plane's grants (a remote data plane).
     pub fn new(table: RoutingTable, granted_limits: bool) -> Result<Snapshot, String> {
@@ -89,24 +95,28 @@ pub fn tls_configs(table: &RoutingTable) -> Result<Vec<Option<Arc<rustls::Client
 }
 
 fn models_body(table: &RoutingTable) -> Vec<u8> {
-    let mut names: Vec<(&str, &str)> = table
-        .aliases
-        .keys()
-        .map(|a| (a.as_str(), "switchyard"))
-        .collect();
-    names.extend(
-        table
-            .models
-            .keys()
-            .map(|m| (m.as_str(), "switchyard-backend")),
-    );
+    let mut names: Vec<&str> = table.aliases.keys().map(String::as_str).collect();
+    names.extend(table.models.keys().map(String::as_str));
     names.sort();
     let data: Vec<serde_json::Value> = names
         .into_iter()
-        .map(|(id, owner)| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
+        .filter_map(|id| model_object(table, id))
         .collect();
     serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
         .expect("JSON values serialise")
+}
+
+/// One entry of `GET /v1/models` (and the answer to `GET /v1/models/{id}`): an alias the
+/// router resolves, or a model a backend serves.
+fn model_object(table: &RoutingTable, id: &str) -> Option<serde_json::Value> {
+    let owner = if table.aliases.contains_key(id) {
+        "switchyard"
+    } else if table.models.contains_key(id) {
+        "switchyard-backend"
+    } else {
+        return None;
+    };
+    Some(serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
 }
 
 /// The published snapshot. Workers read it; the control plane swaps it.
