@@ -258,6 +258,14 @@ fn failing_backend_is_ejected_then_recovers() {
         assert!(Instant::now() < deadline, "never recovered");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Both said in the log.
+    let err = stop_router(r);
+    assert!(err.contains("backend `flaky` ejected for"), "{err}");
+    assert!(
+        err.contains("backend `flaky` passes its health check again")
+            || err.contains("backend `flaky` answered its probe"),
+        "{err}"
+    );
 }
 
 /// Two backends, `name` (run with `sim_args`) and `good`, each its own tier; callers pin the

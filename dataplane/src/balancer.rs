@@ -36,6 +36,12 @@ pub struct BackendState {
     stall_counted_ms: AtomicU64,
 }
 
+/// A line on stderr about a backend's state. Not `eprintln!`, which panics when stderr is
+/// gone: health checks run outside any connection's handler, where a panic ends the process.
+fn log(line: std::fmt::Arguments<'_>) {
+    let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("switchyard: {line}\n"));
+}
+
 /// How stale `answered_ms` may be: a shared cache line written at most this often.
 const ANSWERED_GRAIN_MS: u64 = 100;
 
@@ -44,6 +50,8 @@ const ANSWERED_GRAIN_MS: u64 = 100;
 pub struct BackendStates {
     epoch: Instant,
     states: Vec<Arc<BackendState>>,
+    /// The backends' names, for the log lines of ejections and recoveries.
+    names: Vec<Arc<str>>,
     /// Active health checks run: readiness needs a passed check, not just no ejection.
     checks_enabled: bool,
     /// Tests move the clock forward instead of sleeping.
@@ -103,7 +111,7 @@ impl BackendStates {
                 ..Default::default()
             })
         };
-        let states = previous
+        let states: Vec<Arc<BackendState>> = previous
             .map(|i| match (old, i) {
                 (Some(old), Some(i)) => old.states[i].clone(),
                 _ => fresh(),
@@ -111,11 +119,20 @@ impl BackendStates {
             .collect();
         BackendStates {
             epoch: old.map_or_else(Instant::now, |o| o.epoch),
+            names: (0..states.len())
+                .map(|i| Arc::from(format!("#{i}")))
+                .collect(),
             states,
             checks_enabled,
             #[cfg(test)]
             skew_ms: AtomicU64::new(old.map_or(0, |o| o.skew_ms.load(Relaxed))),
         }
+    }
+
+    /// The states named after their backends (numbered until then).
+    pub fn named(mut self, names: impl Iterator<Item = Arc<str>>) -> Self {
+        self.names = names.collect();
+        self
     }
 
     fn now_ms(&self) -> u64 {
@@ -190,13 +207,17 @@ impl BackendStates {
                 if half_open {
                     s.ejected_until_ms.store(0, Relaxed);
                     s.recovered_ms.store(self.now_ms(), Relaxed);
+                    let name = &self.names[backend];
+                    log(format_args!(
+                        "backend `{name}` answered its probe: full traffic again"
+                    ));
                 }
             }
             Verdict::Failure => {
                 s.healthy.store(false, Relaxed);
                 let failures = s.consecutive_failures.fetch_add(1, Relaxed) + 1;
                 if half_open || until == 0 && failures >= h.eject_after_failures {
-                    self.eject(s, h, until, self.now_ms());
+                    self.eject(backend, h, until, self.now_ms());
                 }
             }
         }
@@ -215,7 +236,8 @@ impl BackendStates {
 
     /// Ejects from the state `until` was read in: of workers that failed the same backend at
     /// once, one ejects it (the others would double the period).
-    fn eject(&self, s: &BackendState, h: &HealthSettings, until: u64, now: u64) {
+    fn eject(&self, backend: usize, h: &HealthSettings, until: u64, now: u64) {
+        let s = &self.states[backend];
         let recovered = s.recovered_ms.load(Relaxed);
         let mut n = s.ejections.load(Relaxed);
         // Only a backend that was taking traffic starts over; a failed probe keeps doubling.
@@ -236,6 +258,11 @@ impl BackendStates {
         {
             s.ejections.store(n + 1, Relaxed);
             s.consecutive_failures.store(0, Relaxed);
+            let name = &self.names[backend];
+            log(format_args!(
+                "backend `{name}` ejected for {period:?} (ejection {} in a row)",
+                n + 1
+            ));
         }
     }
 
@@ -285,7 +312,7 @@ impl BackendStates {
         let failures = s.check_failures.fetch_add(1, Relaxed) + 1;
         let until = s.ejected_until_ms.load(Relaxed);
         if until == 0 && failures >= h.eject_after_failures {
-            self.eject(s, h, until, self.now_ms());
+            self.eject(backend, h, until, self.now_ms());
         }
     }
 
@@ -301,9 +328,15 @@ impl BackendStates {
         let now = self.now_ms();
         if came_back && until > now {
             // Not over a re-ejection a failed probe made meanwhile.
-            let _ = s
-                .ejected_until_ms
-                .compare_exchange(until, now, Relaxed, Relaxed);
+            if s.ejected_until_ms
+                .compare_exchange(until, now, Relaxed, Relaxed)
+                .is_ok()
+            {
+                let name = &self.names[backend];
+                log(format_args!(
+                    "backend `{name}` passes its health check again: its next request is the probe"
+                ));
+            }
         }
     }
 
@@ -482,8 +515,8 @@ targets = ["a/m", "b/m"]
         let s = BackendStates::new(2, false);
         // Two workers each see the backend not ejected, then both reach the threshold.
         let until = s.get(0).ejected_until_ms.load(Relaxed);
-        s.eject(s.get(0), &t.health, until, s.now_ms());
-        s.eject(s.get(0), &t.health, until, s.now_ms());
+        s.eject(0, &t.health, until, s.now_ms());
+        s.eject(0, &t.health, until, s.now_ms());
         assert_eq!(s.get(0).ejections.load(Relaxed), 1);
         // The base period (5 s), not twice it.
         s.advance(Duration::from_millis(6000));

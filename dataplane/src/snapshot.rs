@@ -70,6 +70,7 @@ impl Snapshot {
         limits: Arc<RateLimits>,
     ) -> Result<Snapshot, String> {
         let tls = tls_configs(&table)?;
+        let states = states.named(table.backends.iter().map(|b| b.name.clone()));
         let models_body = models_body(&table);
         Ok(Snapshot {
             limits,
