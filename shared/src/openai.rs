@@ -376,8 +376,17 @@ impl<'a> RequestView<'a> {
     }
 
     /// Reads `prompt` / `input`; returns how many prompts it holds (an array of strings or of
-    /// token-id lists is one prompt per item; a single token-id list is one prompt).
+    /// token-id lists is one prompt per item; a single token-id list is one prompt). The
+    /// shapes the API takes: a string, or a non-empty array of strings, of token ids
+    /// (non-negative integers) or of token-id arrays, one kind throughout.
     fn read_prompt(&mut self, raw: &'a RawValue, field: &'static str) -> Result<u64, RequestError> {
+        let invalid = || {
+            RequestError::invalid(
+                format!("`{field}` must be a string, or a non-empty array of strings, of token ids or of token-id arrays"),
+                field,
+            )
+        };
+        let is_token = |v: &RawValue| v.get().bytes().all(|b| b.is_ascii_digit());
         let mut prompts = 1;
         match raw.get().as_bytes().first() {
             Some(b'"') => {
@@ -388,31 +397,38 @@ impl<'a> RequestView<'a> {
             Some(b'[') => {
                 let items: Vec<&'a RawValue> =
                     serde_json::from_str(raw.get()).map_err(RequestError::from_serde)?;
-                let mut lists = 0u64;
-                for item in items {
-                    if let Ok(text) = text_of(item) {
-                        append(&mut self.last_user, text);
-                        lists += 1;
-                    } else if item.get().starts_with('[') {
-                        lists += 1;
-                    } else if !item
-                        .get()
-                        .starts_with(|c: char| c == '-' || c.is_ascii_digit())
-                    {
-                        return Err(RequestError::invalid(
-                            format!("`{field}` must be a string, an array of strings or token ids"),
-                            field,
-                        ));
+                // The kind of each item: its first byte (a quote, a bracket; a digit as `0`).
+                let kind = |item: &RawValue| match item.get().as_bytes()[0] {
+                    b'0'..=b'9' => b'0',
+                    b => b,
+                };
+                let first = items.first().map(|i| kind(i)).ok_or_else(invalid)?;
+                for item in &items {
+                    let ok = kind(item) == first
+                        && match first {
+                            b'"' => true,
+                            b'0' => is_token(item),
+                            b'[' => serde_json::from_str::<Vec<&RawValue>>(item.get()).is_ok_and(
+                                |ids| !ids.is_empty() && ids.iter().all(|v| is_token(v)),
+                            ),
+                            _ => false,
+                        };
+                    if !ok {
+                        return Err(invalid());
                     }
                 }
-                prompts = lists.max(1);
+                if first == b'"' {
+                    for item in &items {
+                        let text = text_of(item).map_err(RequestError::from_serde)?;
+                        append(&mut self.last_user, text);
+                    }
+                }
+                prompts = match first {
+                    b'"' | b'[' => items.len() as u64,
+                    _ => 1,
+                };
             }
-            _ => {
-                return Err(RequestError::invalid(
-                    format!("`{field}` must be a string or an array"),
-                    field,
-                ))
-            }
+            _ => return Err(invalid()),
         }
         self.total_chars = self.last_user.len();
         Ok(prompts)
@@ -919,7 +935,28 @@ mod tests {
                 .last_user,
             ""
         );
-        assert!(parse(Endpoint::Embeddings, r#"{"input":[true]}"#).is_err());
+        // One kind throughout, non-empty, token ids non-negative integers: what OpenAI takes.
+        for bad in [
+            r#"[true]"#,
+            r#"5"#,
+            r#"{}"#,
+            r#"[]"#,
+            r#"["a",1]"#,
+            r#"[[]]"#,
+            r#"[-1,1.5]"#,
+            r#"[1.5]"#,
+            r#"[[1],"a"]"#,
+            r#"[[1,-2]]"#,
+            r#"[null]"#,
+        ] {
+            let e = parse(Endpoint::Embeddings, &format!(r#"{{"input":{bad}}}"#)).unwrap_err();
+            assert_eq!(e.param, Some("input"), "{bad}");
+            assert!(
+                e.message.contains("non-empty array"),
+                "{bad}: {}",
+                e.message
+            );
+        }
     }
 
     #[test]
