@@ -68,6 +68,16 @@ fn chat_completions_embeddings_and_models_pass_through() {
     );
     assert_eq!(resp.status, 200);
     assert_eq!(resp.json()["data"].as_array().unwrap().len(), 2);
+    // An unknown name (routed by classifying, by default) has no prompt to classify here:
+    // the error says the name is unknown, not that it is chosen by classifying.
+    let unknown = post(
+        r.addr,
+        "/v1/embeddings",
+        r#"{"model":"unknown-emb","input":"x"}"#,
+        "",
+    );
+    let message = unknown.error(404)["message"].as_str().unwrap().to_string();
+    assert!(message.contains("is not served here"), "{message}");
 
     let models = get(r.addr, "/v1/models").json();
     assert_eq!(models["object"], "list");

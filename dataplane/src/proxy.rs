@@ -315,7 +315,12 @@ pub async fn handle(
                 RouteError::Unclassifiable(m) => (
                     ErrorKind::ModelNotFound,
                     format!(
-                        "The model `{m}` is chosen by classifying a prompt, and {path} has none: name a served model, or route {path} with a rule",
+                        "The model `{m}` {how}, and {path} has no prompt to classify: name a served model, or route {path} with a rule",
+                        how = if table.aliases.contains_key(&*m) {
+                            "is chosen by classifying a prompt"
+                        } else {
+                            "is not served here (unknown names are routed by classifying a prompt)"
+                        },
                         path = ctx.endpoint.path()
                     ),
                     Some("model"),
