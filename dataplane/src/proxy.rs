@@ -112,10 +112,22 @@ struct Store {
     ttl: Duration,
 }
 
-/// How many 10 ms waits a request on a remote data plane gives a budget's first lease (a
+/// How many 10 ms waits a request on a remote data plane gives its control plane's grant (a
 /// busy control plane or a slow link may take a while to answer; one that cannot be reached
 /// ends the wait at once, `BudgetBook::stop_waiting`).
 const LEASE_WAIT_STEPS: usize = 200;
+
+/// Waits for a remote data plane's grant: until `done` (looked at first, then every 10 ms)
+/// says the request has what it waited for or waiting no longer helps, the drain deadline
+/// passes, or `LEASE_WAIT_STEPS` are over.
+async fn wait_for_grant(worker: &Worker, mut done: impl FnMut() -> bool) {
+    for _ in 0..LEASE_WAIT_STEPS {
+        if done() || worker.shared.is_cut() {
+            return;
+        }
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 pub async fn handle(
@@ -336,14 +348,11 @@ pub async fn handle(
         .then_some(classifier_rule);
     // A remote data plane may not hold this budget's first lease yet: it is on its way (the
     // control plane is asked within 50 ms), so wait for it rather than refuse.
-    for _ in 0..LEASE_WAIT_STEPS {
-        let budgets = &worker.budgets;
-        let book = &worker.shared.budgets;
-        if worker.shared.is_cut() || !budgets.awaiting_lease(book, ctx.service, ctx.category) {
-            break;
-        }
-        monoio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (budgets, book) = (&worker.budgets, &*worker.shared.budgets);
+    wait_for_grant(worker, || {
+        !budgets.awaiting_lease(book, ctx.service, ctx.category)
+    })
+    .await;
     // upstream
     let inject_usage = view.needs_injected_usage(endpoint);
     let mut tried: Vec<usize> = Vec::with_capacity(4);
@@ -506,7 +515,6 @@ pub async fn handle(
             let worst = worst_case_micros(t.price, endpoint, body.len(), &view, table);
             // An earlier attempt's reservation is released before this one is made.
             drop(ctx.reservation.take());
-            let (budgets, book) = (&worker.budgets, &*worker.shared.budgets);
             let mut reserved = budgets.reserve(book, ctx.service, ctx.category, worst);
             // On a remote data plane, what it holds of the budget may be short of this one
             // request: the control plane is asked for the rest (once per request), and the
@@ -517,16 +525,12 @@ pub async fn handle(
                     // The backend's slot is not held meanwhile (it counts against its
                     // concurrency), and is taken again for the attempt.
                     drop(slot);
-                    for _ in 0..LEASE_WAIT_STEPS {
-                        monoio::time::sleep(Duration::from_millis(10)).await;
+                    wait_for_grant(worker, || {
                         reserved = budgets.reserve(book, ctx.service, ctx.category, worst);
-                        if !matches!(reserved, Reserve::Refused)
-                            || worker.shared.is_cut()
+                        !matches!(reserved, Reserve::Refused)
                             || !budgets.more_may_come(book, ctx.service, ctx.category)
-                        {
-                            break;
-                        }
-                    }
+                    })
+                    .await;
                     let cap = table.backends[t.backend].max_concurrency;
                     let Some(again) = snap.states.admit(t.backend, cap) else {
                         // It filled up meanwhile: another target, or later.
@@ -826,19 +830,19 @@ async fn admit(
     };
     if let Err(refusal) = &admitted {
         if ask(refusal, &mut asked) {
-            for _ in 0..LEASE_WAIT_STEPS {
-                monoio::time::sleep(Duration::from_millis(10)).await;
+            wait_for_grant(worker, || {
                 admitted = limits.admit(&snap.limits, service, tokens, assumed);
-                let Err(refusal) = &admitted else { break };
+                let Err(refusal) = &admitted else {
+                    return true;
+                };
                 // Refused by the other limit now: that one asks too.
                 ask(refusal, &mut asked);
                 let waiting = |t: bool| {
                     asked[usize::from(t)] && limits.more_may_come(&snap.limits, service, t)
                 };
-                if worker.shared.is_cut() || !(waiting(false) || waiting(true)) {
-                    break;
-                }
-            }
+                !(waiting(false) || waiting(true))
+            })
+            .await;
         }
     }
     let refusal = match admitted {
