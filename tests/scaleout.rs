@@ -8,9 +8,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// A backend whose key the control plane and `dp1` have in their environment, `dp2` not.
+const KEY_ENV: &str = "SWITCHYARD_SCALEOUT_TEST_KEY";
+
 fn control(dir: &Path, admin: SocketAddr) -> Proc {
     let config = dir.join("switchyard.toml");
-    spawn_switchyard(
+    spawn_switchyard_with_env(
         dir,
         &[
             "control",
@@ -20,6 +23,7 @@ fn control(dir: &Path, admin: SocketAddr) -> Proc {
             &admin.to_string(),
         ],
         &[admin],
+        &[(KEY_ENV, "sk-test")],
     )
 }
 
@@ -70,7 +74,19 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
             "--name",
             name,
         ];
-        spawn_switchyard(&data_dir, &args, &[listen])
+        let env: &[_] = if name == "dp1" {
+            &[(KEY_ENV, "sk-test")]
+        } else {
+            &[]
+        };
+        spawn_switchyard_with_env(&data_dir, &args, &[listen], env)
+    };
+    // Each data plane's config, as `status` shows it.
+    let serves = |status: &str, name: &str, version: u64| {
+        status.lines().any(|l| {
+            l.starts_with(&format!("data plane `{name}` ("))
+                && l.contains(&format!("serves version {version}"))
+        })
     };
     let (dp1, dp2) = (data_plane("dp1"), data_plane("dp2"));
     // The data planes hold only the data-plane token: it cannot change anything.
@@ -85,6 +101,10 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
         status.contains("control plane only") && !status.contains("backend s"),
         "{status}"
     );
+    eventually("both data planes report version 1", || {
+        let status = cli(admin, "status", &[]);
+        serves(&status, "dp1", 1) && serves(&status, "dp2", 1)
+    });
     let ask = |dp: &Proc, service: &str| {
         post(
             dp.addr,
@@ -175,13 +195,49 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
 
     // A new config reaches both data planes.
     let changed = dir.join("v2.toml");
-    std::fs::write(&changed, base.clone() + "[routing]\nmax_attempts = 2\n").unwrap();
-    cli(admin, "config", &["apply", changed.to_str().unwrap()]);
+    let v2 = base.clone() + "[routing]\nmax_attempts = 2\n";
+    std::fs::write(&changed, &v2).unwrap();
+    // The apply answers once both have it in effect.
+    let applied = cli(admin, "config", &["apply", changed.to_str().unwrap()]);
+    assert!(
+        serves(&applied, "dp1", 2) && serves(&applied, "dp2", 2),
+        "{applied}"
+    );
     for dp in [&dp1, &dp2] {
-        eventually("version 2 reaches every data plane", || {
-            ask(dp, "other").header("x-switchyard-config-version") == Some("2")
-        });
+        assert_eq!(
+            ask(dp, "other").header("x-switchyard-config-version"),
+            Some("2")
+        );
     }
+    // A config one data plane cannot load (its environment lacks a backend's key): the
+    // apply says so and fails; that data plane serves on with version 2.
+    let keyed = dir.join("v3.toml");
+    let backend = format!("[[backends]]\nname = \"keyed\"\nurl = \"http://127.0.0.1:9\"\napi_key_env = \"{KEY_ENV}\"\nmodels = [{{ name = \"m\" }}]\n");
+    std::fs::write(&keyed, v2 + &backend).unwrap();
+    let (ok, out, err) = admin_cli(
+        admin,
+        ADMIN_TOKEN,
+        "config",
+        &["apply", keyed.to_str().unwrap()],
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("config version 3 is applied, but not every data plane took it")
+            && serves(&err, "dp1", 3)
+            && err.contains("data plane `dp2` (")
+            && err.contains("serves version 2; refused version 3:")
+            && err.contains(KEY_ENV),
+        "{err}"
+    );
+    assert_eq!(
+        ask(&dp2, "other").header("x-switchyard-config-version"),
+        Some("2")
+    );
+    let status = cli(admin, "status", &[]);
+    assert!(
+        serves(&status, "dp1", 3) && status.contains("refused version 3:"),
+        "{status}"
+    );
     // Reported (every 200 ms) and committed before the kill.
     std::thread::sleep(Duration::from_millis(1200));
     let before = spent_requests(admin, "etl");
@@ -194,6 +250,19 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
         assert_eq!(ask(&dp2, "etl").status, 200);
     }
     let c = control(&dir, admin);
+    // Reconnected, both follow again (and take the file's config, which both can load).
+    eventually(
+        "both data planes follow the restarted control plane",
+        || {
+            let status = cli(admin, "status", &[]);
+            let version = status
+                .split_whitespace()
+                .nth(2)
+                .and_then(|v| v.trim_end_matches(';').parse().ok())
+                .unwrap_or(0);
+            serves(&status, "dp1", version) && serves(&status, "dp2", version)
+        },
+    );
     // The restarted control plane remembers what it granted: the data planes' leases still
     // count against the etl budget.
     let budgets = cli(admin, "budgets", &[]);

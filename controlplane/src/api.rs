@@ -3,6 +3,7 @@
 //! Must not: answer anything without the token.
 
 use crate::configs::ConfigRecord;
+use crate::followers;
 use crate::store::StoredKey;
 use crate::ControlPlane;
 use std::pin::Pin;
@@ -241,22 +242,29 @@ impl Control for Api {
     ) -> Result<Response<pb::ApplyConfigReply>, Status> {
         let r = request.into_inner();
         let source = source_or_api(r.source);
-        let reply = self
+        let mut reply = self
             .blocking(move |cp| {
                 Ok(match cp.configs.apply(r.toml, &source) {
                     Ok(version) => pb::ApplyConfigReply {
                         applied: true,
                         version,
-                        errors: vec![],
+                        ..Default::default()
                     },
                     Err(errors) => pb::ApplyConfigReply {
                         applied: false,
                         version: cp.configs.current().version,
                         errors,
+                        ..Default::default()
                     },
                 })
             })
             .await?;
+        if reply.applied {
+            // Remote data planes load it with their own environment (API keys' variables)
+            // and may refuse it: the caller hears which did.
+            let followers = &self.0.followers;
+            reply.data_planes = followers.settle(reply.version, followers::SETTLE).await;
+        }
         Ok(Response::new(reply))
     }
 
@@ -275,11 +283,42 @@ impl Control for Api {
         &self,
         request: Request<pb::WatchSnapshotsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let name = request.into_inner().data_plane;
-        eprintln!("switchyard: data plane `{name}` follows the config");
-        let stream = tokio_stream::wrappers::WatchStream::new(self.0.configs.subscribe())
-            .map(|r| Ok(record(&r)));
+        let r = request.into_inner();
+        eprintln!(
+            "switchyard: data plane `{}` follows the config",
+            r.data_plane
+        );
+        let following = self.0.followers.join(r.data_plane, r.instance);
+        let stream =
+            tokio_stream::wrappers::WatchStream::new(self.0.configs.subscribe()).map(move |r| {
+                // Ends with the stream: the data plane no longer follows.
+                let _ = &following;
+                Ok(record(&r))
+            });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn report_config_state(
+        &self,
+        request: Request<pb::DataPlaneConfig>,
+    ) -> Result<Response<pb::ReportConfigStateReply>, Status> {
+        let state = request.into_inner();
+        let refusal = format!(
+            "switchyard: data plane `{}` refused config version {}: {}",
+            state.data_plane,
+            state.refused,
+            state.errors.join("; ")
+        );
+        let refused = state.refused;
+        let Some(before) = self.0.followers.report(state) else {
+            return Err(Status::failed_precondition(
+                "this data plane does not follow the config (no snapshot stream open)",
+            ));
+        };
+        if refused > before.refused {
+            eprintln!("{refusal}");
+        }
+        Ok(Response::new(pb::ReportConfigStateReply {}))
     }
 
     async fn report_usage(
@@ -545,8 +584,9 @@ fn key_id(hash: &[u8; 32]) -> String {
 
 /// The calls a data-plane token may make: what a remote data plane needs, nothing that
 /// changes configuration, budgets or keys.
-const DATA_PLANE_CALLS: [&str; 6] = [
+const DATA_PLANE_CALLS: [&str; 7] = [
     "WatchSnapshots",
+    "ReportConfigState",
     "ReportUsage",
     "LeaseBudget",
     "LeaseRate",

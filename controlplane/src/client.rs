@@ -143,6 +143,9 @@ async fn call(admin: &Admin, command: Command) -> Result<String, String> {
                 let state = if b.healthy { "up" } else { "down" };
                 let _ = writeln!(out, "backend {}: {state}, {} in flight", b.name, b.inflight);
             }
+            for dp in &s.data_planes {
+                render_data_plane(&mut out, dp, s.config_version);
+            }
         }
         Command::Spend { service, day } => {
             let r = client
@@ -240,7 +243,24 @@ async fn call(admin: &Admin, command: Command) -> Result<String, String> {
                     r.errors.join("\n")
                 ));
             }
-            let _ = writeln!(out, "applied: config version {} in effect", r.version);
+            let mut planes = String::new();
+            let mut refused = false;
+            for dp in &r.data_planes {
+                refused |= render_data_plane(&mut planes, dp, r.version);
+            }
+            if refused {
+                // Not in effect everywhere: a failure for scripts, with what did happen.
+                return Err(format!(
+                    "config version {} is applied, but not every data plane took it:\n{}",
+                    r.version,
+                    planes.trim_end()
+                ));
+            }
+            let _ = write!(
+                out,
+                "applied: config version {} in effect\n{planes}",
+                r.version
+            );
         }
         Command::CreateKey {
             service,
@@ -298,6 +318,37 @@ async fn call(admin: &Admin, command: Command) -> Result<String, String> {
         }
     }
     Ok(out)
+}
+
+/// One line (and its errors) on a remote data plane's config against `version`, the control
+/// plane's; returns whether it refused that version.
+fn render_data_plane(out: &mut String, dp: &pb::DataPlaneConfig, version: u64) -> bool {
+    let who = format!("data plane `{}` ({})", dp.data_plane, dp.instance);
+    let serves = match dp.in_effect {
+        0 => "has not said which version it serves".to_string(),
+        v => format!("serves version {v}"),
+    };
+    if dp.in_effect >= version {
+        let _ = write!(out, "{who}: {serves}");
+        if !dp.restart_needed.is_empty() {
+            let _ = write!(
+                out,
+                "; {} take effect when it restarts",
+                dp.restart_needed.join(", ")
+            );
+        }
+        let _ = writeln!(out);
+        return false;
+    }
+    if dp.refused < version {
+        let _ = writeln!(out, "{who}: {serves}; no answer on version {version} yet");
+        return false;
+    }
+    let _ = writeln!(out, "{who}: {serves}; refused version {}:", dp.refused);
+    for e in &dp.errors {
+        let _ = writeln!(out, "  {e}");
+    }
+    true
 }
 
 fn render_budgets(out: &mut String, r: pb::GetBudgetsReply) {

@@ -6,11 +6,13 @@
 //!
 //! Layout: `configs` (live configuration), `ledger` (spend), `metrics` (Prometheus), `store`
 //! (persistence), `api` (gRPC control API and `/metrics`), `client` (the CLI's side of the API),
-//! `remote` (a data plane in its own process, following a control plane elsewhere).
+//! `remote` (a data plane in its own process, following a control plane elsewhere),
+//! `followers` (the control plane's view of those data planes' configs).
 
 pub mod api;
 pub mod client;
 pub mod configs;
+pub mod followers;
 pub mod ledger;
 pub mod metrics;
 pub mod remote;
@@ -56,6 +58,8 @@ pub struct ControlPlane {
     pub local: Option<DataPlane>,
     started: Instant,
     remotes: Mutex<Remotes>,
+    /// The remote data planes following the config, with the versions they report.
+    pub followers: Arc<followers::Followers>,
     flushing: Mutex<()>,
     /// Held while the budget book changes (an API-set budget written to the store and put in
     /// force, a config's limits, a new day), so changes reach the store and the book in the
@@ -208,6 +212,7 @@ impl ControlPlane {
         }
         stats.budget_rejected = self.ledger.budget_rejections();
         stats.rate_limited = self.ledger.rate_limited();
+        stats.data_planes = self.followers.states();
         stats
     }
 
@@ -616,6 +621,7 @@ fn run(start: Start, local: bool, on_ready: Box<dyn FnOnce(&Ready) + '_>) -> Res
         local: dataplane,
         started: Instant::now(),
         remotes: Mutex::new(remotes),
+        followers: Default::default(),
         flushing: Mutex::default(),
         changing_budgets: Mutex::default(),
         changing_keys: Mutex::default(),
@@ -872,6 +878,7 @@ mod tests {
             local: None,
             started: Instant::now(),
             remotes: Mutex::new(remotes),
+            followers: Default::default(),
             flushing: Mutex::default(),
             changing_budgets: Mutex::default(),
             changing_keys: Mutex::default(),

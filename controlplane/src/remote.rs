@@ -29,9 +29,9 @@ const REPORT_PERIOD: Duration = Duration::from_millis(200);
 const SYNC_PERIOD: Duration = Duration::from_secs(2);
 /// How often budget pools are checked for a new lease.
 const LEASE_PERIOD: Duration = Duration::from_millis(50);
-/// How long a lease request may take before the control plane counts as not answering (its
-/// requests waiting on a grant then go on without one).
-const LEASE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a lease request or a config report may take before the control plane counts as
+/// not answering (requests waiting on a grant then go on without one).
+const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct RemoteStart {
@@ -54,6 +54,8 @@ struct Remote {
     name: String,
     /// Random per process: the control plane counts sequences per (name, instance).
     instance: String,
+    /// What it tells the control plane of its config: the version in effect, the last refused.
+    config_state: Mutex<pb::DataPlaneConfig>,
     configs: Configs,
     budgets: Arc<BudgetBook>,
     dataplane: DataPlane,
@@ -76,11 +78,12 @@ pub fn serve_data(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> i32 {
 
 async fn first_snapshot(
     client: &mut AuthedClient,
-    name: &str,
+    (name, instance): (&str, &str),
 ) -> Result<(tonic::Streaming<pb::ConfigVersion>, pb::ConfigVersion), tonic::Status> {
     let mut watch = client
         .watch_snapshots(pb::WatchSnapshotsRequest {
             data_plane: name.to_string(),
+            instance: instance.to_string(),
         })
         .await?
         .into_inner();
@@ -94,12 +97,12 @@ async fn first_snapshot(
 /// refused token is no reason to wait, and comes back as the error.
 async fn subscribe(
     client: &mut AuthedClient,
-    name: &str,
+    who: (&str, &str),
     url: &str,
 ) -> Result<(tonic::Streaming<pb::ConfigVersion>, pb::ConfigVersion), tonic::Status> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match first_snapshot(client, name).await {
+        match first_snapshot(client, who).await {
             Ok(got) => return Ok(got),
             Err(e)
                 if matches!(
@@ -125,9 +128,10 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
     let runtime = runtime()?;
     let mut client = runtime.block_on(start.control.client(true))?;
     let name = start.name;
+    let instance = crate::random_hex(8)?;
     // Nothing to serve without a first snapshot: wait for the control plane, saying why.
     let (watch, first) = runtime
-        .block_on(subscribe(&mut client, &name, &start.control.url))
+        .block_on(subscribe(&mut client, (&name, &instance), &start.control.url))
         .map_err(|e| {
             format!(
                 "the control plane at {} refuses this data plane: {} (check $SWITCHYARD_DATA_PLANE_TOKEN)",
@@ -158,9 +162,16 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
     let shutdown = Shutdown::listen(&runtime)?;
     let dataplane =
         server::start(snapshot.clone(), usage, budgets.clone(), keys).map_err(|e| e.to_string())?;
+    let config_state = Mutex::new(pb::DataPlaneConfig {
+        data_plane: name.clone(),
+        instance: instance.clone(),
+        in_effect: first.version,
+        ..Default::default()
+    });
     let remote = Arc::new(Remote {
         name,
-        instance: crate::random_hex(8)?,
+        instance,
+        config_state,
         configs,
         budgets,
         dataplane,
@@ -305,22 +316,30 @@ impl Remote {
         }
     }
 
-    /// Applies every snapshot the control plane publishes; reconnects when the stream breaks.
+    /// Applies every snapshot the control plane publishes and says how that went; reconnects
+    /// when the stream breaks.
     async fn follow(
         self: Arc<Self>,
         mut client: AuthedClient,
         url: String,
         mut watch: tonic::Streaming<pb::ConfigVersion>,
     ) {
+        self.report_config(&mut client).await;
         loop {
             match watch.message().await {
-                Ok(Some(record)) => self.apply(record),
+                Ok(Some(record)) => {
+                    if self.apply(record) {
+                        self.report_config(&mut client).await;
+                    }
+                }
                 Ok(None) | Err(_) => {
                     eprintln!("switchyard: lost the control plane; serving on config version {} and reconnecting", self.configs.current().version);
-                    match subscribe(&mut client, &self.name, &url).await {
+                    match subscribe(&mut client, (&self.name, &self.instance), &url).await {
                         Ok((w, first)) => {
                             watch = w;
                             self.apply(first);
+                            // A new stream: the control plane knows nothing of this one yet.
+                            self.report_config(&mut client).await;
                         }
                         Err(e) => {
                             eprintln!(
@@ -335,13 +354,18 @@ impl Remote {
         }
     }
 
-    fn apply(&self, record: pb::ConfigVersion) {
+    /// Puts a published config in effect here, or refuses it; returns whether that changed
+    /// what this data plane reports (not for the version already in effect).
+    fn apply(&self, record: pb::ConfigVersion) -> bool {
         if record.version == self.configs.current().version {
-            return;
+            return false;
         }
         let source = format!("control plane (version {})", record.version);
+        let mut state = self.config_state.lock().unwrap_or_else(|p| p.into_inner());
         match self.configs.follow(record.toml, &source, record.version) {
             Ok(kept) => {
+                state.in_effect = record.version;
+                state.restart_needed = kept.iter().map(|k| k.to_string()).collect();
                 let snapshot = self.configs.snapshot().load();
                 // A remote's pools hold grants: nothing to seed from spend.
                 let limits = Limits::from_settings(&snapshot.table.budgets);
@@ -359,10 +383,32 @@ impl Remote {
                     "switchyard: config version {} refused here:",
                     record.version
                 );
-                for e in errors {
+                for e in &errors {
                     eprintln!("  {e}");
                 }
+                state.refused = record.version;
+                state.errors = errors;
             }
+        }
+        true
+    }
+
+    /// Tells the control plane which config is in effect here and which was refused.
+    async fn report_config(&self, client: &mut AuthedClient) {
+        let state = self
+            .config_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match tokio::time::timeout(CALL_TIMEOUT, client.report_config_state(state)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!(
+                "switchyard: cannot tell the control plane which config is in effect: {}",
+                e.message()
+            ),
+            Err(_) => eprintln!(
+                "switchyard: cannot tell the control plane which config is in effect: no answer within {CALL_TIMEOUT:?}"
+            ),
         }
     }
 
@@ -423,7 +469,7 @@ impl Remote {
                     tokens,
                     units,
                 };
-                let asked = tokio::time::timeout(LEASE_TIMEOUT, client.lease_rate(request));
+                let asked = tokio::time::timeout(CALL_TIMEOUT, client.lease_rate(request));
                 let Ok(Ok(reply)) = asked.await else {
                     limits.stop_waiting();
                     break;
@@ -451,7 +497,7 @@ impl Remote {
                     // A request waits for this much (granted whole if the budget has it).
                     need_micros: wanted,
                 };
-                let asked = tokio::time::timeout(LEASE_TIMEOUT, client.lease_budget(request));
+                let asked = tokio::time::timeout(CALL_TIMEOUT, client.lease_budget(request));
                 let Ok(Ok(reply)) = asked.await else {
                     // Unreachable (or not answering): serve on what is held, ask again later.
                     self.budgets.stop_waiting();

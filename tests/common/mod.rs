@@ -171,9 +171,20 @@ pub fn start_router(
 /// uses the latter), and waits until the first of `listening` (its `addr`) and the others
 /// listen.
 pub fn spawn_switchyard(dir: &std::path::Path, args: &[&str], listening: &[SocketAddr]) -> Proc {
+    spawn_switchyard_with_env(dir, args, listening, &[])
+}
+
+/// `spawn_switchyard` with environment variables of its own.
+pub fn spawn_switchyard_with_env(
+    dir: &std::path::Path,
+    args: &[&str],
+    listening: &[SocketAddr],
+    env: &[(&str, &str)],
+) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)
         .current_dir(dir)
+        .envs(env.iter().copied())
         .env("SWITCHYARD_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("SWITCHYARD_DATA_PLANE_TOKEN", DATA_PLANE_TOKEN)
         .stdout(Stdio::null())
