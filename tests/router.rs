@@ -796,6 +796,67 @@ fn accept_request(backend: &TcpListener) -> std::net::TcpStream {
     upstream
 }
 
+/// A JSON chat answer saying `content`, as a backend writes it.
+fn chat_answer(content: &str) -> String {
+    let body = format!(
+        r#"{{"choices":[{{"index":0,"message":{{"role":"assistant","content":"{content}"}},"finish_reason":"stop"}}]}}"#
+    );
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn a_kept_connection_the_backend_wrote_on_while_idle_is_not_reused() {
+    let (backend, r) = router_with_hand_rolled_backend("chatty", "");
+    let addr = r.addr;
+    let ask = move |content: &'static str| {
+        std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat(content), ""))
+    };
+    let first = ask("one");
+    let mut kept = accept_request(&backend);
+    kept.write_all(chat_answer("one").as_bytes()).unwrap();
+    assert_eq!(
+        first.join().unwrap().json()["choices"][0]["message"]["content"],
+        "one"
+    );
+    // What some servers send on an idle keep-alive connection before closing it (HAProxy),
+    // or a stray answer: read as the next request's answer, it would go to another caller.
+    kept.write_all(
+        b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let second = ask("two");
+    backend.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let fresh = loop {
+        match backend.accept() {
+            Ok((conn, _)) => break Some(conn),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => break None,
+        }
+    };
+    let Some(mut fresh) = fresh else {
+        let resp = second.join().unwrap();
+        panic!(
+            "no new connection; the caller got {} {}",
+            resp.status,
+            resp.text()
+        );
+    };
+    fresh.set_nonblocking(false).unwrap();
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert!(fresh.read(&mut [0u8; 65536]).unwrap() > 0);
+    fresh.write_all(chat_answer("two").as_bytes()).unwrap();
+    let resp = second.join().unwrap();
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["choices"][0]["message"]["content"], "two");
+}
+
 #[test]
 fn a_backend_that_stops_reading_times_out_like_a_silent_one() {
     // Connections are queued (the kernel accepts them) but nothing reads them: a 16 MiB body

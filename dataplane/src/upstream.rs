@@ -13,6 +13,7 @@ use monoio::time::Sleep;
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::ToSocketAddrs;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,10 +30,37 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 pub enum Conn {
     Plain(TcpStream),
-    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
+    /// With its TCP socket's descriptor (the TLS stream does not lend its socket out).
+    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>, RawFd),
 }
 
 impl Conn {
+    fn fd(&self) -> RawFd {
+        match self {
+            Conn::Plain(s) => s.as_raw_fd(),
+            Conn::Tls(_, fd) => *fd,
+        }
+    }
+
+    /// Whether the connection is open with nothing to read, as an idle kept connection must
+    /// be before it carries a request: bytes the backend wrote while it idled (a 408 sent
+    /// before closing, a late or stray answer) would be read as that request's answer, and
+    /// one the backend closed would fail it. One non-blocking peek.
+    fn is_quiet(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: `recv` writes at most one byte into `byte`, a valid local; MSG_PEEK leaves
+        // it in the socket and MSG_DONTWAIT makes it return at once.
+        let n = unsafe {
+            libc::recv(
+                self.fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    }
+
     /// Reads more bytes after `buf`'s current contents; returns the count (0 = closed).
     pub async fn read_more(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
@@ -41,7 +69,7 @@ impl Conn {
         let len = buf.len();
         let (res, slice) = match self {
             Conn::Plain(s) => s.read(buf.slice_mut(len..)).await,
-            Conn::Tls(s) => s.read(buf.slice_mut(len..)).await,
+            Conn::Tls(s, _) => s.read(buf.slice_mut(len..)).await,
         };
         (res, slice.into_inner())
     }
@@ -52,7 +80,7 @@ impl Conn {
                 let (res, buf) = s.write_all(buf).await;
                 (res.map(|_| ()), buf)
             }
-            Conn::Tls(s) => {
+            Conn::Tls(s, _) => {
                 let (res, buf) = s.write_all(buf).await;
                 let res = match res {
                     Ok(_) => s.flush().await,
@@ -175,6 +203,7 @@ async fn connect(
                             format!("backend `{}`: bad TLS server name: {e}", b.name),
                         )
                     })?;
+                let fd = stream.as_raw_fd();
                 let tls = monoio_rustls::TlsConnector::from(tls.clone())
                     .connect(name, stream)
                     .await
@@ -187,7 +216,7 @@ async fn connect(
                             format!("TLS handshake with backend `{}` failed: {e}", b.name),
                         )
                     })?;
-                Ok(Conn::Tls(Box::new(tls)))
+                Ok(Conn::Tls(Box::new(tls), fd))
             }
         }
     };
@@ -222,7 +251,10 @@ impl Pool {
         }
         let slot = idle.get_mut(backend)?;
         close_expired(slot, Instant::now());
-        slot.pop().map(|c| c.conn)
+        // The others are closed as they are dropped.
+        std::iter::from_fn(|| slot.pop())
+            .map(|c| c.conn)
+            .find(Conn::is_quiet)
     }
 
     /// Returns a connection whose last response was read completely.
