@@ -858,6 +858,53 @@ fn a_kept_connection_the_backend_wrote_on_while_idle_is_not_reused() {
 }
 
 #[test]
+fn a_backend_that_fails_after_its_head_before_any_answer_is_failed_over() {
+    let good = sim("good", &[]);
+    let broken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let broken_url = format!("http://{}", broken.local_addr().unwrap());
+    let config = config_for(&[("broken", broken_url), ("good", good.url())], "")
+        .replace("interval_ms = 100", "interval_ms = 0");
+    let r = router_on_workers(&config, 1);
+    let addr = r.addr;
+    let heads = [
+        // A stream's head, then the connection closes before the first event.
+        (
+            r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+        ),
+        // A JSON head and a few bytes of a body it says is longer, for a cacheable request
+        // (read whole before anything is sent; others are relayed as they come).
+        (
+            r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"hi"}]}"#,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 300\r\n\r\n{\"id\":",
+        ),
+    ];
+    for (body, sent) in heads {
+        let client = std::thread::spawn(move || {
+            post(
+                addr,
+                "/v1/chat/completions",
+                body,
+                "x-switchyard-tier: broken\r\n",
+            )
+        });
+        let mut upstream = accept_request(&broken);
+        upstream.write_all(sent.as_bytes()).unwrap();
+        drop(upstream);
+        let resp = client.join().unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(
+            (
+                resp.header("x-switchyard-backend"),
+                resp.header("x-switchyard-attempts")
+            ),
+            (Some("good"), Some("2"))
+        );
+        assert!(!resp.text().contains("error"), "{}", resp.text());
+    }
+}
+
+#[test]
 fn a_backend_that_stops_reading_times_out_like_a_silent_one() {
     // Connections are queued (the kernel accepts them) but nothing reads them: a 16 MiB body
     // fills the socket buffers and the write to the backend can never finish.
@@ -1116,10 +1163,8 @@ fn an_answer_read_whole_that_breaks_off_is_a_502_and_still_priced() {
         (Some(502), Some(true)),
         "{e}"
     );
-    assert!(
-        e["prompt_tokens"].as_u64() > Some(0) && e["cost_micros"].as_u64() > Some(0),
-        "{e}"
-    );
+    // Nothing was answered, but the backend took the prompt: that is priced (estimated).
+    assert!(e["cost_micros"].as_u64() > Some(0), "{e}");
 }
 
 #[test]

@@ -66,6 +66,10 @@ struct Ctx<'r> {
     cache: &'static str,
     /// Cost of the original call that a cache hit replays.
     saved_micros: u64,
+    /// Estimated prompt cost of earlier attempts that a backend took and then failed without
+    /// an answer (timed out, closed, broke off before any of it was sent): providers may
+    /// bill those, so the request's cost counts them.
+    abandoned_micros: u64,
     /// Budget held for the current attempt; `log` settles it with the actual cost.
     reservation: Cell<Option<Reservation>>,
     /// The budget did not fit the routed tier, so a cheaper one answers.
@@ -86,6 +90,13 @@ impl Ctx<'_> {
     /// for a request that started before it.
     fn keep_alive(&self) -> bool {
         self.keep_alive && !self.draining.load(Relaxed)
+    }
+
+    /// A backend took this attempt's request and failed without an answer: its prompt is
+    /// counted at the attempt's price.
+    fn abandon(&mut self, price: Price) {
+        let prompt = price.cost_micros(estimate_tokens(self.prompt_chars), 0, 0);
+        self.abandoned_micros = self.abandoned_micros.saturating_add(prompt);
     }
 }
 
@@ -198,6 +209,7 @@ pub async fn handle(
         http10: head.minor_version == 0,
         cache: "",
         saved_micros: 0,
+        abandoned_micros: 0,
         reservation: Cell::new(None),
         downgraded: false,
         tier: None,
@@ -708,7 +720,7 @@ pub async fn handle(
                         // is retried above keeps them: the next target may answer the key.)
                         lead = None;
                     }
-                    return relay(
+                    let relayed = relay(
                         worker,
                         snap,
                         client,
@@ -722,8 +734,19 @@ pub async fn handle(
                         lead.take(),
                     )
                     .await;
+                    match relayed {
+                        Relayed::Done(keep_alive) => return keep_alive,
+                        Relayed::Unsent(e, kept_lead) => {
+                            ctx.abandon(t.price);
+                            lead = kept_lead;
+                            last_error = Some(e);
+                        }
+                    }
                 }
                 Some(Err(e)) => {
+                    if written.get().is_some() {
+                        ctx.abandon(t.price);
+                    }
                     let verdict = if e.kind.retry() == Retry::Yes {
                         Verdict::Failure
                     } else {
@@ -1472,8 +1495,17 @@ impl Cut {
     }
 }
 
+/// How a relay ended.
+enum Relayed<'f> {
+    /// The caller was answered (in full or not); whether its connection stays open.
+    Done(bool),
+    /// The backend failed after its head, before any of the answer reached the caller or the
+    /// request's followers: another target may still answer. The lead comes back for it.
+    Unsent(AttemptError, Option<Lead<'f>>),
+}
+
 #[allow(clippy::too_many_arguments)]
-async fn relay(
+async fn relay<'f>(
     worker: &Worker,
     snap: &Snapshot,
     client: &mut Client,
@@ -1485,8 +1517,8 @@ async fn relay(
     client_minor_version: u8,
     mut store: Option<Store>,
     // Held while fetching a cacheable answer others wait for: a stream is passed on to them.
-    lead: Option<Lead<'_>>,
-) -> bool {
+    lead: Option<Lead<'f>>,
+) -> Relayed<'f> {
     let table = &snap.table;
     let t = &table.targets[target];
     let backend = &table.backends[t.backend];
@@ -1542,6 +1574,10 @@ async fn relay(
         };
         response_head(ctx, &resp.head, framing, length, tier, backend, &t.model)
     };
+    // The head waits for the first of the body: a backend that fails before sending any (a
+    // close or a stall right after its head) leaves the request free to go elsewhere.
+    let head_len = wire.len();
+    let mut published = false;
     let mut first_byte: Option<Instant> = None;
     let mut filter = sse.then(|| SseFilter::new(inject_usage));
     // Bodies passed through unframed are decoded straight into `wire`; others go via `data`.
@@ -1640,6 +1676,7 @@ async fn relay(
                         model: t.model.clone(),
                     };
                     l.publish(origin, body);
+                    published |= !body.is_empty();
                 } else {
                     l.abandon();
                 }
@@ -1711,9 +1748,10 @@ async fn relay(
         if done && framing == ClientFraming::Chunked {
             wire.extend_from_slice(codec::LAST_CHUNK);
         }
+        let head_only = first_byte.is_none() && !done && wire.len() == head_len;
         if client_gone {
             wire.clear();
-        } else if !wire.is_empty() {
+        } else if !wire.is_empty() && !head_only {
             let (res, buf) = client.write(std::mem::take(&mut wire)).await;
             wire = buf;
             wire.clear();
@@ -1730,6 +1768,13 @@ async fn relay(
             break Ok(());
         }
     };
+    if let (Err(Cut::Upstream(e)), None, false, 200..=299) =
+        (&outcome, first_byte, published, status)
+    {
+        snap.states
+            .record(t.backend, Verdict::Failure, &table.health, slot.is_probe());
+        return Relayed::Unsent(e.clone(), lead);
+    }
     let complete = outcome.is_ok();
     if let (Some(l), true) = (&lead, complete) {
         // Read to its end, cacheable or not (tool calls are not): followers get it as is.
@@ -1854,7 +1899,7 @@ async fn relay(
     );
     // A body cut short without chunked framing leaves the client unable to find the next response.
     let framed_end = !client_left && (complete || sse && framing == ClientFraming::Chunked);
-    ctx.keep_alive() && framed_end
+    Relayed::Done(ctx.keep_alive() && framed_end)
 }
 
 /// The final event of a stream that broke off: an OpenAI-style error object.
@@ -2126,9 +2171,11 @@ fn log(
         },
     };
     let micros = |d: Duration| d.as_micros().min(u64::MAX as u128) as u64;
-    let cost_micros = price.map_or(0, |p| {
-        p.cost_micros(tokens.prompt, tokens.cached, tokens.completion)
-    });
+    let cost_micros = price
+        .map_or(0, |p| {
+            p.cost_micros(tokens.prompt, tokens.cached, tokens.completion)
+        })
+        .saturating_add(ctx.abandoned_micros);
     if let Some(r) = ctx.reservation.take() {
         r.settle(cost_micros);
     }
@@ -2146,7 +2193,7 @@ fn log(
         prompt_tokens: tokens.prompt,
         cached_tokens: tokens.cached,
         completion_tokens: tokens.completion,
-        tokens_estimated: reached && usage.is_none(),
+        tokens_estimated: reached && usage.is_none() || ctx.abandoned_micros > 0,
         cost_micros,
         budget_downgraded: ctx.downgraded,
         refused_by: ctx.refused_by,
