@@ -1168,6 +1168,37 @@ fn an_answer_read_whole_that_breaks_off_is_a_502_and_still_priced() {
 }
 
 #[test]
+fn usage_at_the_end_of_a_large_answer_is_read() {
+    let (backend, r) = router_with_hand_rolled_backend("big", "[usage]\nlog_events = true\n");
+    let addr = r.addr;
+    let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat("hi"), ""));
+    let mut upstream = accept_request(&backend);
+    let content = "a".repeat(6 << 20);
+    let body = format!(
+        r#"{{"id":"x","choices":[{{"index":0,"message":{{"role":"assistant","content":"{content}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}}}"#
+    );
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    upstream.write_all(answer.as_bytes()).unwrap();
+    let resp = client.join().unwrap();
+    assert_eq!((resp.status, resp.body.len()), (200, body.len()));
+    let err = stop_router(r);
+    let events = usage_events(&err);
+    let e = &events[0];
+    assert_eq!(
+        (
+            e["prompt_tokens"].as_u64(),
+            e["completion_tokens"].as_u64(),
+            e["tokens_estimated"].as_bool()
+        ),
+        (Some(5), Some(7), Some(false)),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_chunked_answer_is_stored_and_served_with_its_length() {
     let (backend, r) = router_with_hand_rolled_backend("chunky", "");
     let body = r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"Extract the date: 2024-05-01"}]}"#;

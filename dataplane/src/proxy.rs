@@ -35,8 +35,10 @@ use switchyard_shared::usage::{
     UNAUTHENTICATED,
 };
 
-/// Non-streamed bodies up to this size are kept to read `usage` from; larger ones are estimated.
+/// Non-streamed bodies up to this size are kept whole to read `usage` from; of larger ones (a
+/// big batch of embeddings) only the last `USAGE_TAIL` bytes, where servers put `usage`.
 const USAGE_SCAN_LIMIT: usize = 4 * 1024 * 1024;
+const USAGE_TAIL: usize = 64 * 1024;
 /// Status recorded when the client went away before the answer was complete (nginx's 499).
 const CLIENT_CLOSED: u16 = 499;
 
@@ -1691,8 +1693,11 @@ async fn relay<'f>(
             if resp.body.is_done() && kept.is_empty() {
                 // The whole body is here at once (the usual case): read usage in place.
                 body_usage = parse_usage(body);
-            } else if kept.len() + body.len() <= USAGE_SCAN_LIMIT {
+            } else {
                 kept.extend_from_slice(body);
+                if kept.len() > USAGE_SCAN_LIMIT {
+                    kept.drain(..kept.len() - USAGE_TAIL);
+                }
             }
             if !raw_passthrough {
                 frame(&mut wire, framing, &data);
