@@ -905,6 +905,37 @@ fn a_backend_that_fails_after_its_head_before_any_answer_is_failed_over() {
 }
 
 #[test]
+fn a_request_the_backend_acknowledged_is_not_resent_when_it_closes() {
+    let (backend, r) = router_with_hand_rolled_backend("interim", "");
+    let addr = r.addr;
+    let ask =
+        move || std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat("hi"), ""));
+    let first = ask();
+    let mut kept = accept_request(&backend);
+    kept.write_all(chat_answer("one").as_bytes()).unwrap();
+    assert_eq!(first.join().unwrap().status, 200);
+    // On the kept connection: the request read, a 100 Continue, then the backend goes away.
+    // It has the request, so sending it again would run it twice.
+    let second = ask();
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(kept.read(&mut [0u8; 65536]).unwrap() > 0);
+    kept.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
+    drop(kept);
+    let resp = second.join().unwrap();
+    let e = resp.error(502);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("after taking the request"),
+        "{}",
+        resp.text()
+    );
+    backend.set_nonblocking(true).unwrap();
+    assert!(backend.accept().is_err(), "the request was sent again");
+}
+
+#[test]
 fn a_backend_that_stops_reading_times_out_like_a_silent_one() {
     // Connections are queued (the kernel accepts them) but nothing reads them: a 16 MiB body
     // fills the socket buffers and the write to the backend can never finish.

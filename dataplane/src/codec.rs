@@ -345,14 +345,15 @@ pub fn parse_response(
     let len = match httparse::ParserConfig::default()
         .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
     {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
+        Ok(httparse::Status::Complete(n)) if n <= MAX_RESPONSE_HEAD => n,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => return Ok(None),
+        // Complete or not, past the limit (one read can bring a whole head of any size).
+        Ok(_) => {
             return Err(err(
                 ErrorKind::UpstreamProtocol,
                 "upstream response head too large",
             ))
         }
-        Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => {
             return Err(err(
                 ErrorKind::UpstreamProtocol,
@@ -361,6 +362,13 @@ pub fn parse_response(
         }
     };
     let status = resp.code.unwrap_or(0);
+    // httparse takes any three digits; a client may take none outside these (RFC 9110 15).
+    if !(100..=599).contains(&status) {
+        return Err(err(
+            ErrorKind::UpstreamProtocol,
+            "upstream response status is not a valid HTTP status (100-599)",
+        ));
+    }
     let minor_version = resp.version.unwrap_or(1);
     let f = framing(resp.headers, minor_version).map_err(|e| CodecError {
         kind: ErrorKind::UpstreamProtocol,
@@ -908,6 +916,18 @@ mod tests {
                 .kind,
             ErrorKind::UpstreamProtocol
         );
+        // Three digits, but no HTTP status.
+        for status in ["099", "600", "999"] {
+            let raw = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
+            assert!(parse_response(raw.as_bytes(), false).is_err(), "{status}");
+        }
+        // A head over the limit that arrived whole in one read.
+        let big = format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\nContent-Length: 0\r\n\r\n",
+            "a".repeat(MAX_RESPONSE_HEAD)
+        );
+        let e = parse_response(big.as_bytes(), false).unwrap_err();
+        assert_eq!(e.message, "upstream response head too large");
     }
 
     #[test]

@@ -401,6 +401,8 @@ async fn send_on(
         (sent + backend.first_byte_timeout).into()
     ));
     let mut buf = Vec::with_capacity(READ_CHUNK);
+    // An interim response (100 Continue, 103 Early Hints) came: the backend has the request.
+    let mut interim = false;
     loop {
         let read = monoio::select! {
             biased;
@@ -425,9 +427,10 @@ async fn send_on(
         match res {
             Ok(0) | Err(_) if buf.is_empty() => {
                 // At once: a kept connection the backend had closed (resent on a fresh one).
-                // Later: the backend took the request and went away (crashed, restarted).
+                // Later, or after an interim response (it read the request): the backend took
+                // the request and went away (crashed, restarted).
                 let waited = sent.elapsed();
-                let stale = waited < STALE_WINDOW;
+                let stale = waited < STALE_WINDOW && !interim;
                 let (kind, msg) = if stale {
                     let msg = format!(
                         "backend `{}` closed the connection before responding",
@@ -463,6 +466,7 @@ async fn send_on(
                 Ok(None) => break,
                 Ok(Some((head, n))) if (100..200).contains(&head.status) => {
                     buf.drain(..n);
+                    interim = true;
                 }
                 Ok(Some((head, n))) => {
                     buf.drain(..n);
