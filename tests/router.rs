@@ -902,6 +902,13 @@ fn a_backend_that_fails_after_its_head_before_any_answer_is_failed_over() {
         );
         assert!(!resp.text().contains("error"), "{}", resp.text());
     }
+    // The operator is told why (once a second per backend: the second failure came sooner).
+    let err = stop_router(r);
+    assert!(
+        err.contains("attempt on backend `broken` failed (request ")
+            && err.contains("closed the connection mid-response"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -38,7 +38,7 @@ pub struct BackendState {
 
 /// A line on stderr about a backend's state. Not `eprintln!`, which panics when stderr is
 /// gone: health checks run outside any connection's handler, where a panic ends the process.
-fn log(line: std::fmt::Arguments<'_>) {
+pub(crate) fn log(line: std::fmt::Arguments<'_>) {
     let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("switchyard: {line}\n"));
 }
 

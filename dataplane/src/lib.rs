@@ -7,7 +7,8 @@
 //! (connections and pool), `health` (active checks), `server` (workers), `snapshot`, `usage`,
 //! `cache` and `coalesce` (response cache), `budget` (daily budgets: leases and reservations), `auth` (API keys),
 //! `ratelimit` (requests and tokens per minute), `services` (the bound on caller-named services),
-//! `resolve` (backend names looked up off the workers), `panics` (what a panic ends).
+//! `resolve` (backend names looked up off the workers), `panics` (what a panic ends),
+//! `failures` (log lines for failed upstream attempts).
 
 pub mod auth;
 pub mod balancer;
@@ -16,6 +17,7 @@ pub mod cache;
 pub mod coalesce;
 pub mod codec;
 pub mod conn;
+pub mod failures;
 pub mod health;
 pub mod panics;
 pub mod proxy;

@@ -706,9 +706,13 @@ pub async fn handle(
                                 }
                                 None => plan_groups.clone().any(|(_, ids)| untried(ids)),
                             };
+                        let message =
+                            format!("backend `{}` answered {}", backend.name, resp.head.status);
+                        let at = (t.backend, &*backend.name);
+                        worker
+                            .failures
+                            .failed(table.version, at, ctx.request_id, &message);
                         if ctx.attempts < table.max_attempts && untried_left {
-                            let message =
-                                format!("backend `{}` answered {}", backend.name, resp.head.status);
                             last_error = Some(AttemptError {
                                 kind: ErrorKind::UpstreamStatus,
                                 message,
@@ -740,6 +744,10 @@ pub async fn handle(
                         Relayed::Done(keep_alive) => return keep_alive,
                         Relayed::Unsent(e, kept_lead) => {
                             ctx.abandon(t.price);
+                            let at = (t.backend, &*backend.name);
+                            worker
+                                .failures
+                                .failed(table.version, at, ctx.request_id, &e.message);
                             lead = kept_lead;
                             last_error = Some(e);
                         }
@@ -749,6 +757,10 @@ pub async fn handle(
                     if written.get().is_some() {
                         ctx.abandon(t.price);
                     }
+                    let at = (t.backend, &*backend.name);
+                    worker
+                        .failures
+                        .failed(table.version, at, ctx.request_id, &e.message);
                     let verdict = if e.kind.retry() == Retry::Yes {
                         Verdict::Failure
                     } else {
@@ -1813,6 +1825,12 @@ async fn relay<'f>(
     }
     let mut client_left = client_gone || matches!(outcome, Err(Cut::ClientLeft));
     let failed = outcome.as_ref().err().and_then(Cut::error);
+    if let Err(Cut::Upstream(e)) = &outcome {
+        let at = (t.backend, &*backend.name);
+        worker
+            .failures
+            .failed(table.version, at, ctx.request_id, &e.message);
+    }
     if let (Some(e), Some(_), false) = (failed, &filter, client_left) {
         // The head (200) is gone already: the error travels as a final SSE event, and the
         // chunked body still ends cleanly.

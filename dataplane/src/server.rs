@@ -87,6 +87,7 @@ pub struct Worker {
     pub limits: crate::ratelimit::WorkerLimits,
     pub service_names: crate::services::WorkerServiceNames,
     pub connections: crate::conn::OpenConnections,
+    pub failures: crate::failures::FailureLog,
     seq: Cell<u64>,
     cache: RefCell<arc_swap::Cache<SharedSnapshot, Arc<Snapshot>>>,
 }
@@ -258,6 +259,7 @@ pub fn start(
                     limits: Default::default(),
                     service_names: Default::default(),
                     connections: Default::default(),
+                    failures: Default::default(),
                     seq: Cell::new(first_sequence()),
                 });
                 let result = if use_uring {
