@@ -1543,10 +1543,11 @@ async fn relay<'f>(
     }
     // Larger answers are relayed as they arrive and not stored.
     let max_entry = table.cache.max_entry_bytes;
-    let sse = resp
-        .head
-        .header("content-type")
-        .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"));
+    let sse = match resp.head.header("content-type") {
+        Some(v) => v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"),
+        // A stream asked for and answered without a type (some servers leave it out).
+        None => ctx.streamed && status == 200,
+    };
     // A cacheable 200 is read whole before anything is sent, so that `x-switchyard-cache` can
     // say truthfully whether it was stored. A chunked one is answered with its length then
     // (unless it outgrows what may be stored: then it is relayed on as it comes).

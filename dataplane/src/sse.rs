@@ -63,7 +63,8 @@ impl SseFilter {
         // An event that does not end is passed on as it is rather than held without bound;
         // the filter only misses what it would have read in it.
         if self.pending.len() > MAX_PENDING_EVENT {
-            self.finish(out);
+            out.append(&mut self.pending);
+            self.reset_line();
         }
     }
 
@@ -108,9 +109,17 @@ impl SseFilter {
         (event_start, line_start)
     }
 
-    /// Bytes of an unterminated last event, passed on as-is when the body ends.
+    /// The body ended: an unterminated last event is read like the others and passed on as
+    /// it is (clients differ on whether they take it).
     pub fn finish(&mut self, out: &mut Vec<u8>) {
-        out.append(&mut self.pending);
+        let last = std::mem::take(&mut self.pending);
+        if self.keep_event(&last) {
+            out.extend_from_slice(&last);
+        }
+        self.reset_line();
+    }
+
+    fn reset_line(&mut self) {
         self.line_start = 0;
         self.scanned = 0;
         self.after_cr = false;
@@ -119,10 +128,23 @@ impl SseFilter {
     fn keep_event(&mut self, event: &[u8]) -> bool {
         let mut keep = true;
         let mut data_lines = 0;
-        let mut rest = event;
-        while let Some(end) = memchr::memchr2(b'\n', b'\r', rest) {
-            let line = &rest[..end];
-            rest = &rest[end + 1..];
+        // Line ends are LF, CR or CRLF (the LF of a CRLF then yields an empty line); the last
+        // line of an unterminated event has none.
+        let mut rest = Some(event);
+        let lines = std::iter::from_fn(|| {
+            let r = rest?;
+            match memchr::memchr2(b'\n', b'\r', r) {
+                Some(end) => {
+                    rest = Some(&r[end + 1..]);
+                    Some(&r[..end])
+                }
+                None => {
+                    rest = None;
+                    Some(r)
+                }
+            }
+        });
+        for line in lines {
             let Some(data) = line.strip_prefix(b"data:") else {
                 continue;
             };
@@ -332,6 +354,25 @@ data: [DONE]\n\n";
         assert_eq!(out, b"data: {\"a\":1}\r\r");
         f.feed(b"\n", &mut out);
         assert_eq!(out, b"data: {\"a\":1}\r\r\ndata: {\"b\":2}\n\n");
+    }
+
+    #[test]
+    fn an_unterminated_last_event_is_read_like_the_others() {
+        let stream: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n\
+data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}";
+        for hide in [true, false] {
+            let mut f = SseFilter::new(hide);
+            let mut out = Vec::new();
+            f.feed(stream, &mut out);
+            f.finish(&mut out);
+            assert_eq!(f.usage.unwrap().prompt, 3);
+            assert_eq!(
+                out.ends_with(b"}}"),
+                !hide,
+                "{}",
+                String::from_utf8_lossy(&out)
+            );
+        }
     }
 
     #[test]
