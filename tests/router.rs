@@ -1206,6 +1206,36 @@ fn an_answer_read_whole_that_breaks_off_is_a_502_and_still_priced() {
 }
 
 #[test]
+fn a_backend_can_be_left_unasked_for_stream_usage() {
+    for (settings, asked) in [("", true), ("stream_usage = false", false)] {
+        let (backend, r) = router_with_hand_rolled_backend_settings("strict", settings, "");
+        let addr = r.addr;
+        let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
+        let (mut upstream, _) = backend.accept().unwrap();
+        upstream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut request = Vec::new();
+        while !request.ends_with(b"}") {
+            let mut buf = [0u8; 65536];
+            let n = upstream.read(&mut buf).unwrap();
+            assert!(n > 0);
+            request.extend_from_slice(&buf[..n]);
+        }
+        let request = String::from_utf8_lossy(&request).into_owned();
+        assert_eq!(request.contains("include_usage"), asked, "{request}");
+        let events = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{events}",
+            events.len()
+        );
+        upstream.write_all(answer.as_bytes()).unwrap();
+        assert_eq!(client.join().unwrap().status, 200);
+    }
+}
+
+#[test]
 fn a_stream_answered_without_a_content_type_is_filtered_as_a_stream() {
     let (backend, r) = router_with_hand_rolled_backend("untyped", "[usage]\nlog_events = true\n");
     let addr = r.addr;

@@ -589,8 +589,11 @@ pub async fn handle(
             ctx.last_target = Some(target);
             ctx.attempts += 1;
             let backend = &table.backends[t.backend];
+            // A usage chunk is hidden from a caller who did not ask for it whether or not
+            // this backend is asked for one (some send it anyway).
+            let ask_usage = inject_usage && backend.stream_usage;
             let request = upstream_request(head, backend, ctx.request_id, |out| {
-                view.rewrite_into(out, body, &t.model, inject_usage)
+                view.rewrite_into(out, body, &t.model, ask_usage)
             });
             let written = std::cell::Cell::new(None);
             // Pinned here so that watching the client moves a pointer, not the whole exchange.

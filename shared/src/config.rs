@@ -367,6 +367,15 @@ pub struct BackendFile {
     /// PEM file of extra CA certificates to trust for this https backend (an internal CA),
     /// on top of the public web PKI roots.
     pub tls_ca_file: Option<String>,
+    /// Ask for `stream_options.include_usage` on streams whose caller did not (for their
+    /// token counts); off for a server that refuses unknown fields (its streams' tokens are
+    /// then estimated).
+    #[serde(default = "default_stream_usage")]
+    pub stream_usage: bool,
+}
+
+fn default_stream_usage() -> bool {
+    true
 }
 
 fn default_max_concurrency() -> u32 {
@@ -776,6 +785,7 @@ fn build(
             idle_timeout: Duration::from_millis(b.idle_timeout_ms),
             health_path: b.health_path.clone(),
             tls_ca_file: b.tls_ca_file.clone(),
+            stream_usage: b.stream_usage,
         });
     }
     let find_target = |spec: &str| -> Result<usize, String> {

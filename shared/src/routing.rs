@@ -150,6 +150,8 @@ pub struct Backend {
     pub health_path: String,
     /// Extra CA certificates (PEM) trusted for this backend.
     pub tls_ca_file: Option<String>,
+    /// Streams whose caller did not ask for usage ask for it here (see `BackendFile`).
+    pub stream_usage: bool,
 }
 
 impl fmt::Debug for Backend {
