@@ -862,8 +862,10 @@ fn a_backend_that_fails_after_its_head_before_any_answer_is_failed_over() {
     let good = sim("good", &[]);
     let broken = TcpListener::bind("127.0.0.1:0").unwrap();
     let broken_url = format!("http://{}", broken.local_addr().unwrap());
+    // Not ejected after two failures: every case goes to `broken` first.
     let config = config_for(&[("broken", broken_url), ("good", good.url())], "")
-        .replace("interval_ms = 100", "interval_ms = 0");
+        .replace("interval_ms = 100", "interval_ms = 0")
+        .replace("eject_after_failures = 2", "eject_after_failures = 1000");
     let r = router_on_workers(&config, 1);
     let addr = r.addr;
     let heads = [
@@ -871,6 +873,11 @@ fn a_backend_that_fails_after_its_head_before_any_answer_is_failed_over() {
         (
             r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+        ),
+        // The same for a cacheable stream, with half an event (nobody follows it yet).
+        (
+            r#"{"model":"auto","stream":true,"temperature":0,"messages":[{"role":"user","content":"hi"}]}"#,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n8\r\ndata: {\"\r\n",
         ),
         // A JSON head and a few bytes of a body it says is longer, for a cacheable request
         // (read whole before anything is sent; others are relayed as they come).
@@ -1201,16 +1208,20 @@ fn an_answer_read_whole_that_breaks_off_is_a_502_and_still_priced() {
         (Some(502), Some(true)),
         "{e}"
     );
-    // Nothing was answered, but the backend took the prompt: that is priced (estimated).
-    assert!(e["cost_micros"].as_u64() > Some(0), "{e}");
+    // Nothing was answered, but the backend took the prompt: that is counted (estimated).
+    assert!(
+        e["prompt_tokens"].as_u64() > Some(0) && e["cost_micros"].as_u64() > Some(0),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_backend_can_be_left_unasked_for_stream_usage() {
     for (settings, asked) in [("", true), ("stream_usage = false", false)] {
-        let (backend, r) = router_with_hand_rolled_backend_settings("strict", settings, "");
+        let extra = "[usage]\nlog_events = true\n";
+        let (backend, r) = router_with_hand_rolled_backend_settings("strict", settings, extra);
         let addr = r.addr;
-        let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let body = r#"{"model":"auto","stream":true,"temperature":0,"messages":[{"role":"user","content":"hi"}]}"#;
         let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
         let (mut upstream, _) = backend.accept().unwrap();
         upstream
@@ -1232,6 +1243,11 @@ fn a_backend_can_be_left_unasked_for_stream_usage() {
         );
         upstream.write_all(answer.as_bytes()).unwrap();
         assert_eq!(client.join().unwrap().status, 200);
+        // A stream without the usage chunk could not serve a caller who asks for one: it
+        // is not stored.
+        let err = stop_router(r);
+        let stored = if asked { "stored" } else { "miss" };
+        assert_eq!(usage_events(&err)[0]["cache"], stored, "{err}");
     }
 }
 

@@ -60,6 +60,13 @@ impl Followers {
     /// A data plane opened its snapshot stream.
     pub fn join(self: &Arc<Self>, data_plane: String, instance: String) -> Following {
         let stream = self.streams.fetch_add(1, Relaxed);
+        // One that names no instance (an older build) is told apart by its stream; it never
+        // reports, so it is listed but not waited for.
+        let instance = if instance.is_empty() {
+            format!("stream {stream}")
+        } else {
+            instance
+        };
         let key = (data_plane, instance);
         let state = pb::DataPlaneConfig {
             data_plane: key.0.clone(),
@@ -92,14 +99,17 @@ impl Followers {
         self.lock().values().map(|e| e.state.clone()).collect()
     }
 
-    /// Waits until every follower has put `version` (or a later one) in effect or refused it,
-    /// for at most `within`; returns the states as they are then.
+    /// Waits until every follower that has reported has put `version` (or a later one) in
+    /// effect or refused it, for at most `within`; returns the states as they are then.
     pub async fn settle(&self, version: u64, within: Duration) -> Vec<pb::DataPlaneConfig> {
         let deadline = tokio::time::Instant::now() + within;
         let mut changes = self.changed.subscribe();
         loop {
             let states = self.states();
-            if states.iter().all(|s| answered(s, version)) {
+            if states
+                .iter()
+                .all(|s| s.in_effect == 0 || answered(s, version))
+            {
                 return states;
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {

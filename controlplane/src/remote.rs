@@ -12,7 +12,7 @@ use crate::client::{Admin, AuthedClient};
 use crate::configs::{Configs, Overrides};
 use crate::{drain_on_signal, runtime, Ready, Shutdown};
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchyard_dataplane::auth::{KeyGrant, KeyTable};
@@ -56,6 +56,8 @@ struct Remote {
     instance: String,
     /// What it tells the control plane of its config: the version in effect, the last refused.
     config_state: Mutex<pb::DataPlaneConfig>,
+    /// The last report of it failed.
+    config_unreported: AtomicBool,
     configs: Configs,
     budgets: Arc<BudgetBook>,
     dataplane: DataPlane,
@@ -172,6 +174,7 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
         name,
         instance,
         config_state,
+        config_unreported: AtomicBool::new(false),
         configs,
         budgets,
         dataplane,
@@ -366,6 +369,11 @@ impl Remote {
             Ok(kept) => {
                 state.in_effect = record.version;
                 state.restart_needed = kept.iter().map(|k| k.to_string()).collect();
+                if state.refused < record.version {
+                    // A refusal of an older version is no longer news.
+                    state.refused = 0;
+                    state.errors.clear();
+                }
                 let snapshot = self.configs.snapshot().load();
                 // A remote's pools hold grants: nothing to seed from spend.
                 let limits = Limits::from_settings(&snapshot.table.budgets);
@@ -393,28 +401,33 @@ impl Remote {
         true
     }
 
-    /// Tells the control plane which config is in effect here and which was refused.
+    /// Tells the control plane which config is in effect here and which was refused; one
+    /// that fails is sent again with the next sync.
     async fn report_config(&self, client: &mut AuthedClient) {
         let state = self
             .config_state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        match tokio::time::timeout(CALL_TIMEOUT, client.report_config_state(state)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => eprintln!(
-                "switchyard: cannot tell the control plane which config is in effect: {}",
-                e.message()
-            ),
-            Err(_) => eprintln!(
-                "switchyard: cannot tell the control plane which config is in effect: no answer within {CALL_TIMEOUT:?}"
-            ),
+        let failed =
+            match tokio::time::timeout(CALL_TIMEOUT, client.report_config_state(state)).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.message().to_string()),
+                Err(_) => Some(format!("no answer within {CALL_TIMEOUT:?}")),
+            };
+        // Said once until it works again.
+        if let (Some(why), false) = (&failed, self.config_unreported.load(Relaxed)) {
+            eprintln!("switchyard: cannot tell the control plane which config is in effect: {why}");
         }
+        self.config_unreported.store(failed.is_some(), Relaxed);
     }
 
     /// API keys and API-set budgets, and the budget day.
     async fn sync(self: Arc<Self>, mut client: AuthedClient) {
         loop {
+            if self.config_unreported.load(Relaxed) {
+                self.report_config(&mut client).await;
+            }
             if let Ok(keys) = fetch_keys(&mut client).await {
                 self.dataplane.shared.keys.store(Arc::new(keys));
             }

@@ -39,6 +39,8 @@ struct Stream {
     complete: bool,
     /// Not passed on (too large to keep with nobody following): waiters go on their own.
     abandoned: bool,
+    /// A follower has taken some of the bytes: the stream can no longer start over.
+    taken: bool,
 }
 
 /// The tier, backend and model a followed stream comes from.
@@ -67,6 +69,17 @@ impl Lead<'_> {
         let mut s = lock(&self.flight.stream);
         s.origin.get_or_insert_with(origin);
         s.bytes.extend_from_slice(bytes);
+    }
+
+    /// Forgets what was passed on of a stream that failed, for another backend's answer to
+    /// take its place; refused (false) once a follower has taken some of it.
+    pub fn restart(&self) -> bool {
+        let mut s = lock(&self.flight.stream);
+        if s.taken {
+            return false;
+        }
+        *s = Stream::default();
+        true
     }
 
     /// The streamed answer was read to its end (else followers get an error event).
@@ -146,8 +159,10 @@ impl Waiter {
     pub fn read(&self, from: usize, out: &mut Vec<u8>) -> Progress {
         // Looked at before the bytes: once done, every byte is there.
         let done = self.is_done();
-        let s = lock(&self.0.stream);
-        out.extend_from_slice(s.bytes.get(from..).unwrap_or_default());
+        let mut s = lock(&self.0.stream);
+        let new = s.bytes.get(from..).unwrap_or_default();
+        out.extend_from_slice(new);
+        s.taken |= !new.is_empty();
         Progress {
             done,
             complete: s.complete,
@@ -231,10 +246,36 @@ mod tests {
         let p = follower.read(seen.len(), &mut seen);
         assert_eq!(seen, b"data: 1\n\ndata: 2\n\n");
         assert_eq!(&*p.origin.unwrap().backend, "b");
+        assert!(!lead.restart(), "a follower has some of it");
         lead.complete();
         drop(lead);
         let p = follower.read(seen.len(), &mut seen);
         assert!(p.done && p.complete);
         assert_eq!(seen.len(), 18, "nothing twice");
+    }
+
+    #[test]
+    fn a_stream_nobody_took_any_of_starts_over() {
+        let flights = Flights::default();
+        let Role::Lead(lead) = flights.join(b"k") else {
+            panic!("first caller leads")
+        };
+        let Role::Wait(follower) = flights.join(b"k") else {
+            panic!("second caller waits")
+        };
+        let origin = |backend: &str| Origin {
+            tier: None,
+            backend: backend.into(),
+            model: "m".into(),
+        };
+        lead.publish(|| origin("failed"), b"data: 1");
+        assert!(lead.restart() && !follower.started());
+        lead.publish(|| origin("good"), b"data: 2\n\n");
+        let mut seen = Vec::new();
+        let p = follower.read(0, &mut seen);
+        assert_eq!(
+            (seen.as_slice(), &*p.origin.unwrap().backend),
+            (&b"data: 2\n\n"[..], "good")
+        );
     }
 }

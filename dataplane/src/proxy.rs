@@ -68,9 +68,10 @@ struct Ctx<'r> {
     cache: &'static str,
     /// Cost of the original call that a cache hit replays.
     saved_micros: u64,
-    /// Estimated prompt cost of earlier attempts that a backend took and then failed without
-    /// an answer (timed out, closed, broke off before any of it was sent): providers may
-    /// bill those, so the request's cost counts them.
+    /// Estimated prompt tokens and cost of earlier attempts that a backend took and then
+    /// failed without an answer (timed out, closed, broke off before any of it was sent):
+    /// providers may bill those, so the request's tokens and cost count them.
+    abandoned_tokens: u64,
     abandoned_micros: u64,
     /// Budget held for the current attempt; `log` settles it with the actual cost.
     reservation: Cell<Option<Reservation>>,
@@ -95,10 +96,15 @@ impl Ctx<'_> {
     }
 
     /// A backend took this attempt's request and failed without an answer: its prompt is
-    /// counted at the attempt's price.
+    /// counted at the attempt's price, and settled now against the attempt's reservation.
     fn abandon(&mut self, price: Price) {
-        let prompt = price.cost_micros(estimate_tokens(self.prompt_chars), 0, 0);
-        self.abandoned_micros = self.abandoned_micros.saturating_add(prompt);
+        let tokens = estimate_tokens(self.prompt_chars);
+        let micros = price.cost_micros(tokens, 0, 0);
+        if let Some(r) = self.reservation.take() {
+            r.settle(micros);
+        }
+        self.abandoned_tokens = self.abandoned_tokens.saturating_add(tokens);
+        self.abandoned_micros = self.abandoned_micros.saturating_add(micros);
     }
 }
 
@@ -211,6 +217,7 @@ pub async fn handle(
         http10: head.minor_version == 0,
         cache: "",
         saved_micros: 0,
+        abandoned_tokens: 0,
         abandoned_micros: 0,
         reservation: Cell::new(None),
         downgraded: false,
@@ -1534,15 +1541,22 @@ async fn relay<'f>(
     client_minor_version: u8,
     mut store: Option<Store>,
     // Held while fetching a cacheable answer others wait for: a stream is passed on to them.
-    lead: Option<Lead<'f>>,
+    mut lead: Option<Lead<'f>>,
 ) -> Relayed<'f> {
     let table = &snap.table;
     let t = &table.targets[target];
     let backend = &table.backends[t.backend];
     let status = resp.head.status;
-    if status != 429 && status < 500 {
-        snap.states
-            .probe_answered(t.backend, &mut slot, &table.health);
+    // A half-open probe is answered once some of the answer goes out: a backend that fails
+    // right after its head has not answered it.
+    let answers_probe = status != 429 && status < 500;
+    if inject_usage && !backend.stream_usage {
+        // Its stream has no usage chunk (the backend is not asked for one): it cannot serve
+        // a caller who wants one, from the cache or by following it.
+        if store.take().is_some() {
+            ctx.cache = "miss";
+        }
+        lead = None;
     }
     // Larger answers are relayed as they arrive and not stored.
     let max_entry = table.cache.max_entry_bytes;
@@ -1595,7 +1609,6 @@ async fn relay<'f>(
     // The head waits for the first of the body: a backend that fails before sending any (a
     // close or a stall right after its head) leaves the request free to go elsewhere.
     let head_len = wire.len();
-    let mut published = false;
     let mut first_byte: Option<Instant> = None;
     let mut filter = sse.then(|| SseFilter::new(inject_usage));
     // Bodies passed through unframed are decoded straight into `wire`; others go via `data`.
@@ -1693,8 +1706,9 @@ async fn relay<'f>(
                         backend: backend.name.clone(),
                         model: t.model.clone(),
                     };
-                    l.publish(origin, body);
-                    published |= !body.is_empty();
+                    if !body.is_empty() {
+                        l.publish(origin, body);
+                    }
                 } else {
                     l.abandon();
                 }
@@ -1773,6 +1787,10 @@ async fn relay<'f>(
         if client_gone {
             wire.clear();
         } else if !wire.is_empty() && !head_only {
+            if first_byte.is_none() && answers_probe {
+                snap.states
+                    .probe_answered(t.backend, &mut slot, &table.health);
+            }
             let (res, buf) = client.write(std::mem::take(&mut wire)).await;
             wire = buf;
             wire.clear();
@@ -1789,12 +1807,13 @@ async fn relay<'f>(
             break Ok(());
         }
     };
-    if let (Err(Cut::Upstream(e)), None, false, 200..=299) =
-        (&outcome, first_byte, published, status)
-    {
-        snap.states
-            .record(t.backend, Verdict::Failure, &table.health, slot.is_probe());
-        return Relayed::Unsent(e.clone(), lead);
+    // Unsent: retried elsewhere unless followers took some of it already.
+    if let (Err(Cut::Upstream(e)), None, 200..=299) = (&outcome, first_byte, status) {
+        if lead.as_ref().is_none_or(Lead::restart) {
+            snap.states
+                .record(t.backend, Verdict::Failure, &table.health, slot.is_probe());
+            return Relayed::Unsent(e.clone(), lead);
+        }
     }
     let complete = outcome.is_ok();
     if let (Some(l), true) = (&lead, complete) {
@@ -2188,7 +2207,7 @@ fn log(
     // prompt, so budgets count it. (A caller-closed request with a target that the backend
     // never got is logged with zero usage.)
     let reached = target.is_some() && (first_byte.is_some() || status == CLIENT_CLOSED);
-    let tokens = match (reached, usage) {
+    let mut tokens = match (reached, usage) {
         (false, _) => TokenUsage::default(),
         (true, Some(u)) => u,
         (true, None) => TokenUsage {
@@ -2198,14 +2217,15 @@ fn log(
         },
     };
     let micros = |d: Duration| d.as_micros().min(u64::MAX as u128) as u64;
-    let cost_micros = price
-        .map_or(0, |p| {
-            p.cost_micros(tokens.prompt, tokens.cached, tokens.completion)
-        })
-        .saturating_add(ctx.abandoned_micros);
+    let own_cost = price.map_or(0, |p| {
+        p.cost_micros(tokens.prompt, tokens.cached, tokens.completion)
+    });
     if let Some(r) = ctx.reservation.take() {
-        r.settle(cost_micros);
+        r.settle(own_cost);
     }
+    // Abandoned attempts were settled as they failed; the request counts them too.
+    let cost_micros = own_cost.saturating_add(ctx.abandoned_micros);
+    tokens.prompt = tokens.prompt.saturating_add(ctx.abandoned_tokens);
     if let Some(c) = ctx.token_charge.take() {
         c.settle(tokens.prompt.saturating_add(tokens.completion));
     }
@@ -2220,7 +2240,7 @@ fn log(
         prompt_tokens: tokens.prompt,
         cached_tokens: tokens.cached,
         completion_tokens: tokens.completion,
-        tokens_estimated: reached && usage.is_none() || ctx.abandoned_micros > 0,
+        tokens_estimated: reached && usage.is_none() || ctx.abandoned_tokens > 0,
         cost_micros,
         budget_downgraded: ctx.downgraded,
         refused_by: ctx.refused_by,

@@ -24,7 +24,9 @@ pub struct UsageEvent {
     pub prompt_tokens: u64,
     pub cached_tokens: u64,
     pub completion_tokens: u64,
-    /// The backend sent no `usage`; the counts are estimates from text length.
+    /// Some counts are estimates from text length: the backend sent no `usage`, or an
+    /// earlier attempt that a backend took failed without an answer (its prompt, estimated,
+    /// is in `prompt_tokens` and `cost_micros`: providers may bill it).
     pub tokens_estimated: bool,
     pub cost_micros: u64,
     /// Microseconds from receiving the request to sending the first response byte.
