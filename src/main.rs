@@ -159,10 +159,11 @@ enum ConfigAction {
 #[derive(Args, Clone)]
 struct AdminArgs {
     /// Control API address; default `$SWITCHYARD_ADMIN_URL`, else http://127.0.0.1:8081.
-    #[arg(long)]
+    /// (Global: also after the action, as in `config apply FILE --admin URL`.)
+    #[arg(long, global = true)]
     admin: Option<String>,
     /// Where to find `admin-token` when `$SWITCHYARD_ADMIN_TOKEN` is unset.
-    #[arg(long, default_value = "switchyard-data")]
+    #[arg(long, default_value = "switchyard-data", global = true)]
     data_dir: String,
 }
 

@@ -121,6 +121,21 @@ fn a_busy_port_fails_loudly_instead_of_sharing() {
 }
 
 #[test]
+fn admin_options_may_follow_the_action() {
+    // Parsed (clap would exit 2): the file is read and found missing.
+    let out = switchyard(&[
+        "config",
+        "apply",
+        "/nonexistent.toml",
+        "--admin",
+        "http://127.0.0.1:1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("/nonexistent.toml: cannot read"), "{err}");
+}
+
+#[test]
 fn the_example_config_is_valid() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/switchyard.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
