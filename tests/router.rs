@@ -808,6 +808,68 @@ fn chat_answer(content: &str) -> String {
 }
 
 #[test]
+fn identical_streams_fail_over_together_when_the_first_event_breaks_off() {
+    let good = sim("good", &[]);
+    let broken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let broken_url = format!("http://{}", broken.local_addr().unwrap());
+    let config = config_for(&[("broken", broken_url), ("good", good.url())], "")
+        .replace("interval_ms = 100", "interval_ms = 0")
+        .replace("eject_after_failures = 2", "eject_after_failures = 1000");
+    let r = router_on_workers(&config, 2);
+    // Every connection gets a head and half an event, and is closed a moment later (while
+    // the identical requests wait on the first).
+    broken.set_nonblocking(true).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
+    let backend = std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok((mut conn, _)) = broken.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            std::thread::spawn(move || {
+                conn.set_nonblocking(false).unwrap();
+                let _ = conn.read(&mut [0u8; 65536]);
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n10\r\ndata: {\"id\":\"x\",\r\n");
+                std::thread::sleep(Duration::from_millis(300));
+            });
+        }
+    });
+    let addr = r.addr;
+    let body = r#"{"model":"auto","stream":true,"temperature":0,"messages":[{"role":"user","content":"hi"}]}"#;
+    let callers: Vec<_> = (0..3)
+        .map(|i| {
+            std::thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 50 }));
+            std::thread::spawn(move || {
+                post(
+                    addr,
+                    "/v1/chat/completions",
+                    body,
+                    "x-switchyard-tier: broken\r\n",
+                )
+            })
+        })
+        .collect();
+    for caller in callers {
+        let resp = caller.join().unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(
+            resp.header("x-switchyard-backend"),
+            Some("good"),
+            "{}",
+            resp.text()
+        );
+        let text = resp.text();
+        assert!(
+            !text.contains("error") && !streamed_text(&resp.body).is_empty(),
+            "{text}"
+        );
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    backend.join().unwrap();
+}
+
+#[test]
 fn a_kept_connection_the_backend_wrote_on_while_idle_is_not_reused() {
     let (backend, r) = router_with_hand_rolled_backend("chatty", "");
     let addr = r.addr;

@@ -1620,6 +1620,8 @@ async fn relay<'f>(
     let mut data = Vec::new();
     let mut events = Vec::new();
     let mut stream_copy = Vec::new();
+    // A led stream's bytes not passed on yet: the unfinished event the filter holds.
+    let mut unpublished = Vec::new();
     let mut read_socket = false;
     // The client left while others follow this stream: it is read to its end for them.
     let mut client_gone = false;
@@ -1696,27 +1698,31 @@ async fn relay<'f>(
             if store.is_some() && lead.is_none() {
                 stream_copy.extend_from_slice(body);
             }
-            if let Some(l) = &lead {
-                // Followers need every byte, of an answer too large to store too; with none
-                // following by then, such an answer is not passed on (later waiters go on
-                // their own).
-                if store.is_some() || l.has_followers() && !l.is_abandoned() {
-                    let origin = || Origin {
-                        tier: answer_tier.cloned(),
-                        backend: backend.name.clone(),
-                        model: t.model.clone(),
-                    };
-                    if !body.is_empty() {
-                        l.publish(origin, body);
-                    }
-                } else {
-                    l.abandon();
-                }
-            }
             events.clear();
             f.feed(body, &mut events);
             if resp.body.is_done() {
                 f.finish(&mut events);
+            }
+            if let Some(l) = &lead {
+                // Followers need every byte, of an answer too large to store too; with none
+                // following by then, such an answer is not passed on (later waiters go on
+                // their own). They get whole events only: a stream that breaks inside its
+                // first one can still start over on another backend.
+                if store.is_some() || l.has_followers() && !l.is_abandoned() {
+                    unpublished.extend_from_slice(body);
+                    let whole = unpublished.len().saturating_sub(f.pending_len());
+                    if whole > 0 {
+                        let origin = || Origin {
+                            tier: answer_tier.cloned(),
+                            backend: backend.name.clone(),
+                            model: t.model.clone(),
+                        };
+                        l.publish(origin, &unpublished[..whole]);
+                        unpublished.drain(..whole);
+                    }
+                } else {
+                    l.abandon();
+                }
             }
             frame(&mut wire, framing, &events);
         } else {

@@ -109,6 +109,11 @@ impl SseFilter {
         (event_start, line_start)
     }
 
+    /// Bytes of the unfinished event held back.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// The body ended: an unterminated last event is read like the others and passed on as
     /// it is (clients differ on whether they take it).
     pub fn finish(&mut self, out: &mut Vec<u8>) {
