@@ -1314,30 +1314,34 @@ fn a_backend_can_be_left_unasked_for_stream_usage() {
 }
 
 #[test]
-fn a_stream_answered_without_a_content_type_is_filtered_as_a_stream() {
-    let (backend, r) = router_with_hand_rolled_backend("untyped", "[usage]\nlog_events = true\n");
-    let addr = r.addr;
-    let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-    let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
-    let mut upstream = accept_request(&backend);
-    let events = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":\"stop\"}]}\n\n\
+fn an_untyped_answer_to_a_stream_request_has_its_usage_counted() {
+    // Nothing says whether it is JSON or a stream: passed on as it came, its usage read.
+    let sse = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":\"stop\"}]}\n\n\
 data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n";
-    let answer = format!(
-        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{events}",
-        events.len()
-    );
-    upstream.write_all(answer.as_bytes()).unwrap();
-    let resp = client.join().unwrap();
-    assert_eq!(resp.status, 200);
-    let text = resp.text();
-    // The usage chunk the router asked for is not the caller's (it did not ask).
-    assert!(
-        text.contains("\"Hi\"") && !text.contains("prompt_tokens"),
-        "{text}"
-    );
-    let err = stop_router(r);
-    let e = &usage_events(&err)[0];
-    assert_eq!(e["prompt_tokens"].as_u64(), Some(3), "{e}");
+    let json = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#;
+    for answer in [sse, json] {
+        let (backend, r) =
+            router_with_hand_rolled_backend("untyped", "[usage]\nlog_events = true\n");
+        let addr = r.addr;
+        let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
+        let mut upstream = accept_request(&backend);
+        let raw = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{answer}",
+            answer.len()
+        );
+        upstream.write_all(raw.as_bytes()).unwrap();
+        let resp = client.join().unwrap();
+        assert_eq!(resp.status, 200);
+        assert!(resp.text().contains("\"Hi\""), "{}", resp.text());
+        let err = stop_router(r);
+        let e = &usage_events(&err)[0];
+        assert_eq!(
+            (e["prompt_tokens"].as_u64(), e["completion_tokens"].as_u64()),
+            (Some(3), Some(1)),
+            "{e}"
+        );
+    }
 }
 
 #[test]

@@ -1560,11 +1560,12 @@ async fn relay<'f>(
     }
     // Larger answers are relayed as they arrive and not stored.
     let max_entry = table.cache.max_entry_bytes;
-    let sse = match resp.head.header("content-type") {
-        Some(v) => v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"),
-        // A stream asked for and answered without a type (some servers leave it out).
-        None => ctx.streamed && status == 200,
-    };
+    // By its type only: an untyped answer to a stream request may be either (read as JSON,
+    // the usage of either is found, as `parse_usage` takes the last `"usage"`).
+    let sse = resp
+        .head
+        .header("content-type")
+        .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"));
     // A cacheable 200 is read whole before anything is sent, so that `x-switchyard-cache` can
     // say truthfully whether it was stored. A chunked one is answered with its length then
     // (unless it outgrows what may be stored: then it is relayed on as it comes).
