@@ -702,7 +702,11 @@ pub async fn serve(
         axum::middleware::from_fn_with_state(Arc::new(tokens), guard),
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Pings find a data plane that hangs (its snapshot stream, and its place in `status`,
+    // would otherwise last as long as the TCP connection).
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .accept_http1(true)
         .add_routes(tonic::service::Routes::from(router))
         .serve_with_incoming_shutdown(incoming, shutdown)

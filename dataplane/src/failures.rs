@@ -1,6 +1,7 @@
 //! Log lines for failed upstream attempts. Owns: telling the operator why an attempt failed
 //! (the caller hears it in its error answer), at most one line per backend a second on each
-//! worker, with the count of those not shown.
+//! worker, and the count of those not shown (with the next line, or after a second without
+//! one).
 //! Must not: write a line per failure during an outage (the flood would cost more than the
 //! failures).
 
@@ -22,8 +23,9 @@ struct Slots {
     backends: Vec<Option<Shown>>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Shown {
+    name: std::sync::Arc<str>,
     /// When the backend's last line went out.
     at: Instant,
     /// Its failures since, not shown.
@@ -36,7 +38,7 @@ impl FailureLog {
     pub fn failed(
         &self,
         version: u64,
-        (index, name): (usize, &str),
+        (index, name): (usize, &std::sync::Arc<str>),
         request_id: u64,
         message: &str,
     ) -> Option<String> {
@@ -44,6 +46,8 @@ impl FailureLog {
         let not_shown = {
             let mut slots = self.slots.borrow_mut();
             if slots.version != version {
+                // Indices of another table: what the old one did not show is said now.
+                flush(&mut slots.backends, now, Duration::ZERO);
                 slots.backends.clear();
                 slots.version = version;
             }
@@ -58,6 +62,7 @@ impl FailureLog {
                 }
             }
             let fresh = Shown {
+                name: name.clone(),
                 at: now,
                 not_shown: 0,
             };
@@ -74,32 +79,76 @@ impl FailureLog {
         crate::balancer::log(format_args!("{line}"));
         Some(line)
     }
+
+    /// Says how many failures were not shown of each backend whose last line is over a
+    /// second old; returns how many lines that wrote.
+    pub fn flush(&self) -> usize {
+        flush(
+            &mut self.slots.borrow_mut().backends,
+            Instant::now(),
+            INTERVAL,
+        )
+    }
+}
+
+fn flush(backends: &mut [Option<Shown>], now: Instant, age: Duration) -> usize {
+    let mut lines = 0;
+    for shown in backends.iter_mut().flatten() {
+        if shown.not_shown > 0 && now.duration_since(shown.at) >= age {
+            let (name, n) = (&shown.name, shown.not_shown);
+            crate::balancer::log(format_args!(
+                "backend `{name}`: {n} more failed attempts, not shown one by one"
+            ));
+            shown.not_shown = 0;
+            lines += 1;
+        }
+    }
+    lines
+}
+
+/// A worker's flush of its failure log, once a second.
+pub async fn flush_every_second(worker: std::rc::Rc<crate::server::Worker>) {
+    while !worker.shared.is_draining() {
+        monoio::time::sleep(INTERVAL).await;
+        worker.failures.flush();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn one_line_per_backend_a_second_counting_the_rest() {
         let log = FailureLog::default();
-        let line = log.failed(1, (0, "a"), 1, "boom").unwrap();
+        let (a, b, c) = (Arc::from("a"), Arc::from("b"), Arc::from("c"));
+        let line = log.failed(1, (0, &a), 1, "boom").unwrap();
         assert!(
             line.contains("backend `a`") && line.contains("boom"),
             "{line}"
         );
-        assert!(log.failed(1, (0, "a"), 2, "boom").is_none());
-        assert!(log.failed(1, (0, "a"), 3, "boom").is_none());
+        assert!(log.failed(1, (0, &a), 2, "boom").is_none());
+        assert!(log.failed(1, (0, &a), 3, "boom").is_none());
         // Another backend has its own allowance.
-        assert!(log.failed(1, (1, "b"), 4, "boom").is_some());
+        assert!(log.failed(1, (1, &b), 4, "boom").is_some());
         // The next line of `a`, once the second is over, counts what was not shown.
-        log.slots.borrow_mut().backends[0].as_mut().unwrap().at -= INTERVAL;
-        let line = log.failed(1, (0, "a"), 5, "boom").unwrap();
+        let age = |log: &FailureLog| {
+            log.slots.borrow_mut().backends[0].as_mut().unwrap().at -= INTERVAL;
+        };
+        age(&log);
+        let line = log.failed(1, (0, &a), 5, "boom").unwrap();
         assert!(
             line.ends_with("; 2 more of its failures not shown since the last line"),
             "{line}"
         );
+        // Without a next failure, the count is said once the second is over.
+        assert!(log.failed(1, (0, &a), 6, "boom").is_none());
+        assert_eq!(log.flush(), 0, "not yet");
+        age(&log);
+        assert_eq!(log.flush(), 1);
+        assert_eq!(log.flush(), 0, "said once");
         // A new table starts afresh (its indices may name other backends).
-        assert!(log.failed(2, (0, "c"), 6, "boom").is_some());
+        assert!(log.failed(2, (0, &c), 7, "boom").is_some());
     }
 }

@@ -718,7 +718,7 @@ pub async fn handle(
                             };
                         let message =
                             format!("backend `{}` answered {}", backend.name, resp.head.status);
-                        let at = (t.backend, &*backend.name);
+                        let at = (t.backend, &backend.name);
                         worker
                             .failures
                             .failed(table.version, at, ctx.request_id, &message);
@@ -754,7 +754,7 @@ pub async fn handle(
                         Relayed::Done(keep_alive) => return keep_alive,
                         Relayed::Unsent(e, kept_lead) => {
                             ctx.abandon(t.price);
-                            let at = (t.backend, &*backend.name);
+                            let at = (t.backend, &backend.name);
                             worker
                                 .failures
                                 .failed(table.version, at, ctx.request_id, &e.message);
@@ -767,7 +767,7 @@ pub async fn handle(
                     if written.get().is_some() {
                         ctx.abandon(t.price);
                     }
-                    let at = (t.backend, &*backend.name);
+                    let at = (t.backend, &backend.name);
                     worker
                         .failures
                         .failed(table.version, at, ctx.request_id, &e.message);
@@ -1856,7 +1856,7 @@ async fn relay<'f>(
     let mut client_left = client_gone || matches!(outcome, Err(Cut::ClientLeft));
     let failed = outcome.as_ref().err().and_then(Cut::error);
     if let Err(Cut::Upstream(e)) = &outcome {
-        let at = (t.backend, &*backend.name);
+        let at = (t.backend, &backend.name);
         worker
             .failures
             .failed(table.version, at, ctx.request_id, &e.message);

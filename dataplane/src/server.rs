@@ -342,6 +342,7 @@ async fn run_worker(
         crate::health::spawn_checks(worker.clone());
     }
     monoio::spawn(crate::upstream::sweep_pool(worker.clone()));
+    monoio::spawn(crate::failures::flush_every_second(worker.clone()));
     'accepting: while !worker.shared.is_draining() {
         // One accept op stays armed until it completes: dropping an in-flight io_uring accept
         // (a timeout around it) can lose a connection the kernel already accepted. The timer
