@@ -807,15 +807,21 @@ fn chat_answer(content: &str) -> String {
     )
 }
 
-#[test]
-fn identical_streams_fail_over_together_when_the_first_event_breaks_off() {
+/// A router with two tiers: `broken`, a hand-rolled backend, then `good`, a simulator; the
+/// first is never ejected, so every request pinned to it goes there first.
+fn router_with_broken_then_good(workers: usize) -> (TcpListener, Proc, Proc) {
     let good = sim("good", &[]);
     let broken = TcpListener::bind("127.0.0.1:0").unwrap();
     let broken_url = format!("http://{}", broken.local_addr().unwrap());
     let config = config_for(&[("broken", broken_url), ("good", good.url())], "")
         .replace("interval_ms = 100", "interval_ms = 0")
         .replace("eject_after_failures = 2", "eject_after_failures = 1000");
-    let r = router_on_workers(&config, 2);
+    (broken, router_on_workers(&config, workers), good)
+}
+
+#[test]
+fn identical_streams_fail_over_together_when_the_first_event_breaks_off() {
+    let (broken, r, _good) = router_with_broken_then_good(2);
     // Every connection gets a head and half an event, and is closed a moment later (while
     // the identical requests wait on the first).
     broken.set_nonblocking(true).unwrap();
@@ -921,14 +927,7 @@ fn a_kept_connection_the_backend_wrote_on_while_idle_is_not_reused() {
 
 #[test]
 fn a_backend_that_fails_after_its_head_before_any_answer_is_failed_over() {
-    let good = sim("good", &[]);
-    let broken = TcpListener::bind("127.0.0.1:0").unwrap();
-    let broken_url = format!("http://{}", broken.local_addr().unwrap());
-    // Not ejected after two failures: every case goes to `broken` first.
-    let config = config_for(&[("broken", broken_url), ("good", good.url())], "")
-        .replace("interval_ms = 100", "interval_ms = 0")
-        .replace("eject_after_failures = 2", "eject_after_failures = 1000");
-    let r = router_on_workers(&config, 1);
+    let (broken, r, _good) = router_with_broken_then_good(1);
     let addr = r.addr;
     let heads = [
         // A stream's head, then the connection closes before the first event.
@@ -998,15 +997,8 @@ fn a_request_the_backend_acknowledged_is_not_resent_when_it_closes() {
     kept.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
     drop(kept);
     let resp = second.join().unwrap();
-    let e = resp.error(502);
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap()
-            .contains("after taking the request"),
-        "{}",
-        resp.text()
-    );
+    let message = resp.error(502)["message"].to_string();
+    assert!(message.contains("after taking the request"), "{message}");
     backend.set_nonblocking(true).unwrap();
     assert!(backend.accept().is_err(), "the request was sent again");
 }
