@@ -28,7 +28,7 @@ use switchyard_shared::openai::{
     completed_normally, estimate_tokens, parse_usage, Endpoint, RequestView, TokenUsage,
 };
 use switchyard_shared::routing::{
-    Backend, Decision, Price, Priority, RequestFacts, RouteError, RoutingTable,
+    Backend, Decision, Price, Priority, RequestFacts, RouteError, RoutingTable, Target,
 };
 use switchyard_shared::usage::{
     is_valid_service, UsageEvent, INVALID_SERVICE, OVER_MAX_SERVICES, SERVICE_NAME_RULE,
@@ -718,10 +718,7 @@ pub async fn handle(
                             };
                         let message =
                             format!("backend `{}` answered {}", backend.name, resp.head.status);
-                        let at = (t.backend, &backend.name);
-                        worker
-                            .failures
-                            .failed(table.version, at, ctx.request_id, &message);
+                        log_failure(worker, table, t, ctx.request_id, &message);
                         if ctx.attempts < table.max_attempts && untried_left {
                             last_error = Some(AttemptError {
                                 kind: ErrorKind::UpstreamStatus,
@@ -754,10 +751,6 @@ pub async fn handle(
                         Relayed::Done(keep_alive) => return keep_alive,
                         Relayed::Unsent(e, kept_lead) => {
                             ctx.abandon(t.price);
-                            let at = (t.backend, &backend.name);
-                            worker
-                                .failures
-                                .failed(table.version, at, ctx.request_id, &e.message);
                             lead = kept_lead;
                             last_error = Some(e);
                         }
@@ -767,10 +760,7 @@ pub async fn handle(
                     if written.get().is_some() {
                         ctx.abandon(t.price);
                     }
-                    let at = (t.backend, &backend.name);
-                    worker
-                        .failures
-                        .failed(table.version, at, ctx.request_id, &e.message);
+                    log_failure(worker, table, t, ctx.request_id, &e.message);
                     let verdict = if e.kind.retry() == Retry::Yes {
                         Verdict::Failure
                     } else {
@@ -1519,6 +1509,14 @@ impl Cut {
     }
 }
 
+/// Tells the operator why an attempt on target `t` failed (see `failures`).
+fn log_failure(worker: &Worker, table: &RoutingTable, t: &Target, request_id: u64, message: &str) {
+    let at = (t.backend, &table.backends[t.backend].name);
+    worker
+        .failures
+        .failed(table.version, at, request_id, message);
+}
+
 /// How a relay ended.
 enum Relayed<'f> {
     /// The caller was answered (in full or not); whether its connection stays open.
@@ -1814,6 +1812,9 @@ async fn relay<'f>(
             break Ok(());
         }
     };
+    if let Err(Cut::Upstream(e)) = &outcome {
+        log_failure(worker, table, t, ctx.request_id, &e.message);
+    }
     // Unsent: retried elsewhere unless followers took some of it already.
     if let (Err(Cut::Upstream(e)), None, 200..=299) = (&outcome, first_byte, status) {
         if lead.as_ref().is_none_or(Lead::restart) {
@@ -1855,12 +1856,6 @@ async fn relay<'f>(
     }
     let mut client_left = client_gone || matches!(outcome, Err(Cut::ClientLeft));
     let failed = outcome.as_ref().err().and_then(Cut::error);
-    if let Err(Cut::Upstream(e)) = &outcome {
-        let at = (t.backend, &backend.name);
-        worker
-            .failures
-            .failed(table.version, at, ctx.request_id, &e.message);
-    }
     if let (Some(e), Some(_), false) = (failed, &filter, client_left) {
         // The head (200) is gone already: the error travels as a final SSE event, and the
         // chunked body still ends cleanly.
