@@ -935,6 +935,11 @@ fn a_backend_that_fails_after_its_head_before_any_answer_is_failed_over() {
             r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
         ),
+        // A head without a length, and the close that should end the body at once.
+        (
+            r#"{"model":"auto","messages":[{"role":"user","content":"hi"}]}"#,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n",
+        ),
         // The same for a cacheable stream, with half an event (nobody follows it yet).
         (
             r#"{"model":"auto","stream":true,"temperature":0,"messages":[{"role":"user","content":"hi"}]}"#,

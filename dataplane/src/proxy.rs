@@ -1739,6 +1739,15 @@ async fn relay<'f>(
             }
         }
         let done = resp.body.is_done();
+        let until_close = resp.body.framing() == BodyFraming::UntilClose;
+        if done && body_bytes == 0 && until_close && (200..300).contains(&status) {
+            // Closed before any of it, and nothing says the answer was meant to be empty.
+            let e = AttemptError::new(
+                ErrorKind::UpstreamBroken,
+                "backend closed the connection without an answer",
+            );
+            break Err(Cut::Upstream(e));
+        }
         if buffer_whole && wire.len() as u64 > max_entry {
             // A chunked answer too large to store: send what is here, relay the rest.
             buffer_whole = false;
