@@ -162,35 +162,39 @@ async fn client_gone(stream: &TcpStream, waiting: &Cell<Waiting>) {
         if stream.readable(false).await.is_err() {
             return;
         }
-        let mut byte = 0u8;
-        // SAFETY: `byte` is a valid one-byte buffer for the duration of the call; MSG_PEEK leaves
-        // the data in the socket for the connection loop to read later.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        match n {
-            0 => return,
-            n if n > 0 => {
+        match peek(stream.as_raw_fd()) {
+            Ok(0) => return,
+            Ok(_) => {
                 while waiting.get() != Waiting::Cut {
                     monoio::time::sleep(Duration::from_millis(100)).await;
                 }
                 return;
             }
-            _ => {
-                let err = std::io::Error::last_os_error();
-                if err.kind() != std::io::ErrorKind::WouldBlock
-                    && err.kind() != std::io::ErrorKind::Interrupted
-                {
-                    return;
-                }
-            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return,
         }
     }
+}
+
+/// Whether a socket has bytes to read (`Ok(1)`) or was closed (`Ok(0)`), without taking any
+/// and without waiting: one non-blocking `MSG_PEEK` recv (`WouldBlock`: nothing yet).
+pub fn peek(fd: RawFd) -> io::Result<usize> {
+    let mut byte = 0u8;
+    // SAFETY: `byte` is a valid one-byte buffer for the duration of the call; MSG_PEEK leaves
+    // the data in the socket for whoever reads it later, MSG_DONTWAIT returns at once.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 pub enum HeadError {

@@ -47,18 +47,7 @@ impl Conn {
     /// before closing, a late or stray answer) would be read as that request's answer, and
     /// one the backend closed would fail it. One non-blocking peek.
     fn is_quiet(&self) -> bool {
-        let mut byte = 0u8;
-        // SAFETY: `recv` writes at most one byte into `byte`, a valid local; MSG_PEEK leaves
-        // it in the socket and MSG_DONTWAIT makes it return at once.
-        let n = unsafe {
-            libc::recv(
-                self.fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+        matches!(crate::conn::peek(self.fd()), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Reads more bytes after `buf`'s current contents; returns the count (0 = closed).
