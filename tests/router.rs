@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 fn two_tier() -> (Proc, Proc, Proc) {
@@ -1008,6 +1008,17 @@ fn a_request_the_backend_acknowledged_is_not_resent_when_it_closes() {
     assert!(backend.accept().is_err(), "the request was sent again");
 }
 
+/// The caller's answer to a chat request with `body` when the hand-rolled backend sends back
+/// `answer` (a whole raw response, or part of one) and then closes.
+fn answered_with(backend: &TcpListener, addr: SocketAddr, body: &str, answer: &[u8]) -> Response {
+    let body = body.to_string();
+    let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", &body, ""));
+    let mut upstream = accept_request(backend);
+    upstream.write_all(answer).unwrap();
+    drop(upstream);
+    client.join().unwrap()
+}
+
 #[test]
 fn a_backend_that_stops_reading_times_out_like_a_silent_one() {
     // Connections are queued (the kernel accepts them) but nothing reads them: a 16 MiB body
@@ -1032,16 +1043,12 @@ fn a_backend_that_stops_reading_times_out_like_a_silent_one() {
 #[test]
 fn headers_a_backend_names_in_connection_stay_between_it_and_the_router() {
     let (backend, r) = router_with_hand_rolled_backend("h", "");
-    let addr = r.addr;
-    let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat("hi"), ""));
-    let mut upstream = accept_request(&backend);
     let body = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
     let answer = format!(
         "HTTP/1.1 200 OK\r\nconnection: keep-alive, x-secret\r\nx-secret: 1\r\nx-kept: 2\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    upstream.write_all(answer.as_bytes()).unwrap();
-    let resp = client.join().unwrap();
+    let resp = answered_with(&backend, r.addr, &chat("hi"), answer.as_bytes());
     assert_eq!(resp.status, 200);
     assert_eq!(
         (resp.header("x-secret"), resp.header("x-kept")),
@@ -1249,15 +1256,8 @@ fn an_answer_read_whole_that_breaks_off_is_a_502_and_still_priced() {
     // tenth of its body and closes.
     let (backend, r) = router_with_hand_rolled_backend("h", "[usage]\nlog_events = true\n");
     let body = r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"Extract the date: 2024-05-01"}]}"#;
-    let addr = r.addr;
-    let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
-    let mut upstream = accept_request(&backend);
-    upstream
-        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":\"x\",")
-        .unwrap();
-    drop(upstream);
-    let resp = client.join().unwrap();
-    resp.error(502);
+    let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":\"x\",";
+    answered_with(&backend, r.addr, body, answer).error(502);
     let err = stop_router(r);
     let events = usage_events(&err);
     assert_eq!(events.len(), 1, "{err}");
@@ -1319,16 +1319,12 @@ data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n
     for answer in [sse, json] {
         let (backend, r) =
             router_with_hand_rolled_backend("untyped", "[usage]\nlog_events = true\n");
-        let addr = r.addr;
         let body = r#"{"model":"auto","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-        let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
-        let mut upstream = accept_request(&backend);
         let raw = format!(
             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{answer}",
             answer.len()
         );
-        upstream.write_all(raw.as_bytes()).unwrap();
-        let resp = client.join().unwrap();
+        let resp = answered_with(&backend, r.addr, body, raw.as_bytes());
         assert_eq!(resp.status, 200);
         assert!(resp.text().contains("\"Hi\""), "{}", resp.text());
         let err = stop_router(r);
@@ -1344,9 +1340,6 @@ data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n
 #[test]
 fn usage_at_the_end_of_a_large_answer_is_read() {
     let (backend, r) = router_with_hand_rolled_backend("big", "[usage]\nlog_events = true\n");
-    let addr = r.addr;
-    let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat("hi"), ""));
-    let mut upstream = accept_request(&backend);
     let content = "a".repeat(6 << 20);
     let body = format!(
         r#"{{"id":"x","choices":[{{"index":0,"message":{{"role":"assistant","content":"{content}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}}}"#
@@ -1355,8 +1348,7 @@ fn usage_at_the_end_of_a_large_answer_is_read() {
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    upstream.write_all(answer.as_bytes()).unwrap();
-    let resp = client.join().unwrap();
+    let resp = answered_with(&backend, r.addr, &chat("hi"), answer.as_bytes());
     assert_eq!((resp.status, resp.body.len()), (200, body.len()));
     let err = stop_router(r);
     let events = usage_events(&err);
@@ -1377,21 +1369,13 @@ fn a_chunked_answer_is_stored_and_served_with_its_length() {
     let (backend, r) = router_with_hand_rolled_backend("chunky", "");
     let body = r#"{"model":"auto","temperature":0,"messages":[{"role":"user","content":"Extract the date: 2024-05-01"}]}"#;
     let answer = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"2024-05-01"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":5,"total_tokens":14}}"#;
-    let addr = r.addr;
-    let first = std::thread::spawn(move || post(addr, "/v1/chat/completions", body, ""));
-    let mut upstream = accept_request(&backend);
     let (a, b) = answer.split_at(40);
-    upstream
-        .write_all(
-            format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
-                a.len(),
-                b.len()
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-    let first = first.join().unwrap();
+    let chunked = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+        a.len(),
+        b.len()
+    );
+    let first = answered_with(&backend, r.addr, body, chunked.as_bytes());
     assert_eq!(first.status, 200);
     assert_eq!(first.header("x-switchyard-cache"), Some("stored"));
     assert_eq!(

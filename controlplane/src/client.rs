@@ -340,7 +340,7 @@ fn render_data_plane(out: &mut String, dp: &pb::DataPlaneConfig, version: u64) -
         let _ = writeln!(out);
         return false;
     }
-    if dp.refused < version {
+    if !crate::followers::answered(dp, version) {
         let _ = writeln!(out, "{who}: {serves}; no answer on version {version} yet");
         return false;
     }
