@@ -592,6 +592,50 @@ fn a_leader_that_fails_over_leads_the_key_of_its_new_target() {
 }
 
 #[test]
+fn waiters_released_by_a_leader_that_failed_over_skip_the_backend_that_failed_it() {
+    let bad = sim(
+        "bad",
+        &[
+            "--error-rate",
+            "1",
+            "--error-status",
+            "500",
+            "--latency-ms",
+            "800",
+        ],
+    );
+    let good = sim("good", &[]);
+    let config = config_for(&[("bad", bad.url()), ("good", good.url())], "")
+        .replace("interval_ms = 100", "interval_ms = 0");
+    let r = router(&config);
+    let addr = r.addr;
+    let ask = move || {
+        std::thread::spawn(move || {
+            let resp = post(
+                addr,
+                "/v1/chat/completions",
+                DETERMINISTIC,
+                "x-switchyard-tier: bad\r\n",
+            );
+            (
+                resp.status,
+                resp.header("x-switchyard-backend").map(String::from),
+            )
+        })
+    };
+    // The leader waits 800 ms for `bad`'s 500 and fails over up the tiers to `good`, whose
+    // model makes another key: the three waiting for the first key are released then, and
+    // would each wait on `bad` again (one failure does not eject it).
+    let leader = ask();
+    eventually("the leader is on bad", || upstream_calls(&bad) == 1);
+    let waiters: Vec<_> = (0..3).map(|_| ask()).collect();
+    for w in std::iter::once(leader).chain(waiters) {
+        assert_eq!(w.join().unwrap(), (200, Some("good".into())));
+    }
+    assert_eq!(upstream_calls(&bad), 1);
+}
+
+#[test]
 fn a_target_in_two_tiers_is_named_by_the_tier_it_answered_for_everywhere() {
     let s = sim("s", &[]);
     let config = format!(

@@ -26,6 +26,9 @@ struct Flight {
     /// The leader is done: answer stored, failed, or given up.
     done: AtomicBool,
     stream: Mutex<Stream>,
+    /// Backends that failed the leader: its waiters, released without an answer, do not try
+    /// them again (one failure does not eject a backend, and each would wait on it in turn).
+    failed: Mutex<Vec<Arc<str>>>,
 }
 
 /// A streamed answer as the leader receives it, for the waiters that follow it.
@@ -102,6 +105,14 @@ impl Lead<'_> {
         lock(&self.flight.stream).abandoned
     }
 
+    /// `backend` failed this request (a 5xx or 429, a connection or timeout failure).
+    pub fn failed(&self, backend: &Arc<str>) {
+        let mut failed = lock(&self.flight.failed);
+        if !failed.contains(backend) {
+            failed.push(backend.clone());
+        }
+    }
+
     /// Others wait for this answer (the map and this lead hold the other two references).
     pub fn has_followers(&self) -> bool {
         Arc::strong_count(&self.flight) > 2
@@ -152,6 +163,11 @@ impl Waiter {
         while !self.is_done() && !lock(&self.0.stream).abandoned && !ready() {
             monoio::time::sleep(POLL).await;
         }
+    }
+
+    /// The backends that failed the leader so far.
+    pub fn failed_backends(&self) -> Vec<Arc<str>> {
+        lock(&self.0.failed).clone()
     }
 
     /// Appends the streamed answer's bytes from offset `from` on to `out` (with its origin
@@ -214,6 +230,10 @@ mod tests {
             "other keys are independent"
         );
         assert!(!waiter.is_done());
+        let b: Arc<str> = "b".into();
+        lead.failed(&b);
+        lead.failed(&b);
+        assert_eq!(waiter.failed_backends(), [b], "each failed backend once");
         drop(lead);
         assert!(waiter.is_done(), "released when the leader is done");
         assert!(

@@ -528,7 +528,13 @@ pub async fn handle(
                             let (c, r) = (&mut ctx, replay);
                             return follow_stream(worker, snap, client, c, target, &wait, r).await;
                         }
-                        // The fetch failed or was not storable: go upstream on our own.
+                        // The fetch failed or was not storable: go upstream on our own, but not
+                        // to a backend that failed the leader.
+                        for name in wait.failed_backends() {
+                            tried.extend((0..table.targets.len()).filter(|&o| {
+                                table.backends[table.targets[o].backend].name == name
+                            }));
+                        }
                         continue;
                     }
                 }
@@ -697,6 +703,9 @@ pub async fn handle(
                             &table.health,
                             slot.is_probe(),
                         );
+                        if let Some(l) = &lead {
+                            l.failed(&backend.name);
+                        }
                         // Targets left that can take the request: in this group, then in the
                         // groups still to walk (the plan's, or the cheaper tiers' once the
                         // budget downgraded).
@@ -751,6 +760,9 @@ pub async fn handle(
                         Relayed::Done(keep_alive) => return keep_alive,
                         Relayed::Unsent(e, kept_lead) => {
                             ctx.abandon(t.price);
+                            if let Some(l) = &kept_lead {
+                                l.failed(&backend.name);
+                            }
                             lead = kept_lead;
                             last_error = Some(e);
                         }
@@ -762,6 +774,9 @@ pub async fn handle(
                     }
                     log_failure(worker, table, t, ctx.request_id, &e.message);
                     let verdict = if e.kind.retry() == Retry::Yes {
+                        if let Some(l) = &lead {
+                            l.failed(&backend.name);
+                        }
                         Verdict::Failure
                     } else {
                         Verdict::Neutral
