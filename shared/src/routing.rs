@@ -334,7 +334,11 @@ impl RoutingTable {
     /// Picks the plan: a pinned tier, then the first matching rule, then the requested model
     /// (concrete, alias, or unknown), then the classifier's category.
     pub fn decide<'t>(&'t self, facts: &RequestFacts<'_>) -> Result<Decision<'t>, RouteError> {
-        if let Some(name) = facts.pinned_tier {
+        // Embeddings (no classified prompt) are only of use beside others from the same model:
+        // a served model they name is kept over a pinned tier, and over rules that do not
+        // name their path (written for chat: a service's or a priority's cheaper tier).
+        let keep_model = !facts.classified && self.models.contains_key(facts.model);
+        if let Some(name) = facts.pinned_tier.filter(|_| !keep_model) {
             let rank = self
                 .tiers
                 .iter()
@@ -346,7 +350,8 @@ impl RoutingTable {
                 cache_ttl: None,
             });
         }
-        if let Some(rule) = self.rules.iter().find(|r| r.when.matches(facts)) {
+        let applies = |r: &&Rule| r.when.matches(facts) && !(keep_model && r.when.paths.is_empty());
+        if let Some(rule) = self.rules.iter().find(applies) {
             let plan = match &rule.action {
                 RuleAction::Tier(rank) => Plan::FromTier(*rank),
                 RuleAction::Targets(ids) => Plan::Targets(ids),
@@ -534,6 +539,39 @@ targets = ["a/l"]
             t.decide(&facts("medium", Category::Chat)).unwrap().plan,
             Plan::FromTier(1)
         );
+    }
+
+    #[test]
+    fn embeddings_keep_the_served_model_they_name() {
+        let t = table(concat!(
+            "[[rules]]\nname = \"etl\"\ntier = \"small\"\nmatch = { service = [\"etl\"] }\n",
+            "[[rules]]\nname = \"vectors\"\ntier = \"medium\"\n",
+            "match = { service = [\"etl\"], path = [\"/v1/embeddings\"] }\n",
+        ));
+        let mut f = facts("l", Category::Other);
+        f.path = "/v1/embeddings";
+        f.classified = false;
+        f.pinned_tier = Some("small");
+        assert_eq!(
+            t.decide(&f).unwrap().rule,
+            "model",
+            "not swapped by a pinned tier"
+        );
+        f.pinned_tier = None;
+        f.service = "etl";
+        assert_eq!(
+            t.decide(&f).unwrap().rule,
+            "vectors",
+            "a rule that names the path still routes them, one that does not is skipped"
+        );
+        // Without a served model the tier and the rules are how embeddings are routed.
+        let mut f = facts("auto", Category::Other);
+        f.classified = false;
+        f.pinned_tier = Some("small");
+        assert_eq!(t.decide(&f).unwrap().plan, Plan::FromTier(0));
+        f.pinned_tier = None;
+        f.service = "etl";
+        assert_eq!(t.decide(&f).unwrap().rule, "etl");
     }
 
     #[test]
