@@ -502,6 +502,35 @@ fn a_followed_stream_goes_on_when_its_first_caller_leaves() {
 }
 
 #[test]
+fn an_answer_others_wait_for_is_fetched_when_its_first_caller_leaves() {
+    let s = sim("s", &["--latency-ms", "1500"]);
+    let r = router(&config_for(&[("s", s.url())], ""));
+    let addr = r.addr;
+    let mut leader = Conn::open(addr);
+    leader.send(&post_raw("/v1/chat/completions", DETERMINISTIC, ""));
+    eventually("the first request is upstream", || upstream_calls(&s) == 1);
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let resp = post(addr, "/v1/chat/completions", DETERMINISTIC, "");
+                (
+                    resp.status,
+                    resp.header("x-switchyard-cache").map(String::from),
+                )
+            })
+        })
+        .collect();
+    // Time for the three to join the wait (the answer is 1.5 s away), then the first caller
+    // gives up: its call goes on for them, rather than each of them calling again.
+    std::thread::sleep(Duration::from_millis(400));
+    drop(leader);
+    for w in waiters {
+        assert_eq!(w.join().unwrap(), (200, Some("hit".into())));
+    }
+    assert_eq!(upstream_calls(&s), 1);
+}
+
+#[test]
 fn a_followed_stream_too_large_to_store_still_reaches_its_followers_whole() {
     // About 150 KB of events over about 2 s: over the 64 KiB an entry may take here.
     let s = sim(

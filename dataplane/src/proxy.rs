@@ -610,7 +610,7 @@ pub async fn handle(
             });
             let written = std::cell::Cell::new(None);
             // Pinned here so that watching the client moves a pointer, not the whole exchange.
-            let exchange = std::pin::pin!(upstream::exchange(
+            let mut exchange = std::pin::pin!(upstream::exchange(
                 &worker.pool,
                 table.version,
                 t.backend,
@@ -621,9 +621,19 @@ pub async fn handle(
                 false,
                 &written,
             ));
-            let result = client
-                .unless_gone(Instant::now() + CLIENT_WATCH_DELAY, exchange)
+            let mut result = client
+                .unless_gone(Instant::now() + CLIENT_WATCH_DELAY, exchange.as_mut())
                 .await;
+            if result.is_none() && lead.as_ref().is_some_and(Lead::has_followers) {
+                // The caller left, others wait for this answer: it is fetched (and stored) for
+                // them, as a followed stream is read to its end, instead of each of them
+                // calling the backend again.
+                result = monoio::select! {
+                    biased;
+                    r = exchange.as_mut() => Some(r),
+                    _ = worker.shared.cut_passed() => None,
+                };
+            }
             match result {
                 None if worker.shared.is_cut() => {
                     // The drain deadline, not the caller, ended the wait: the caller is told.
