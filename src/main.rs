@@ -219,10 +219,7 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig { file }) => match config::load_file(&file) {
             // TLS material (CA files) is loaded too, as serving would.
             Ok(table) => match tls_configs(&table) {
-                Ok(_) => {
-                    print!("{file}: OK\n{}", table.describe());
-                    ExitCode::SUCCESS
-                }
+                Ok(_) => print_out(&format!("{file}: OK\n{}", table.describe())),
                 Err(e) => fail(&[format!("{file}: {e}")]),
             },
             Err(errors) => fail(&errors),
@@ -296,11 +293,16 @@ fn main() -> ExitCode {
 
 fn admin_call(admin: &AdminArgs, command: client::Command) -> ExitCode {
     match admin.resolve().and_then(|a| client::run(&a, command)) {
-        Ok(out) => {
-            print!("{out}");
-            ExitCode::SUCCESS
-        }
+        Ok(out) => print_out(&out),
         Err(e) => fail(&[e]),
+    }
+}
+
+/// Writes a command's output; a reader that went away (`| head`) is no failure of the command.
+fn print_out(text: &str) -> ExitCode {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => fail(&[format!("stdout: {e}")]),
+        _ => ExitCode::SUCCESS,
     }
 }
 
@@ -497,7 +499,14 @@ fn classify(config_path: Option<String>) -> ExitCode {
             failed = true;
             serde_json::json!({ "id": id, "error": e })
         });
-        let _ = writeln!(out, "{result}");
+        if writeln!(out, "{result}").is_err() {
+            // Nobody reads the answers any more (`| head`): stop reading questions.
+            return if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
     }
     let _ = out.flush();
     if failed {
@@ -510,19 +519,29 @@ fn classify(config_path: Option<String>) -> ExitCode {
 fn classify_line(table: &RoutingTable, line: &str) -> Result<serde_json::Value, String> {
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
     let id = v.get("id").cloned().unwrap_or(serde_json::Value::Null);
-    let body = match (v.get("body"), v.get("messages")) {
-        (Some(body), _) => body.to_string(),
-        (None, Some(messages)) => serde_json::json!({ "messages": messages }).to_string(),
+    let (body, endpoint) = match (v.get("body"), v.get("messages")) {
+        (Some(body), _) => {
+            // A full request body may be a completion's (a `prompt`, no `messages`).
+            let endpoint = if body.get("messages").is_none() && body.get("prompt").is_some() {
+                Endpoint::Completions
+            } else {
+                Endpoint::ChatCompletions
+            };
+            (body.to_string(), endpoint)
+        }
+        (None, Some(messages)) => (
+            serde_json::json!({ "messages": messages }).to_string(),
+            Endpoint::ChatCompletions,
+        ),
         (None, None) => return Err("needs `messages` or `body`".into()),
     };
-    let view =
-        RequestView::parse(Endpoint::ChatCompletions, body.as_bytes()).map_err(|e| e.message)?;
+    let view = RequestView::parse(endpoint, body.as_bytes()).map_err(|e| e.message)?;
     let c = table.classifier.classify(&view.prompt());
     let facts = RequestFacts {
         service: "default",
         priority: Priority::Normal,
         model: view.model.as_deref().unwrap_or("auto"),
-        path: Endpoint::ChatCompletions.path(),
+        path: endpoint.path(),
         pinned_tier: None,
         category: c.category,
         alternative: c.alternative,

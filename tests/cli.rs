@@ -84,6 +84,26 @@ fn check_config_prints_the_table_or_every_error() {
 }
 
 #[test]
+fn output_to_a_reader_that_went_away_is_no_failure() {
+    let good = write_config(&config_for(&[("a", "http://127.0.0.1:9".to_string())], ""));
+    // A pipe whose reading end is closed before anything is written (`| head -0`).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check-config", good.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn a_busy_port_fails_loudly_instead_of_sharing() {
     let s = sim("s", &[]);
     let config = config_for(&[("s", s.url())], "[listener]\nio_driver = \"epoll\"\n");
@@ -163,6 +183,8 @@ fn classify_reads_jsonl_and_writes_one_line_each() {
     let rest = concat!(
         r#"{"id":7,"body":{"model":"auto","messages":[{"role":"user","content":"Write a Python function that merges two sorted lists."}]}}"#,
         "\n",
+        r#"{"id":"c","body":{"model":"auto","prompt":"Translate into German: thank you"}}"#,
+        "\n",
         "\n",
         r#"{"id":"bad"}"#,
         "\n",
@@ -184,10 +206,15 @@ fn classify_reads_jsonl_and_writes_one_line_each() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     // One line per input line (the blank one aside), a bad one as an error.
-    assert_eq!(lines.len(), 4);
+    assert_eq!(lines.len(), 5);
     assert!(lines[1]["error"].as_str().unwrap().contains("not UTF-8"));
-    assert_eq!(lines[3]["id"], "bad");
-    assert!(lines[3]["error"].as_str().unwrap().contains("messages"));
+    assert_eq!(
+        (lines[3]["id"].as_str(), lines[3]["category"].as_str()),
+        (Some("c"), Some("translation")),
+        "a completion's body is classified by its prompt"
+    );
+    assert_eq!(lines[4]["id"], "bad");
+    assert!(lines[4]["error"].as_str().unwrap().contains("messages"));
     let lines = [&lines[0], &lines[2]];
     assert_eq!(
         (
@@ -206,7 +233,7 @@ fn classify_reads_jsonl_and_writes_one_line_each() {
     }
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("line 2: not UTF-8") && err.contains("line 5"),
+        err.contains("line 2: not UTF-8") && err.contains("line 6"),
         "{err}"
     );
 }
