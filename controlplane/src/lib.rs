@@ -731,9 +731,10 @@ pub(crate) async fn drain_on_signal(
 ) {
     shutdown.next().await;
     tokio::spawn(async move {
-        shutdown.next().await;
+        let signal = shutdown.next().await;
         eprintln!("switchyard: second signal: exiting now");
-        std::process::exit(130);
+        // As a process the signal killed would (130 for SIGINT, 143 for SIGTERM).
+        std::process::exit(128 + signal);
     });
     let Some(dataplane) = dataplane else {
         eprintln!("switchyard: shutting down");
@@ -851,10 +852,11 @@ impl Shutdown {
         })
     }
 
-    async fn next(&mut self) {
+    /// The next SIGTERM or SIGINT; returns its number.
+    async fn next(&mut self) -> i32 {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = self.int.recv() => libc::SIGINT,
         }
     }
 }
