@@ -1985,6 +1985,61 @@ fn sigterm_drains_streams_in_flight_then_exits_zero() {
 }
 
 #[test]
+fn a_drain_answers_requests_still_arriving_instead_of_exiting_with_them() {
+    let s = sim("s", &[]);
+    let mut r = router(&config_for(
+        &[("s", s.url())],
+        "[listener]\ndrain_timeout_ms = 1500\n",
+    ));
+    let pid = r.child.id().to_string();
+    // Two requests half sent, nothing else in flight; each connection answered once first,
+    // so that the router has accepted it (the listen queue is reset when the listener closes).
+    let half_sent = || {
+        let mut c = Conn::open(r.addr);
+        c.send(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n");
+        assert_eq!(c.read_response().unwrap().status, 200);
+        let request = post_raw("/v1/chat/completions", &chat("hi"), "");
+        c.send(&request[..20]);
+        (c, request)
+    };
+    let (mut completed, request) = half_sent();
+    let (mut abandoned, _) = half_sent();
+    std::thread::sleep(Duration::from_millis(300));
+    let signalled = Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        r.child.try_wait().unwrap().is_none(),
+        "exited with requests half read"
+    );
+    // One that arrives whole during the drain is refused as not started...
+    completed.send(&request[20..]);
+    let refused = completed.read_response().unwrap();
+    assert_eq!(refused.error(503)["code"], "shutting_down");
+    // ... and one still arriving at the drain deadline too.
+    abandoned
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let cut = abandoned.read_response().unwrap();
+    assert_eq!(cut.error(503)["code"], "shutting_down");
+    assert!(signalled.elapsed() >= Duration::from_millis(1400));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = r.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "router did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
 fn every_request_is_one_priced_usage_event() {
     let s = sim("s", &["--completion-tokens", "5"]);
     let r = router(&config_for(

@@ -263,11 +263,15 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
             .insert((client.stream.as_raw_fd(), client.waiting.clone())),
     };
     loop {
-        let head = match read_head(&mut client, &worker.listener()).await {
+        // Set once a head starts to arrive: a drain waits for it as for a request in flight.
+        let mut arriving = None;
+        let started = || arriving = Some(worker.request_in_flight());
+        let head = match read_head(&mut client, &worker.listener(), started).await {
             Ok(h) => h,
             Err(HeadError::Closed) => return,
             Err(HeadError::Bad(e)) => {
                 send_error(&mut client, e.kind, e.message, None, false, None, false).await;
+                drop(arriving);
                 return linger(&mut client).await;
             }
         };
@@ -288,11 +292,12 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream) {
                 head_only,
             )
             .await;
+            drop(arriving);
             return linger(&mut client).await;
         }
         // Taken once the head is here: the wait for it may have outlasted a reload.
         let snap = worker.snapshot();
-        let in_flight = worker.request_in_flight();
+        let in_flight = arriving.unwrap_or_else(|| worker.request_in_flight());
         let keep_alive = handle(&worker, &snap, &mut client, head).await;
         drop(in_flight);
         if !keep_alive || worker.shared.is_draining() {
@@ -321,7 +326,15 @@ async fn linger(client: &mut Client) {
     }
 }
 
-pub async fn read_head(client: &mut Client, l: &Listener) -> Result<Head, HeadError> {
+/// Reads the next request head; calls `started` once its first bytes are here (the router
+/// counts it in flight from then on, so that a drain answers it instead of exiting with it
+/// half read).
+pub async fn read_head(
+    client: &mut Client,
+    l: &Listener,
+    started: impl FnOnce(),
+) -> Result<Head, HeadError> {
+    let mut started = Some(started);
     // Both from the first wait of their kind: empty lines trickled in do not renew the idle one.
     let mut idle_deadline = None;
     let mut deadline = None;
@@ -355,11 +368,24 @@ pub async fn read_head(client: &mut Client, l: &Listener) -> Result<Head, HeadEr
         client
             .waiting
             .set(if idle { Waiting::Idle } else { Waiting::Busy });
+        if !idle {
+            if let Some(f) = started.take() {
+                f();
+            }
+        }
         let read = client.read_more_by(by).await;
-        if client.waiting.replace(Waiting::Busy) == Waiting::Shut
-            && !matches!(read, Some(Ok(n)) if n > 0)
-        {
-            return Err(HeadError::Closed);
+        let got_bytes = matches!(read, Some(Ok(n)) if n > 0);
+        match client.waiting.replace(Waiting::Busy) {
+            Waiting::Shut if !got_bytes => return Err(HeadError::Closed),
+            // The drain deadline passed with the head still arriving.
+            Waiting::Cut if !got_bytes => {
+                return Err(HeadError::Bad(CodecError {
+                    kind: ErrorKind::ShuttingDown,
+                    message:
+                        "the router shut down before the request arrived whole; it was not started",
+                }))
+            }
+            _ => {}
         }
         match read {
             Some(Ok(0) | Err(_)) => return Err(HeadError::Closed),

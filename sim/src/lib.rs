@@ -214,7 +214,7 @@ async fn serve(sim: Rc<Sim>, stream: TcpStream) {
     let limits = limits();
     let mut client = Client::new(stream, limits.send_timeout);
     loop {
-        let head = match read_head(&mut client, &limits).await {
+        let head = match read_head(&mut client, &limits, || {}).await {
             Ok(h) => h,
             Err(HeadError::Closed) | Err(HeadError::Bad(_)) => return,
         };
