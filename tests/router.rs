@@ -759,6 +759,15 @@ targets = ["slow/s"]
         "{}",
         resp.text()
     );
+    // With nothing failed, a full backend is told apart from an unhealthy one.
+    let full = post(
+        r.addr,
+        "/v1/chat/completions",
+        &chat("hi"),
+        "x-switchyard-tier: large\r\n",
+    );
+    assert_eq!(full.error(503)["code"], "upstream_at_capacity");
+    assert_eq!(full.header("retry-after"), Some("1"));
     assert_eq!(holder.join().unwrap(), 200);
 }
 

@@ -848,13 +848,20 @@ pub async fn handle(
                 .ceil()
                 .max(1.0) as u64;
             let extra = format!("retry-after: {wait}\r\n");
-            let msg = "no healthy backend can take this request now; retry later";
+            let (kind, msg) = if tried_backends(table, decision).any(|b| snap.states.is_ejected(b))
+            {
+                let msg = "no healthy backend can take this request now; retry later";
+                (ErrorKind::NoHealthyTarget, msg)
+            } else {
+                let msg = "every backend for this request is at its max_concurrency (busy, not failing); retry later";
+                (ErrorKind::TargetsFull, msg)
+            };
             send_reject(
                 worker,
                 snap,
                 client,
                 &ctx,
-                ErrorKind::NoHealthyTarget,
+                kind,
                 msg,
                 None,
                 Some(extra.as_bytes()),

@@ -29,8 +29,10 @@ pub enum ErrorKind {
     UnknownPath,
     MethodNotAllowed,
     ModelNotFound,
-    /// Every target of the route is ejected or at its concurrency cap.
+    /// Every target of the route is ejected or at its concurrency cap, some ejected.
     NoHealthyTarget,
+    /// Every target of the route is healthy but at its concurrency cap.
+    TargetsFull,
     UpstreamConnect,
     UpstreamTimeout,
     /// The upstream answered with something that is not HTTP/1.x.
@@ -77,6 +79,7 @@ impl ErrorKind {
             ),
             ModelNotFound => (404, "invalid_request_error", "model_not_found", Retry::No),
             NoHealthyTarget => (503, "api_error", "no_healthy_upstream", Retry::No),
+            TargetsFull => (503, "api_error", "upstream_at_capacity", Retry::No),
             UpstreamConnect => (502, "api_error", "upstream_connect_failed", Retry::Yes),
             UpstreamTimeout => (504, "api_error", "upstream_timeout", Retry::Yes),
             UpstreamProtocol => (502, "api_error", "upstream_protocol_error", Retry::Yes),
@@ -158,6 +161,7 @@ mod tests {
             MethodNotAllowed,
             ModelNotFound,
             NoHealthyTarget,
+            TargetsFull,
             UpstreamConnect,
             UpstreamTimeout,
             UpstreamProtocol,
