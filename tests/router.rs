@@ -2249,6 +2249,34 @@ fn a_second_signal_exits_at_once() {
 }
 
 #[test]
+fn a_body_held_back_for_100_continue_is_asked_for_only_when_needed() {
+    let s = sim("s", &[]);
+    let r = router(&config_for(&[("s", s.url())], ""));
+    let body = chat("hi");
+    let head = |path: &str, len: usize| {
+        format!("POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {len}\r\n\r\n")
+    };
+    let mut c = Conn::open(r.addr);
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    c.send(head("/v1/chat/completions", body.len()).as_bytes());
+    let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut got = vec![0u8; interim.len()];
+    c.stream.read_exact(&mut got).unwrap();
+    assert_eq!(got, interim);
+    c.send(body.as_bytes());
+    assert_eq!(c.read_response().unwrap().status, 200);
+    // Refused on its head alone: the answer comes without asking for the body, and the
+    // connection closes (the body may or may not follow).
+    c.send(head("/v1/nope", 10).as_bytes());
+    let refused = c.read_response().unwrap();
+    assert_eq!(refused.error(404)["code"], "unknown_url");
+    assert_eq!(refused.header("connection"), Some("close"));
+    assert!(c.is_closed());
+}
+
+#[test]
 fn http10_clients_get_close_delimited_streams() {
     let s = sim("s", &[]);
     let r = router(&config_for(&[("s", s.url())], ""));

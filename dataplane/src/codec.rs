@@ -53,6 +53,11 @@ pub struct Head {
 }
 
 impl Head {
+    /// Whether a body follows the head.
+    pub fn has_body(&self) -> bool {
+        !matches!(self.framing, BodyFraming::Empty | BodyFraming::Length(0))
+    }
+
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()

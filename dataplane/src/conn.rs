@@ -423,8 +423,7 @@ pub async fn read_body(
             return Err(too_large);
         }
     }
-    let wants_body = !matches!(head.framing, BodyFraming::Empty | BodyFraming::Length(0));
-    if head.expect_continue && wants_body && client.buf.is_empty() {
+    if head.expect_continue && head.has_body() && client.buf.is_empty() {
         let (res, _) = client
             .write(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())
             .await;
@@ -490,15 +489,24 @@ async fn handle(worker: &Worker, snap: &Snapshot, client: &mut Client, head: Hea
         || endpoint.is_some()
         || model_id.is_some()
         || matches!(path, "/healthz" | "/readyz" | "/v1/models");
-    // Bodies of requests we answer locally are still read, so the next pipelined request parses.
-    let body = match read_body(client, &head, &snap.table.listener).await {
-        Ok(b) => b,
-        Err(e) => {
-            send_error(client, e.kind, e.message, None, false, None, false).await;
-            return false;
+    let proxied = matches!((endpoint, head.method), (Some(_), Method::Post));
+    // A body held back until asked for (`Expect: 100-continue`) is not asked for when the head
+    // alone decides the answer: it goes out at once, and the connection closes (whether the
+    // body follows is the client's choice). Other bodies of requests answered locally are
+    // still read, so the next pipelined request parses.
+    let held_back = head.expect_continue && client.buf.is_empty() && head.has_body() && !proxied;
+    let body = if held_back {
+        Vec::new()
+    } else {
+        match read_body(client, &head, &snap.table.listener).await {
+            Ok(b) => b,
+            Err(e) => {
+                send_error(client, e.kind, e.message, None, false, None, false).await;
+                return false;
+            }
         }
     };
-    let keep_alive = head.keep_alive && !worker.shared.is_draining();
+    let keep_alive = head.keep_alive && !held_back && !worker.shared.is_draining();
     let head_only = head.method == Method::Head;
     if (path == "/v1/models" || model_id.is_some()) && is_get {
         let keys = &worker.shared.keys;
