@@ -581,6 +581,9 @@ fn parse_backend_url(url: &str) -> Result<(Scheme, String, u16, String), String>
         Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
         None => (rest, ""),
     };
+    // Request paths start with /v1; a base URL written the OpenAI SDKs' way (`.../v1`) means
+    // the same server, not `/v1/v1/...`.
+    let base = base.strip_suffix("/v1").unwrap_or(base);
     if authority.is_empty() || authority.contains('@') {
         return Err(format!("`{url}` needs a host (and no user info)"));
     }
@@ -812,6 +815,13 @@ fn build(
         if t.name.is_empty() || file.tiers[..rank].iter().any(|o| o.name == t.name) {
             errs.push(&key, "name must be non-empty and unique");
         }
+        if t.name == "auto" {
+            // Tier names are model aliases: this one would route `auto` past the classifier.
+            errs.push(
+                &key,
+                "`auto` is the classifier's model name; name the tier otherwise",
+            );
+        }
         if !crate::usage::is_label_safe(&t.name) {
             errs.push(
                 &key,
@@ -928,6 +938,23 @@ fn build(
                 &key,
                 "name must be non-empty, without quotes, backslashes or control characters",
             );
+        }
+        // `x-switchyard-rule` and the usage events name the rule that decided.
+        if file.rules[..i].iter().any(|o| o.name == r.name) {
+            errs.push(&key, "another rule has this name; names must be unique");
+        }
+        for name in &r.when.service {
+            // A name no caller can have would never match.
+            if !crate::usage::is_valid_service(name) {
+                errs.push(
+                    format!("{key}.match.service"),
+                    format!(
+                        "`{}`: {}",
+                        name.escape_debug(),
+                        crate::usage::SERVICE_NAME_RULE
+                    ),
+                );
+            }
         }
         let action = match (&r.tier, &r.targets) {
             (Some(t), None) => match tier_rank(t) {
@@ -1059,6 +1086,12 @@ fn build(
             None
         }
     };
+    if admin_address.is_some() && admin_address == file.listener.address.parse().ok() {
+        errs.push(
+            "admin.address",
+            "the same as listener.address; the control API needs a port of its own",
+        );
+    }
     if file.admin.token_env.is_empty() {
         errs.push("admin.token_env", "must name an environment variable");
     }
@@ -1378,14 +1411,14 @@ targets = ["local/org/big:latest"]
     fn api_key_comes_from_the_environment_only() {
         let with_key = MINIMAL.replace(
             "url = \"http://127.0.0.1:8000\"",
-            "url = \"https://api.example.com/v1\"\napi_key_env = \"SET_KEY\"",
+            "url = \"https://api.example.com/openai/v1\"\napi_key_env = \"SET_KEY\"",
         );
         let t = load(&with_key).unwrap();
         let b = &t.backends[0];
         assert_eq!(b.api_key.as_deref(), Some("sk-secret"));
         assert_eq!(
             (b.port, b.authority.as_str(), b.base_path.as_str()),
-            (443, "api.example.com", "/v1")
+            (443, "api.example.com", "/openai")
         );
         assert!(
             !format!("{b:?}").contains("sk-secret"),
@@ -1492,6 +1525,15 @@ targets = ["local/org/big:latest"]
             parse_backend_url("https://h").unwrap(),
             (Scheme::Https, "h".into(), 443, String::new())
         );
+        for url in ["http://h:8000/v1", "http://h:8000/v1/", "http://h:8000"] {
+            assert_eq!(parse_backend_url(url).unwrap().3, "", "{url}");
+        }
+        assert_eq!(
+            parse_backend_url("https://api.groq.com/openai/v1")
+                .unwrap()
+                .3,
+            "/openai"
+        );
         assert!(parse_backend_url("ftp://h").is_err());
         assert!(parse_backend_url("http://h:99999").is_err());
         assert!(parse_backend_url("http://:80").is_err());
@@ -1531,6 +1573,40 @@ targets = ["local/org/big:latest"]
                 && !err.contains("`/v1/embeddings`"),
             "{err}"
         );
+        let text = format!("{MINIMAL}\n[[rules]]\nname = \"p\"\ntier = \"large\"\nmatch = {{ service = [\"ok\", \"bad name\"] }}\n[[rules]]\nname = \"p\"\ntier = \"small\"\n");
+        let err = load(&text).unwrap_err().join("\n");
+        assert!(
+            err.contains("rules[0] (p).match.service: `bad name`") && !err.contains("`ok`"),
+            "{err}"
+        );
+        assert!(
+            err.contains("rules[1] (p): another rule has this name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tier_may_not_take_the_classifiers_name() {
+        let err = load(&MINIMAL.replace("name = \"small\"", "name = \"auto\""))
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            err.contains("tiers[0] (auto): `auto` is the classifier's"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_admin_api_needs_a_port_of_its_own() {
+        let same =
+            "[listener]\naddress = \"127.0.0.1:8080\"\n[admin]\naddress = \"127.0.0.1:8080\"\n";
+        let err = load(&format!("{MINIMAL}\n{same}")).unwrap_err().join("\n");
+        assert!(
+            err.contains("admin.address: the same as listener.address"),
+            "{err}"
+        );
+        let off = same.replace("[admin]\n", "[admin]\nenabled = false\n");
+        assert!(load(&format!("{MINIMAL}\n{off}")).is_ok());
     }
 }
 #[cfg(test)]
