@@ -271,7 +271,10 @@ pub async fn handle(
     }
     let view = match RequestView::parse(endpoint, body) {
         Ok(v) => v,
-        Err(e) => return reject(worker, snap, client, &ctx, e.kind, &e.message, e.param).await,
+        Err(e) => {
+            let param = e.param.as_deref();
+            return reject(worker, snap, client, &ctx, e.kind, &e.message, param).await;
+        }
     };
     ctx.streamed = view.stream;
     ctx.prompt_chars = view.total_chars;

@@ -49,7 +49,8 @@ impl Endpoint {
 pub struct RequestError {
     pub kind: ErrorKind,
     pub message: String,
-    pub param: Option<&'static str>,
+    /// A field name (`messages`), or the path to a nested one (`messages[0].content`).
+    pub param: Option<std::borrow::Cow<'static, str>>,
 }
 
 impl RequestError {
@@ -57,7 +58,7 @@ impl RequestError {
         RequestError {
             kind: ErrorKind::InvalidRequest,
             message: message.into(),
-            param: Some(param),
+            param: Some(param.into()),
         }
     }
 
@@ -76,6 +77,17 @@ impl RequestError {
             param: None,
         }
     }
+}
+
+/// The field a type error in `text` is in (`max_tokens`), by parsing it again with the path
+/// tracked: only once it failed, as tracking costs on every request.
+fn field_of_error<'a, T: Deserialize<'a>>(text: &'a str) -> Option<String> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let path = serde_path_to_error::deserialize::<_, T>(&mut de)
+        .err()?
+        .path()
+        .to_string();
+    (path != ".").then_some(path)
 }
 
 /// `T` from a JSON object only. A derived `Deserialize` also takes an array of the fields in
@@ -268,8 +280,13 @@ impl<'a> RequestView<'a> {
             ),
             param: None,
         })?;
-        let ObjectOnly(top): ObjectOnly<Top<'a>> =
-            serde_json::from_str(text).map_err(RequestError::from_serde)?;
+        let ObjectOnly(top): ObjectOnly<Top<'a>> = serde_json::from_str(text).map_err(|e| {
+            let mut error = RequestError::from_serde(e);
+            if error.kind == ErrorKind::InvalidRequest {
+                error.param = field_of_error::<ObjectOnly<Top<'a>>>(text).map(Into::into);
+            }
+            error
+        })?;
         let mut view = RequestView::default();
         if let Some(raw) = top.model {
             // `null` routes like an absent model; its value is still what the rewrite replaces.
@@ -745,13 +762,13 @@ mod tests {
                 Endpoint::ChatCompletions,
                 r#"{"stream":"yes","messages":[{"role":"user","content":"x"}]}"#,
                 ErrorKind::InvalidRequest,
-                None,
+                Some("stream"),
             ),
             (
                 Endpoint::ChatCompletions,
                 r#"{"max_tokens":-1,"messages":[{"role":"user","content":"x"}]}"#,
                 ErrorKind::InvalidRequest,
-                None,
+                Some("max_tokens"),
             ),
             (
                 Endpoint::ChatCompletions,
@@ -781,7 +798,7 @@ mod tests {
         for (endpoint, body, kind, param) in cases {
             let err = parse(endpoint, body).expect_err(body);
             assert_eq!(
-                (err.kind, err.param),
+                (err.kind, err.param.as_deref()),
                 (kind, param),
                 "{body}: {}",
                 err.message
@@ -909,7 +926,7 @@ mod tests {
             r#"{"stream":true,"stream_options":{"include_usage":"yes"},"prompt":"p"}"#,
         )
         .unwrap_err();
-        assert_eq!(e.param, Some("stream_options"));
+        assert_eq!(e.param.as_deref(), Some("stream_options"));
         let twice = r#"{"stream":true,"stream_options":{"include_usage":false,"include\u005fusage":true},"prompt":"p"}"#;
         let e = parse(Endpoint::Completions, twice).unwrap_err();
         assert!(e.message.contains("duplicate field"), "{}", e.message);
@@ -950,7 +967,7 @@ mod tests {
             r#"[null]"#,
         ] {
             let e = parse(Endpoint::Embeddings, &format!(r#"{{"input":{bad}}}"#)).unwrap_err();
-            assert_eq!(e.param, Some("input"), "{bad}");
+            assert_eq!(e.param.as_deref(), Some("input"), "{bad}");
             assert!(
                 e.message.contains("non-empty array"),
                 "{bad}: {}",
