@@ -37,6 +37,9 @@ struct Bucket {
     /// The control plane's last answer granted nothing (its own bucket is empty): no use
     /// waiting for the next.
     dry: AtomicBool,
+    /// Remote data planes: set while the control plane does not answer, when this data plane
+    /// admits by its own clock (`tat`) instead of by grants (`RateLimits::unreachable`).
+    offline: Option<Arc<AtomicBool>>,
 }
 
 /// A minute of allowance can be banked.
@@ -45,7 +48,8 @@ const WINDOW_NS: u64 = 60_000_000_000;
 const MAX_UNITS: u64 = 1 << 40;
 
 impl Bucket {
-    fn new(per_minute: u64, granted: bool) -> Bucket {
+    /// `offline`: a remote data plane's flag for a control plane out of reach.
+    fn new(per_minute: u64, offline: Option<Arc<AtomicBool>>) -> Bucket {
         let per_minute = per_minute.max(1);
         let chunk = (per_minute / 6000).max(1);
         Bucket {
@@ -55,8 +59,15 @@ impl Bucket {
             wanted: AtomicU64::new(0),
             dry: AtomicBool::new(false),
             // A first chunk on credit, so a service's first request does not wait for a lease.
-            granted: granted.then(|| AtomicI64::new(chunk as i64)),
+            granted: offline.is_some().then(|| AtomicI64::new(chunk as i64)),
+            offline,
         }
+    }
+
+    /// What the control plane granted, unless it is out of reach.
+    fn grant(&self) -> Option<&AtomicI64> {
+        let offline = self.offline.as_ref().is_some_and(|o| o.load(Relaxed));
+        self.granted.as_ref().filter(|_| !offline)
     }
 
     /// The most one take can ever get: a full bucket, a minute of allowance.
@@ -66,7 +77,7 @@ impl Bucket {
 
     /// Takes `units`, or says how long until they would fit.
     fn take(&self, units: u64, now: u64) -> Result<(), Duration> {
-        if let Some(granted) = &self.granted {
+        if let Some(granted) = self.grant() {
             // `units` is at most MAX_UNITS: no wrap.
             let units_signed = units as i64;
             return granted
@@ -102,7 +113,7 @@ impl Bucket {
     /// Charges `units` already used, whether or not they fit: the service waits that much
     /// longer (a remote data plane's grant goes down as far as it has).
     fn charge(&self, units: u64, now: u64) {
-        if let Some(granted) = &self.granted {
+        if let Some(granted) = self.grant() {
             let units = units.min(MAX_UNITS) as i64;
             let _ = granted.fetch_update(Relaxed, Relaxed, |g| Some(g.saturating_sub(units)));
             return;
@@ -115,7 +126,7 @@ impl Bucket {
 
     /// Gives back `units` taken but not used (no further than a full bucket).
     fn refund(&self, units: u64, now: u64) {
-        if let Some(granted) = &self.granted {
+        if let Some(granted) = self.grant() {
             granted.fetch_add(units.min(MAX_UNITS) as i64, Relaxed);
             return;
         }
@@ -167,8 +178,11 @@ pub struct RateLimits {
     id: u64,
     /// A remote data plane's: allowance comes from the control plane's grants.
     granted: bool,
-    /// ... and its control plane did not answer the last lease request: nobody waits for one.
-    unreachable: AtomicBool,
+    /// ... and its control plane did not answer the last lease request: nobody waits for one,
+    /// and each data plane enforces the limits by its own clock until it answers again (a
+    /// control plane outage must not refuse every limited service; N data planes then admit
+    /// up to N times a limit). Shared with the limits of later configs.
+    unreachable: Arc<AtomicBool>,
     epoch: Instant,
     settings: RateLimitSettings,
     buckets: Mutex<AHashMap<String, Arc<ServiceBuckets>>>,
@@ -189,7 +203,7 @@ impl RateLimits {
         RateLimits {
             id: NEXT_ID.fetch_add(1, Relaxed),
             granted,
-            unreachable: AtomicBool::new(false),
+            unreachable: Arc::default(),
             epoch: Instant::now(),
             settings,
             buckets: Mutex::default(),
@@ -211,7 +225,7 @@ impl RateLimits {
         RateLimits {
             id: NEXT_ID.fetch_add(1, Relaxed),
             granted: self.granted,
-            unreachable: AtomicBool::new(self.unreachable.load(Relaxed)),
+            unreachable: self.unreachable.clone(),
             epoch: self.epoch,
             settings,
             buckets: Mutex::new(kept),
@@ -237,7 +251,8 @@ impl RateLimits {
         map.entry(service.to_string())
             .or_insert_with(|| {
                 let limit = limit_of(&self.settings, service);
-                let bucket = |per_minute: u64| Bucket::new(per_minute, self.granted);
+                let offline = self.granted.then(|| self.unreachable.clone());
+                let bucket = |per_minute: u64| Bucket::new(per_minute, offline.clone());
                 Arc::new(ServiceBuckets {
                     requests: limit.requests_per_minute.map(bucket),
                     tokens: limit.tokens_per_minute.map(bucket),
@@ -297,7 +312,8 @@ impl RateLimits {
     }
 
     /// Remote data plane: the control plane could not be asked; requests waiting for a grant
-    /// go on (refused) instead of waiting in vain, until it answers again.
+    /// go on instead of waiting in vain, admitted by this data plane's own clock until it
+    /// answers again.
     pub fn stop_waiting(&self) {
         self.unreachable.store(true, Relaxed);
     }
@@ -552,6 +568,30 @@ mod tests {
     }
 
     #[test]
+    fn a_remote_data_plane_out_of_touch_enforces_the_limits_itself() {
+        let remote = RateLimits::new(settings(Some(60), None), true);
+        let w = WorkerLimits::default();
+        assert!(w.admit(&remote, "etl", 0, 0).is_ok(), "on credit");
+        assert!(w.admit(&remote, "etl", 0, 0).is_err(), "no grant yet");
+        // The control plane is not reached: the limit, not the last grant, decides (a
+        // minute's allowance, then about one a second).
+        remote.stop_waiting();
+        assert!((0..60).all(|_| w.admit(&remote, "etl", 0, 0).is_ok()));
+        let refused = w.admit(&remote, "etl", 0, 0).err().expect("over the limit");
+        assert!(refused.retry_after <= Duration::from_secs(1), "{refused:?}");
+        // The limits of a new config share the state of the same control plane.
+        let next = remote.replacing(settings(Some(60), None));
+        assert!(
+            w.admit(&next, "etl", 0, 0).is_err(),
+            "same bucket, same clock"
+        );
+        // It answers again: grants decide once more.
+        next.add_grant("etl", false, 2);
+        assert!((0..2).all(|_| w.admit(&next, "etl", 0, 0).is_ok()));
+        assert!(w.admit(&next, "etl", 0, 0).is_err());
+    }
+
+    #[test]
     fn a_remote_data_plane_admits_what_the_control_plane_granted() {
         let control = limits(Some(60), None);
         let remote = RateLimits::new(settings(Some(60), None), true);
@@ -728,7 +768,7 @@ mod tests {
             "and not for ever: {wait:?}"
         );
         // What a bucket holds is never less than a take needs.
-        let bucket = Bucket::new(1000, false);
+        let bucket = Bucket::new(1000, None);
         bucket.charge(5000, 0);
         assert!(bucket.take(10, WINDOW_NS).is_err());
         assert!(bucket.take(10, 5 * WINDOW_NS).is_ok());
