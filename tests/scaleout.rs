@@ -292,7 +292,18 @@ fn remote_data_planes_follow_report_and_survive_their_control_plane() {
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(spent_requests(admin, "etl"), before + 10, "counted once");
     assert_eq!(spent_requests(admin, "other"), other_before);
-    drop((dp1, dp2, c));
+    // A data plane that stops gives back what it was granted and did not use (a restarted
+    // one would otherwise find the budget held by its predecessor until the day ends).
+    let etl_reserved = || {
+        let budgets = cli(admin, "budgets", &[]);
+        let etl = budgets.lines().find(|l| l.starts_with("etl: ")).unwrap();
+        reserved(etl)[1..].parse::<f64>().unwrap()
+    };
+    let held = etl_reserved();
+    let err = stop_router(dp1);
+    assert!(err.contains("gave back $"), "{err}");
+    assert!(etl_reserved() < held, "{held} {err}");
+    drop((dp2, c));
 }
 
 #[test]

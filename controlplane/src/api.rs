@@ -542,6 +542,32 @@ impl Control for Api {
         }))
     }
 
+    async fn return_budget(
+        &self,
+        request: Request<pb::ReturnBudgetRequest>,
+    ) -> Result<Response<pb::ReturnBudgetReply>, Status> {
+        let r = request.into_inner();
+        if !is_valid_service(&r.service) {
+            return Err(Status::invalid_argument(SERVICE_NAME_RULE));
+        }
+        let key = (r.service, parse_category(&r.category)?);
+        if r.day != self.0.budgets.day() {
+            // A past day's grants no longer matter; a future one's are not out yet.
+            return Ok(Response::new(pb::ReturnBudgetReply { returned_micros: 0 }));
+        }
+        let returned = self
+            .blocking(move |cp| {
+                // Recorded first: a control plane restarted after this counts it as back.
+                let taken = cp.store.sub_granted(&r.day, &key, r.micros)?;
+                cp.budgets.return_grant(key, taken);
+                Ok(taken)
+            })
+            .await?;
+        Ok(Response::new(pb::ReturnBudgetReply {
+            returned_micros: returned,
+        }))
+    }
+
     async fn lease_rate(
         &self,
         request: Request<pb::LeaseRateRequest>,
@@ -584,11 +610,12 @@ fn key_id(hash: &[u8; 32]) -> String {
 
 /// The calls a data-plane token may make: what a remote data plane needs, nothing that
 /// changes configuration, budgets or keys.
-const DATA_PLANE_CALLS: [&str; 7] = [
+const DATA_PLANE_CALLS: [&str; 8] = [
     "WatchSnapshots",
     "ReportConfigState",
     "ReportUsage",
     "LeaseBudget",
+    "ReturnBudget",
     "LeaseRate",
     "GetKeyHashes",
     "GetBudgets",

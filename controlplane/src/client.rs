@@ -49,7 +49,7 @@ pub enum Command {
     },
 }
 
-fn usd(micros: u64) -> String {
+pub(crate) fn usd(micros: u64) -> String {
     format!("${}.{:06}", micros / 1_000_000, micros % 1_000_000)
 }
 

@@ -210,7 +210,10 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
         tokio::time::sleep(Duration::from_millis(100)).await;
         let left = remote.send_all(&mut client).await;
         if left > 0 {
+            // Grants are kept: the control plane cannot tell what of them was spent.
             eprintln!("switchyard: {left} usage records could not be reported before exit");
+        } else {
+            remote.return_budgets(&mut client).await;
         }
     });
     runtime.shutdown_background();
@@ -291,6 +294,36 @@ impl Remote {
         outbox.records.drain(..sent);
         outbox.first_sequence += sent as u64;
         Ok(true)
+    }
+
+    /// At exit, with every request's usage reported: gives back what the control plane granted
+    /// and no worker leased (what a worker leased and did not reserve stays out: at most a
+    /// lease per worker and budget), so a restart does not leave it stranded until the day ends.
+    async fn return_budgets(&self, client: &mut AuthedClient) {
+        let day = self.budgets.day();
+        let mut returned = 0u64;
+        for (key, micros) in self.budgets.withdraw_unused() {
+            let request = pb::ReturnBudgetRequest {
+                data_plane: self.name.clone(),
+                service: key.0.clone(),
+                category: Category::scope_name(key.1).to_string(),
+                micros,
+                day: day.clone(),
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, client.return_budget(request)).await {
+                Ok(Ok(reply)) => returned += reply.into_inner().returned_micros,
+                _ => {
+                    eprintln!("switchyard: could not give back the unused budget grants");
+                    return;
+                }
+            }
+        }
+        if returned > 0 {
+            eprintln!(
+                "switchyard: gave back {} of unused budget grants",
+                crate::client::usd(returned)
+            );
+        }
     }
 
     /// Reports until the outbox is empty or the control plane fails; returns what is left.

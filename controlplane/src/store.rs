@@ -143,6 +143,22 @@ impl Store {
         txn.commit().map_err(err)
     }
 
+    /// Takes back up to `amount` of what `key` granted on `day` (a data plane returned it);
+    /// returns how much.
+    pub fn sub_granted(&self, day: &str, key: &BudgetKey, amount: u64) -> Result<u64, String> {
+        let txn = self.db.begin_write().map_err(err)?;
+        let taken = {
+            let mut t = txn.open_table(GRANTS).map_err(err)?;
+            let k = (day, key.0.as_str(), Category::scope_name(key.1));
+            let before = t.get(k).map_err(err)?.map_or(0, |v| v.value());
+            let taken = amount.min(before);
+            t.insert(k, before - taken).map_err(err)?;
+            taken
+        };
+        txn.commit().map_err(err)?;
+        Ok(taken)
+    }
+
     /// What each budget granted remote data planes on `day`.
     pub fn granted_on(&self, day: &str) -> Result<BTreeMap<BudgetKey, u64>, String> {
         self.per_budget_on(GRANTS, day)
@@ -357,6 +373,8 @@ mod tests {
         let etl = ("etl".to_string(), None);
         s.add_granted("2026-11-27", &etl, 5).unwrap();
         s.add_granted("2026-11-27", &etl, 7).unwrap();
+        assert_eq!(s.sub_granted("2026-11-27", &etl, 2).unwrap(), 2);
+        s.add_granted("2026-11-27", &etl, 2).unwrap();
         s.add_granted("2026-11-28", &etl, 100).unwrap();
         assert_eq!(
             s.granted_on("2026-11-27").unwrap(),

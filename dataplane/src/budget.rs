@@ -291,6 +291,21 @@ impl BudgetBook {
         self.unreachable.store(false, Relaxed);
     }
 
+    /// A remote data plane shutting down, its requests done: what each pool was granted and
+    /// did not lease to a worker, taken out of the pool (so none of it is leased later) to be
+    /// given back.
+    pub fn withdraw_unused(&self) -> Vec<(BudgetKey, u64)> {
+        let s = self.state();
+        s.pools
+            .iter()
+            .filter_map(|(key, pool)| {
+                let unused = pool.limit().saturating_sub(pool.leased());
+                pool.limit.fetch_sub(unused, Relaxed);
+                (unused > 0).then(|| (key.clone(), unused))
+            })
+            .collect()
+    }
+
     /// The control plane answered for this budget without a grant (it is behind: the data
     /// plane catches up): requests waiting on a lease go on.
     pub fn answered(&self, key: &BudgetKey) {
