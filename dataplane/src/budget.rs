@@ -38,6 +38,9 @@ pub struct Pool {
     answers: AtomicU64,
     /// ... and whether its last answer granted nothing (the budget is spent: no use waiting).
     dry: AtomicBool,
+    /// ... and whether a request of this budget came: only such pools are leased (a category
+    /// nobody asks this data plane for would hold up to half of its budget idle).
+    requested: AtomicBool,
     /// The most a waiting request's reservation was short by since the last answer: the next
     /// lease request asks for that (a lease smaller than one request's worst case would
     /// otherwise refuse it however much of the budget is left).
@@ -326,12 +329,12 @@ impl BudgetBook {
 
     /// Pools with less than `low_water` left to lease, or less than a refused reservation
     /// wanted: a remote data plane asks for more, at least the amount given with each. A pool
-    /// whose budget has no limit any more is not asked for.
+    /// whose budget has no limit any more, or that no request came for, is not asked for.
     pub fn running_low(&self, low_water: u64) -> Vec<(BudgetKey, u64)> {
         let s = self.state();
         s.pools
             .iter()
-            .filter(|(k, _)| s.limit(k).is_some())
+            .filter(|(k, p)| s.limit(k).is_some() && p.requested.load(Relaxed))
             .filter_map(|(k, p)| {
                 let left = p.limit().saturating_sub(p.leased());
                 let wanted = p.wanted.load(Relaxed);
@@ -631,11 +634,17 @@ impl WorkerBudgets {
             return false;
         }
         let leases = self.leases(book, service);
-        let waiting = |l: &Option<Rc<Lease>>| {
-            l.as_ref()
-                .is_some_and(|l| l.pool.answers.load(Acquire) == 0)
-        };
-        waiting(&leases.own) || waiting(&leases.categories[category.index()])
+        let mut waiting = false;
+        for lease in [&leases.own, &leases.categories[category.index()]]
+            .into_iter()
+            .flatten()
+        {
+            if !lease.pool.requested.load(Relaxed) {
+                lease.pool.requested.store(true, Relaxed);
+            }
+            waiting |= lease.pool.answers.load(Acquire) == 0;
+        }
+        waiting
     }
 
     /// On a remote data plane, after a refused reservation: asks the control plane for what
@@ -893,6 +902,10 @@ mod tests {
             w.reserve(&remote, "etl", Category::Chat, 10),
             Reserve::Refused
         ));
+        // Only the budgets a request came for are leased: the service's own, not its code
+        // budget, until a code request comes.
+        assert_eq!(remote.running_low(50), vec![(etl.clone(), 0)]);
+        assert!(w.awaiting_lease(&remote, "etl", Category::Code));
         assert_eq!(
             remote.running_low(50),
             vec![
