@@ -227,6 +227,35 @@ fn the_config_file_reloads_on_change_and_on_sighup() {
 }
 
 #[test]
+fn a_backend_added_by_a_reload_is_checked_at_once() {
+    let (s, t) = (sim("s", &[]), sim("t", &[]));
+    // Checks every 10 s: the reload must not wait for the next round.
+    let config = |backends: &[(&str, String)]| {
+        config_for(backends, "").replace("interval_ms = 100", "interval_ms = 10000")
+    };
+    let r = router(&config(&[("s", s.url())]));
+    let healthy = |name: &str| {
+        metrics(r.admin.unwrap(), Some(ADMIN_TOKEN))
+            .text()
+            .contains(&format!(
+                "switchyard_backend_healthy{{backend=\"{name}\"}} 1"
+            ))
+    };
+    eventually("the first backend is checked", || healthy("s"));
+    let added = write_temp("added.toml", &config(&[("s", s.url()), ("t", t.url())]));
+    let (ok, out, err) = cli(&r, "config", &["apply", added.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let applied = Instant::now();
+    while !healthy("t") {
+        assert!(
+            applied.elapsed() < Duration::from_secs(3),
+            "the added backend is still not checked"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn the_admin_api_and_metrics_need_the_token() {
     let s = sim("s", &["--completion-tokens", "5"]);
     let r = router(&config_for(&[("s", s.url())], ""));

@@ -8,10 +8,13 @@ use crate::snapshot::Snapshot;
 use crate::upstream;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// One round per interval over the backends of the snapshot in effect, so backends added by a
-/// reload are checked from the next round on.
+/// How often the wait between rounds looks for a reload.
+const RELOAD_POLL: Duration = Duration::from_millis(100);
+
+/// One round per interval over the backends of the snapshot in effect, and one at once after a
+/// reload: a backend it added is checked (and shown healthy) within moments, not an interval.
 pub fn spawn_checks(worker: Rc<Worker>) {
     monoio::spawn(async move {
         loop {
@@ -23,9 +26,17 @@ pub fn spawn_checks(worker: Rc<Worker>) {
                     monoio::spawn(check(snap.clone(), resolved, backend));
                 }
             }
+            let version = snap.table.version;
             drop(snap);
             // Without checks, look again later: a reload may turn them on.
-            monoio::time::sleep(interval.unwrap_or(Duration::from_secs(1))).await;
+            let next = Instant::now() + interval.unwrap_or(Duration::from_secs(1));
+            while worker.snapshot().table.version == version {
+                let left = next.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                monoio::time::sleep(left.min(RELOAD_POLL)).await;
+            }
         }
     });
 }
