@@ -210,17 +210,37 @@ impl RateLimits {
         }
     }
 
-    /// The limits of a new config: a service whose limit did not change keeps its buckets
-    /// (what it used this minute) on the same clock; the others start afresh. Workers keep
-    /// their leases on kept buckets and drop the others (see `WorkerLimits::admit`).
+    /// The limits of a new config: a service whose limit did not change keeps its buckets on
+    /// the same clock; one whose limit changed gets new buckets that start from what it used
+    /// of the window (a limit lowered to stop a client must not hand it a fresh burst). Workers
+    /// keep their leases on kept buckets and drop the others (see `WorkerLimits::admit`).
     pub fn replacing(&self, settings: RateLimitSettings) -> RateLimits {
         let old = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.now();
+        let offline = self.granted.then(|| self.unreachable.clone());
         let kept = old
             .iter()
-            .filter(|(service, _)| {
-                limit_of(&self.settings, service) == limit_of(&settings, service)
+            .map(|(service, buckets)| {
+                let limit = limit_of(&settings, service);
+                if limit_of(&self.settings, service) == limit {
+                    return (service.clone(), buckets.clone());
+                }
+                let carried = |was: &Option<Bucket>, per_minute: Option<u64>| {
+                    let bucket = Bucket::new(per_minute?, offline.clone());
+                    if let Some(was) = was.as_ref().filter(|_| offline.is_none()) {
+                        let ahead = was.tat.load(Relaxed).saturating_sub(now);
+                        let used = ahead.div_ceil(was.interval);
+                        let tat = now.saturating_add(used.saturating_mul(bucket.interval));
+                        bucket.tat.store(tat, Relaxed);
+                    }
+                    Some(bucket)
+                };
+                let buckets = ServiceBuckets {
+                    requests: carried(&buckets.requests, limit.requests_per_minute),
+                    tokens: carried(&buckets.tokens, limit.tokens_per_minute),
+                };
+                (service.clone(), Arc::new(buckets))
             })
-            .map(|(service, buckets)| (service.clone(), buckets.clone()))
             .collect();
         RateLimits {
             id: NEXT_ID.fetch_add(1, Relaxed),
@@ -675,12 +695,14 @@ mod tests {
             w.admit(&second, "etl", 0, 0).is_err(),
             "etl's minute is still used up"
         );
-        assert!(
-            w.admit(&second, "other", 0, 0).is_ok(),
-            "other's limit changed: afresh"
-        );
+        // A changed limit counts what was used of the window: other used 2 of its new 4.
+        assert!((0..2).all(|_| w.admit(&second, "other", 0, 0).is_ok()));
+        assert!(w.admit(&second, "other", 0, 0).is_err());
         let third = second.replacing(with(5, 4));
-        assert!(w.admit(&third, "etl", 0, 0).is_ok(), "etl's limit changed");
+        assert!(w.admit(&third, "etl", 0, 0).is_ok(), "etl's limit went up");
+        // Lowered below what was used: nothing until that has drained.
+        let fourth = third.replacing(with(1, 4));
+        assert!(w.admit(&fourth, "etl", 0, 0).is_err(), "no fresh burst");
     }
 
     #[test]
