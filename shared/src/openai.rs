@@ -586,14 +586,16 @@ pub fn parse_usage(json: &[u8]) -> Option<TokenUsage> {
     };
     let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Option<UsageFields>>();
     let u = values.next()?.ok()??;
+    let prompt = u.prompt_tokens.min(MAX_TOKENS);
     Some(TokenUsage {
-        prompt: u.prompt_tokens.min(MAX_TOKENS),
+        prompt,
         completion: u.completion_tokens.min(MAX_TOKENS),
+        // Cached tokens are some of the prompt's: no more of them, whatever a backend says.
         cached: u
             .prompt_tokens_details
             .and_then(|d| d.cached_tokens)
             .unwrap_or(0)
-            .min(MAX_TOKENS),
+            .min(prompt),
     })
 }
 
@@ -1083,6 +1085,14 @@ mod tests {
             (absurd.prompt, absurd.completion),
             (1 << 40, 1 << 40),
             "capped"
+        );
+        let over = parse_usage(
+            br#"{"usage":{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":50}}}"#,
+        );
+        assert_eq!(
+            over.unwrap().cached,
+            10,
+            "no more cached than prompt tokens"
         );
         assert_eq!(estimate_tokens(9), 3);
     }
