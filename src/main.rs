@@ -125,7 +125,8 @@ struct DataArgs {
     /// This data plane's name at the control plane; default: hostname and process id.
     #[arg(long)]
     name: Option<String>,
-    /// Usage records kept while the control plane is unreachable.
+    /// Usage records held until reported (sent every 200 ms; more while the control plane is
+    /// unreachable); beyond this many, records are dropped and counted.
     #[arg(long, default_value_t = 1_000_000)]
     usage_buffer: usize,
 }
