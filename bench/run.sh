@@ -23,6 +23,8 @@
 #   OUT [docs/BENCHMARKS.md]  file the dated section is appended to; "-" = do not write
 #   PROXY_CPUS, SIM_CPUS, WRK_CPUS [unset]  CPU lists (taskset -c) that pin Switchyard and
 #                       nginx, the simulator and wrk, on a machine with cores to spare
+#   PLACED [1]          when nothing is pinned: also measure 1 connection with the same CPUs
+#                       for every target (proxy and wrk on one core, the simulator on another)
 #
 # Only 127.0.0.1 is used; every load run is bounded by wrk -d and timeout(1); every process
 # this script starts is killed on exit.
@@ -45,6 +47,7 @@ MODEL=${MODEL:-auto}
 CONNS_IDLE=${CONNS_IDLE:-1000}
 BUILD=${BUILD:-0}
 OUT=${OUT:-docs/BENCHMARKS.md}
+PLACED=${PLACED:-1}
 
 . bench/lib.sh
 
@@ -170,7 +173,7 @@ log "all targets answer 200 for JSON and SSE requests"
 RESULTS=$TMP/results.tsv
 printf 'round\tmode\ttarget\tconns\trequests\tduration_us\tp50_us\tp99_us\terrors\tproxy_ticks\tsim_ticks\n' >"$RESULTS"
 
-# run_wrk ROUND MODE TARGET CONNS THREADS SECONDS [record]
+# run_wrk ROUND MODE TARGET CONNS THREADS SECONDS [record]; recorded as mode LABEL if set.
 run_wrk() {
     local round=$1 mode=$2 t=$3 conns=$4 threads=$5 secs=$6 record=${7:-1}
     local before after sbefore safter line
@@ -184,10 +187,34 @@ run_wrk() {
     line=$(grep '^RESULT ' "$TMP/wrk.out") || die "no wrk result for $t: $(tail -5 "$TMP/wrk.out")"
     eval "local ${line#RESULT }"
     [ "$record" = 1 ] || return 0
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$mode" "$t" "$conns" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "${LABEL:-$mode}" "$t" "$conns" \
         "$requests" "$duration_us" "$p50_us" "$p99_us" "$errors" \
         $((after - before)) $((safter - sbefore)) >>"$RESULTS"
-    log "round $round $mode c=$conns $t: $((requests * 1000000 / duration_us)) req/s p50=${p50_us}us p99=${p99_us}us errors=$errors"
+    log "round $round ${LABEL:-$mode} c=$conns $t: $((requests * 1000000 / duration_us)) req/s p50=${p50_us}us p99=${p99_us}us errors=$errors"
+}
+
+# Where the scheduler puts three processes that wake each other on two cores decides a
+# 1-connection latency more than any proxy does (docs/BENCHMARKS.md, 2026-11-28 16:xx notes),
+# so the placed runs give every target the same CPUs: the proxy and wrk share core A, the
+# simulator has core B (for direct: wrk on A, the simulator on B), as when a proxy runs
+# beside its callers and the backend elsewhere.
+PLACE_A="" PLACE_B=""
+if [ "$PLACED" = 1 ] && [ -z "${PROXY_CPUS:-}${SIM_CPUS:-}${WRK_CPUS:-}" ] && [ "$(cpu_order | wc -l)" -ge 2 ]; then
+    read -r PLACE_A PLACE_B <<<"$(cpu_order | head -2 | tr '\n' ' ')"
+fi
+ALL_CPUS=$(awk '/^Cpus_allowed_list/ {print $2}' /proc/self/status)
+affine() { # affine CPUS PIDS...: every thread of each pid
+    local cpus=$1 p
+    shift
+    for p in "$@"; do taskset -apc "$cpus" "$p" >/dev/null; done
+}
+run_placed() { # run_placed ROUND TARGET
+    local r=$1 t=$2
+    affine "$PLACE_B" "$SIM_PID"
+    [ "$t" = direct ] || affine "$PLACE_A" ${PROCS[$t]}
+    LABEL=json_placed WRK_CPUS=$PLACE_A run_wrk "$r" json "$t" 1 1 "$LAT_DURATION"
+    affine "$ALL_CPUS" "$SIM_PID"
+    [ "$t" = direct ] || affine "$ALL_CPUS" ${PROCS[$t]}
 }
 
 if [ "$WARMUP" -gt 0 ]; then
@@ -215,6 +242,12 @@ for r in $(seq "$ROUNDS"); do
         run_wrk "$r" json "$t" 1 1 "$LAT_DURATION"
         sleep 1
     done
+    if [ -n "$PLACE_A" ]; then
+        for t in "${ORDER[@]}"; do
+            run_placed "$r" "$t"
+            sleep 1
+        done
+    fi
 done
 
 declare -A PEAK_KB AFTER_KB
@@ -312,7 +345,7 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---------------------------------------------------------------- report
 export CLK_TCK ROUNDS DURATION LAT_DURATION CONNS THREADS WORKERS SIM_WORKERS CONNS_IDLE
-export PINNED="${PROXY_CPUS:-}${SIM_CPUS:-}${WRK_CPUS:-}"
+export PINNED="${PROXY_CPUS:-}${SIM_CPUS:-}${WRK_CPUS:-}" PLACE_A PLACE_B
 export TARGETS_STR="${TARGETS[*]}" SY_TARGETS_STR="${SY_TARGETS[*]}"
 META=$TMP/meta.tsv
 : >"$META"
@@ -365,8 +398,9 @@ out = []
 w = out.append
 w("| mode | target | req/s (median) | req/s min-max | p50 | p99 | proxy CPU us/req | sim CPU us/req | errors |")
 w("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-for mode, c in (("json", conns), ("stream", conns), ("json", 1)):
-    label = {"json": "JSON", "stream": "SSE"}[mode] + f", {c} conn" + ("s" if c > 1 else "")
+for mode, c in (("json", conns), ("stream", conns), ("json", 1), ("json_placed", 1)):
+    label = {"json": "JSON", "stream": "SSE", "json_placed": "JSON"}[mode] + f", {c} conn" + ("s" if c > 1 else "")
+    label += ", placed" if mode == "json_placed" else ""
     for t in targets:
         s = stats(mode, t, c)
         if not s:
@@ -393,8 +427,6 @@ w("nginx memory is master + workers summed (pages they share are counted in each
 w("")
 
 ng = {m: stats(m, "nginx", conns) for m in ("json", "stream")}
-ng1 = stats("json", "nginx", 1)
-d1 = stats("json", "direct", 1)
 w("| target check | " + " | ".join(sys_targets) + " |")
 w("|---|" + "---:|" * len(sys_targets))
 def verdict(ok):
@@ -426,27 +458,36 @@ def memcheck(key, limit_mb):
 w(f"| idle RSS right after start (target < 10 MB) | " + memcheck("idle_kb", 10) + " |")
 w(f"| idle RSS after the load runs (target < 10 MB) | " + memcheck("after_kb", 10) + " |")
 w(f"| RSS with {idle_n} keep-alive connections (target < 64 MB) | " + memcheck("conn_with_kb", 64) + " |")
-def added_p99(t):
+def added_p99(t, mode):
     """Per round, the target's p99 less the direct one's of the same round (runs minutes
     apart see different noise): the median and every round's."""
-    direct = {r["round"]: int(r["p99_us"]) for r in runs("json", "direct", 1)}
-    adds = [int(r["p99_us"]) - direct[r["round"]] for r in runs("json", t, 1) if r["round"] in direct]
+    direct = {r["round"]: int(r["p99_us"]) for r in runs(mode, "direct", 1)}
+    adds = [int(r["p99_us"]) - direct[r["round"]] for r in runs(mode, t, 1) if r["round"] in direct]
     return statistics.median(adds), adds
-cells = []
-for t in sys_targets:
-    add, adds = added_p99(t)
-    spread = max(adds) - min(adds)
-    errors = stats("json", t, 1)["errors"] + d1["errors"]
-    call = f"invalid: {errors} errors" if errors else verdict(add < 50)
-    call += f"; rounds spread {spread} us: noise-bound" if spread > 50 else ""
-    cells.append(f"{add:+,.0f} us, per round {', '.join(f'{a:+d}' for a in adds)} ({call})")
-w(f"| added p99 at 1 connection vs direct, same round (target < 50 us) | " + " | ".join(cells) + " |")
+placed = bool(runs("json_placed", "direct", 1))
+for mode, label in (("json", "added p99 at 1 connection vs direct, same round"),
+                    ("json_placed", f"... placed: proxy and wrk on CPU {os.environ['PLACE_A']}, simulator on CPU {os.environ['PLACE_B']}")):
+    if mode == "json_placed" and not placed:
+        continue
+    cells = []
+    for t in sys_targets:
+        add, adds = added_p99(t, mode)
+        spread = max(adds) - min(adds)
+        errors = stats(mode, t, 1)["errors"] + stats(mode, "direct", 1)["errors"]
+        call = f"invalid: {errors} errors" if errors else verdict(add < 50)
+        call += f"; rounds spread {spread} us: noise-bound" if spread > 50 else ""
+        cells.append(f"{add:+,.0f} us, per round {', '.join(f'{a:+d}' for a in adds)} ({call})")
+    w(f"| {label} (target < 50 us) | " + " | ".join(cells) + " |")
 w("")
-add_ng = added_p99("nginx")[0]
-add50 = ", ".join(f"{t} {stats('json', t, 1)['p50'] - d1['p50']:+.0f} us" for t in sys_targets)
-w(f"Reference: nginx adds {add_ng:+,.0f} us p99 at 1 connection (median of the rounds). Added p50 at 1 connection (medians): nginx {ng1['p50'] - d1['p50']:+.0f} us, {add50}.")
+for mode, label in (("json", "unplaced"), ("json_placed", "placed")):
+    if mode == "json_placed" and not placed:
+        continue
+    base = stats(mode, "direct", 1)
+    add50 = ", ".join(f"{t} {stats(mode, t, 1)['p50'] - base['p50']:+.0f} us" for t in sys_targets)
+    w(f"Reference, {label}: nginx adds {added_p99('nginx', mode)[0]:+,.0f} us p99 at 1 connection (median of the rounds). Added p50 at 1 connection (medians): nginx {stats(mode, 'nginx', 1)['p50'] - base['p50']:+.0f} us, {add50}.")
 if not os.environ.get("PINNED"):
-    w("On a box where wrk, the simulator and the proxy share the cores, a 1-connection p99 is dominated by scheduling noise (compare the per-round values below); the p50 difference is the steadier view of the added hop.")
+    w("")
+    w("Unplaced, wrk, the simulator and the proxy share the cores as the scheduler places them, and a 1-connection latency follows the placement more than the proxy (compare the per-round values below); the placed runs give every target the same CPUs.")
 w("")
 w("<details><summary>every run</summary>")
 w("")
@@ -471,7 +512,7 @@ SECTION=$TMP/section.md
     echo "- Host: Linux $(uname -r), ${CPU_MODEL:-unknown CPU}, $CORES cores; load average ${LOAD_START} before, ${LOAD_END} after."
     echo "- Build: \`$REV\`$([ "$DIRTY" -gt 0 ] && echo " plus $DIRTY uncommitted modified files"), release binary built $BIN_DATE; $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///')."
     echo "- Switchyard: --workers $WORKERS, io_driver measured: $(for t in "${SY_TARGETS[@]}"; do printf '%s ' "${NOTE[$t]:-${t#switchyard-} (unconfirmed)}"; done | sed 's/ $//; s/ I\/O driver /, /g; s/ I\/O driver$//')$([ ${#SKIPPED[@]} -gt 0 ] && printf '; not measured: %s' "${SKIPPED[*]}"). nginx: worker_processes $WORKERS, listen with reuseport, upstream keepalive 64 (keepalive_requests 1000000), proxy_http_version 1.1, access_log off, proxy_buffering at its default (on; off measured the same, docs/BENCHMARKS.md 2026-11-28 notes). Simulator: --workers $SIM_WORKERS, $SIM_TOKENS completion tokens, SSE chunks sent without pauses."
-    echo "- Load: wrk, $THREADS threads x $CONNS connections, ${DURATION}s per run, $ROUNDS interleaved rounds (each round: JSON then SSE, each over direct / Switchyard / nginx, starting with another target each round, then 1 thread x 1 connection JSON for ${LAT_DURATION}s per target), ${WARMUP}s warm-up per target and mode first. Request: POST /v1/chat/completions, model \"$MODEL\", one user message. $(if [ -n "$PINNED" ]; then echo "Pinned CPUs: proxy ${PROXY_CPUS:-any}, simulator ${SIM_CPUS:-any}, wrk ${WRK_CPUS:-any}."; else echo "Nothing is pinned: wrk, the simulator and the proxy share the $CORES cores, so throughput is bounded by the box, not by the proxy alone; CPU per request is the cleaner comparison."; fi)"
+    echo "- Load: wrk, $THREADS threads x $CONNS connections, ${DURATION}s per run, $ROUNDS interleaved rounds (each round: JSON then SSE, each over direct / Switchyard / nginx, starting with another target each round, then 1 thread x 1 connection JSON for ${LAT_DURATION}s per target$([ -n "$PLACE_A" ] && echo ", unplaced and then placed: proxy and wrk pinned to CPU $PLACE_A, the simulator to CPU $PLACE_B, for that run only")), ${WARMUP}s warm-up per target and mode first. Request: POST /v1/chat/completions, model \"$MODEL\", one user message. $(if [ -n "$PINNED" ]; then echo "Pinned CPUs: proxy ${PROXY_CPUS:-any}, simulator ${SIM_CPUS:-any}, wrk ${WRK_CPUS:-any}."; else echo "Otherwise nothing is pinned: wrk, the simulator and the proxy share the $CORES cores, so throughput is bounded by the box, not by the proxy alone; CPU per request is the cleaner comparison."; fi)"
     echo "- Command: \`$([ -n "$PINNED" ] && echo "PROXY_CPUS=${PROXY_CPUS:-} SIM_CPUS=${SIM_CPUS:-} WRK_CPUS=${WRK_CPUS:-} ")DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS THREADS=$THREADS WORKERS=$WORKERS SIM_WORKERS=$SIM_WORKERS DRIVER=\"$DRIVER\" bash bench/run.sh\`"
     echo
     cat "$TABLE"
