@@ -65,6 +65,9 @@ struct Remote {
     /// Held for a whole send: the periodic reporter and the final send at shutdown would
     /// otherwise send the same records and then both remove them (losing the next ones).
     sending: tokio::sync::Mutex<()>,
+    /// Held for a round of lease requests; taken for good at exit (`return_budgets`), so no
+    /// grant arrives after what was not used is given back.
+    leasing: tokio::sync::Mutex<()>,
     dropped: AtomicU64,
 }
 
@@ -184,6 +187,7 @@ fn run(start: RemoteStart, on_ready: impl FnOnce(&Ready)) -> Result<(), String> 
             capacity: start.buffer.max(1),
         }),
         sending: tokio::sync::Mutex::new(()),
+        leasing: tokio::sync::Mutex::new(()),
         dropped: AtomicU64::new(0),
     });
     // Budgets are leased for the services this data plane serves, as their requests come
@@ -300,6 +304,8 @@ impl Remote {
     /// and no worker leased (what a worker leased and did not reserve stays out: at most a
     /// lease per worker and budget), so a restart does not leave it stranded until the day ends.
     async fn return_budgets(&self, client: &mut AuthedClient) {
+        // No lease request from now on, nor one still on its way: the lock is held until exit.
+        std::mem::forget(self.leasing.lock().await);
         let day = self.budgets.day();
         let mut returned = 0u64;
         for (key, micros) in self.budgets.withdraw_unused() {
@@ -396,7 +402,8 @@ impl Remote {
         if record.version == self.configs.current().version {
             return false;
         }
-        let source = format!("control plane (version {})", record.version);
+        // Errors name the config as read here: against this data plane's environment and files.
+        let source = format!("config version {} as read here", record.version);
         let mut state = self.config_state.lock().unwrap_or_else(|p| p.into_inner());
         match self.configs.follow(record.toml, &source, record.version) {
             Ok(kept) => {
@@ -507,6 +514,7 @@ impl Remote {
         let mut spent_out: BTreeMap<BudgetKey, tokio::time::Instant> = BTreeMap::new();
         loop {
             tokio::time::sleep(LEASE_PERIOD).await;
+            let _round = self.leasing.lock().await;
             let limits = self.configs.snapshot().load().limits.clone();
             for (service, tokens, units) in limits.running_low() {
                 let request = pb::LeaseRateRequest {

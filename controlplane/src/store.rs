@@ -375,6 +375,11 @@ mod tests {
         s.add_granted("2026-11-27", &etl, 7).unwrap();
         assert_eq!(s.sub_granted("2026-11-27", &etl, 2).unwrap(), 2);
         s.add_granted("2026-11-27", &etl, 2).unwrap();
+        assert_eq!(
+            s.sub_granted("2026-11-26", &etl, 2).unwrap(),
+            0,
+            "no more than granted"
+        );
         s.add_granted("2026-11-28", &etl, 100).unwrap();
         assert_eq!(
             s.granted_on("2026-11-27").unwrap(),

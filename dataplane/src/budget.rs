@@ -515,6 +515,10 @@ impl Lease {
 
     /// Records what reserving `amount` would lack, for the next lease request to ask for.
     fn ask_for(&self, amount: u64) {
+        // (A pool of a new day may not have been marked by `awaiting_lease` yet.)
+        if !self.pool.requested.load(Relaxed) {
+            self.pool.requested.store(true, Relaxed);
+        }
         let short = (amount as i64 - self.balance.get()).max(0) as u64;
         let left = self.pool.limit().saturating_sub(self.pool.leased());
         if short > left {
