@@ -6,8 +6,9 @@
 //! the shared bucket with one compare-and-swap. A low-rate service gets chunks of one unit (so
 //! its limit is exact, and its few requests do not contend); a high-rate service touches the
 //! shared bucket once per chunk. What workers hold in leases, at most one chunk each, is the
-//! most a limit can be exceeded by. Buckets hold one minute of allowance (a burst of a full
-//! minute's limit is allowed after an idle minute).
+//! most a limit can be exceeded by in one process (remote data planes: see `RateLimits`).
+//! Buckets hold one minute of allowance (a burst of a full minute's limit is allowed after an
+//! idle minute).
 //! Must not: lock per request (the mutex is taken once per worker, service and set of limits).
 
 use ahash::AHashMap;
@@ -20,7 +21,7 @@ use switchyard_shared::routing::{Limit, RateLimitSettings};
 
 /// A token bucket as GCRA: `tat` is when the bucket would be full again, in nanoseconds
 /// since `epoch`. On a remote data plane the allowance is not the clock's but what the control
-/// plane granted (`granted`).
+/// plane granted (`granted`), except while the control plane is out of reach (`offline`).
 struct Bucket {
     tat: AtomicU64,
     /// Nanoseconds of allowance per unit.
@@ -229,7 +230,8 @@ impl RateLimits {
                     let bucket = Bucket::new(per_minute?, offline.clone());
                     if let Some(was) = was.as_ref().filter(|_| offline.is_none()) {
                         let ahead = was.tat.load(Relaxed).saturating_sub(now);
-                        let used = ahead.div_ceil(was.interval);
+                        // No more than a window of the new limit: refused for a minute at most.
+                        let used = ahead.div_ceil(was.interval).min(bucket.capacity());
                         let tat = now.saturating_add(used.saturating_mul(bucket.interval));
                         bucket.tat.store(tat, Relaxed);
                     }
@@ -333,9 +335,20 @@ impl RateLimits {
 
     /// Remote data plane: the control plane could not be asked; requests waiting for a grant
     /// go on instead of waiting in vain, admitted by this data plane's own clock until it
-    /// answers again.
+    /// answers again. That clock starts with nothing banked (what was admitted by grants this
+    /// minute is not known here): the limit's steady rate, no burst.
     pub fn stop_waiting(&self) {
-        self.unreachable.store(true, Relaxed);
+        if self.unreachable.swap(true, Relaxed) {
+            return;
+        }
+        let now = self.now();
+        let map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        for b in map.values() {
+            for bucket in [&b.requests, &b.tokens].into_iter().flatten() {
+                let drained = WINDOW_NS.saturating_sub(bucket.chunk * bucket.interval);
+                bucket.tat.fetch_max(now.saturating_add(drained), Relaxed);
+            }
+        }
     }
 }
 
@@ -593,10 +606,10 @@ mod tests {
         let w = WorkerLimits::default();
         assert!(w.admit(&remote, "etl", 0, 0).is_ok(), "on credit");
         assert!(w.admit(&remote, "etl", 0, 0).is_err(), "no grant yet");
-        // The control plane is not reached: the limit, not the last grant, decides (a
-        // minute's allowance, then about one a second).
+        // The control plane is not reached: the limit, not the last grant, decides, at its
+        // steady rate (one a second) with no burst banked.
         remote.stop_waiting();
-        assert!((0..60).all(|_| w.admit(&remote, "etl", 0, 0).is_ok()));
+        assert!(w.admit(&remote, "etl", 0, 0).is_ok());
         let refused = w.admit(&remote, "etl", 0, 0).err().expect("over the limit");
         assert!(refused.retry_after <= Duration::from_secs(1), "{refused:?}");
         // The limits of a new config share the state of the same control plane.
@@ -700,9 +713,15 @@ mod tests {
         assert!(w.admit(&second, "other", 0, 0).is_err());
         let third = second.replacing(with(5, 4));
         assert!(w.admit(&third, "etl", 0, 0).is_ok(), "etl's limit went up");
-        // Lowered below what was used: nothing until that has drained.
+        // Lowered below what was used: nothing until that has drained, a minute at most.
         let fourth = third.replacing(with(1, 4));
         assert!(w.admit(&fourth, "etl", 0, 0).is_err(), "no fresh burst");
+        let etl = fourth.buckets("etl");
+        let tat = etl.requests.as_ref().unwrap().tat.load(Relaxed);
+        assert!(
+            tat <= fourth.now() + WINDOW_NS,
+            "refused for a minute at most"
+        );
     }
 
     #[test]
