@@ -357,6 +357,11 @@ impl BackendStates {
         self.states[backend].inflight.load(Relaxed)
     }
 
+    /// Ejected, or past its ejection and not yet back (its half-open probe is to come or out).
+    pub fn is_out(&self, backend: usize) -> bool {
+        self.states[backend].ejected_until_ms.load(Relaxed) != 0
+    }
+
     pub fn is_ejected(&self, backend: usize) -> bool {
         self.states[backend].ejected_until_ms.load(Relaxed) > self.now_ms()
     }

@@ -532,11 +532,16 @@ pub async fn handle(
                             return follow_stream(worker, snap, client, c, target, &wait, r).await;
                         }
                         // The fetch failed or was not storable: go upstream on our own, but not
-                        // to a backend that failed the leader.
-                        for name in wait.failed_backends() {
-                            tried.extend((0..table.targets.len()).filter(|&o| {
-                                table.backends[table.targets[o].backend].name == name
-                            }));
+                        // to a backend that failed the leader while the plan has another.
+                        let failed = wait.failed_backends();
+                        let failed_target = |o: usize| {
+                            failed.contains(&table.backends[table.targets[o].backend].name)
+                        };
+                        let others = table
+                            .groups(decision.plan)
+                            .any(|(_, ids)| ids.iter().any(|&o| !failed_target(o)));
+                        if others {
+                            tried.extend((0..table.targets.len()).filter(|&o| failed_target(o)));
                         }
                         continue;
                     }
@@ -851,8 +856,7 @@ pub async fn handle(
                 .ceil()
                 .max(1.0) as u64;
             let extra = format!("retry-after: {wait}\r\n");
-            let (kind, msg) = if tried_backends(table, decision).any(|b| snap.states.is_ejected(b))
-            {
+            let (kind, msg) = if tried_backends(table, decision).any(|b| snap.states.is_out(b)) {
                 let msg = "no healthy backend can take this request now; retry later";
                 (ErrorKind::NoHealthyTarget, msg)
             } else {
