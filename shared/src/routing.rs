@@ -335,8 +335,9 @@ impl RoutingTable {
     /// (concrete, alias, or unknown), then the classifier's category.
     pub fn decide<'t>(&'t self, facts: &RequestFacts<'_>) -> Result<Decision<'t>, RouteError> {
         // Embeddings (no classified prompt) are only of use beside others from the same model:
-        // a served model they name is kept over a pinned tier, and over rules that do not
-        // name their path (written for chat: a service's or a priority's cheaper tier).
+        // a served model they name is kept over a pinned tier, and over rules that name
+        // neither their path nor a model (written for chat: a service's or a priority's
+        // cheaper tier).
         let keep_model = !facts.classified && self.models.contains_key(facts.model);
         if let Some(name) = facts.pinned_tier.filter(|_| !keep_model) {
             let rank = self
@@ -350,7 +351,8 @@ impl RoutingTable {
                 cache_ttl: None,
             });
         }
-        let applies = |r: &&Rule| r.when.matches(facts) && !(keep_model && r.when.paths.is_empty());
+        let for_chat = |r: &Rule| r.when.paths.is_empty() && r.when.models.is_empty();
+        let applies = |r: &&Rule| r.when.matches(facts) && !(keep_model && for_chat(r));
         if let Some(rule) = self.rules.iter().find(applies) {
             let plan = match &rule.action {
                 RuleAction::Tier(rank) => Plan::FromTier(*rank),
@@ -563,6 +565,13 @@ targets = ["a/l"]
             t.decide(&f).unwrap().rule,
             "vectors",
             "a rule that names the path still routes them, one that does not is skipped"
+        );
+        let pinned =
+            table("[[rules]]\nname = \"pin\"\ntier = \"large\"\nmatch = { model = [\"l\"] }\n");
+        assert_eq!(
+            pinned.decide(&f).unwrap().rule,
+            "pin",
+            "so does one that names the model"
         );
         // Without a served model the tier and the rules are how embeddings are routed.
         let mut f = facts("auto", Category::Other);
