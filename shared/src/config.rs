@@ -1086,12 +1086,6 @@ fn build(
             None
         }
     };
-    if admin_address.is_some() && admin_address == file.listener.address.parse().ok() {
-        errs.push(
-            "admin.address",
-            "the same as listener.address; the control API needs a port of its own",
-        );
-    }
     if file.admin.token_env.is_empty() {
         errs.push("admin.token_env", "must name an environment variable");
     }
@@ -1594,19 +1588,6 @@ targets = ["local/org/big:latest"]
             err.contains("tiers[0] (auto): `auto` is the classifier's"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn the_admin_api_needs_a_port_of_its_own() {
-        let same =
-            "[listener]\naddress = \"127.0.0.1:8080\"\n[admin]\naddress = \"127.0.0.1:8080\"\n";
-        let err = load(&format!("{MINIMAL}\n{same}")).unwrap_err().join("\n");
-        assert!(
-            err.contains("admin.address: the same as listener.address"),
-            "{err}"
-        );
-        let off = same.replace("[admin]\n", "[admin]\nenabled = false\n");
-        assert!(load(&format!("{MINIMAL}\n{off}")).is_ok());
     }
 }
 #[cfg(test)]
