@@ -326,9 +326,9 @@ async fn linger(client: &mut Client) {
     }
 }
 
-/// Reads the next request head; calls `started` once its first bytes are here (the router
-/// counts it in flight from then on, so that a drain answers it instead of exiting with it
-/// half read).
+/// Reads the next request head; calls `started` when part of one is here and the rest is
+/// awaited (the router counts it in flight from then on, so that a drain answers it instead of
+/// exiting with it half read; a head read whole at once is counted by the caller).
 pub async fn read_head(
     client: &mut Client,
     l: &Listener,
@@ -342,6 +342,14 @@ pub async fn read_head(
     // byte is parsed again only once its blank line may have come (not once per byte, which
     // is quadratic work for the client's price of one byte), or once it is over the limit.
     let mut scanned = 0;
+    // The drain deadline passed with the head still arriving.
+    let mut cut = false;
+    let cut_off = || {
+        HeadError::Bad(CodecError {
+            kind: ErrorKind::ShuttingDown,
+            message: "the router shut down before the request arrived whole; it was not started",
+        })
+    };
     loop {
         let parse = scanned == 0
             || client.buf.len() > l.max_header_bytes
@@ -355,6 +363,9 @@ pub async fn read_head(
                 Ok(None) => {}
                 Err(e) => return Err(HeadError::Bad(e)),
             }
+        }
+        if cut {
+            return Err(cut_off());
         }
         scanned = client.buf.len();
         // Idle between requests (stray empty lines are ignored there, RFC 9112 section 2.2):
@@ -375,17 +386,14 @@ pub async fn read_head(
         }
         let read = client.read_more_by(by).await;
         let got_bytes = matches!(read, Some(Ok(n)) if n > 0);
-        match client.waiting.replace(Waiting::Busy) {
-            Waiting::Shut if !got_bytes => return Err(HeadError::Closed),
-            // The drain deadline passed with the head still arriving.
-            Waiting::Cut if !got_bytes => {
-                return Err(HeadError::Bad(CodecError {
-                    kind: ErrorKind::ShuttingDown,
-                    message:
-                        "the router shut down before the request arrived whole; it was not started",
-                }))
-            }
-            _ => {}
+        let state = client.waiting.replace(Waiting::Busy);
+        if state == Waiting::Shut && !got_bytes {
+            return Err(HeadError::Closed);
+        }
+        // Bytes read with the cut may complete the head (parsed above on the next turn).
+        cut |= state == Waiting::Cut;
+        if cut && !got_bytes {
+            return Err(cut_off());
         }
         match read {
             Some(Ok(0) | Err(_)) => return Err(HeadError::Closed),
