@@ -630,7 +630,7 @@ fn waiters_released_by_a_leader_that_failed_over_skip_the_backend_that_failed_it
             "--error-status",
             "500",
             "--latency-ms",
-            "800",
+            "2000",
         ],
     );
     let good = sim("good", &[]);
@@ -652,7 +652,7 @@ fn waiters_released_by_a_leader_that_failed_over_skip_the_backend_that_failed_it
             )
         })
     };
-    // The leader waits 800 ms for `bad`'s 500 and fails over up the tiers to `good`, whose
+    // The leader waits 2 s for `bad`'s 500 and fails over up the tiers to `good`, whose
     // model makes another key: the three waiting for the first key are released then, and
     // would each wait on `bad` again (one failure does not eject it).
     let leader = ask();

@@ -2224,7 +2224,7 @@ fn a_second_signal_exits_at_once() {
     let mut first = [0u8; 1];
     c.stream.read_exact(&mut first).unwrap();
     let pid = r.child.id().to_string();
-    for signal in ["-INT", "-TERM"] {
+    for signal in ["-TERM", "-TERM"] {
         assert!(std::process::Command::new("kill")
             .args([signal, &pid])
             .status()
