@@ -59,6 +59,13 @@ impl Pool {
         self.leased.load(Relaxed)
     }
 
+    /// A request of this budget came (written once: the flag's cache line is shared).
+    fn mark_requested(&self) {
+        if !self.requested.load(Relaxed) {
+            self.requested.store(true, Relaxed);
+        }
+    }
+
     /// Takes `want` for a lease, but no more than half of what is left unless `need` is more:
     /// one lease must not hold a small budget that other workers (or data planes) need.
     /// Returns what was taken; `None` when less than `need` is left.
@@ -516,9 +523,7 @@ impl Lease {
     /// Records what reserving `amount` would lack, for the next lease request to ask for.
     fn ask_for(&self, amount: u64) {
         // (A pool of a new day may not have been marked by `awaiting_lease` yet.)
-        if !self.pool.requested.load(Relaxed) {
-            self.pool.requested.store(true, Relaxed);
-        }
+        self.pool.mark_requested();
         let short = (amount as i64 - self.balance.get()).max(0) as u64;
         let left = self.pool.limit().saturating_sub(self.pool.leased());
         if short > left {
@@ -643,9 +648,7 @@ impl WorkerBudgets {
             .into_iter()
             .flatten()
         {
-            if !lease.pool.requested.load(Relaxed) {
-                lease.pool.requested.store(true, Relaxed);
-            }
+            lease.pool.mark_requested();
             waiting |= lease.pool.answers.load(Acquire) == 0;
         }
         waiting
