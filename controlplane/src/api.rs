@@ -60,6 +60,17 @@ fn parse_category(name: &str) -> Result<Option<Category>, Status> {
         .ok_or_else(|| Status::invalid_argument(format!("unknown category `{name}`")))
 }
 
+/// The budget a request names: a valid service, and a category or none (the service's own).
+fn budget_key(
+    service: String,
+    category: &str,
+) -> Result<switchyard_dataplane::budget::BudgetKey, Status> {
+    if !is_valid_service(&service) {
+        return Err(Status::invalid_argument(SERVICE_NAME_RULE));
+    }
+    Ok((service, parse_category(category)?))
+}
+
 /// A usage record from a remote data plane, as the ledger's event.
 pub fn event_from_record(r: pb::UsageRecord) -> Result<UsageEvent, String> {
     let endpoint = Endpoint::from_path(&r.endpoint)
@@ -395,10 +406,7 @@ impl Control for Api {
         request: Request<pb::SetBudgetRequest>,
     ) -> Result<Response<pb::GetBudgetsReply>, Status> {
         let r = request.into_inner();
-        if !is_valid_service(&r.service) {
-            return Err(Status::invalid_argument(SERVICE_NAME_RULE));
-        }
-        let key = (r.service, parse_category(&r.category)?);
+        let key = budget_key(r.service, &r.category)?;
         if !r.clear && r.daily_micros > MAX_BUDGET_MICROS {
             return Err(Status::invalid_argument(format!(
                 "daily_micros must be at most {MAX_BUDGET_MICROS} ($1e9)"
@@ -519,10 +527,7 @@ impl Control for Api {
                 day,
             }));
         }
-        if !is_valid_service(&r.service) {
-            return Err(Status::invalid_argument(SERVICE_NAME_RULE));
-        }
-        let key = (r.service, parse_category(&r.category)?);
+        let key = budget_key(r.service, &r.category)?;
         let granted = budgets.grant(key.clone(), r.micros, r.need_micros);
         if let Some(amount @ 1..) = granted {
             // Recorded before the data plane hears of it: a restarted control plane knows it.
@@ -547,10 +552,7 @@ impl Control for Api {
         request: Request<pb::ReturnBudgetRequest>,
     ) -> Result<Response<pb::ReturnBudgetReply>, Status> {
         let r = request.into_inner();
-        if !is_valid_service(&r.service) {
-            return Err(Status::invalid_argument(SERVICE_NAME_RULE));
-        }
-        let key = (r.service, parse_category(&r.category)?);
+        let key = budget_key(r.service, &r.category)?;
         if r.day != self.0.budgets.day() {
             // A past day's grants no longer matter; a future one's are not out yet.
             return Ok(Response::new(pb::ReturnBudgetReply { returned_micros: 0 }));
